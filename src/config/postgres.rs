@@ -1,0 +1,235 @@
+//! `[postgres]`: the PostgreSQL pooler's listener, pools and client auth.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::duration;
+
+/// When a server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// When the client disconnects.
+    Session,
+    /// After each transaction (ReadyForQuery with status 'I').
+    Transaction,
+}
+
+/// How clients authenticate to skiff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConfig {
+    /// Client listener address. Default `127.0.0.1:6432`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Pool mode for every database. Default `transaction`.
+    #[serde(default = "default_pool_mode")]
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user) pool. Default 20.
+    #[serde(default = "default_pool_size")]
+    pub default_pool_size: usize,
+    /// Maximum client connections across all databases. Default 10000.
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
+    /// Longest a client waits for a server connection before it gets an
+    /// error. Default 120s.
+    #[serde(default = "default_query_wait_timeout", with = "duration")]
+    pub query_wait_timeout: Duration,
+    /// Users allowed into the admin console (database `skiff` or `pgbouncer`).
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// A server connection is closed once it is this old, at its next return
+    /// to the pool. Default 3600s, as in PgBouncer.
+    #[serde(default = "default_server_lifetime", with = "duration")]
+    pub server_lifetime: Duration,
+    /// An idle server connection is closed after this long. Default 600s.
+    #[serde(default = "default_server_idle_timeout", with = "duration")]
+    pub server_idle_timeout: Duration,
+    /// A server connection idle for longer than this is checked with an
+    /// empty query before it is handed out. Default 30s.
+    #[serde(default = "default_server_check_delay", with = "duration")]
+    pub server_check_delay: Duration,
+    /// Longest wait for a server to accept a connection and log in.
+    /// Default 15s.
+    #[serde(default = "default_server_connect_timeout", with = "duration")]
+    pub server_connect_timeout: Duration,
+    /// Query run when a session-mode client gives its server connection
+    /// back. The default is DISCARD ALL without DEALLOCATE ALL, so that
+    /// skiff's shared prepared statements survive.
+    #[serde(default = "default_server_reset_query")]
+    pub server_reset_query: String,
+    /// Prepared statements kept on one server connection before the least
+    /// recently used is closed. Default 1000; 0 turns off prepared statement
+    /// tracking.
+    #[serde(default = "default_max_prepared_statements")]
+    pub max_prepared_statements: usize,
+    /// Longest a SIGTERM waits for running transactions. Default 30s.
+    #[serde(default = "default_shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Largest message accepted from a client, in bytes. Default 1 GiB, the
+    /// largest value PostgreSQL itself accepts.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// How clients authenticate to skiff.
+    #[serde(default)]
+    pub auth: PgAuthConfig,
+    /// The databases clients may connect to.
+    #[serde(default)]
+    pub databases: Vec<PgDatabase>,
+}
+
+/// `[postgres.auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgAuthConfig {
+    /// `trust`, `md5` or `scram-sha-256`. Default `trust`.
+    #[serde(rename = "type", default = "default_auth_type")]
+    pub auth_type: AuthType,
+    /// User name to password (plain text, an md5 hash or a SCRAM secret).
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// A PgBouncer-format user list: `"user" "password"` per line.
+    pub auth_file: Option<String>,
+}
+
+impl Default for PgAuthConfig {
+    fn default() -> Self {
+        PgAuthConfig {
+            auth_type: default_auth_type(),
+            users: BTreeMap::new(),
+            auth_file: None,
+        }
+    }
+}
+
+/// `[[postgres.databases]]`: one database clients can connect to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgDatabase {
+    /// The database name clients connect to.
+    pub name: String,
+    /// Server host. Default `127.0.0.1`.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Server port. Default 5432.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Server database name; defaults to `name`.
+    pub dbname: Option<String>,
+    /// Server login; defaults to the client's user.
+    pub user: Option<String>,
+    /// Server password; defaults to the client's password when skiff knows
+    /// it in plain text.
+    pub password: Option<String>,
+    /// Overrides `default_pool_size` for this database.
+    pub pool_size: Option<usize>,
+}
+
+impl PgDatabase {
+    /// The database name sent to the server.
+    pub fn server_dbname(&self) -> &str {
+        self.dbname.as_deref().unwrap_or(&self.name)
+    }
+}
+
+impl PgConfig {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.databases.is_empty() {
+            return Err("[postgres] needs at least one [[postgres.databases]] entry".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for db in &self.databases {
+            if !names.insert(db.name.as_str()) {
+                return Err(format!("[[postgres.databases]] name {:?} appears twice", db.name));
+            }
+            if db.pool_size == Some(0) {
+                return Err(format!("database {:?}: pool_size must be at least 1", db.name));
+            }
+        }
+        if self.default_pool_size == 0 {
+            return Err("[postgres] default_pool_size must be at least 1".into());
+        }
+        if self.max_client_conn == 0 {
+            return Err("[postgres] max_client_conn must be at least 1".into());
+        }
+        if self.auth.auth_type != AuthType::Trust
+            && self.auth.users.is_empty()
+            && self.auth.auth_file.is_none()
+        {
+            return Err(format!(
+                "[postgres.auth] type {:?} needs users or auth_file",
+                self.auth.auth_type
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pool size of a database, falling back to `default_pool_size`.
+    pub fn pool_size(&self, db: &PgDatabase) -> usize {
+        db.pool_size.unwrap_or(self.default_pool_size)
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_pool_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn default_pool_size() -> usize {
+    20
+}
+fn default_max_client_conn() -> usize {
+    10000
+}
+fn default_query_wait_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_server_check_delay() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_server_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_server_reset_query() -> String {
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+     SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+        .into()
+}
+fn default_max_prepared_statements() -> usize {
+    1000
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_message_bytes() -> usize {
+    1 << 30
+}
+fn default_auth_type() -> AuthType {
+    AuthType::Trust
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    5432
+}

@@ -1,0 +1,8 @@
+//! skiff: a data-tier sidecar that pools PostgreSQL connections, routes Redis
+//! commands and ships log records to Alibaba Cloud Log Service.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod pg;
+pub mod server;

@@ -1,0 +1,62 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use skiff::config::Config;
+
+/// Data-tier sidecar: PostgreSQL pooler, Redis router and log shipper.
+#[derive(Parser)]
+#[command(name = "skiff", version, about)]
+struct Cli {
+    /// Path of the TOML config file.
+    #[arg(long, short = 'c', global = true, default_value = "config/skiff.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config file and exit: 0 when it is valid.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("skiff: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        match skiff::server::check(&config) {
+            Ok(()) => {
+                println!("{}: ok", cli.config.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(err) => {
+                eprintln!("skiff: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    skiff::server::init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("skiff: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(skiff::server::run(config, cli.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "skiff stopped");
+            eprintln!("skiff: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Process lifecycle: starts every configured listener, handles signals and
+//! drains on shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Component};
+use crate::config::Config;
+use crate::pg;
+
+/// Failure to start skiff.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Sets up logging from `SKIFF_LOG` (or `RUST_LOG`), default `info`.
+pub fn init_tracing() {
+    let filter = std::env::var("SKIFF_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_target(false)
+        .try_init();
+}
+
+/// Checks what `skiff check` can check beyond parsing: files the config
+/// refers to exist and parse.
+pub fn check(config: &Config) -> Result<(), String> {
+    if let Some(pg_config) = &config.postgres {
+        pg::auth::UserList::load(pg_config, config).map_err(|err| err.to_string())?;
+    }
+    Ok(())
+}
+
+/// Binds a TCP listener, naming the address on failure.
+pub async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// Runs every configured job until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError> {
+    let prometheus = admin::install_recorder();
+    let shutdown = CancellationToken::new();
+    let mut components: Vec<Arc<dyn Component>> = Vec::new();
+    let mut jobs = Vec::new();
+
+    if let Some(pg_config) = &config.postgres {
+        let pooler = pg::Pooler::new(pg_config.clone(), &config)
+            .map_err(|err| ServerError::Setup(err.to_string()))?;
+        let listener = bind(&pg_config.listen).await?;
+        tracing::info!(listen = %pg_config.listen, "postgres pooler listening");
+        components.push(pooler.clone());
+        jobs.push(tokio::spawn(pooler.serve(listener, shutdown.clone())));
+    }
+
+    let admin_listener = bind(&config.admin.listen).await?;
+    tracing::info!(listen = %config.admin.listen, "admin endpoint listening");
+    let admin_shutdown = CancellationToken::new();
+    let admin_job = tokio::spawn(admin::serve(
+        admin_listener,
+        prometheus,
+        components,
+        admin_shutdown.clone(),
+    ));
+
+    wait_for_stop_signal(&config_path).await?;
+    tracing::info!("shutting down: no new connections, draining");
+    shutdown.cancel();
+    for job in jobs {
+        let _ = job.await;
+    }
+    admin_shutdown.cancel();
+    let _ = admin_job.await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn wait_for_stop_signal(config_path: &std::path::Path) -> Result<(), ServerError> {
+    let mut terminate = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                // TODO: apply the new config; for now only validate it.
+                match Config::load(config_path) {
+                    Ok(_) => tracing::warn!(path = %config_path.display(),
+                        "SIGHUP: config is valid, but reload is not implemented yet; restart to apply"),
+                    Err(err) => tracing::error!(error = %err, "SIGHUP: new config rejected"),
+                }
+            }
+        }
+    }
+}
