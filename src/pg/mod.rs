@@ -1,22 +1,156 @@
-//! PostgreSQL pooler (placeholder while the pooler is written).
+//! PostgreSQL pooler: accepts client connections, authenticates them and
+//! multiplexes their transactions onto bounded pools of server connections.
+
 pub mod auth;
+mod backend;
+mod cancel;
+mod frontend;
+mod params;
+mod pending;
+mod pool;
+mod prepared;
+pub mod protocol;
+mod session;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::{BoxFuture, Component};
-use crate::config::{Config, PgConfig};
+use crate::config::{Config, PgConfig, PgDatabase};
 
-pub struct Pooler;
+use self::auth::UserList;
+use self::backend::ServerTarget;
+use self::cancel::CancelRegistry;
+use self::pool::{Pool, PoolSettings};
+use self::prepared::Registry;
+
+/// Failure to set up the pooler.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolerError {
+    #[error(transparent)]
+    Users(#[from] auth::UserListError),
+}
+
+/// State shared by every client session.
+pub struct Pooler {
+    config: PgConfig,
+    users: UserList,
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    cancels: Arc<CancelRegistry>,
+    statements: Registry,
+    clients: AtomicUsize,
+    next_client_id: AtomicU64,
+}
 
 impl Pooler {
-    pub fn new(_config: PgConfig, _root: &Config) -> Result<Arc<Pooler>, String> {
-        Ok(Arc::new(Pooler))
+    pub fn new(config: PgConfig, root: &Config) -> Result<Arc<Pooler>, PoolerError> {
+        let users = UserList::load(&config, root)?;
+        Ok(Arc::new(Pooler {
+            config,
+            users,
+            pools: Mutex::new(HashMap::new()),
+            cancels: Arc::new(CancelRegistry::default()),
+            statements: Registry::default(),
+            clients: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+        }))
     }
-    pub async fn serve(self: Arc<Self>, _listener: TcpListener, shutdown: CancellationToken) {
-        shutdown.cancelled().await;
+
+    /// Accepts clients until `shutdown`, then waits for running
+    /// transactions to finish, at most `shutdown_timeout`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let reaper = tokio::spawn(self.clone().reap_idle(shutdown.clone()));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let pooler = self.clone();
+                        let token = shutdown.clone();
+                        tracker.spawn(async move {
+                            frontend::handle_client(pooler, stream, peer, token).await;
+                        });
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        drop(listener);
+        tracker.close();
+        let drained = tokio::time::timeout(self.config.shutdown_timeout, tracker.wait()).await;
+        if drained.is_err() {
+            tracing::warn!(
+                clients = self.clients.load(Ordering::Relaxed),
+                "shutdown timeout reached with clients still in a transaction"
+            );
+        }
+        reaper.abort();
+        for pool in self.pools.lock().values() {
+            pool.close_idle();
+        }
+    }
+
+    async fn reap_idle(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        while !shutdown.is_cancelled() {
+            interval.tick().await;
+            let pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
+            for pool in pools {
+                pool.reap();
+            }
+        }
+    }
+
+    fn database(&self, name: &str) -> Option<&PgDatabase> {
+        self.config.databases.iter().find(|db| db.name == name)
+    }
+
+    /// The pool for a (database, user), created on first use.
+    fn pool_for(&self, db: &PgDatabase, user: &str) -> Arc<Pool> {
+        let key = (db.name.clone(), user.to_string());
+        let mut pools = self.pools.lock();
+        if let Some(pool) = pools.get(&key) {
+            return pool.clone();
+        }
+        let target = ServerTarget {
+            host: db.host.clone(),
+            port: db.port,
+            dbname: db.server_dbname().to_string(),
+            user: db.user.clone().unwrap_or_else(|| user.to_string()),
+            password: db
+                .password
+                .clone()
+                .or_else(|| self.users.plain_password(user).map(str::to_string)),
+        };
+        let settings = PoolSettings {
+            size: self.config.pool_size(db),
+            connect_timeout: self.config.server_connect_timeout,
+            lifetime: self.config.server_lifetime,
+            idle_timeout: self.config.server_idle_timeout,
+            check_delay: self.config.server_check_delay,
+            max_prepared_statements: self.config.max_prepared_statements,
+        };
+        let pool = Arc::new(Pool::new(format!("{}/{}", db.name, user), target, settings));
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    fn all_pools(&self) -> Vec<Arc<Pool>> {
+        let mut pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        pools
     }
 }
 
@@ -24,10 +158,40 @@ impl Component for Pooler {
     fn name(&self) -> &'static str {
         "postgres"
     }
+
     fn readiness(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async move {
+            for db in &self.config.databases {
+                let addr = format!("{}:{}", db.host, db.port);
+                let connect = tokio::net::TcpStream::connect(&addr);
+                match tokio::time::timeout(Duration::from_secs(2), connect).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return Err(format!("database {}: {addr}: {err}", db.name)),
+                    Err(_) => return Err(format!("database {}: {addr}: timed out", db.name)),
+                }
+            }
+            Ok(())
+        })
     }
+
     fn status(&self) -> serde_json::Value {
-        serde_json::Value::Null
+        let pools: Vec<serde_json::Value> = self
+            .all_pools()
+            .iter()
+            .map(|pool| {
+                serde_json::json!({
+                    "pool": pool.name,
+                    "server_active": pool.active_count(),
+                    "server_idle": pool.idle_count(),
+                    "clients_waiting": pool.waiting_count(),
+                    "pool_size": pool.settings.size,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "clients": self.clients.load(Ordering::Relaxed),
+            "prepared_statements": self.statements.len(),
+            "pools": pools,
+        })
     }
 }

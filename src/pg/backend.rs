@@ -1,0 +1,358 @@
+//! Server connections: connecting and logging in to PostgreSQL, and the state
+//! skiff tracks per connection (prepared statements, applied settings).
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::prepared::ServerStatements;
+use super::protocol::{self, backend, ErrorFields, Message, MessageReader, ProtocolError};
+use super::auth;
+
+/// Where and as whom a pool connects.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl ServerTarget {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Failure on a server connection.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(String),
+    #[error("server {addr} rejected login: {message}")]
+    Login {
+        addr: String,
+        code: String,
+        message: String,
+    },
+    #[error("server {addr} asks for a password, and skiff has none for user {user:?}")]
+    NoPassword { addr: String, user: String },
+    #[error("server {addr} requested unsupported authentication method {method}")]
+    UnsupportedAuth { addr: String, method: u32 },
+    #[error("server {addr}: {source}")]
+    Protocol {
+        addr: String,
+        source: ProtocolError,
+    },
+    #[error("server {addr}: SCRAM exchange failed: {reason}")]
+    Scram { addr: String, reason: String },
+}
+
+/// Largest message accepted from a server; a single row may be this large.
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// One logged-in connection to PostgreSQL.
+pub struct ServerConn {
+    pub id: u64,
+    reader: MessageReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    out: BytesMut,
+    pub process_id: i32,
+    pub secret_key: i32,
+    pub address: String,
+    /// ParameterStatus values the server reported at login.
+    pub login_params: Vec<(String, String)>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Prepared statements that exist on this connection.
+    pub statements: ServerStatements,
+    /// Session settings skiff applied with SET, keyed by lowercase name.
+    pub applied: BTreeMap<String, String>,
+    /// A client ran SET/RESET here; settings must be reset before another
+    /// client uses it.
+    pub dirty_by: Option<u64>,
+    /// Last ReadyForQuery status.
+    pub tx_status: u8,
+    /// Statements that must be closed before they are prepared again, after
+    /// the server reported that their cached plan changed.
+    pub needs_close: HashSet<String>,
+}
+
+impl ServerConn {
+    /// Connects and logs in, bounded by `timeout`.
+    pub async fn connect(
+        id: u64,
+        target: &ServerTarget,
+        timeout: Duration,
+        max_statements: usize,
+    ) -> Result<ServerConn, BackendError> {
+        let addr = target.address();
+        match tokio::time::timeout(timeout, Self::connect_inner(id, target, max_statements)).await
+        {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::ConnectTimeout(addr)),
+        }
+    }
+
+    async fn connect_inner(
+        id: u64,
+        target: &ServerTarget,
+        max_statements: usize,
+    ) -> Result<ServerConn, BackendError> {
+        let addr = target.address();
+        let stream = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| BackendError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let now = Instant::now();
+        let mut conn = ServerConn {
+            id,
+            reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
+            writer: write,
+            out: BytesMut::with_capacity(8192),
+            process_id: 0,
+            secret_key: 0,
+            address: addr,
+            login_params: Vec::new(),
+            created: now,
+            last_used: now,
+            statements: ServerStatements::new(max_statements),
+            applied: BTreeMap::new(),
+            dirty_by: None,
+            tx_status: b'I',
+            needs_close: HashSet::new(),
+        };
+        conn.login(target).await?;
+        Ok(conn)
+    }
+
+    fn protocol_error(&self, source: ProtocolError) -> BackendError {
+        BackendError::Protocol {
+            addr: self.address.clone(),
+            source,
+        }
+    }
+
+    async fn login(&mut self, target: &ServerTarget) -> Result<(), BackendError> {
+        let startup = protocol::startup_message(&[
+            ("user", &target.user),
+            ("database", &target.dbname),
+        ]);
+        self.write_now(&startup).await?;
+        self.authenticate(target).await?;
+        loop {
+            let message = self.read().await?;
+            match message.tag() {
+                backend::PARAMETER_STATUS => {
+                    let mut body = message.body();
+                    let name = protocol::read_cstr(&mut body).unwrap_or_default().to_string();
+                    let value = protocol::read_cstr(&mut body).unwrap_or_default().to_string();
+                    self.login_params.push((name, value));
+                }
+                backend::BACKEND_KEY_DATA if message.body().len() >= 8 => {
+                    let body = message.body();
+                    self.process_id = i32::from_be_bytes(body[0..4].try_into().unwrap());
+                    self.secret_key = i32::from_be_bytes(body[4..8].try_into().unwrap());
+                }
+                backend::READY_FOR_QUERY => return Ok(()),
+                backend::ERROR_RESPONSE => return Err(self.login_error(&message)),
+                _ => {}
+            }
+        }
+    }
+
+    fn login_error(&self, message: &Message) -> BackendError {
+        let fields = ErrorFields::parse(message.body());
+        BackendError::Login {
+            addr: self.address.clone(),
+            code: fields.code,
+            message: fields.message,
+        }
+    }
+
+    async fn authenticate(&mut self, target: &ServerTarget) -> Result<(), BackendError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let message = self.read().await?;
+            match message.tag() {
+                backend::AUTHENTICATION => {}
+                backend::ERROR_RESPONSE => return Err(self.login_error(&message)),
+                _ => return Err(self.protocol_error(ProtocolError::Malformed("authentication"))),
+            }
+            let body = message.body();
+            if body.len() < 4 {
+                return Err(self.protocol_error(ProtocolError::Malformed("authentication")));
+            }
+            let method = u32::from_be_bytes(body[0..4].try_into().unwrap());
+            let payload = &body[4..];
+            match method {
+                0 => return Ok(()),
+                3 => {
+                    let password = self.password(target)?;
+                    let mut text = password.as_bytes().to_vec();
+                    text.push(0);
+                    self.write_now(&protocol::password_message(&text)).await?;
+                }
+                5 if payload.len() >= 4 => {
+                    let password = self.password(target)?;
+                    let salt: [u8; 4] = payload[0..4].try_into().unwrap();
+                    let stored = auth::md5_password_hash(&target.user, &password);
+                    let mut response = auth::md5_salted_response(&stored, &salt).into_bytes();
+                    response.push(0);
+                    self.write_now(&protocol::password_message(&response)).await?;
+                }
+                10 => {
+                    let password = self.password(target)?;
+                    let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    let first = protocol::sasl_initial_response("SCRAM-SHA-256", client.message());
+                    self.write_now(&first).await?;
+                    scram = Some(client);
+                }
+                11 => {
+                    let client = scram.as_mut().ok_or_else(|| self.scram_error("out of order"))?;
+                    client
+                        .update(payload)
+                        .map_err(|err| self.scram_error(&err.to_string()))?;
+                    let reply = protocol::password_message(client.message());
+                    self.write_now(&reply).await?;
+                }
+                12 => {
+                    let mut client = scram.take().ok_or_else(|| self.scram_error("out of order"))?;
+                    client
+                        .finish(payload)
+                        .map_err(|err| self.scram_error(&err.to_string()))?;
+                }
+                other => {
+                    return Err(BackendError::UnsupportedAuth {
+                        addr: self.address.clone(),
+                        method: other,
+                    })
+                }
+            }
+        }
+    }
+
+    fn scram_error(&self, reason: &str) -> BackendError {
+        BackendError::Scram {
+            addr: self.address.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn password(&self, target: &ServerTarget) -> Result<String, BackendError> {
+        target.password.clone().ok_or_else(|| BackendError::NoPassword {
+            addr: self.address.clone(),
+            user: target.user.clone(),
+        })
+    }
+
+    /// Reads the next message from the server.
+    pub async fn read(&mut self) -> Result<Message, BackendError> {
+        match self.reader.read().await {
+            Ok(message) => Ok(message),
+            Err(err) => Err(self.protocol_error(err)),
+        }
+    }
+
+    /// True when another message is buffered and `read` will not wait.
+    pub fn has_buffered_message(&self) -> bool {
+        self.reader.has_buffered_message()
+    }
+
+    /// Queues bytes to send; `flush` writes them.
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    pub fn queued_len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub async fn flush(&mut self) -> Result<(), BackendError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let result = self.writer.write_all(&out).await;
+        self.out = out;
+        self.out.clear();
+        result.map_err(|err| self.protocol_error(ProtocolError::Io(err)))
+    }
+
+    async fn write_now(&mut self, bytes: &Bytes) -> Result<(), BackendError> {
+        self.queue(bytes);
+        self.flush().await
+    }
+
+    /// True when the server sent something or closed while idle in the
+    /// pool: an idle server sends nothing unless it is shutting down.
+    pub fn closed_while_idle(&self) -> bool {
+        if !self.reader.buffered_is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        match self.reader.get_ref().try_read(&mut probe) {
+            Ok(_) => true,
+            Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// Runs an empty query to check the connection still works.
+    pub async fn check(&mut self, timeout: Duration) -> bool {
+        let probe = async {
+            self.write_now(&protocol::query("")).await?;
+            loop {
+                let message = self.read().await?;
+                if message.tag() == backend::READY_FOR_QUERY {
+                    return Ok::<bool, BackendError>(message.body() == b"I");
+                }
+            }
+        };
+        matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(true)))
+    }
+
+    /// Runs a simple query skiff issues itself and discards its results;
+    /// returns the first error, if any.
+    pub async fn run_internal(&mut self, sql: &str) -> Result<Option<ErrorFields>, BackendError> {
+        self.write_now(&protocol::query(sql)).await?;
+        let mut first_error = None;
+        loop {
+            let message = self.read().await?;
+            match message.tag() {
+                backend::ERROR_RESPONSE if first_error.is_none() => {
+                    first_error = Some(ErrorFields::parse(message.body()));
+                }
+                backend::READY_FOR_QUERY => {
+                    self.tx_status = message.body().first().copied().unwrap_or(b'I');
+                    return Ok(first_error);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends Terminate and closes, without waiting for the server.
+    pub async fn terminate(mut self) {
+        self.out.clear();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            self.write_now(&protocol::terminate()),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,233 @@
+//! PostgreSQL wire protocol 3.0: framing, message tags and the few message
+//! bodies the pooler reads or writes.
+//!
+//! Messages are kept as their original bytes (tag, length and body) so that
+//! forwarding never re-encodes; only routing-relevant fields are decoded.
+
+mod builders;
+mod extended;
+mod startup;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub use builders::*;
+pub use extended::*;
+pub use startup::*;
+
+/// Frontend (client to server) message tags.
+pub mod frontend {
+    pub const QUERY: u8 = b'Q';
+    pub const PARSE: u8 = b'P';
+    pub const BIND: u8 = b'B';
+    pub const DESCRIBE: u8 = b'D';
+    pub const EXECUTE: u8 = b'E';
+    pub const CLOSE: u8 = b'C';
+    pub const SYNC: u8 = b'S';
+    pub const FLUSH: u8 = b'H';
+    pub const TERMINATE: u8 = b'X';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const COPY_FAIL: u8 = b'f';
+    pub const FUNCTION_CALL: u8 = b'F';
+    pub const PASSWORD: u8 = b'p';
+}
+
+/// Backend (server to client) message tags.
+pub mod backend {
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const PARAMETER_STATUS: u8 = b'S';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub const PARSE_COMPLETE: u8 = b'1';
+    pub const BIND_COMPLETE: u8 = b'2';
+    pub const CLOSE_COMPLETE: u8 = b'3';
+    pub const PARAMETER_DESCRIPTION: u8 = b't';
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub const NO_DATA: u8 = b'n';
+    pub const DATA_ROW: u8 = b'D';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    pub const PORTAL_SUSPENDED: u8 = b's';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
+    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+}
+
+/// Failure to read a protocol message.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid message length {0}")]
+    BadLength(usize),
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+}
+
+/// One tagged protocol message, kept as the bytes that arrived.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Tag byte, length and body.
+    pub raw: Bytes,
+}
+
+impl Message {
+    pub fn tag(&self) -> u8 {
+        self.raw[0]
+    }
+
+    /// The message body after the tag and length.
+    pub fn body(&self) -> &[u8] {
+        &self.raw[5..]
+    }
+}
+
+/// Buffered reader of tagged messages from one socket.
+pub struct MessageReader<R> {
+    inner: R,
+    buffer: BytesMut,
+    max_message_bytes: usize,
+}
+
+impl<R: AsyncRead + Unpin> MessageReader<R> {
+    pub fn new(inner: R, max_message_bytes: usize) -> Self {
+        MessageReader {
+            inner,
+            buffer: BytesMut::with_capacity(8192),
+            max_message_bytes,
+        }
+    }
+
+    /// True when a whole message is already buffered, so reading it will
+    /// not wait on the socket.
+    pub fn has_buffered_message(&self) -> bool {
+        matches!(frame_length(&self.buffer), Some(Ok(len)) if self.buffer.len() >= len)
+    }
+
+    /// Reads the next whole message.
+    pub async fn read(&mut self) -> Result<Message, ProtocolError> {
+        loop {
+            if let Some(length) = frame_length(&self.buffer) {
+                let length = length?;
+                if length > self.max_message_bytes {
+                    return Err(ProtocolError::TooLarge {
+                        size: length,
+                        limit: self.max_message_bytes,
+                    });
+                }
+                if self.buffer.len() >= length {
+                    let raw = self.buffer.split_to(length).freeze();
+                    return Ok(Message { raw });
+                }
+                self.buffer.reserve(length - self.buffer.len());
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// True when no unread bytes are buffered.
+    pub fn buffered_is_empty(&self) -> bool {
+        self.buffer.is_empty()
+    }
+
+    async fn fill(&mut self) -> Result<(), ProtocolError> {
+        if self.buffer.capacity() - self.buffer.len() < 4096 {
+            self.buffer.reserve(8192);
+        }
+        let read = self.inner.read_buf(&mut self.buffer).await?;
+        if read == 0 {
+            return Err(ProtocolError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Reads an untagged startup-phase packet (length then body).
+    pub async fn read_startup(&mut self) -> Result<Bytes, ProtocolError> {
+        loop {
+            if self.buffer.len() >= 4 {
+                let length = (&self.buffer[..4]).get_u32() as usize;
+                if !(8..=10_000).contains(&length) {
+                    return Err(ProtocolError::BadLength(length));
+                }
+                if self.buffer.len() >= length {
+                    return Ok(self.buffer.split_to(length).freeze());
+                }
+            }
+            self.fill().await?;
+        }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+}
+
+/// Total length (tag included) of the message at the start of `buffer`, once
+/// its header is buffered.
+fn frame_length(buffer: &[u8]) -> Option<Result<usize, ProtocolError>> {
+    if buffer.len() < 5 {
+        return None;
+    }
+    let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if length < 4 {
+        return Some(Err(ProtocolError::BadLength(length)));
+    }
+    Some(Ok(length + 1))
+}
+
+/// Reads a NUL-terminated string from the front of `body`.
+pub fn read_cstr<'a>(body: &mut &'a [u8]) -> Option<&'a str> {
+    let end = body.iter().position(|&b| b == 0)?;
+    let text = std::str::from_utf8(&body[..end]).ok()?;
+    *body = &body[end + 1..];
+    Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reader_splits_pipelined_messages() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&query("select 1"));
+        wire.extend_from_slice(&sync());
+        let mut reader = MessageReader::new(&wire[..], 1 << 20);
+        let first = reader.read().await.unwrap();
+        assert_eq!(first.tag(), frontend::QUERY);
+        assert_eq!(first.body(), b"select 1\0");
+        assert!(reader.has_buffered_message());
+        let second = reader.read().await.unwrap();
+        assert_eq!(second.tag(), frontend::SYNC);
+        assert!(matches!(reader.read().await, Err(ProtocolError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn reader_rejects_oversized_message() {
+        let wire = [b'Q', 0, 0, 1, 0, b'x'];
+        let mut reader = MessageReader::new(&wire[..], 100);
+        assert!(matches!(
+            reader.read().await,
+            Err(ProtocolError::TooLarge { size: 257, limit: 100 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn reader_rejects_length_below_four() {
+        let wire = [b'Q', 0, 0, 0, 3];
+        let mut reader = MessageReader::new(&wire[..], 100);
+        assert!(matches!(reader.read().await, Err(ProtocolError::BadLength(3))));
+    }
+}

@@ -1,0 +1,357 @@
+//! The relay between one logged-in client and the server connections it
+//! borrows: checkout, forwarding, prepared statement renaming and release.
+
+mod client;
+mod server;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::sync::CancellationToken;
+
+use super::backend::BackendError;
+use super::cancel::{CancelHandle, ServerKey};
+use super::frontend::LoggedIn;
+use super::params;
+use super::pending::{Expected, Pending};
+use super::pool::{CheckoutError, Checkout, Pool};
+use super::prepared::Statement;
+use super::protocol::{self, Message, MessageReader, ProtocolError, Severity};
+use super::Pooler;
+use crate::config::PoolMode;
+
+/// Output is written once this many bytes are buffered, even mid-batch.
+const FLUSH_THRESHOLD: usize = 64 * 1024;
+
+/// Longest skiff waits for a ROLLBACK of a disconnected client's
+/// transaction before it closes the server connection instead.
+const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the session goes on after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Close,
+}
+
+enum Event {
+    Client(Result<Message, ProtocolError>),
+    Server(Result<Message, BackendError>),
+    Shutdown,
+}
+
+/// One client's session after login.
+pub struct Session {
+    pooler: Arc<Pooler>,
+    id: u64,
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    reader: MessageReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    out: BytesMut,
+    server: Option<Checkout>,
+    pending: Pending,
+    /// skiff answered a request with an error itself, so the rest of the
+    /// client's messages up to Sync are dropped, as PostgreSQL would.
+    client_skipping: bool,
+    /// The client's prepared statement names.
+    statements: HashMap<String, Arc<Statement>>,
+    /// Session settings the client expects on any server connection.
+    settings: BTreeMap<String, String>,
+    cancel: CancelHandle,
+    shutdown: CancellationToken,
+}
+
+impl Session {
+    pub fn new(
+        pooler: Arc<Pooler>,
+        id: u64,
+        logged_in: LoggedIn,
+        reader: MessageReader<OwnedReadHalf>,
+        writer: OwnedWriteHalf,
+        shutdown: CancellationToken,
+    ) -> Session {
+        let cancel = pooler.cancels.register();
+        Session {
+            mode: pooler.config.pool_mode,
+            settings: params::startup_settings(&logged_in.params),
+            pool: logged_in.pool,
+            pooler,
+            id,
+            reader,
+            writer,
+            out: BytesMut::with_capacity(8192),
+            server: None,
+            pending: Pending::default(),
+            client_skipping: false,
+            statements: HashMap::new(),
+            cancel,
+            shutdown,
+        }
+    }
+
+    /// Sends BackendKeyData and the first ReadyForQuery, then relays until
+    /// either side closes.
+    pub async fn run(mut self) {
+        self.write(&protocol::backend_key_data(
+            self.cancel.process_id,
+            self.cancel.secret_key,
+        ));
+        self.write(&protocol::ready_for_query(b'I'));
+        if self.flush_client().await.is_err() {
+            return;
+        }
+        loop {
+            match self.step().await {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Close) | Err(_) => break,
+            }
+        }
+        let _ = self.flush_client().await;
+        self.finish().await;
+    }
+
+    async fn step(&mut self) -> std::io::Result<Flow> {
+        if !self.reader.has_buffered_message() {
+            if let Err(err) = self.flush_server().await {
+                return self.server_lost(err).await;
+            }
+        }
+        let server_busy = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.conn.has_buffered_message());
+        if !server_busy {
+            self.flush_client().await?;
+        }
+        let can_stop = self.can_stop_now();
+        let event = {
+            let reader = &mut self.reader;
+            let server = &mut self.server;
+            let shutdown = &self.shutdown;
+            let server_read = async {
+                match server {
+                    Some(checkout) => checkout.conn.read().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                message = server_read => Event::Server(message),
+                _ = shutdown.cancelled(), if can_stop => Event::Shutdown,
+                message = reader.read() => Event::Client(message),
+            }
+        };
+        match &event {
+            Event::Server(Ok(m)) => tracing::trace!(tag = %(m.tag() as char), "server message"),
+            Event::Client(Ok(m)) => tracing::trace!(tag = %(m.tag() as char), "client message"),
+            _ => {}
+        }
+        match event {
+            Event::Server(Ok(message)) => self.on_server_message(message).await,
+            Event::Server(Err(err)) => self.server_lost(err).await,
+            Event::Client(Ok(message)) => self.on_client_message(message).await,
+            Event::Client(Err(ProtocolError::Closed)) => Ok(Flow::Close),
+            Event::Client(Err(ProtocolError::Io(err))) => {
+                tracing::debug!(error = %err, "client read failed");
+                Ok(Flow::Close)
+            }
+            Event::Client(Err(err)) => {
+                self.write_error(Severity::Fatal, "08P01", &err.to_string());
+                Ok(Flow::Close)
+            }
+            Event::Shutdown => {
+                self.write_error(
+                    Severity::Fatal,
+                    "57P01",
+                    "terminating connection because skiff is shutting down",
+                );
+                Ok(Flow::Close)
+            }
+        }
+    }
+
+    /// True when the client can be disconnected for shutdown without
+    /// cutting a transaction short.
+    fn can_stop_now(&self) -> bool {
+        match &self.server {
+            None => self.pending.is_empty(),
+            Some(checkout) => checkout.conn.tx_status == b'I' && self.pending.is_empty(),
+        }
+    }
+
+    /// Ends the session after its server connection failed.
+    async fn server_lost(&mut self, err: BackendError) -> std::io::Result<Flow> {
+        metrics::counter!("skiff_pg_errors_total", "kind" => "server_lost").increment(1);
+        tracing::info!(error = %err, pool = %self.pool.name, "server connection lost");
+        if let Some(checkout) = self.server.take() {
+            self.cancel.attach(None);
+            self.pool.discard(checkout);
+        }
+        self.pending.clear();
+        self.write_error(
+            Severity::Fatal,
+            "08006",
+            &format!("server connection lost: {err}"),
+        );
+        Ok(Flow::Close)
+    }
+
+    /// Attaches a server connection if none is attached, bringing its
+    /// session settings in line with the client's. On failure returns the
+    /// ErrorResponse the client should get.
+    async fn ensure_server(&mut self) -> Result<(), Bytes> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let wait = self.pooler.config.query_wait_timeout;
+        let mut checkout = match self.pool.checkout(wait).await {
+            Ok(checkout) => checkout,
+            Err(err) => return Err(self.checkout_error(err)),
+        };
+        let conn = &mut checkout.conn;
+        let reset = conn.dirty_by.is_some_and(|id| id != self.id);
+        if let Some(sql) = params::sync_sql(&conn.applied, &self.settings, reset) {
+            match conn.run_internal(&sql).await {
+                Ok(None) => {
+                    conn.applied = self.settings.clone();
+                    conn.dirty_by = None;
+                }
+                Ok(Some(fields)) => {
+                    conn.dirty_by = Some(u64::MAX);
+                    self.pool.checkin(checkout);
+                    return Err(protocol::error_response(
+                        Severity::Error,
+                        &fields.code,
+                        &fields.message,
+                    ));
+                }
+                Err(err) => {
+                    self.pool.discard(checkout);
+                    return Err(protocol::error_response(
+                        Severity::Error,
+                        "08006",
+                        &format!("server connection failed: {err}"),
+                    ));
+                }
+            }
+        }
+        self.cancel.attach(Some(ServerKey {
+            address: checkout.conn.address.clone(),
+            process_id: checkout.conn.process_id,
+            secret_key: checkout.conn.secret_key,
+        }));
+        self.server = Some(checkout);
+        Ok(())
+    }
+
+    fn checkout_error(&self, err: CheckoutError) -> Bytes {
+        let (kind, code) = match &err {
+            CheckoutError::Timeout(_) => ("query_wait_timeout", "57014"),
+            CheckoutError::Backend(BackendError::Login { .. }) => ("server_login", "08004"),
+            _ => ("server_connect", "08006"),
+        };
+        metrics::counter!("skiff_pg_errors_total", "kind" => kind).increment(1);
+        protocol::error_response(Severity::Error, code, &err.to_string())
+    }
+
+    /// Gives the server connection back to the pool.
+    async fn release(&mut self) {
+        let Some(mut checkout) = self.server.take() else {
+            return;
+        };
+        self.cancel.attach(None);
+        if checkout.conn.flush().await.is_err() {
+            self.pool.discard(checkout);
+            return;
+        }
+        self.pool.checkin(checkout);
+    }
+
+    /// Returns the server connection when the client leaves: rolled back
+    /// or reset when it is safe, closed otherwise.
+    async fn finish(&mut self) {
+        let Some(mut checkout) = self.server.take() else {
+            return;
+        };
+        self.cancel.attach(None);
+        if self.pending.awaits_server() {
+            self.pool.discard(checkout);
+            return;
+        }
+        let conn = &mut checkout.conn;
+        let cleanup = match (self.mode, conn.tx_status) {
+            (PoolMode::Session, b'I') => Some(self.pooler.config.server_reset_query.clone()),
+            (_, b'I') => None,
+            _ => Some("ROLLBACK".to_string()),
+        };
+        if let Some(sql) = cleanup {
+            let run = tokio::time::timeout(ROLLBACK_TIMEOUT, conn.run_internal(&sql)).await;
+            if !matches!(run, Ok(Ok(_))) || conn.tx_status != b'I' {
+                self.pool.discard(checkout);
+                return;
+            }
+            if self.mode == PoolMode::Session {
+                conn.dirty_by = Some(self.id);
+            }
+        }
+        self.pool.checkin(checkout);
+    }
+
+    /// Queues a slot and sends any of skiff's own replies now due.
+    fn expect(&mut self, expected: Expected) {
+        self.pending.push(expected);
+        self.emit_due_replies();
+    }
+
+    fn emit_due_replies(&mut self) {
+        while let Some(Expected::Local(_)) = self.pending.front() {
+            if let Some(Expected::Local(bytes)) = self.pending.pop() {
+                self.out.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    fn write_error(&mut self, severity: Severity, code: &str, message: &str) {
+        self.write(&protocol::error_response(severity, code, message));
+    }
+
+    async fn flush_client(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.writer.write_all(&self.out).await;
+        self.out.clear();
+        result
+    }
+
+    async fn flush_server(&mut self) -> Result<(), BackendError> {
+        match &mut self.server {
+            Some(checkout) => checkout.conn.flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Queues bytes for the attached server connection.
+    fn send(&mut self, bytes: &[u8]) {
+        if let Some(checkout) = &mut self.server {
+            checkout.conn.queue(bytes);
+        }
+    }
+
+    /// The transaction status to report when skiff answers Sync itself.
+    fn tx_status(&self) -> u8 {
+        self.server
+            .as_ref()
+            .map(|checkout| checkout.conn.tx_status)
+            .unwrap_or(b'I')
+    }
+}

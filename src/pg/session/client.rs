@@ -1,0 +1,340 @@
+//! Messages from the client: forwarded as they are, renamed, or answered by
+//! skiff itself.
+
+use std::sync::Arc;
+
+use super::{Flow, Session, FLUSH_THRESHOLD};
+use crate::pg::pending::{Expected, Request};
+use crate::pg::prepared::{Statement, MAX_CLIENT_STATEMENTS};
+use crate::pg::protocol::{
+    self, backend, frontend, read_cstr, Bind, Message, Parse, Severity, Target, TARGET_STATEMENT,
+};
+
+impl Session {
+    pub(super) async fn on_client_message(&mut self, message: Message) -> std::io::Result<Flow> {
+        let tag = message.tag();
+        let extended = matches!(
+            tag,
+            frontend::PARSE
+                | frontend::BIND
+                | frontend::DESCRIBE
+                | frontend::EXECUTE
+                | frontend::CLOSE
+        );
+        if extended && (self.client_skipping || self.pending.skipping_to_sync) {
+            return Ok(Flow::Continue);
+        }
+        let result = match tag {
+            frontend::QUERY => self.on_query(message).await,
+            frontend::PARSE => self.on_parse(message).await,
+            frontend::BIND => self.on_bind(message).await,
+            frontend::DESCRIBE => self.on_describe(message).await,
+            frontend::CLOSE => self.on_close(message).await,
+            frontend::EXECUTE => {
+                self.pool.count_query();
+                self.forward(&message.raw, Request::Execute).await
+            }
+            frontend::SYNC => self.on_sync(message),
+            frontend::FLUSH => {
+                self.send(&message.raw);
+                Ok(())
+            }
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                self.send(&message.raw);
+                Ok(())
+            }
+            frontend::FUNCTION_CALL => self.forward(&message.raw, Request::Query).await,
+            frontend::TERMINATE => return Ok(Flow::Close),
+            other => {
+                self.write_error(
+                    Severity::Fatal,
+                    "08P01",
+                    &format!("invalid frontend message type {:?}", other as char),
+                );
+                return Ok(Flow::Close);
+            }
+        };
+        if let Err(malformed) = result {
+            self.write_error(Severity::Fatal, "08P01", &malformed);
+            return Ok(Flow::Close);
+        }
+        self.flush_if_large().await?;
+        Ok(Flow::Continue)
+    }
+
+    async fn flush_if_large(&mut self) -> std::io::Result<()> {
+        let queued = self.server.as_ref().map_or(0, |s| s.conn.queued_len());
+        if queued >= FLUSH_THRESHOLD {
+            if let Some(checkout) = &mut self.server {
+                if let Err(err) = checkout.conn.flush().await {
+                    tracing::debug!(error = %err, "server write failed");
+                }
+            }
+        }
+        if self.out.len() >= FLUSH_THRESHOLD {
+            self.flush_client().await?;
+        }
+        Ok(())
+    }
+
+    /// Forwards a message as it is, attaching a server first.
+    async fn forward(&mut self, raw: &[u8], request: Request) -> Result<(), String> {
+        let simple = request.ends_with_ready();
+        if let Err(error) = self.ensure_server().await {
+            self.fail_request(error, simple);
+            return Ok(());
+        }
+        self.send(raw);
+        self.expect(Expected::Forward(request));
+        Ok(())
+    }
+
+    /// Answers a request skiff could not send with an error: a simple query
+    /// also gets ReadyForQuery, an extended one skips to the next Sync.
+    fn fail_request(&mut self, error: bytes::Bytes, simple: bool) {
+        self.expect(Expected::Local(error));
+        if simple {
+            let ready = protocol::ready_for_query(self.tx_status());
+            self.expect(Expected::Local(ready));
+        } else {
+            self.client_skipping = true;
+        }
+    }
+
+    async fn on_query(&mut self, message: Message) -> Result<(), String> {
+        self.pool.count_query();
+        let mut body = message.body();
+        let sql = read_cstr(&mut body).ok_or("malformed Query message")?;
+        match classify_statement_sql(sql) {
+            StatementSql::DeallocateAll => self.statements.clear(),
+            StatementSql::Deallocate(name) if self.statements.contains_key(&name) => {
+                self.statements.remove(&name);
+                let reply = [
+                    protocol::command_complete("DEALLOCATE"),
+                    protocol::ready_for_query(self.tx_status()),
+                ]
+                .concat();
+                self.expect(Expected::Local(reply.into()));
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.forward(&message.raw, Request::Query).await
+    }
+
+    fn tracking(&self) -> bool {
+        self.pooler.config.max_prepared_statements > 0
+    }
+
+    async fn on_parse(&mut self, message: Message) -> Result<(), String> {
+        let parse = Parse::decode(&message).map_err(|e| e.to_string())?;
+        if parse.name.is_empty() || !self.tracking() {
+            let request = Request::Parse {
+                statement: None,
+                client_name: None,
+            };
+            return self.forward(&message.raw, request).await;
+        }
+        if self.statements.contains_key(&parse.name) {
+            let text = format!("prepared statement \"{}\" already exists", parse.name);
+            self.fail_request(protocol::error_response(Severity::Error, "42P05", &text), false);
+            return Ok(());
+        }
+        if self.statements.len() >= MAX_CLIENT_STATEMENTS {
+            let text = format!(
+                "too many prepared statements on this connection (limit {MAX_CLIENT_STATEMENTS})"
+            );
+            self.fail_request(protocol::error_response(Severity::Error, "53400", &text), false);
+            return Ok(());
+        }
+        let statement = self.pooler.statements.intern(&parse);
+        if self.pool.is_validated(&statement.name) {
+            // A server of this pool parsed the same statement before, so the
+            // Parse is answered now and sent to a server only when a Bind or
+            // Describe needs it there.
+            self.statements.insert(parse.name, statement);
+            let reply = protocol::empty_message(backend::PARSE_COMPLETE);
+            self.expect(Expected::Local(reply));
+            return Ok(());
+        }
+        if let Err(error) = self.ensure_server().await {
+            self.fail_request(error, false);
+            return Ok(());
+        }
+        self.statements.insert(parse.name.clone(), statement.clone());
+        let conn = &mut self.server.as_mut().expect("server attached").conn;
+        if conn.statements.touch(&statement.name) {
+            let reply = protocol::empty_message(backend::PARSE_COMPLETE);
+            self.expect(Expected::Local(reply));
+        } else {
+            let request = Request::Parse {
+                statement: Some(statement.name.clone()),
+                client_name: Some(parse.name),
+            };
+            self.prepare_on_server(&statement, Expected::Forward(request));
+        }
+        Ok(())
+    }
+
+    /// Sends a statement's Parse to the attached server, closing the
+    /// statement the server cache evicts for it.
+    fn prepare_on_server(&mut self, statement: &Statement, expected: Expected) {
+        let conn = &mut self.server.as_mut().expect("server attached").conn;
+        let mut closes = Vec::new();
+        if conn.needs_close.remove(&statement.name) {
+            closes.push(statement.name.clone());
+        }
+        if let Some(evicted) = conn.statements.insert(&statement.name) {
+            closes.push(evicted);
+        }
+        for name in closes {
+            self.send(&protocol::close(TARGET_STATEMENT, &name));
+            self.expect(Expected::Injected(Request::Close));
+        }
+        self.send(&statement.parse);
+        self.expect(expected);
+    }
+
+    /// Prepares a statement on the attached server unless it is there.
+    fn ensure_prepared(&mut self, statement: &Arc<Statement>) {
+        let conn = &mut self.server.as_mut().expect("server attached").conn;
+        if !conn.statements.touch(&statement.name) {
+            let request = Request::Parse {
+                statement: Some(statement.name.clone()),
+                client_name: None,
+            };
+            self.prepare_on_server(statement, Expected::Injected(request));
+        }
+    }
+
+    async fn on_bind(&mut self, message: Message) -> Result<(), String> {
+        let bind = Bind::decode(&message).map_err(|e| e.to_string())?;
+        let statement = match bind.statement {
+            "" => None,
+            name => self.statements.get(name).cloned(),
+        };
+        let Some(statement) = statement.filter(|_| self.tracking()) else {
+            let request = Request::Bind { statement: None };
+            return self.forward(&message.raw, request).await;
+        };
+        if let Err(error) = self.ensure_server().await {
+            self.fail_request(error, false);
+            return Ok(());
+        }
+        self.ensure_prepared(&statement);
+        let renamed = bind.encode_with_statement(&statement.name);
+        self.send(&renamed);
+        self.expect(Expected::Forward(Request::Bind {
+            statement: Some(statement.name.clone()),
+        }));
+        Ok(())
+    }
+
+    async fn on_describe(&mut self, message: Message) -> Result<(), String> {
+        let target = Target::decode(&message).map_err(|e| e.to_string())?;
+        let statement = if target.kind == TARGET_STATEMENT && !target.name.is_empty() {
+            self.statements.get(&target.name).cloned()
+        } else {
+            None
+        };
+        let Some(statement) = statement.filter(|_| self.tracking()) else {
+            return self.forward(&message.raw, Request::Describe).await;
+        };
+        if let Err(error) = self.ensure_server().await {
+            self.fail_request(error, false);
+            return Ok(());
+        }
+        self.ensure_prepared(&statement);
+        self.send(&target.encode_as(frontend::DESCRIBE, &statement.name));
+        self.expect(Expected::Forward(Request::Describe));
+        Ok(())
+    }
+
+    async fn on_close(&mut self, message: Message) -> Result<(), String> {
+        let target = Target::decode(&message).map_err(|e| e.to_string())?;
+        let named_statement = target.kind == TARGET_STATEMENT && !target.name.is_empty();
+        if named_statement && self.tracking() {
+            // The server keeps the statement for other clients; only this
+            // client's name goes away.
+            self.statements.remove(&target.name);
+            let reply = protocol::empty_message(backend::CLOSE_COMPLETE);
+            self.expect(Expected::Local(reply));
+            return Ok(());
+        }
+        if self.server.is_none() {
+            // Portals and the unnamed statement do not outlive a
+            // transaction, so without a server there is nothing to close.
+            let reply = protocol::empty_message(backend::CLOSE_COMPLETE);
+            self.expect(Expected::Local(reply));
+            return Ok(());
+        }
+        self.send(&message.raw);
+        self.expect(Expected::Forward(Request::Close));
+        Ok(())
+    }
+
+    fn on_sync(&mut self, message: Message) -> Result<(), String> {
+        self.client_skipping = false;
+        if self.server.is_some() {
+            self.send(&message.raw);
+            self.expect(Expected::Forward(Request::Sync));
+        } else {
+            let ready = protocol::ready_for_query(b'I');
+            self.expect(Expected::Local(ready));
+        }
+        Ok(())
+    }
+}
+
+/// Simple-protocol statements that change prepared statements.
+#[derive(Debug, PartialEq, Eq)]
+enum StatementSql {
+    /// `DEALLOCATE [PREPARE] ALL` or `DISCARD ALL`.
+    DeallocateAll,
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate(String),
+    Other,
+}
+
+fn classify_statement_sql(sql: &str) -> StatementSql {
+    let trimmed = sql.trim().trim_end_matches(';').trim();
+    let words: Vec<&str> = trimmed.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    match upper.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["DISCARD", "ALL"] | ["DEALLOCATE", "ALL"] | ["DEALLOCATE", "PREPARE", "ALL"] => {
+            StatementSql::DeallocateAll
+        }
+        ["DEALLOCATE", _] => StatementSql::Deallocate(unquote(words[1])),
+        ["DEALLOCATE", "PREPARE", _] => StatementSql::Deallocate(unquote(words[2])),
+        _ => StatementSql::Other,
+    }
+}
+
+/// Applies SQL identifier rules: quoted names keep their case, others fold
+/// to lower case.
+fn unquote(name: &str) -> String {
+    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => name.to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_deallocate_forms() {
+        assert_eq!(classify_statement_sql("discard all;"), StatementSql::DeallocateAll);
+        assert_eq!(classify_statement_sql(" DEALLOCATE PREPARE ALL "), StatementSql::DeallocateAll);
+        assert_eq!(
+            classify_statement_sql("deallocate \"Stmt1\""),
+            StatementSql::Deallocate("Stmt1".into())
+        );
+        assert_eq!(
+            classify_statement_sql("DEALLOCATE PREPARE S2"),
+            StatementSql::Deallocate("s2".into())
+        );
+        assert_eq!(classify_statement_sql("select 1"), StatementSql::Other);
+    }
+}

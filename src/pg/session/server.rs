@@ -1,0 +1,193 @@
+//! Messages from the server: passed to the client, dropped when they answer
+//! skiff's own requests, and watched for state skiff must track.
+
+use super::{Flow, Session, FLUSH_THRESHOLD};
+use crate::config::PoolMode;
+use crate::pg::params;
+use crate::pg::pending::{Expected, Request};
+use crate::pg::protocol::{backend, read_cstr, ErrorFields, Message};
+
+/// SQLSTATE of "cached plan must not change result type".
+const CACHED_PLAN_CHANGED: &str = "0A000";
+
+impl Session {
+    pub(super) async fn on_server_message(&mut self, message: Message) -> std::io::Result<Flow> {
+        let tag = message.tag();
+        match tag {
+            backend::NOTICE_RESPONSE | backend::NOTIFICATION_RESPONSE => {
+                self.write(&message.raw);
+                return self.after_write().await;
+            }
+            backend::PARAMETER_STATUS => {
+                self.track_parameter(&message);
+                self.write(&message.raw);
+                return self.after_write().await;
+            }
+            _ => {}
+        }
+        self.emit_due_replies();
+        let Some(front) = self.pending.front().cloned() else {
+            return self.on_unexpected(message).await;
+        };
+        let (request, forward) = match front {
+            Expected::Forward(request) => (request, true),
+            Expected::Injected(request) => (request, false),
+            Expected::Local(_) => unreachable!("due replies were emitted"),
+        };
+        if tag == backend::ERROR_RESPONSE {
+            self.write(&message.raw);
+            self.on_error(&message, &request);
+            self.emit_due_replies();
+            return self.after_write().await;
+        }
+        match tag {
+            backend::COMMAND_COMPLETE => self.track_command(&message),
+            backend::COPY_IN_RESPONSE if request == Request::Execute => {
+                self.pending.drop_syncs_after_front();
+            }
+            _ => {}
+        }
+        if forward {
+            self.write(&message.raw);
+        }
+        if request.completed_by(tag) {
+            if let Request::Parse {
+                statement: Some(name),
+                ..
+            } = &request
+            {
+                self.pool.mark_validated(name);
+            }
+            self.pending.pop();
+            if tag == backend::READY_FOR_QUERY {
+                self.on_ready(&message).await;
+            }
+            self.emit_due_replies();
+        }
+        self.after_write().await
+    }
+
+    async fn after_write(&mut self) -> std::io::Result<Flow> {
+        if self.out.len() >= FLUSH_THRESHOLD {
+            self.flush_client().await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// A message that answers nothing skiff sent: a server that is going
+    /// away (FATAL) or a protocol mix-up; either way the connection is not
+    /// trusted any more.
+    async fn on_unexpected(&mut self, message: Message) -> std::io::Result<Flow> {
+        let detail = if message.tag() == backend::ERROR_RESPONSE {
+            ErrorFields::parse(message.body()).message
+        } else {
+            format!("unexpected message type {:?}", message.tag() as char)
+        };
+        let err = crate::pg::backend::BackendError::Protocol {
+            addr: self.pool.target.address(),
+            source: crate::pg::protocol::ProtocolError::Io(std::io::Error::other(detail)),
+        };
+        self.server_lost(err).await
+    }
+
+    fn on_error(&mut self, message: &Message, request: &Request) {
+        if request.ends_with_ready() {
+            // A simple query or Sync goes on to ReadyForQuery after errors.
+            return;
+        }
+        let fields = ErrorFields::parse(message.body());
+        if fields.code == CACHED_PLAN_CHANGED {
+            if let Request::Bind {
+                statement: Some(name),
+            } = request
+            {
+                let conn = &mut self.server.as_mut().expect("server attached").conn;
+                conn.statements.remove(name);
+                conn.needs_close.insert(name.clone());
+            }
+        }
+        if let Some(failed) = self.pending.pop() {
+            self.undo(failed);
+        }
+        for skipped in self.pending.skip_to_sync() {
+            self.undo(skipped);
+        }
+    }
+
+    /// Forgets statements whose Parse failed or was skipped by the server.
+    fn undo(&mut self, expected: Expected) {
+        let (Expected::Forward(request) | Expected::Injected(request)) = expected else {
+            return;
+        };
+        let Request::Parse {
+            statement: Some(name),
+            client_name,
+        } = request
+        else {
+            return;
+        };
+        if let Some(checkout) = &mut self.server {
+            checkout.conn.statements.remove(&name);
+        }
+        self.pool.forget_validated(&name);
+        if let Some(client_name) = client_name {
+            if self.statements.get(&client_name).is_some_and(|s| s.name == name) {
+                self.statements.remove(&client_name);
+            }
+        }
+    }
+
+    async fn on_ready(&mut self, message: &Message) {
+        let status = message.body().first().copied().unwrap_or(b'I');
+        let Some(checkout) = &mut self.server else {
+            return;
+        };
+        checkout.conn.tx_status = status;
+        if status != b'I' || self.pending.awaits_server() || self.pending.skipping_to_sync {
+            return;
+        }
+        self.pool.count_transaction();
+        if self.mode == PoolMode::Transaction {
+            self.release().await;
+        }
+    }
+
+    /// Follows changes the client made to reported settings, so they go with
+    /// it to the next server connection.
+    fn track_parameter(&mut self, message: &Message) {
+        let mut body = message.body();
+        let (Some(name), Some(value)) = (read_cstr(&mut body), read_cstr(&mut body)) else {
+            return;
+        };
+        let lowercase = name.to_lowercase();
+        if params::reported_name(&lowercase).is_none() {
+            return;
+        }
+        self.settings.insert(lowercase.clone(), value.to_string());
+        if let Some(checkout) = &mut self.server {
+            checkout.conn.applied.insert(lowercase, value.to_string());
+        }
+    }
+
+    /// Watches command tags that change session state on the server.
+    fn track_command(&mut self, message: &Message) {
+        let mut body = message.body();
+        let Some(tag) = read_cstr(&mut body) else {
+            return;
+        };
+        let Some(checkout) = &mut self.server else {
+            return;
+        };
+        let conn = &mut checkout.conn;
+        match tag {
+            "SET" | "RESET" => conn.dirty_by = Some(self.id),
+            "DISCARD ALL" => {
+                conn.statements.clear();
+                conn.applied.clear();
+                conn.dirty_by = Some(self.id);
+            }
+            "DEALLOCATE ALL" => conn.statements.clear(),
+            _ => {}
+        }
+    }
+}
