@@ -1,0 +1,7 @@
+//! Test harness: real servers started by the tests and clients to drive
+//! skiff with.
+#![allow(dead_code)]
+
+pub mod postgres;
+pub mod raw;
+pub mod skiff;
