@@ -48,10 +48,12 @@ pub fn check(config: &Config) -> Result<(), String> {
 
 /// Binds a TCP listener, naming the address on failure.
 pub async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind {
-        addr: addr.to_string(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Runs every configured job until SIGTERM or SIGINT, then drains.

@@ -57,7 +57,10 @@ async fn simple_and_extended_queries() {
         })
         .expect("one row");
     assert_eq!(row.get("one"), Some("1"));
-    let row = client.query_one("SELECT $1::int + 1", &[&41i32]).await.unwrap();
+    let row = client
+        .query_one("SELECT $1::int + 1", &[&41i32])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
 }
 
@@ -66,7 +69,11 @@ async fn scram_client_auth() {
     let db = database("scram_client_auth");
     let extra = "[postgres.auth]\ntype = \"scram-sha-256\"\nusers = { postgres = \"right pw\" }\n";
     let skiff = Skiff::start(&skiff::config(pg().port, &db, extra)).await;
-    let ok = skiff::try_connect(&format!("{} password='right pw'", skiff.url("postgres", &db))).await;
+    let ok = skiff::try_connect(&format!(
+        "{} password='right pw'",
+        skiff.url("postgres", &db)
+    ))
+    .await;
     let client = ok.expect("right password logs in");
     client.simple_query("SELECT 1").await.unwrap();
 
@@ -85,9 +92,16 @@ async fn md5_client_auth_and_server_auth_methods() {
     );
     let skiff = Skiff::start(&skiff::config(pg().port, &db, &extra)).await;
     for (user, password) in [MD5_USER, SCRAM_USER, CLEAR_USER] {
-        let url = format!("{} password='{}'", skiff.url(user, &db), password.replace('\'', "\\'"));
+        let url = format!(
+            "{} password='{}'",
+            skiff.url(user, &db),
+            password.replace('\'', "\\'")
+        );
         let client = skiff::connect(&url).await;
-        let row = client.query_one("SELECT current_user::text", &[]).await.unwrap();
+        let row = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), user, "server login as {user}");
     }
     let wrong = skiff::try_connect(&format!("{} password=nope", skiff.url(MD5_USER.0, &db))).await;
@@ -125,7 +139,10 @@ async fn unknown_database_and_too_many_clients() {
     let third = skiff::try_connect(&skiff.url("postgres", &db)).await;
     let err = third.unwrap_err();
     assert_eq!(db_error_code(&err), "53300");
-    assert!(db_error_message(&err).contains("too many clients"), "{err:?}");
+    assert!(
+        db_error_message(&err).contains("too many clients"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +165,10 @@ async fn query_wait_timeout_reports_error() {
     let started = Instant::now();
     let err = waiter.simple_query("SELECT 1").await.unwrap_err();
     assert!(started.elapsed() >= Duration::from_millis(300));
-    assert!(db_error_message(&err).contains("query_wait_timeout"), "{err:?}");
+    assert!(
+        db_error_message(&err).contains("query_wait_timeout"),
+        "{err:?}"
+    );
     // The waiter stays usable once a server connection is free.
     holder.simple_query("COMMIT").await.unwrap();
     waiter.simple_query("SELECT 1").await.unwrap();
@@ -223,7 +243,10 @@ async fn thousand_clients_on_pool_of_ten() {
         let url = skiff.url("postgres", &db);
         tasks.push(tokio::spawn(async move {
             let client = skiff::connect(&url).await;
-            let row = client.query_one("SELECT $1::int * 2", &[&index]).await.unwrap();
+            let row = client
+                .query_one("SELECT $1::int * 2", &[&index])
+                .await
+                .unwrap();
             assert_eq!(row.get::<_, i32>(0), index * 2);
             client
         }));
@@ -235,7 +258,10 @@ async fn thousand_clients_on_pool_of_ten() {
     assert!(server_connections(&db) <= 10);
     // Every client is still connected and served.
     for (index, client) in clients.iter().enumerate().step_by(97) {
-        let row = client.query_one("SELECT $1::text", &[&index.to_string()]).await.unwrap();
+        let row = client
+            .query_one("SELECT $1::text", &[&index.to_string()])
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), index.to_string());
     }
 }
@@ -276,11 +302,22 @@ async fn pgx_style_pipeline_with_named_statements() {
     let mut b = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
 
     // Prepare: Parse + Describe statement + Sync, as pgx does.
-    a.send(&[raw::parse("stmtcache_1", "SELECT $1::int * 3"), raw::describe(b'S', "stmtcache_1"), raw::sync()]).await;
+    a.send(&[
+        raw::parse("stmtcache_1", "SELECT $1::int * 3"),
+        raw::describe(b'S', "stmtcache_1"),
+        raw::sync(),
+    ])
+    .await;
     assert_eq!(tags(&a.recv_until_ready().await), "1tTZ");
 
     // Another client takes the only server and prepares other statements.
-    b.send(&[raw::parse("other", "SELECT 'b'"), raw::bind("", "other", &[]), raw::execute(""), raw::sync()]).await;
+    b.send(&[
+        raw::parse("other", "SELECT 'b'"),
+        raw::bind("", "other", &[]),
+        raw::execute(""),
+        raw::sync(),
+    ])
+    .await;
     assert_eq!(tags(&b.recv_until_ready().await), "12DCZ");
 
     // Many Bind/Execute pairs before one Sync.
@@ -294,15 +331,25 @@ async fn pgx_style_pipeline_with_named_statements() {
     a.send(&batch).await;
     let replies = a.recv_until_ready().await;
     assert_eq!(tags(&replies), "2TDC2TDC2TDC2TDC2TDCZ");
-    let values: Vec<String> = replies.iter().filter(|r| r.tag == b'D').filter_map(|r| r.first_value()).collect();
+    let values: Vec<String> = replies
+        .iter()
+        .filter(|r| r.tag == b'D')
+        .filter_map(|r| r.first_value())
+        .collect();
     assert_eq!(values, vec!["3", "6", "9", "12", "15"]);
 
     // A standalone Describe of the statement works on any server.
-    a.send(&[raw::describe(b'S', "stmtcache_1"), raw::sync()]).await;
+    a.send(&[raw::describe(b'S', "stmtcache_1"), raw::sync()])
+        .await;
     assert_eq!(tags(&a.recv_until_ready().await), "tTZ");
 
     // Flush delivers replies without ReadyForQuery.
-    a.send(&[raw::bind("", "stmtcache_1", &["7"]), raw::execute(""), raw::flush()]).await;
+    a.send(&[
+        raw::bind("", "stmtcache_1", &["7"]),
+        raw::execute(""),
+        raw::flush(),
+    ])
+    .await;
     assert_eq!(a.recv().await.tag, b'2');
     let row = a.recv().await;
     assert_eq!(row.first_value().as_deref(), Some("21"));
@@ -316,12 +363,21 @@ async fn duplicate_statement_name_and_close() {
     let db = database("duplicate_name");
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "")).await;
     let mut client = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    client.send(&[raw::parse("s1", "SELECT 1"), raw::sync()]).await;
+    client
+        .send(&[raw::parse("s1", "SELECT 1"), raw::sync()])
+        .await;
     assert_eq!(tags(&client.recv_until_ready().await), "1Z");
 
     // A second Parse under the same name fails; the rest up to Sync is
     // skipped and the connection stays usable.
-    client.send(&[raw::parse("s1", "SELECT 2"), raw::bind("", "s1", &[]), raw::execute(""), raw::sync()]).await;
+    client
+        .send(&[
+            raw::parse("s1", "SELECT 2"),
+            raw::bind("", "s1", &[]),
+            raw::execute(""),
+            raw::sync(),
+        ])
+        .await;
     let replies = client.recv_until_ready().await;
     assert_eq!(tags(&replies), "EZ");
     assert_eq!(replies[0].code(), "42P05");
@@ -329,13 +385,26 @@ async fn duplicate_statement_name_and_close() {
     // Close is answered, and the name can be reused afterwards.
     client.send(&[raw::close(b'S', "s1"), raw::sync()]).await;
     assert_eq!(tags(&client.recv_until_ready().await), "3Z");
-    client.send(&[raw::parse("s1", "SELECT 2"), raw::bind("", "s1", &[]), raw::execute(""), raw::sync()]).await;
+    client
+        .send(&[
+            raw::parse("s1", "SELECT 2"),
+            raw::bind("", "s1", &[]),
+            raw::execute(""),
+            raw::sync(),
+        ])
+        .await;
     let replies = client.recv_until_ready().await;
     assert_eq!(tags(&replies), "12DCZ");
     assert_eq!(replies[2].first_value().as_deref(), Some("2"));
 
     // A closed name is unknown to the server, as after a real Close.
-    client.send(&[raw::close(b'S', "s1"), raw::bind("", "s1", &[]), raw::sync()]).await;
+    client
+        .send(&[
+            raw::close(b'S', "s1"),
+            raw::bind("", "s1", &[]),
+            raw::sync(),
+        ])
+        .await;
     let replies = client.recv_until_ready().await;
     assert_eq!(tags(&replies), "3EZ");
     assert_eq!(replies[1].code(), "26000");
@@ -346,7 +415,13 @@ async fn deallocate_and_discard_keep_tracking_consistent() {
     let db = database("deallocate");
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
     let mut client = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    client.send(&[raw::parse("s1", "SELECT 10"), raw::parse("s2", "SELECT 20"), raw::sync()]).await;
+    client
+        .send(&[
+            raw::parse("s1", "SELECT 10"),
+            raw::parse("s2", "SELECT 20"),
+            raw::sync(),
+        ])
+        .await;
     assert_eq!(tags(&client.recv_until_ready().await), "11Z");
 
     client.send(&[raw::query("DEALLOCATE s1")]).await;
@@ -360,7 +435,14 @@ async fn deallocate_and_discard_keep_tracking_consistent() {
     assert_eq!(client.recv_until_ready().await[0].code(), "26000");
 
     // The same query prepared again works on the server that discarded it.
-    client.send(&[raw::parse("s3", "SELECT 20"), raw::bind("", "s3", &[]), raw::execute(""), raw::sync()]).await;
+    client
+        .send(&[
+            raw::parse("s3", "SELECT 20"),
+            raw::bind("", "s3", &[]),
+            raw::execute(""),
+            raw::sync(),
+        ])
+        .await;
     let replies = client.recv_until_ready().await;
     assert_eq!(tags(&replies), "12DCZ");
     assert_eq!(replies[2].first_value().as_deref(), Some("20"));
@@ -379,7 +461,12 @@ async fn server_statement_cache_is_bounded() {
     let client = skiff.connect("postgres", &db).await;
     let mut statements = Vec::new();
     for value in 0..8i32 {
-        statements.push(client.prepare(&format!("SELECT {value}::int + $1::int")).await.unwrap());
+        statements.push(
+            client
+                .prepare(&format!("SELECT {value}::int + $1::int"))
+                .await
+                .unwrap(),
+        );
     }
     for _ in 0..2 {
         for (value, statement) in statements.iter().enumerate() {
@@ -388,29 +475,57 @@ async fn server_statement_cache_is_bounded() {
         }
     }
     // The only server connection holds no more than the configured three.
-    let row = client.query_one("SELECT count(*) FROM pg_prepared_statements", &[]).await.unwrap();
+    let row = client
+        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+        .await
+        .unwrap();
     let prepared = row.get::<_, i64>(0);
-    assert!((1..=3).contains(&prepared), "{prepared} statements on the server");
+    assert!(
+        (1..=3).contains(&prepared),
+        "{prepared} statements on the server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_plan_change_recovers() {
     let db = database("cached_plan");
     let direct = skiff::connect(&pg().direct(&db)).await;
-    direct.batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await.unwrap();
+    direct
+        .batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
     let mut client = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    client.send(&[raw::parse("q", "SELECT * FROM t"), raw::bind("", "q", &[]), raw::execute(""), raw::sync()]).await;
+    client
+        .send(&[
+            raw::parse("q", "SELECT * FROM t"),
+            raw::bind("", "q", &[]),
+            raw::execute(""),
+            raw::sync(),
+        ])
+        .await;
     assert_eq!(tags(&client.recv_until_ready().await), "12DCZ");
 
-    direct.batch_execute("ALTER TABLE t ADD COLUMN b int DEFAULT 5").await.unwrap();
-    client.send(&[raw::bind("", "q", &[]), raw::execute(""), raw::sync()]).await;
+    direct
+        .batch_execute("ALTER TABLE t ADD COLUMN b int DEFAULT 5")
+        .await
+        .unwrap();
+    client
+        .send(&[raw::bind("", "q", &[]), raw::execute(""), raw::sync()])
+        .await;
     let replies = client.recv_until_ready().await;
     assert_eq!(tags(&replies), "EZ");
     assert_eq!(replies[0].code(), "0A000");
 
     // The next use prepares the statement afresh and sees the new column.
-    client.send(&[raw::bind("", "q", &[]), raw::describe(b'P', ""), raw::execute(""), raw::sync()]).await;
+    client
+        .send(&[
+            raw::bind("", "q", &[]),
+            raw::describe(b'P', ""),
+            raw::execute(""),
+            raw::sync(),
+        ])
+        .await;
     let replies = client.recv_until_ready().await;
     assert_eq!(tags(&replies), "2TDCZ");
     let columns = i16::from_be_bytes([replies[1].body[0], replies[1].body[1]]);
@@ -446,13 +561,28 @@ async fn session_set_does_not_leak() {
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
     let setter = skiff.connect("postgres", &db).await;
     let other = skiff.connect("postgres", &db).await;
-    setter.simple_query("SET statement_timeout = '1234ms'").await.unwrap();
-    setter.simple_query("SET application_name = 'carried'").await.unwrap();
-    let row = other.query_one("SELECT current_setting('statement_timeout'), current_setting('application_name')", &[]).await.unwrap();
+    setter
+        .simple_query("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    setter
+        .simple_query("SET application_name = 'carried'")
+        .await
+        .unwrap();
+    let row = other
+        .query_one(
+            "SELECT current_setting('statement_timeout'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "0");
     assert_eq!(row.get::<_, String>(1), "");
     // A reported setting goes with the client that set it.
-    let row = setter.query_one("SELECT current_setting('application_name')", &[]).await.unwrap();
+    let row = setter
+        .query_one("SELECT current_setting('application_name')", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "carried");
 }
 
@@ -464,7 +594,10 @@ async fn cancel_reaches_only_its_own_query() {
     let bystander = skiff.connect("postgres", &db).await;
     let token = victim.cancel_token();
     let bystander_task = tokio::spawn(async move {
-        bystander.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ())
+        bystander
+            .simple_query("SELECT pg_sleep(1.5)")
+            .await
+            .map(|_| ())
     });
     let victim_task = tokio::spawn(async move {
         let started = Instant::now();
@@ -476,7 +609,10 @@ async fn cancel_reaches_only_its_own_query() {
     let (result, elapsed) = victim_task.await.unwrap();
     assert_eq!(db_error_code(&result.unwrap_err()), "57014");
     assert!(elapsed < Duration::from_secs(10), "cancel took {elapsed:?}");
-    bystander_task.await.unwrap().expect("the other client's query is not cancelled");
+    bystander_task
+        .await
+        .unwrap()
+        .expect("the other client's query is not cancelled");
 
     // A stale key after the client left is ignored.
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
@@ -486,10 +622,15 @@ async fn cancel_reaches_only_its_own_query() {
 async fn client_killed_mid_transaction_leaves_nothing_open() {
     let db = database("killed_client");
     let direct = skiff::connect(&pg().direct(&db)).await;
-    direct.batch_execute("CREATE TABLE k (v int)").await.unwrap();
+    direct
+        .batch_execute("CREATE TABLE k (v int)")
+        .await
+        .unwrap();
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
     let mut doomed = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    doomed.send(&[raw::query("BEGIN; INSERT INTO k VALUES (1)")]).await;
+    doomed
+        .send(&[raw::query("BEGIN; INSERT INTO k VALUES (1)")])
+        .await;
     let replies = doomed.recv_until_ready().await;
     assert_eq!(replies.last().unwrap().body[0], b'T');
     drop(doomed);
@@ -509,7 +650,10 @@ async fn copy_in_and_out() {
     use futures_util::{SinkExt, StreamExt};
     let db = database("copy_in_out");
     let direct = skiff::connect(&pg().direct(&db)).await;
-    direct.batch_execute("CREATE TABLE c (id int, name text)").await.unwrap();
+    direct
+        .batch_execute("CREATE TABLE c (id int, name text)")
+        .await
+        .unwrap();
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
     let client = skiff.connect("postgres", &db).await;
     let sink = client.copy_in("COPY c FROM STDIN").await.unwrap();
@@ -538,11 +682,21 @@ async fn notice_and_parameter_status_pass_through() {
     let db = database("notice_status");
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "")).await;
     let mut client = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    client.send(&[raw::query("DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$; SET application_name = 'x'")]).await;
+    client
+        .send(&[raw::query(
+            "DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$; SET application_name = 'x'",
+        )])
+        .await;
     let replies = client.recv_until_ready().await;
-    let notice = replies.iter().find(|r| r.tag == b'N').expect("notice relayed");
+    let notice = replies
+        .iter()
+        .find(|r| r.tag == b'N')
+        .expect("notice relayed");
     assert_eq!(notice.message(), "hello from plpgsql");
-    let status = replies.iter().find(|r| r.tag == b'S').expect("parameter status relayed");
+    let status = replies
+        .iter()
+        .find(|r| r.tag == b'S')
+        .expect("parameter status relayed");
     assert!(status.body.starts_with(b"application_name\0x\0"));
 }
 
@@ -552,7 +706,10 @@ async fn large_rows_stream_through() {
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "")).await;
     let client = skiff.connect("postgres", &db).await;
     let rows = client
-        .query("SELECT repeat('x', 20 * 1024 * 1024) FROM generate_series(1, 3)", &[])
+        .query(
+            "SELECT repeat('x', 20 * 1024 * 1024) FROM generate_series(1, 3)",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 3);
@@ -594,7 +751,10 @@ async fn idle_server_connections_closed_after_timeout() {
     assert!(server_connections(&db) >= 2);
     let deadline = Instant::now() + Duration::from_secs(10);
     while server_connections(&db) > 0 {
-        assert!(Instant::now() < deadline, "idle server connections were not closed");
+        assert!(
+            Instant::now() < deadline,
+            "idle server connections were not closed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -605,10 +765,18 @@ async fn session_mode_keeps_server_for_client() {
     let extra = "pool_mode = \"session\"\ndefault_pool_size = 2";
     let skiff = Skiff::start(&skiff::config(pg().port, &db, extra)).await;
     let client = skiff.connect("postgres", &db).await;
-    let first: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let first: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let other = skiff.connect("postgres", &db).await;
     other.simple_query("SELECT 1").await.unwrap();
-    let second: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let second: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(first, second);
     client.simple_query("SET work_mem = '7MB'").await.unwrap();
     drop(client);
@@ -618,7 +786,10 @@ async fn session_mode_keeps_server_for_client() {
     let third = skiff.connect("postgres", &db).await;
     let fourth = skiff.connect("postgres", &db).await;
     for client in [&third, &fourth] {
-        let row = client.query_one("SELECT current_setting('work_mem')", &[]).await.unwrap();
+        let row = client
+            .query_one("SELECT current_setting('work_mem')", &[])
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), "4MB");
     }
 }

@@ -170,8 +170,9 @@ fn expand_env(text: &str) -> Result<String, String> {
             .find('}')
             .ok_or_else(|| "unterminated ${ in config file".to_string())?;
         let name = &after[..end];
-        let value = std::env::var(name)
-            .map_err(|_| format!("environment variable {name} is not set (referenced as ${{{name}}})"))?;
+        let value = std::env::var(name).map_err(|_| {
+            format!("environment variable {name} is not set (referenced as ${{{name}}})")
+        })?;
         for c in value.chars() {
             match c {
                 '\\' => out.push_str("\\\\"),

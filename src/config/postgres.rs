@@ -153,10 +153,16 @@ impl PgConfig {
         let mut names = std::collections::HashSet::new();
         for db in &self.databases {
             if !names.insert(db.name.as_str()) {
-                return Err(format!("[[postgres.databases]] name {:?} appears twice", db.name));
+                return Err(format!(
+                    "[[postgres.databases]] name {:?} appears twice",
+                    db.name
+                ));
             }
             if db.pool_size == Some(0) {
-                return Err(format!("database {:?}: pool_size must be at least 1", db.name));
+                return Err(format!(
+                    "database {:?}: pool_size must be at least 1",
+                    db.name
+                ));
             }
         }
         if self.default_pool_size == 0 {

@@ -10,9 +10,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use super::auth;
 use super::prepared::ServerStatements;
 use super::protocol::{self, backend, ErrorFields, Message, MessageReader, ProtocolError};
-use super::auth;
 
 /// Where and as whom a pool connects.
 #[derive(Debug, Clone)]
@@ -51,10 +51,7 @@ pub enum BackendError {
     #[error("server {addr} requested unsupported authentication method {method}")]
     UnsupportedAuth { addr: String, method: u32 },
     #[error("server {addr}: {source}")]
-    Protocol {
-        addr: String,
-        source: ProtocolError,
-    },
+    Protocol { addr: String, source: ProtocolError },
     #[error("server {addr}: SCRAM exchange failed: {reason}")]
     Scram { addr: String, reason: String },
 }
@@ -98,8 +95,7 @@ impl ServerConn {
         max_statements: usize,
     ) -> Result<ServerConn, BackendError> {
         let addr = target.address();
-        match tokio::time::timeout(timeout, Self::connect_inner(id, target, max_statements)).await
-        {
+        match tokio::time::timeout(timeout, Self::connect_inner(id, target, max_statements)).await {
             Ok(result) => result,
             Err(_) => Err(BackendError::ConnectTimeout(addr)),
         }
@@ -149,10 +145,8 @@ impl ServerConn {
     }
 
     async fn login(&mut self, target: &ServerTarget) -> Result<(), BackendError> {
-        let startup = protocol::startup_message(&[
-            ("user", &target.user),
-            ("database", &target.dbname),
-        ]);
+        let startup =
+            protocol::startup_message(&[("user", &target.user), ("database", &target.dbname)]);
         self.write_now(&startup).await?;
         self.authenticate(target).await?;
         loop {
@@ -160,8 +154,12 @@ impl ServerConn {
             match message.tag() {
                 backend::PARAMETER_STATUS => {
                     let mut body = message.body();
-                    let name = protocol::read_cstr(&mut body).unwrap_or_default().to_string();
-                    let value = protocol::read_cstr(&mut body).unwrap_or_default().to_string();
+                    let name = protocol::read_cstr(&mut body)
+                        .unwrap_or_default()
+                        .to_string();
+                    let value = protocol::read_cstr(&mut body)
+                        .unwrap_or_default()
+                        .to_string();
                     self.login_params.push((name, value));
                 }
                 backend::BACKEND_KEY_DATA if message.body().len() >= 8 => {
@@ -214,17 +212,21 @@ impl ServerConn {
                     let stored = auth::md5_password_hash(&target.user, &password);
                     let mut response = auth::md5_salted_response(&stored, &salt).into_bytes();
                     response.push(0);
-                    self.write_now(&protocol::password_message(&response)).await?;
+                    self.write_now(&protocol::password_message(&response))
+                        .await?;
                 }
                 10 => {
                     let password = self.password(target)?;
-                    let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    let client =
+                        ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
                     let first = protocol::sasl_initial_response("SCRAM-SHA-256", client.message());
                     self.write_now(&first).await?;
                     scram = Some(client);
                 }
                 11 => {
-                    let client = scram.as_mut().ok_or_else(|| self.scram_error("out of order"))?;
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| self.scram_error("out of order"))?;
                     client
                         .update(payload)
                         .map_err(|err| self.scram_error(&err.to_string()))?;
@@ -232,7 +234,9 @@ impl ServerConn {
                     self.write_now(&reply).await?;
                 }
                 12 => {
-                    let mut client = scram.take().ok_or_else(|| self.scram_error("out of order"))?;
+                    let mut client = scram
+                        .take()
+                        .ok_or_else(|| self.scram_error("out of order"))?;
                     client
                         .finish(payload)
                         .map_err(|err| self.scram_error(&err.to_string()))?;
@@ -255,10 +259,13 @@ impl ServerConn {
     }
 
     fn password(&self, target: &ServerTarget) -> Result<String, BackendError> {
-        target.password.clone().ok_or_else(|| BackendError::NoPassword {
-            addr: self.address.clone(),
-            user: target.user.clone(),
-        })
+        target
+            .password
+            .clone()
+            .ok_or_else(|| BackendError::NoPassword {
+                addr: self.address.clone(),
+                user: target.user.clone(),
+            })
     }
 
     /// Reads the next message from the server.

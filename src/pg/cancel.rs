@@ -81,14 +81,6 @@ impl CancelRegistry {
             }
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.clients.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl CancelHandle {

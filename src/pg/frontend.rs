@@ -129,7 +129,14 @@ pub async fn handle_client(
             }
         };
         tracing::debug!(user = %logged_in.user, database = %logged_in.database, "client logged in");
-        let session = Session::new(pooler.clone(), client_id, logged_in, reader, writer, shutdown);
+        let session = Session::new(
+            pooler.clone(),
+            client_id,
+            logged_in,
+            reader,
+            writer,
+            shutdown,
+        );
         session.run().await;
         drop(slot);
     }
@@ -208,7 +215,11 @@ async fn read_startup(
             Err(err) => return Err(fatal("08P01", err.to_string(), "protocol")),
         }
     }
-    Err(fatal("08P01", "too many encryption requests".into(), "protocol"))
+    Err(fatal(
+        "08P01",
+        "too many encryption requests".into(),
+        "protocol",
+    ))
 }
 
 async fn authenticate(
@@ -238,7 +249,10 @@ async fn read_password(reader: &mut MessageReader<OwnedReadHalf>) -> Result<Vec<
     if message.tag() != frontend::PASSWORD {
         return Err(fatal(
             "08P01",
-            format!("expected password response, got message type {:?}", message.tag() as char),
+            format!(
+                "expected password response, got message type {:?}",
+                message.tag() as char
+            ),
             "protocol",
         ));
     }
@@ -253,7 +267,9 @@ async fn md5_exchange(
 ) -> Result<bool, LoginEnd> {
     let mut salt = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut salt);
-    writer.write_all(&protocol::authentication(5, &salt)).await?;
+    writer
+        .write_all(&protocol::authentication(5, &salt))
+        .await?;
     let response = read_password(reader).await?;
     let response = response.strip_suffix(&[0]).unwrap_or(&response);
     let stored = match pooler.users.get(user) {
@@ -333,9 +349,19 @@ async fn learn_server_params(
             pool.checkin(checkout);
             Ok(pool.server_params().unwrap_or_default())
         }
-        Err(CheckoutError::Backend(super::backend::BackendError::Login { code, message, .. })) => {
-            let code = if code == "28P01" || code == "28000" { "08004" } else { "08006" };
-            Err(fatal(code, format!("server login failed: {message}"), "server_login"))
+        Err(CheckoutError::Backend(super::backend::BackendError::Login {
+            code, message, ..
+        })) => {
+            let code = if code == "28P01" || code == "28000" {
+                "08004"
+            } else {
+                "08006"
+            };
+            Err(fatal(
+                code,
+                format!("server login failed: {message}"),
+                "server_login",
+            ))
         }
         Err(err) => Err(fatal("08006", err.to_string(), "server_connect")),
     }

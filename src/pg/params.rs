@@ -137,7 +137,10 @@ mod tests {
             ("bad name;", "x"),
         ]);
         let settings = startup_settings(&params);
-        assert_eq!(settings.get("application_name").map(String::as_str), Some("api"));
+        assert_eq!(
+            settings.get("application_name").map(String::as_str),
+            Some("api")
+        );
         assert_eq!(settings.get("timezone").map(String::as_str), Some("UTC"));
         assert_eq!(settings.get("search_path").map(String::as_str), Some("app"));
         assert!(!settings.contains_key("user"));

@@ -23,7 +23,9 @@ pub enum Request {
         client_name: Option<String>,
     },
     /// Bind of a pooler-wide statement name, if any.
-    Bind { statement: Option<String> },
+    Bind {
+        statement: Option<String>,
+    },
     Describe,
     Execute,
     Close,
@@ -104,7 +106,9 @@ impl Pending {
 
     /// True when some slot still waits for the server.
     pub fn awaits_server(&self) -> bool {
-        self.queue.iter().any(|slot| !matches!(slot, Expected::Local(_)))
+        self.queue
+            .iter()
+            .any(|slot| !matches!(slot, Expected::Local(_)))
     }
 
     /// Pops every slot up to the next Sync after an ErrorResponse, because
@@ -154,7 +158,10 @@ mod tests {
         pending.push(Expected::Forward(Request::Sync));
         let dropped = pending.skip_to_sync();
         assert_eq!(dropped.len(), 3);
-        assert!(matches!(pending.front(), Some(Expected::Forward(Request::Sync))));
+        assert!(matches!(
+            pending.front(),
+            Some(Expected::Forward(Request::Sync))
+        ));
         assert!(!pending.skipping_to_sync);
     }
 
@@ -168,7 +175,10 @@ mod tests {
         assert!(pending.is_empty());
         pending.push(Expected::Forward(Request::Sync));
         assert!(!pending.skipping_to_sync);
-        assert!(matches!(pending.pop(), Some(Expected::Forward(Request::Sync))));
+        assert!(matches!(
+            pending.pop(),
+            Some(Expected::Forward(Request::Sync))
+        ));
     }
 
     #[test]

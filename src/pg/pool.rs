@@ -82,8 +82,14 @@ impl Pool {
     pub fn new(name: String, target: ServerTarget, settings: PoolSettings) -> Pool {
         let label = [("pool", name.clone())];
         let metrics = PoolMetrics {
-            active: gauge!("skiff_pg_server_connections", &[("pool", name.clone()), ("state", "active".into())]),
-            idle: gauge!("skiff_pg_server_connections", &[("pool", name.clone()), ("state", "idle".into())]),
+            active: gauge!(
+                "skiff_pg_server_connections",
+                &[("pool", name.clone()), ("state", "active".into())]
+            ),
+            idle: gauge!(
+                "skiff_pg_server_connections",
+                &[("pool", name.clone()), ("state", "idle".into())]
+            ),
             waiting: gauge!("skiff_pg_clients_waiting", &label),
             wait_seconds: histogram!("skiff_pg_checkout_wait_seconds", &label),
             connects: counter!("skiff_pg_server_connects_total", &label),
@@ -111,7 +117,9 @@ impl Pool {
         self.set_waiting(1);
         let acquired = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
         self.set_waiting(-1);
-        self.metrics.wait_seconds.record(started.elapsed().as_secs_f64());
+        self.metrics
+            .wait_seconds
+            .record(started.elapsed().as_secs_f64());
         let permit = match acquired {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) => return Err(CheckoutError::Closed),

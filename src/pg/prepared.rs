@@ -64,10 +64,6 @@ impl Registry {
     pub fn len(&self) -> usize {
         self.by_key.lock().len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The statements prepared on one server connection, least recently used
@@ -127,12 +123,9 @@ impl ServerStatements {
         self.used.clear();
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.used.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.used.is_empty()
     }
 }
 
@@ -159,7 +152,9 @@ mod tests {
         let c = registry.intern(&parse("select 2"));
         assert_eq!(a.name, b.name);
         assert_ne!(a.name, c.name);
-        let decoded = Parse::decode(&super::super::protocol::Message { raw: a.parse.clone() });
+        let decoded = Parse::decode(&super::super::protocol::Message {
+            raw: a.parse.clone(),
+        });
         assert_eq!(decoded.unwrap().name, a.name);
     }
 

@@ -18,7 +18,7 @@ use super::cancel::{CancelHandle, ServerKey};
 use super::frontend::LoggedIn;
 use super::params;
 use super::pending::{Expected, Pending};
-use super::pool::{CheckoutError, Checkout, Pool};
+use super::pool::{Checkout, CheckoutError, Pool};
 use super::prepared::Statement;
 use super::protocol::{self, Message, MessageReader, ProtocolError, Severity};
 use super::Pooler;
@@ -105,12 +105,7 @@ impl Session {
         if self.flush_client().await.is_err() {
             return;
         }
-        loop {
-            match self.step().await {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Close) | Err(_) => break,
-            }
-        }
+        while let Ok(Flow::Continue) = self.step().await {}
         let _ = self.flush_client().await;
         self.finish().await;
     }

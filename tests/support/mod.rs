@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod process;
 pub mod raw;
 pub mod skiff;

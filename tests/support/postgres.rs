@@ -63,7 +63,13 @@ extern "C" fn stop_all_servers() {
     let dirs = RUNNING.lock().map(|d| d.clone()).unwrap_or_default();
     for dir in dirs {
         let mut command = pg_command("pg_ctl");
-        command.args(["-D", &dir.join("data").to_string_lossy(), "-m", "immediate", "stop"]);
+        command.args([
+            "-D",
+            &dir.join("data").to_string_lossy(),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
         let _ = command.stdout(Stdio::null()).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -90,7 +96,15 @@ impl PgServer {
         let port = free_port();
         let data = dir.join("data");
         let mut initdb = pg_command("initdb");
-        initdb.args(["-D", &data.to_string_lossy(), "-A", "trust", "-U", "postgres", "--no-sync"]);
+        initdb.args([
+            "-D",
+            &data.to_string_lossy(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]);
         run(initdb, "initdb");
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
@@ -104,7 +118,11 @@ impl PgServer {
              host all {} 127.0.0.1/32 password\nhost all all 127.0.0.1/32 trust\n",
             MD5_USER.0, SCRAM_USER.0, CLEAR_USER.0
         );
-        std::fs::write(data.join("pg_hba.conf"), format!("local all all trust\n{hba}")).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!("local all all trust\n{hba}"),
+        )
+        .unwrap();
         let server = PgServer { port, dir };
         server.pg_ctl("start");
         {
@@ -132,7 +150,13 @@ impl PgServer {
         let data = self.dir.join("data");
         let log = self.dir.join("server.log");
         let mut command = pg_command("pg_ctl");
-        command.args(["-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-w"]);
+        command.args([
+            "-D",
+            &data.to_string_lossy(),
+            "-l",
+            &log.to_string_lossy(),
+            "-w",
+        ]);
         if action == "stop" {
             command.args(["-m", "immediate"]);
         }
@@ -152,8 +176,23 @@ impl PgServer {
     /// Runs SQL as the postgres superuser over the server's own socket.
     pub fn psql(&self, sql: &str) -> String {
         let output = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
-            .args(["-d", "postgres", "-v", "ON_ERROR_STOP=1", "-XAtq", "-c", sql])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args([
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-XAtq",
+                "-c",
+                sql,
+            ])
             .output()
             .expect("psql runs");
         assert!(
@@ -171,7 +210,10 @@ impl PgServer {
 
     /// Connection string for connecting straight to the server.
     pub fn direct(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.port
+        )
     }
 }
 

@@ -181,7 +181,12 @@ impl RawClient {
     pub async fn is_closed(&mut self) -> bool {
         let mut probe = [0u8; 1024];
         loop {
-            match tokio::time::timeout(std::time::Duration::from_secs(5), self.stream.read(&mut probe)).await {
+            match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                self.stream.read(&mut probe),
+            )
+            .await
+            {
                 Ok(Ok(0)) | Ok(Err(_)) => return true,
                 Ok(Ok(_)) => continue,
                 Err(_) => return false,

@@ -35,7 +35,10 @@ impl Skiff {
 
     /// tokio-postgres connection string through skiff.
     pub fn url(&self, user: &str, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user={user} dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={dbname}",
+            self.port
+        )
     }
 
     /// Connects with tokio-postgres and drives the connection in the
@@ -59,7 +62,9 @@ impl Drop for Skiff {
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    try_connect(url).await.unwrap_or_else(|err| panic!("connect {url}: {err}"))
+    try_connect(url)
+        .await
+        .unwrap_or_else(|err| panic!("connect {url}: {err}"))
 }
 
 pub async fn try_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {

@@ -167,7 +167,8 @@ mod tests {
     fn exchange(server_password: &str, client_password: &str) -> Option<String> {
         let secret = Arc::new(ScramSecret::from_password(server_password));
         let mut server = ScramServer::new(secret);
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let mut client =
+            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let first = server.server_first(client.message()).unwrap();
         client.update(first.as_bytes()).unwrap();
         let result = server.server_final(client.message()).unwrap();
@@ -205,6 +206,8 @@ mod tests {
     #[test]
     fn channel_binding_request_is_rejected() {
         let mut server = ScramServer::new(Arc::new(ScramSecret::from_password("x")));
-        assert!(server.server_first(b"p=tls-server-end-point,,n=,r=abc").is_err());
+        assert!(server
+            .server_first(b"p=tls-server-end-point,,n=,r=abc")
+            .is_err());
     }
 }

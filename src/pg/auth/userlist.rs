@@ -165,7 +165,10 @@ mod tests {
         let entries = parse_auth_file(text, "users.txt").unwrap();
         assert_eq!(entries[0], ("alice".to_string(), "pa\"ss".to_string()));
         assert_eq!(entries[1].0, "bob");
-        assert!(matches!(classify("bob", &entries[1].1).unwrap(), Secret::Md5(_)));
+        assert!(matches!(
+            classify("bob", &entries[1].1).unwrap(),
+            Secret::Md5(_)
+        ));
     }
 
     #[test]

@@ -230,7 +230,10 @@ mod tests {
     fn error_response_round_trip() {
         let raw = error_response(Severity::Fatal, "53300", "sorry, too many clients already");
         assert_eq!(raw[0], b'E');
-        assert_eq!(u32::from_be_bytes(raw[1..5].try_into().unwrap()) as usize, raw.len() - 1);
+        assert_eq!(
+            u32::from_be_bytes(raw[1..5].try_into().unwrap()) as usize,
+            raw.len() - 1
+        );
         let fields = ErrorFields::parse(&raw[5..]);
         assert_eq!(fields.severity, "FATAL");
         assert_eq!(fields.code, "53300");
@@ -240,7 +243,10 @@ mod tests {
     #[test]
     fn startup_message_length_counts_itself() {
         let raw = startup_message(&[("user", "u"), ("database", "d")]);
-        assert_eq!(u32::from_be_bytes(raw[0..4].try_into().unwrap()) as usize, raw.len());
+        assert_eq!(
+            u32::from_be_bytes(raw[0..4].try_into().unwrap()) as usize,
+            raw.len()
+        );
         assert_eq!(&raw[4..8], &196608u32.to_be_bytes());
         assert_eq!(*raw.last().unwrap(), 0);
     }

@@ -101,7 +101,9 @@ impl Target {
     /// Decodes the body of a Describe or Close message.
     pub fn decode(message: &Message) -> Result<Target, ProtocolError> {
         let body = message.body();
-        let (&kind, mut rest) = body.split_first().ok_or(ProtocolError::Malformed("Describe"))?;
+        let (&kind, mut rest) = body
+            .split_first()
+            .ok_or(ProtocolError::Malformed("Describe"))?;
         if kind != TARGET_STATEMENT && kind != TARGET_PORTAL {
             return Err(ProtocolError::Malformed("Describe"));
         }

@@ -220,7 +220,10 @@ mod tests {
         let mut reader = MessageReader::new(&wire[..], 100);
         assert!(matches!(
             reader.read().await,
-            Err(ProtocolError::TooLarge { size: 257, limit: 100 })
+            Err(ProtocolError::TooLarge {
+                size: 257,
+                limit: 100
+            })
         ));
     }
 
@@ -228,6 +231,9 @@ mod tests {
     async fn reader_rejects_length_below_four() {
         let wire = [b'Q', 0, 0, 0, 3];
         let mut reader = MessageReader::new(&wire[..], 100);
-        assert!(matches!(reader.read().await, Err(ProtocolError::BadLength(3))));
+        assert!(matches!(
+            reader.read().await,
+            Err(ProtocolError::BadLength(3))
+        ));
     }
 }

@@ -56,7 +56,9 @@ pub fn parse_startup(packet: &[u8]) -> Result<StartupPacket, ProtocolError> {
             })
         }
         PROTOCOL_VERSION_3 => parse_params(body).map(StartupPacket::Startup),
-        _ => Err(ProtocolError::Malformed("startup (unsupported protocol version)")),
+        _ => Err(ProtocolError::Malformed(
+            "startup (unsupported protocol version)",
+        )),
     }
 }
 

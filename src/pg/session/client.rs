@@ -137,14 +137,20 @@ impl Session {
         }
         if self.statements.contains_key(&parse.name) {
             let text = format!("prepared statement \"{}\" already exists", parse.name);
-            self.fail_request(protocol::error_response(Severity::Error, "42P05", &text), false);
+            self.fail_request(
+                protocol::error_response(Severity::Error, "42P05", &text),
+                false,
+            );
             return Ok(());
         }
         if self.statements.len() >= MAX_CLIENT_STATEMENTS {
             let text = format!(
                 "too many prepared statements on this connection (limit {MAX_CLIENT_STATEMENTS})"
             );
-            self.fail_request(protocol::error_response(Severity::Error, "53400", &text), false);
+            self.fail_request(
+                protocol::error_response(Severity::Error, "53400", &text),
+                false,
+            );
             return Ok(());
         }
         let statement = self.pooler.statements.intern(&parse);
@@ -161,7 +167,8 @@ impl Session {
             self.fail_request(error, false);
             return Ok(());
         }
-        self.statements.insert(parse.name.clone(), statement.clone());
+        self.statements
+            .insert(parse.name.clone(), statement.clone());
         let conn = &mut self.server.as_mut().expect("server attached").conn;
         if conn.statements.touch(&statement.name) {
             let reply = protocol::empty_message(backend::PARSE_COMPLETE);
@@ -300,7 +307,12 @@ fn classify_statement_sql(sql: &str) -> StatementSql {
     let trimmed = sql.trim().trim_end_matches(';').trim();
     let words: Vec<&str> = trimmed.split_whitespace().collect();
     let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
-    match upper.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match upper
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["DISCARD", "ALL"] | ["DEALLOCATE", "ALL"] | ["DEALLOCATE", "PREPARE", "ALL"] => {
             StatementSql::DeallocateAll
         }
@@ -325,8 +337,14 @@ mod tests {
 
     #[test]
     fn classifies_deallocate_forms() {
-        assert_eq!(classify_statement_sql("discard all;"), StatementSql::DeallocateAll);
-        assert_eq!(classify_statement_sql(" DEALLOCATE PREPARE ALL "), StatementSql::DeallocateAll);
+        assert_eq!(
+            classify_statement_sql("discard all;"),
+            StatementSql::DeallocateAll
+        );
+        assert_eq!(
+            classify_statement_sql(" DEALLOCATE PREPARE ALL "),
+            StatementSql::DeallocateAll
+        );
         assert_eq!(
             classify_statement_sql("deallocate \"Stmt1\""),
             StatementSql::Deallocate("Stmt1".into())

@@ -131,7 +131,11 @@ impl Session {
         }
         self.pool.forget_validated(&name);
         if let Some(client_name) = client_name {
-            if self.statements.get(&client_name).is_some_and(|s| s.name == name) {
+            if self
+                .statements
+                .get(&client_name)
+                .is_some_and(|s| s.name == name)
+            {
                 self.statements.remove(&client_name);
             }
         }
