@@ -84,7 +84,7 @@ impl Session {
             id,
             reader,
             writer,
-            out: BytesMut::with_capacity(8192),
+            out: BytesMut::new(),
             server: None,
             pending: Pending::default(),
             client_skipping: false,
@@ -122,6 +122,10 @@ impl Session {
             .is_some_and(|s| s.conn.has_buffered_message());
         if !server_busy {
             self.flush_client().await?;
+        }
+        if self.server.is_none() && self.out.capacity() > 0 {
+            // An idle client keeps no write buffer.
+            self.out = BytesMut::new();
         }
         let can_stop = self.can_stop_now();
         let event = {

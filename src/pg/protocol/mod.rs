@@ -94,6 +94,24 @@ impl Message {
     }
 }
 
+/// A source that can wait for data without a buffer, so an idle connection
+/// holds no read buffer.
+pub trait WaitReadable {
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl WaitReadable for tokio::net::tcp::OwnedReadHalf {
+    async fn wait_readable(&self) -> std::io::Result<()> {
+        self.readable().await
+    }
+}
+
+impl WaitReadable for &[u8] {
+    async fn wait_readable(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Buffered reader of tagged messages from one socket.
 pub struct MessageReader<R> {
     inner: R,
@@ -101,11 +119,11 @@ pub struct MessageReader<R> {
     max_message_bytes: usize,
 }
 
-impl<R: AsyncRead + Unpin> MessageReader<R> {
+impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     pub fn new(inner: R, max_message_bytes: usize) -> Self {
         MessageReader {
             inner,
-            buffer: BytesMut::with_capacity(8192),
+            buffer: BytesMut::new(),
             max_message_bytes,
         }
     }
@@ -143,6 +161,12 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
     }
 
     async fn fill(&mut self) -> Result<(), ProtocolError> {
+        if self.buffer.is_empty() {
+            // Let go of the buffer while waiting, so thousands of idle
+            // clients cost no read buffers.
+            self.buffer = BytesMut::new();
+            self.inner.wait_readable().await?;
+        }
         if self.buffer.capacity() - self.buffer.len() < 4096 {
             self.buffer.reserve(8192);
         }

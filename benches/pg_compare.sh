@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Compares pgbench -S throughput through skiff, PgBouncer (transaction mode,
+# same pool size) and a direct connection, in one run on one machine, and
+# measures skiff's RSS with 10,000 idle client connections.
+#
+# Usage: benches/pg_compare.sh [seconds per run, default 15]
+# Needs root (PostgreSQL runs as the postgres user) and Debian's pgbouncer,
+# postgresql-15 and python3. Everything listens on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ulimit -n 20000
+
+DURATION=${1:-15}
+POOL_SIZE=20
+WORK=$(mktemp -d /tmp/skiff-bench-XXXXXX)
+chown postgres:postgres "$WORK"
+PG_BIN=/usr/lib/postgresql/15/bin
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); SKIFF_PORT=$(free_port); ADMIN_PORT=$(free_port)
+
+command -v pgbouncer >/dev/null || { apt-get update -qq && apt-get install -y -qq pgbouncer; }
+cargo build --release --locked -q
+
+cleanup() {
+    [ -n "${SKIFF_PID:-}" ] && kill "$SKIFF_PID" 2>/dev/null || true
+    [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+runuser -u postgres -- "$PG_BIN/initdb" -D "$WORK/data" -A trust -U postgres --no-sync >/dev/null
+cat >> "$WORK/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK'
+max_connections = 600
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+CONF
+runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
+psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE bench"
+pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -q -s 10 bench >/dev/null 2>&1
+
+cat > "$WORK/pgbouncer.ini" <<CONF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = 11000
+logfile = $WORK/pgbouncer.log
+CONF
+chown postgres:postgres "$WORK/pgbouncer.ini"
+runuser -u postgres -- pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.out" 2>&1 &
+BOUNCER_PID=$!
+
+cat > "$WORK/skiff.toml" <<CONF
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+[postgres]
+listen = "127.0.0.1:$SKIFF_PORT"
+pool_mode = "transaction"
+default_pool_size = $POOL_SIZE
+max_client_conn = 11000
+[[postgres.databases]]
+name = "bench"
+host = "127.0.0.1"
+port = $PG_PORT
+CONF
+SKIFF_LOG=warn target/release/skiff --config "$WORK/skiff.toml" >"$WORK/skiff.log" 2>&1 &
+SKIFF_PID=$!
+sleep 1
+
+# Prints "tps failed" for one pgbench run.
+run() {
+    local port=$1 clients=$2 mode=$3 out
+    out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -S -n -c "$clients" -j 2 -T "$DURATION" -M "$mode" bench 2>&1 || true)
+    local tps failed
+    tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
+    failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' | head -1)
+    if echo "$out" | grep -q "aborted\|error"; then
+        failed="${failed:-0}+errors"
+        echo "$out" | grep -m2 "aborted\|error" | sed "s/^/    port $port: /" >&2
+    fi
+    echo "${tps:-0} ${failed:-?}"
+}
+
+printf "%-8s %-9s %12s %12s %12s %10s %10s\n" clients mode direct pgbouncer skiff "skiff/pgb" "skiff/dir"
+declare -A RESULT
+for clients in 50 500; do
+    for mode in simple prepared; do
+        read -r direct_tps direct_failed < <(run "$PG_PORT" "$clients" "$mode")
+        read -r bouncer_tps bouncer_failed < <(run "$BOUNCER_PORT" "$clients" "$mode")
+        read -r skiff_tps skiff_failed < <(run "$SKIFF_PORT" "$clients" "$mode")
+        RESULT["$clients-$mode"]=$bouncer_tps
+        printf "%-8s %-9s %12s %12s %12s %10s %10s\n" "$clients" "$mode" \
+            "$direct_tps" "$bouncer_tps/$bouncer_failed" "$skiff_tps/$skiff_failed" \
+            "$(python3 -c "b=$bouncer_tps; print(f'{$skiff_tps/b:.2f}' if b else 'n/a')")" \
+            "$(python3 -c "d=$direct_tps; print(f'{$skiff_tps/d:.2f}' if d else 'n/a')")"
+        if [ "$mode" = prepared ]; then
+            simple=${RESULT["$clients-simple"]}
+            echo "         skiff prepared vs PgBouncer simple at $clients clients: $(python3 -c "print(f'{$skiff_tps/$simple:.2f}')")"
+        fi
+    done
+done
+echo "(tps/failed transactions; pgbench -S -j 2 -T $DURATION, pool size $POOL_SIZE)"
+
+# RSS with 10,000 idle client connections that have logged in.
+python3 - "$SKIFF_PORT" "$SKIFF_PID" <<'PY'
+import socket, struct, sys, time
+port, pid = int(sys.argv[1]), sys.argv[2]
+def rss_mb():
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+params = b"user\0postgres\0database\0bench\0\0"
+startup = struct.pack("!II", 8 + len(params), 196608) + params
+before = rss_mb()
+socks = []
+for _ in range(10000):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(startup)
+    buf = b""
+    while not buf.endswith(b"Z\0\0\0\x05I"):
+        chunk = s.recv(4096)
+        if not chunk:
+            raise SystemExit("skiff closed a client during login")
+        buf += chunk
+    socks.append(s)
+time.sleep(1)
+print(f"skiff RSS: {before:.1f} MB before, {rss_mb():.1f} MB with {len(socks)} idle logged-in clients")
+PY
