@@ -46,7 +46,7 @@ pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -q -s 10 bench >/dev/null 2>&1
 
 cat > "$WORK/pgbouncer.ini" <<CONF
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench user=postgres
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT
@@ -92,6 +92,9 @@ run() {
     echo "${tps:-0} ${failed:-?}"
 }
 
+# Prints a/b with two decimals, or n/a when b is zero.
+ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'n/a')" "$1" "$2"; }
+
 printf "%-8s %-9s %12s %12s %12s %10s %10s\n" clients mode direct pgbouncer skiff "skiff/pgb" "skiff/dir"
 declare -A RESULT
 for clients in 50 500; do
@@ -102,11 +105,10 @@ for clients in 50 500; do
         RESULT["$clients-$mode"]=$bouncer_tps
         printf "%-8s %-9s %12s %12s %12s %10s %10s\n" "$clients" "$mode" \
             "$direct_tps" "$bouncer_tps/$bouncer_failed" "$skiff_tps/$skiff_failed" \
-            "$(python3 -c "b=$bouncer_tps; print(f'{$skiff_tps/b:.2f}' if b else 'n/a')")" \
-            "$(python3 -c "d=$direct_tps; print(f'{$skiff_tps/d:.2f}' if d else 'n/a')")"
+            "$(ratio "$skiff_tps" "$bouncer_tps")" "$(ratio "$skiff_tps" "$direct_tps")"
         if [ "$mode" = prepared ]; then
             simple=${RESULT["$clients-simple"]}
-            echo "         skiff prepared vs PgBouncer simple at $clients clients: $(python3 -c "print(f'{$skiff_tps/$simple:.2f}')")"
+            echo "         skiff prepared vs PgBouncer simple at $clients clients: $(ratio "$skiff_tps" "$simple")"
         fi
     done
 done

@@ -2,6 +2,8 @@
 //! skiff tracks per connection (prepared statements, applied settings).
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -11,6 +13,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::auth;
+use super::cancel::ServerKey;
 use super::prepared::ServerStatements;
 use super::protocol::{self, backend, ErrorFields, Message, MessageReader, ProtocolError};
 
@@ -68,6 +71,8 @@ pub struct ServerConn {
     pub process_id: i32,
     pub secret_key: i32,
     pub address: String,
+    /// What a cancel request for this connection's process needs.
+    pub cancel_key: Arc<ServerKey>,
     /// ParameterStatus values the server reported at login.
     pub login_params: Vec<(String, String)>,
     pub created: Instant,
@@ -123,6 +128,11 @@ impl ServerConn {
             out: BytesMut::with_capacity(8192),
             process_id: 0,
             secret_key: 0,
+            cancel_key: Arc::new(ServerKey {
+                address: addr.clone(),
+                process_id: 0,
+                secret_key: 0,
+            }),
             address: addr,
             login_params: Vec::new(),
             created: now,
@@ -167,7 +177,14 @@ impl ServerConn {
                     self.process_id = i32::from_be_bytes(body[0..4].try_into().unwrap());
                     self.secret_key = i32::from_be_bytes(body[4..8].try_into().unwrap());
                 }
-                backend::READY_FOR_QUERY => return Ok(()),
+                backend::READY_FOR_QUERY => {
+                    self.cancel_key = Arc::new(ServerKey {
+                        address: self.address.clone(),
+                        process_id: self.process_id,
+                        secret_key: self.secret_key,
+                    });
+                    return Ok(());
+                }
                 backend::ERROR_RESPONSE => return Err(self.login_error(&message)),
                 _ => {}
             }
@@ -312,8 +329,16 @@ impl ServerConn {
         if !self.reader.buffered_is_empty() {
             return true;
         }
+        // Ask the reactor first: a socket with no readiness event has
+        // nothing to read, and this costs no system call.
+        let socket = self.reader.get_ref();
+        let readable = std::pin::pin!(socket.readable());
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        if readable.poll(&mut context).is_pending() {
+            return false;
+        }
         let mut probe = [0u8; 1];
-        match self.reader.get_ref().try_read(&mut probe) {
+        match socket.try_read(&mut probe) {
             Ok(_) => true,
             Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
         }

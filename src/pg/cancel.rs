@@ -20,7 +20,7 @@ pub struct ServerKey {
     pub secret_key: i32,
 }
 
-type Slot = Arc<Mutex<Option<ServerKey>>>;
+type Slot = Arc<Mutex<Option<Arc<ServerKey>>>>;
 
 /// Client cancel keys of every connected client.
 #[derive(Default)]
@@ -85,7 +85,7 @@ impl CancelRegistry {
 
 impl CancelHandle {
     /// Points the client's key at a server process, or at none.
-    pub fn attach(&self, server: Option<ServerKey>) {
+    pub fn attach(&self, server: Option<Arc<ServerKey>>) {
         *self.slot.lock() = server;
     }
 }

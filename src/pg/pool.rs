@@ -113,17 +113,14 @@ impl Pool {
     /// Waits up to `wait` for a server connection, reusing an idle one when
     /// it is still healthy and opening one otherwise.
     pub async fn checkout(&self, wait: Duration) -> Result<Checkout, CheckoutError> {
-        let started = Instant::now();
-        self.set_waiting(1);
-        let acquired = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
-        self.set_waiting(-1);
-        self.metrics
-            .wait_seconds
-            .record(started.elapsed().as_secs_f64());
-        let permit = match acquired {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(CheckoutError::Closed),
-            Err(_) => return Err(CheckoutError::Timeout(wait)),
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.metrics.wait_seconds.record(0.0);
+                permit
+            }
+            // try_acquire never overtakes queued waiters: tokio hands a
+            // released permit to the first waiter instead of the pool.
+            Err(_) => self.wait_for_permit(wait).await?,
         };
         let conn = match self.take_idle().await {
             Some(conn) => conn,
@@ -132,6 +129,22 @@ impl Pool {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.update_gauges();
         Ok(Checkout { conn, permit })
+    }
+
+    /// Queues for a permit behind earlier waiters, at most `wait`.
+    async fn wait_for_permit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, CheckoutError> {
+        let started = Instant::now();
+        self.set_waiting(1);
+        let acquired = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+        self.set_waiting(-1);
+        self.metrics
+            .wait_seconds
+            .record(started.elapsed().as_secs_f64());
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(CheckoutError::Closed),
+            Err(_) => Err(CheckoutError::Timeout(wait)),
+        }
     }
 
     async fn take_idle(&self) -> Option<ServerConn> {

@@ -14,7 +14,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendError;
-use super::cancel::{CancelHandle, ServerKey};
+use super::cancel::CancelHandle;
 use super::frontend::LoggedIn;
 use super::params;
 use super::pending::{Expected, Pending};
@@ -239,11 +239,7 @@ impl Session {
                 }
             }
         }
-        self.cancel.attach(Some(ServerKey {
-            address: checkout.conn.address.clone(),
-            process_id: checkout.conn.process_id,
-            secret_key: checkout.conn.secret_key,
-        }));
+        self.cancel.attach(Some(checkout.conn.cancel_key.clone()));
         self.server = Some(checkout);
         Ok(())
     }
