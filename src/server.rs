@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Component};
 use crate::config::Config;
+use crate::logship::Logship;
 use crate::pg;
 
 /// Failure to start skiff.
@@ -70,6 +71,15 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
         jobs.push(tokio::spawn(pooler.serve(listener, shutdown.clone())));
     }
 
+    let mut logship = None;
+    if let Some(logship_config) = &config.logship {
+        let shipper = Logship::start(logship_config, &config)
+            .await
+            .map_err(|err| ServerError::Setup(err.to_string()))?;
+        components.push(shipper.clone());
+        logship = Some(shipper);
+    }
+
     let admin_listener = bind(&config.admin.listen).await?;
     tracing::info!(listen = %config.admin.listen, "admin endpoint listening");
     let admin_shutdown = CancellationToken::new();
@@ -85,6 +95,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     shutdown.cancel();
     for job in jobs {
         let _ = job.await;
+    }
+    // After the pooler, so records it captured while draining reach the
+    // spool; what delivery cannot finish in time stays spooled.
+    if let Some(logship) = logship {
+        logship.shutdown().await;
     }
     admin_shutdown.cancel();
     let _ = admin_job.await;

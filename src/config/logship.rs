@@ -23,6 +23,17 @@ pub struct LogshipConfig {
     /// A batch is flushed when it holds this many records. Default 4096.
     #[serde(default = "default_max_batch_count")]
     pub max_batch_count: usize,
+    /// Upper bound of the spool on disk, in bytes. Default 1073741824 (1 GiB).
+    #[serde(default = "default_max_spool_bytes")]
+    pub max_spool_bytes: u64,
+    /// What a full spool does to new records: `block` makes the source wait
+    /// for room, `reject` fails the submission with an error. Default `block`.
+    #[serde(default)]
+    pub on_full: OnFull,
+    /// On shutdown, how long delivery of spooled batches may go on before
+    /// the rest is left in the spool for the next start. Default 5s.
+    #[serde(default = "default_shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
     /// SLS sink; without it records go to the file sink.
     pub sls: Option<SlsConfig>,
     /// File sink.
@@ -34,16 +45,58 @@ pub struct LogshipConfig {
     pub capture: Vec<CaptureConfig>,
 }
 
-/// `[logship.sls]`.
-#[derive(Debug, Clone, Deserialize)]
+/// `[logship.sls]`. Its `Debug` output leaves out the secret and the token.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlsConfig {
     /// Region endpoint such as `cn-hangzhou.log.aliyuncs.com`, or a URL.
     pub endpoint: String,
     /// SLS project.
     pub project: String,
+    /// AccessKey ID that signs requests.
     pub access_key_id: String,
+    /// AccessKey secret that signs requests; never logged.
     pub access_key_secret: String,
+    /// STS security token sent as `x-acs-security-token`; never logged.
+    pub security_token: Option<String>,
+    /// Request signature: `v1` (HMAC-SHA1) or `v4` (SLS4-HMAC-SHA256, needs
+    /// `region`). Default `v1`.
+    #[serde(default)]
+    pub signature: SignatureVersion,
+    /// Region such as `cn-hangzhou`, used in the V4 signing scope.
+    pub region: Option<String>,
+    /// Timeout of one PutLogs request, connect included. Default 30s.
+    #[serde(default = "default_request_timeout", with = "duration")]
+    pub request_timeout: Duration,
+    /// First delay before a failed batch is sent again; it doubles on each
+    /// failure. Default 100ms.
+    #[serde(default = "default_retry_initial_backoff", with = "duration")]
+    pub retry_initial_backoff: Duration,
+    /// Cap of the delay between attempts. Default 50s.
+    #[serde(default = "default_retry_max_backoff", with = "duration")]
+    pub retry_max_backoff: Duration,
+}
+
+/// `[logship] on_full`: what a full spool does to new records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// The source waits until delivery frees room.
+    #[default]
+    Block,
+    /// The submission fails with an error that names the limit.
+    Reject,
+}
+
+/// `[logship.sls] signature`: how PutLogs requests are signed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureVersion {
+    /// `LOG {ak}:{signature}` with HMAC-SHA1.
+    #[default]
+    V1,
+    /// `SLS4-HMAC-SHA256` with a region scope.
+    V4,
 }
 
 /// `[logship.file]`.
@@ -53,15 +106,59 @@ pub struct FileSinkConfig {
     /// Directory of the NDJSON files. Default `./skiff-logs`.
     #[serde(default = "default_file_path")]
     pub path: String,
+    /// A logstore's file is rotated when it reaches this many bytes.
+    /// Default 104857600 (100 MiB).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
 }
 
-/// `[logship.ingest]`.
-#[derive(Debug, Clone, Deserialize)]
+impl Default for FileSinkConfig {
+    fn default() -> Self {
+        FileSinkConfig {
+            path: default_file_path(),
+            max_file_bytes: default_max_file_bytes(),
+        }
+    }
+}
+
+/// `[logship.ingest]`. Its `Debug` output leaves out the secret.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     /// HTTP listener address. Default `127.0.0.1:9931`.
     #[serde(default = "default_ingest_listen")]
     pub listen: String,
+    /// AccessKey ID clients sign with; default `[logship.sls]`'s.
+    pub access_key_id: Option<String>,
+    /// AccessKey secret clients sign with; default `[logship.sls]`'s.
+    pub access_key_secret: Option<String>,
+    /// Largest request body accepted, compressed or not, in bytes.
+    /// Default 10485760 (10 MiB).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for SlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlsConfig")
+            .field("endpoint", &self.endpoint)
+            .field("project", &self.project)
+            .field("access_key_id", &self.access_key_id)
+            .field("signature", &self.signature)
+            .field("region", &self.region)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for IngestConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestConfig")
+            .field("listen", &self.listen)
+            .field("access_key_id", &self.access_key_id)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[[logship.capture]]`.
@@ -87,6 +184,34 @@ impl LogshipConfig {
         if self.max_batch_bytes == 0 || self.max_batch_bytes > 5 * 1024 * 1024 {
             return Err("[logship] max_batch_bytes must be between 1 and 5242880".into());
         }
+        if self.max_spool_bytes < 2 * self.max_batch_bytes as u64 {
+            return Err(format!(
+                "[logship] max_spool_bytes ({}) must be at least twice max_batch_bytes ({})",
+                self.max_spool_bytes, self.max_batch_bytes
+            ));
+        }
+        if let Some(sls) = &self.sls {
+            if sls.signature == SignatureVersion::V4 && sls.region.is_none() {
+                return Err("[logship.sls] signature = \"v4\" needs region".into());
+            }
+            if sls.project.is_empty() || sls.endpoint.is_empty() {
+                return Err("[logship.sls] endpoint and project must not be empty".into());
+            }
+        }
+        if let Some(ingest) = &self.ingest {
+            if ingest.access_key_id.is_some() != ingest.access_key_secret.is_some() {
+                return Err(
+                    "[logship.ingest] access_key_id and access_key_secret go together".into(),
+                );
+            }
+            if ingest.access_key_id.is_none() && self.sls.is_none() {
+                return Err(
+                    "[logship.ingest] needs access_key_id and access_key_secret \
+                     when [logship.sls] is not configured"
+                        .into(),
+                );
+            }
+        }
         for capture in &self.capture {
             if capture.mode != "mirror" && capture.mode != "divert" {
                 return Err(format!(
@@ -110,6 +235,27 @@ fn default_max_batch_bytes() -> usize {
 }
 fn default_max_batch_count() -> usize {
     4096
+}
+fn default_max_spool_bytes() -> u64 {
+    1 << 30
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_retry_initial_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_retry_max_backoff() -> Duration {
+    Duration::from_secs(50)
+}
+fn default_max_file_bytes() -> u64 {
+    100 << 20
+}
+fn default_max_body_bytes() -> usize {
+    10 << 20
 }
 fn default_file_path() -> String {
     "./skiff-logs".into()
