@@ -1,0 +1,396 @@
+//! Delivery to a strict mock SLS: batching, V1 and V4 signatures, retries
+//! on every retryable failure, dead-lettering, spool bounds and shutdown.
+
+#[path = "support/logship_harness.rs"]
+mod harness;
+#[path = "support/mock_sls.rs"]
+mod mock_sls;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use harness::{node_record, sls_config, sorted_ids, start};
+use mock_sls::{Fault, MockSls, MockSlsConfig};
+use skiff::logship::SubmitError;
+
+fn mock_config(token: Option<&str>) -> MockSlsConfig {
+    MockSlsConfig {
+        project: "dify-logs".into(),
+        access_key_id: "test-ak".into(),
+        access_key_secret: "test-secret".into(),
+        security_token: token.map(str::to_string),
+    }
+}
+
+fn expected_ids(range: std::ops::Range<usize>) -> Vec<String> {
+    range
+        .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
+        .collect()
+}
+
+fn ids_of(logs: &[(String, mock_sls::MockLog)]) -> Vec<String> {
+    sorted_ids(logs.iter().map(|(_, log)| log.get("id").unwrap()))
+}
+
+#[tokio::test]
+async fn batches_delivered_and_decoded() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = sls_config(dir.path(), &mock.endpoint(), "max_batch_count = 10", "");
+    let logship = start(&text).await;
+    let shipper = logship.shipper();
+    let mut records: Vec<_> = (0..25)
+        .map(|i| node_record("workflow_node_execution", i))
+        .collect();
+    let mut other = node_record("workflow_execution", 99);
+    other.topic = "runs".into();
+    other.source = "10.1.2.3".into();
+    records.push(other);
+    shipper.submit(records).await.unwrap();
+
+    let logs = mock.wait_for_logs(26, Duration::from_secs(10)).await;
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+    let nodes: Vec<_> = logs
+        .iter()
+        .filter(|(ls, _)| ls == "workflow_node_execution")
+        .cloned()
+        .collect();
+    assert_eq!(ids_of(&nodes), expected_ids(0..25));
+    let first = &nodes
+        .iter()
+        .find(|(_, log)| log.get("id") == Some(&expected_ids(3..4)[0]))
+        .unwrap()
+        .1;
+    assert_eq!(first.time, 1_700_000_000);
+    assert_eq!(first.time_ns, Some(3));
+    assert_eq!(first.contents[0].key, "id");
+    assert_eq!(
+        first.get("process_data"),
+        Some(r#"{"usage":{"prompt_tokens":3,"completion_tokens":7,"total_tokens":10}}"#)
+    );
+
+    let accepted = mock.accepted();
+    let node_batches: Vec<_> = accepted
+        .iter()
+        .filter(|a| a.logstore == "workflow_node_execution")
+        .collect();
+    assert_eq!(node_batches.len(), 3, "25 records at max_batch_count 10");
+    assert!(node_batches.iter().all(|a| a.group.logs.len() <= 10));
+    let run_batch = accepted
+        .iter()
+        .find(|a| a.logstore == "workflow_execution")
+        .unwrap();
+    assert_eq!(run_batch.group.topic.as_deref(), Some("runs"));
+    assert_eq!(run_batch.group.source.as_deref(), Some("10.1.2.3"));
+    assert!(
+        mock.connections() < mock.requests(),
+        "connections are reused"
+    );
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn v4_signature_and_security_token() {
+    let mock = MockSls::start(mock_config(Some("sts-token"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "signature = \"v4\"\nregion = \"cn-hangzhou\"\nsecurity_token = \"sts-token\"";
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), "", extra)).await;
+    logship
+        .shipper()
+        .submit((0..5).map(|i| node_record("nodes", i)).collect())
+        .await
+        .unwrap();
+    let logs = mock.wait_for_logs(5, Duration::from_secs(10)).await;
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+    assert_eq!(ids_of(&logs), expected_ids(0..5));
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn retries_every_retryable_failure() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let faults = vec![
+        Fault::Status(500, "InternalServerError", "internal error"),
+        Fault::Status(502, "", "bad gateway"),
+        Fault::Status(429, "ServerBusy", "too many requests"),
+        Fault::Status(403, "WriteQuotaExceed", "write quota exceeded"),
+        Fault::Status(403, "ShardWriteQuotaExceed", "shard write quota exceeded"),
+        Fault::Status(403, "ProjectQuotaExceed", "Inflow Quota Exceed"),
+        Fault::Status(503, "ServerBusy", "server busy"),
+        Fault::Drop,
+        Fault::Slow(Duration::from_millis(1500)),
+    ];
+    let fault_count = faults.len();
+    mock.push_faults(faults);
+    let dir = tempfile::tempdir().unwrap();
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), "", "")).await;
+    logship
+        .shipper()
+        .submit((0..20).map(|i| node_record("nodes", i)).collect())
+        .await
+        .unwrap();
+
+    // The slow reply is accepted after the client timed out, so its batch
+    // arrives twice: at least once, never lost.
+    let logs = mock.wait_for_logs(40, Duration::from_secs(20)).await;
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+    assert_eq!(mock.requests(), fault_count + 1);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, log) in &logs {
+        *counts
+            .entry(log.get("id").unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(counts.len(), 20);
+    assert!(counts.values().all(|&n| n == 2), "{counts:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mock.logs().len(), 40, "no further copies");
+    assert_eq!(logship_spool_batches(&logship), 0);
+    logship.shutdown().await;
+}
+
+fn logship_spool_batches(logship: &skiff::logship::Logship) -> u64 {
+    use skiff::admin::Component;
+    logship.status()["spool_batches"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn rejected_batch_goes_to_dead_letter() {
+    let mock = MockSls::start(mock_config(None)).await;
+    mock.push_faults([Fault::Status(
+        400,
+        "PostBodyInvalid",
+        "log has an invalid field",
+    )]);
+    let dir = tempfile::tempdir().unwrap();
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), "", "")).await;
+    let shipper = logship.shipper();
+    shipper
+        .submit((0..3).map(|i| node_record("nodes", i)).collect())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shipper
+        .submit((3..5).map(|i| node_record("nodes", i)).collect())
+        .await
+        .unwrap();
+
+    let logs = mock.wait_for_logs(2, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&logs), expected_ids(3..5));
+    let text = std::fs::read_to_string(dir.path().join("spool/dead-letter.ndjson")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1);
+    let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert!(
+        line["error"].as_str().unwrap().contains("PostBodyInvalid"),
+        "{line}"
+    );
+    assert_eq!(line["logstore"], "nodes");
+    let records = line["records"].as_array().unwrap();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[0]["contents"][0][1], expected_ids(0..1)[0]);
+    assert_eq!(logship_spool_batches(&logship), 0);
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn spool_full_rejects_with_error() {
+    let mock = MockSls::start(mock_config(None)).await;
+    mock.fail_all(Some(Fault::Status(503, "ServerBusy", "down")));
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"reject\"";
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), extra, "")).await;
+    let shipper = logship.shipper();
+    let mut accepted = Vec::new();
+    let mut rejection = None;
+    for i in 0..200 {
+        match shipper.submit(vec![node_record("nodes", i)]).await {
+            Ok(()) => accepted.push(i),
+            Err(err) => {
+                rejection = Some(err);
+                break;
+            }
+        }
+    }
+    let rejection = rejection.expect("a full spool rejects");
+    assert_eq!(rejection, SubmitError::SpoolFull { max_bytes: 8192 });
+    assert!(rejection.to_string().contains("max_spool_bytes"));
+    assert!(!accepted.is_empty());
+
+    mock.fail_all(None);
+    let logs = mock
+        .wait_for_logs(accepted.len(), Duration::from_secs(10))
+        .await;
+    let delivered = ids_of(&logs);
+    for i in &accepted {
+        assert!(
+            delivered.contains(&expected_ids(*i..*i + 1)[0]),
+            "record {i} was accepted but not delivered"
+        );
+    }
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn spool_full_blocks_until_room() {
+    let mock = MockSls::start(mock_config(None)).await;
+    mock.fail_all(Some(Fault::Status(500, "InternalServerError", "down")));
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"block\"";
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), extra, "")).await;
+    let shipper = logship.shipper();
+    let mut blocked_at = None;
+    for i in 0..200 {
+        let submit = shipper.submit(vec![node_record("nodes", i)]);
+        if tokio::time::timeout(Duration::from_millis(500), submit)
+            .await
+            .is_err()
+        {
+            blocked_at = Some(i);
+            break;
+        }
+    }
+    let blocked_at = blocked_at.expect("a full spool blocks the source");
+    let waiting = tokio::spawn({
+        let shipper = shipper.clone();
+        async move { shipper.submit(vec![node_record("nodes", 1000)]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "submit waits while the spool is full"
+    );
+
+    mock.fail_all(None);
+    let result = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(result, Ok(()));
+    // Records 0..=blocked_at were queued (the timed-out submit was already
+    // queued when it was dropped) and record 1000 came last.
+    let logs = mock
+        .wait_for_logs(blocked_at + 2, Duration::from_secs(10))
+        .await;
+    let delivered = ids_of(&logs);
+    assert!(delivered.contains(&expected_ids(1000..1001)[0]));
+    for i in 0..blocked_at {
+        assert!(
+            delivered.contains(&expected_ids(i..i + 1)[0]),
+            "record {i} missing"
+        );
+    }
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn undelivered_batches_survive_restart() {
+    let mock = MockSls::start(mock_config(None)).await;
+    mock.fail_all(Some(Fault::Status(500, "InternalServerError", "down")));
+    let dir = tempfile::tempdir().unwrap();
+    let text = sls_config(
+        dir.path(),
+        &mock.endpoint(),
+        "shutdown_timeout = \"300ms\"",
+        "",
+    );
+    let logship = start(&text).await;
+    logship
+        .shipper()
+        .submit((0..10).map(|i| node_record("nodes", i)).collect())
+        .await
+        .unwrap();
+    logship.shutdown().await;
+    assert_eq!(
+        logship_spool_batches(&logship),
+        1,
+        "undelivered batch stays spooled"
+    );
+    assert!(mock.logs().is_empty());
+
+    mock.fail_all(None);
+    let restarted = start(&text).await;
+    let logs = mock.wait_for_logs(10, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&logs), expected_ids(0..10));
+    restarted.shutdown().await;
+    assert_eq!(logship_spool_batches(&restarted), 0);
+}
+
+#[tokio::test]
+async fn shutdown_flushes_open_batch() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = sls_config(dir.path(), &mock.endpoint(), "linger = \"1h\"", "");
+    let logship = start(&text).await;
+    let shipper = logship.shipper();
+    let submit = tokio::spawn(async move { shipper.submit(vec![node_record("nodes", 1)]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!submit.is_finished(), "the batch lingers");
+    logship.shutdown().await;
+    assert_eq!(submit.await.unwrap(), Ok(()));
+    assert_eq!(ids_of(&mock.logs()), expected_ids(1..2));
+    let after = logship
+        .shipper()
+        .submit(vec![node_record("nodes", 2)])
+        .await;
+    assert_eq!(after, Err(SubmitError::Closed));
+}
+
+#[tokio::test]
+async fn invalid_records_are_rejected() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), "", "")).await;
+    let shipper = logship.shipper();
+    let bad_name = shipper.submit(vec![node_record("../etc", 1)]).await;
+    assert!(
+        matches!(bad_name, Err(SubmitError::InvalidRecord(ref m)) if m.contains("logstore")),
+        "{bad_name:?}"
+    );
+    let huge = skiff::logship::Record::new("nodes", 1, vec![("k".into(), "x".repeat(6 << 20))]);
+    let too_large = shipper.submit(vec![huge]).await;
+    assert!(
+        matches!(too_large, Err(SubmitError::InvalidRecord(ref m)) if m.contains("limit")),
+        "{too_large:?}"
+    );
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn file_sink_writes_and_rotates() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[logship]\nspool_dir = \"{}\"\nlinger = \"20ms\"\nmax_batch_count = 5\n\
+         [logship.file]\npath = \"{}\"\nmax_file_bytes = 2000\n",
+        dir.path().join("spool").display(),
+        dir.path().join("out").display()
+    );
+    let logship = start(&text).await;
+    logship
+        .shipper()
+        .submit((0..30).map(|i| node_record("nodes", i)).collect())
+        .await
+        .unwrap();
+    logship.shutdown().await;
+
+    let out = dir.path().join("out");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.contains(&"nodes.ndjson".to_string()));
+    assert!(names.contains(&"nodes.1.ndjson".to_string()), "{names:?}");
+    let mut ids = Vec::new();
+    for name in &names {
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        assert!(text.len() <= 2000 + 1000, "{name} is {} bytes", text.len());
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(value["__time__"], 1_700_000_000);
+            ids.push(value["id"].as_str().unwrap().to_string());
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, expected_ids(0..30));
+}
