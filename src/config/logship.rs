@@ -174,6 +174,10 @@ pub struct CaptureConfig {
     /// `mirror` or `divert`. Default `mirror`.
     #[serde(default = "default_capture_mode")]
     pub mode: String,
+    /// Column that an UPDATE's WHERE clause must pin for the UPDATE to be
+    /// captured. Default `id`.
+    #[serde(default = "default_primary_key")]
+    pub primary_key: String,
 }
 
 impl LogshipConfig {
@@ -262,6 +266,9 @@ fn default_file_path() -> String {
 }
 fn default_ingest_listen() -> String {
     "127.0.0.1:9931".into()
+}
+fn default_primary_key() -> String {
+    "id".into()
 }
 fn default_capture_mode() -> String {
     "mirror".into()

@@ -3,9 +3,10 @@
 //! and delivered to SLS (or NDJSON files) at least once.
 //!
 //! Data path: [`Shipper::submit`] → [`batcher`] → [`spool`] → [`deliver`] →
-//! [`sink`]. [`ingest`] is a source, and so is the PostgreSQL capture.
+//! [`sink`]. [`ingest`] and [`capture`] are the sources.
 
 pub mod batcher;
+pub mod capture;
 pub mod deadletter;
 pub mod deliver;
 pub mod ingest;
