@@ -136,6 +136,11 @@ pub struct IngestConfig {
     /// Default 10485760 (10 MiB).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Requests handled at once; more wait for a turn before their body is
+    /// read, which bounds ingest memory to about this times
+    /// `max_body_bytes`. Default 64.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
 }
 
 impl std::fmt::Debug for SlsConfig {
@@ -157,6 +162,7 @@ impl std::fmt::Debug for IngestConfig {
             .field("listen", &self.listen)
             .field("access_key_id", &self.access_key_id)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
             .finish_non_exhaustive()
     }
 }
@@ -216,7 +222,17 @@ impl LogshipConfig {
                 );
             }
         }
+        if let Some(ingest) = &self.ingest {
+            if ingest.max_concurrent_requests == 0 || ingest.max_body_bytes == 0 {
+                return Err(
+                    "[logship.ingest] max_concurrent_requests and max_body_bytes must be positive"
+                        .into(),
+                );
+            }
+        }
         for capture in &self.capture {
+            crate::logship::record::validate_logstore(&capture.logstore)
+                .map_err(|err| format!("[[logship.capture]] table {:?}: {err}", capture.table))?;
             if capture.mode != "mirror" && capture.mode != "divert" {
                 return Err(format!(
                     "[[logship.capture]] table {:?}: mode must be \"mirror\" or \"divert\"",
@@ -258,6 +274,9 @@ fn default_retry_max_backoff() -> Duration {
 fn default_max_file_bytes() -> u64 {
     100 << 20
 }
+fn default_max_concurrent_requests() -> usize {
+    64
+}
 fn default_max_body_bytes() -> usize {
     10 << 20
 }
@@ -272,4 +291,58 @@ fn default_primary_key() -> String {
 }
 fn default_capture_mode() -> String {
     "mirror".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, OnFull, SignatureVersion};
+
+    fn parse(logship: &str) -> Result<Config, String> {
+        Config::parse(&format!("[logship]\n{logship}")).map_err(|err| err.to_string())
+    }
+
+    const SLS: &str = "[logship.sls]\nendpoint = \"http://127.0.0.1:1\"\nproject = \"p1\"\n\
+                       access_key_id = \"ak\"\naccess_key_secret = \"sk\"\n";
+
+    #[test]
+    fn defaults() {
+        let config = parse(SLS).unwrap();
+        let logship = config.logship.unwrap();
+        assert_eq!(logship.max_spool_bytes, 1 << 30);
+        assert_eq!(logship.on_full, OnFull::Block);
+        let sls = logship.sls.unwrap();
+        assert_eq!(sls.signature, SignatureVersion::V1);
+        assert_eq!(sls.security_token, None);
+    }
+
+    #[test]
+    fn invalid_combinations_are_rejected() {
+        let cases = [
+            (format!("{SLS}signature = \"v4\"\n"), "needs region"),
+            (format!("max_spool_bytes = 1000\n{SLS}"), "max_spool_bytes"),
+            ("[logship.ingest]\nlisten = \"127.0.0.1:0\"\n".to_string(), "access_key_id"),
+            (format!("on_full = \"drop\"\n{SLS}"), "expected `block` or `reject`"),
+            (
+                format!("{SLS}[[logship.capture]]\ndatabase = \"d\"\ntable = \"t\"\nlogstore = \"Bad Name\"\n"),
+                "invalid logstore name",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_leaves_out_secrets() {
+        let text = format!(
+            "{SLS}security_token = \"token-value\"\n[logship.ingest]\n\
+             access_key_id = \"ingest-ak\"\naccess_key_secret = \"ingest-secret\"\n"
+        );
+        let debug = format!("{:?}", parse(&text).unwrap().logship.unwrap());
+        assert!(debug.contains("ingest-ak"));
+        assert!(!debug.contains("\"sk\""), "{debug}");
+        assert!(!debug.contains("token-value"), "{debug}");
+        assert!(!debug.contains("ingest-secret"), "{debug}");
+    }
 }

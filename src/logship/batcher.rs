@@ -22,6 +22,9 @@ use crate::config::OnFull;
 const QUEUE_CAPACITY: usize = 1024;
 /// Open log groups held in memory at once; past this the oldest is flushed.
 const MAX_OPEN_GROUPS: usize = 256;
+/// Bytes of open log groups held in memory at once (or two batches, if
+/// larger); past this the largest group is flushed early.
+const MAX_OPEN_BYTES: usize = 32 * 1024 * 1024;
 /// Room left in a request for the group's topic, source and tags.
 const GROUP_OVERHEAD_BYTES: usize = 64 * 1024;
 
@@ -98,6 +101,7 @@ impl Shipper {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let batcher = Batcher {
             open: HashMap::new(),
+            open_bytes: 0,
             spool: spool.clone(),
             limits: limits.clone(),
             abandon,
@@ -173,6 +177,8 @@ impl Drop for OpenBatch {
 
 struct Batcher {
     open: HashMap<GroupKey, OpenBatch>,
+    /// Sum of `bytes` over `open`.
+    open_bytes: usize,
     spool: Arc<Spool>,
     limits: BatchLimits,
     abandon: CancellationToken,
@@ -230,6 +236,7 @@ impl Batcher {
             });
             batch.logs.push(log);
             batch.bytes += size;
+            self.open_bytes += size;
             if !batch
                 .acks
                 .last()
@@ -242,6 +249,20 @@ impl Batcher {
             if full {
                 self.flush(&key).await;
             }
+            while self.open_bytes > MAX_OPEN_BYTES.max(2 * self.limits.max_batch_bytes) {
+                self.flush_largest().await;
+            }
+        }
+    }
+
+    async fn flush_largest(&mut self) {
+        let largest = self
+            .open
+            .iter()
+            .max_by_key(|(_, b)| b.bytes)
+            .map(|(k, _)| k.clone());
+        if let Some(key) = largest {
+            self.flush(&key).await;
         }
     }
 
@@ -274,6 +295,7 @@ impl Batcher {
         let Some(mut batch) = self.open.remove(key) else {
             return;
         };
+        self.open_bytes -= batch.bytes;
         let group = LogGroup {
             logs: std::mem::take(&mut batch.logs),
             reserved: None,

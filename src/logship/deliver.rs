@@ -42,6 +42,9 @@ pub struct Delivery {
 impl Delivery {
     /// Delivers batches until `stop` is cancelled. A batch being sent when
     /// `stop` fires stays in the spool and is sent again on the next start.
+    // NOTE: one batch is in flight at a time, so a logstore that keeps
+    // failing with a retryable error (such as its own write quota) holds
+    // back batches of every other logstore until it recovers.
     pub async fn run(self, stop: CancellationToken) {
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {

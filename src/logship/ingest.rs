@@ -35,6 +35,8 @@ pub struct IngestState {
     access_key_secret: String,
     max_body_bytes: usize,
     shipper: Shipper,
+    /// One permit per request in progress.
+    permits: tokio::sync::Semaphore,
 }
 
 impl IngestState {
@@ -57,6 +59,7 @@ impl IngestState {
             access_key_secret,
             max_body_bytes: config.max_body_bytes,
             shipper,
+            permits: tokio::sync::Semaphore::new(config.max_concurrent_requests),
         })
     }
 }
@@ -142,6 +145,14 @@ async fn put_logs(
     body: Body,
 ) -> Response {
     let request_id = new_request_id();
+    let Ok(_permit) = state.permits.acquire().await else {
+        let err = sls_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServerBusy",
+            "shutting down",
+        );
+        return reply(&request_id, Err(err));
+    };
     let result = handle(&state, &logstore, &uri, &headers, body).await;
     reply(&request_id, result)
 }
