@@ -28,8 +28,8 @@ const MAX_OPEN_BYTES: usize = 32 * 1024 * 1024;
 /// Room left in a request for the group's topic, source and tags.
 const GROUP_OVERHEAD_BYTES: usize = 64 * 1024;
 
-/// Why a submission was not accepted. Nothing of a failed submission is
-/// reported as delivered; parts of it may still be delivered.
+/// Reason a submission was not accepted. A failed submission may still
+/// have parts that were spooled and get delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("spool is full (max_spool_bytes = {max_bytes}); records were not accepted")]

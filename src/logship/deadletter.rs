@@ -22,7 +22,7 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// A dead-letter file in `spool_dir`.
+    /// Creates the writer for the dead-letter file in `spool_dir`.
     pub fn new(spool_dir: &Path) -> DeadLetter {
         DeadLetter {
             path: spool_dir.join(FILE_NAME),

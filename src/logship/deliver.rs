@@ -22,7 +22,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// The delay before retry number `attempt` (1-based).
+    /// Returns the delay before retry number `attempt` (1-based).
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(20);
         let capped = self.initial.saturating_mul(factor).min(self.max);
@@ -189,11 +189,14 @@ mod tests {
         };
         for _ in 0..50 {
             let first = backoff.delay(1);
-            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            assert!(first >= Duration::from_millis(50), "{first:?}");
+            assert!(first <= Duration::from_millis(100), "{first:?}");
             let third = backoff.delay(3);
-            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            assert!(third >= Duration::from_millis(200), "{third:?}");
+            assert!(third <= Duration::from_millis(400), "{third:?}");
             let late = backoff.delay(40);
-            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1));
+            assert!(late >= Duration::from_millis(500), "{late:?}");
+            assert!(late <= Duration::from_secs(1), "{late:?}");
         }
     }
 }

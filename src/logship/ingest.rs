@@ -29,7 +29,7 @@ use crate::config::{IngestConfig, SlsConfig};
 /// Largest difference between a request's date and ours that SLS accepts.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(15 * 60);
 
-/// What the handlers share.
+/// State shared by the handlers: credentials, limits and the shipper.
 pub struct IngestState {
     access_key_id: String,
     access_key_secret: String,
@@ -245,7 +245,8 @@ fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The project an SDK addressed: the first label of `{project}.{endpoint}`.
+/// Extracts the project an SDK addressed: the first label of
+/// `{project}.{endpoint}`.
 fn project_from_host(host: &str) -> Option<String> {
     let (project, rest) = host.split_once('.')?;
     (!project.is_empty() && !rest.is_empty()).then(|| project.to_string())

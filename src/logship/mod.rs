@@ -154,19 +154,19 @@ impl Logship {
         }))
     }
 
-    /// The handle sources submit records through.
+    /// Returns the handle that sources submit records through.
     pub fn shipper(&self) -> Shipper {
         self.shipper.clone()
     }
 
-    /// The address the ingest endpoint listens on, when configured.
+    /// Returns the address the ingest endpoint listens on, when configured.
     pub fn ingest_addr(&self) -> Option<SocketAddr> {
         self.ingest_addr
     }
 
     /// Stops the sources, flushes open batches to the spool, and delivers
-    /// spooled batches for up to `shutdown_timeout`; what is left stays in
-    /// the spool for the next start.
+    /// spooled batches for up to `shutdown_timeout`. Batches still
+    /// undelivered then stay in the spool for the next start.
     pub async fn shutdown(&self) {
         let Some(tasks) = self.tasks.lock().take() else {
             return;

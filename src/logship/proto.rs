@@ -50,7 +50,7 @@ pub struct LogGroup {
     pub log_tags: Vec<LogTag>,
 }
 
-/// Bytes that one log adds to an encoded `LogGroup`: the log itself plus its
+/// Returns the bytes that one log adds to an encoded `LogGroup`: the log itself plus its
 /// field key and length prefix.
 pub fn framed_len(log: &Log) -> usize {
     let len = prost::Message::encoded_len(log);

@@ -39,7 +39,7 @@ impl Record {
         }
     }
 
-    /// The log group this record belongs to.
+    /// Returns the key of the log group this record belongs to.
     pub fn group_key(&self) -> GroupKey {
         GroupKey {
             project: self.project.clone(),
@@ -64,7 +64,7 @@ impl Record {
     }
 }
 
-/// What records must share to travel in one log group.
+/// Key of a log group: the fields that records in one group share.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct GroupKey {
     pub project: Option<String>,
@@ -75,7 +75,7 @@ pub struct GroupKey {
 }
 
 impl GroupKey {
-    /// The protobuf tags of the group.
+    /// Converts the group's tags to protobuf tags.
     pub fn log_tags(&self) -> Vec<LogTag> {
         self.tags
             .iter()

@@ -20,7 +20,7 @@ pub fn content_sha256(body: &[u8]) -> String {
     hex_lower(&Sha256::digest(body))
 }
 
-/// Whether a header takes part in the signature besides the fixed ones:
+/// Checks whether a header takes part in the signature besides the fixed ones:
 /// `x-acs-*`, and `x-log-*` except `x-log-meta-*`.
 fn is_extra_signed_header(lower_name: &str) -> bool {
     lower_name.starts_with("x-acs-")
@@ -106,12 +106,12 @@ pub fn v4_signature(secret: &str, request: &V4Request<'_>) -> String {
     hex_lower(&hmac_sha256(&key, string_to_sign.as_bytes()))
 }
 
-/// The V4 credential scope, `{yyyymmdd}/{region}/sls/aliyun_v4_request`.
+/// Builds the V4 credential scope, `{yyyymmdd}/{region}/sls/aliyun_v4_request`.
 pub fn v4_scope(date: &str, region: &str) -> String {
     format!("{date}/{region}/sls/aliyun_v4_request")
 }
 
-/// The V4 `Authorization` header value.
+/// Builds the V4 `Authorization` header value.
 pub fn v4_authorization(access_key_id: &str, date: &str, region: &str, signature: &str) -> String {
     format!(
         "{V4_ALGORITHM} Credential={access_key_id}/{},Signature={signature}",

@@ -21,12 +21,12 @@ const MAGIC: &[u8; 8] = b"SKIFFSP1";
 const BATCH_SUFFIX: &str = ".batch";
 const TEMP_SUFFIX: &str = ".tmp";
 /// Room counted for a batch file's magic and header on top of its log
-/// group; headers with long tags can exceed it, by as much as they are long.
+/// group. A header with long tags can exceed it by the length of the tags.
 pub const FILE_OVERHEAD_BYTES: u64 = 1024;
 /// Headers are small; a larger length means a damaged file.
 const MAX_HEADER_BYTES: u32 = 1 << 20;
 
-/// What a batch file says about its log group besides the logs.
+/// Metadata of a batch file: the log group's key, record count and time.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchHeader {
     pub key: GroupKey,
@@ -67,7 +67,7 @@ pub struct Spool {
 impl Spool {
     /// Opens (creating if needed) the spool in `dir` and indexes the batches
     /// left by an earlier run. Temporary files are partial writes that no
-    /// source was told about, so they are deleted.
+    /// source received an acknowledgement for, so they are deleted.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
         fs::create_dir_all(dir).map_err(|err| with_path(err, "create spool directory", dir))?;
         let mut state = State::default();
@@ -99,17 +99,17 @@ impl Spool {
         Ok(spool)
     }
 
-    /// The directory of the spool.
+    /// Returns the directory of the spool.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The configured bound in bytes.
+    /// Returns the configured bound in bytes.
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
     }
 
-    /// Whether a batch whose log group has `bytes` fits under the bound now,
+    /// Checks whether a batch whose log group has `bytes` fits under the bound now,
     /// counting [`FILE_OVERHEAD_BYTES`] for its file's header.
     pub fn has_room(&self, bytes: u64) -> bool {
         let state = self.state.lock();
@@ -171,12 +171,12 @@ impl Spool {
         Ok(seq)
     }
 
-    /// The oldest batch's sequence number, if any.
+    /// Returns the oldest batch's sequence number, if any.
     pub fn first(&self) -> Option<u64> {
         self.state.lock().entries.keys().next().copied()
     }
 
-    /// Waits until the spool holds a batch and returns the oldest one's
+    /// Waits until the spool contains a batch and returns the oldest one's
     /// sequence number.
     pub async fn next(&self) -> u64 {
         loop {
@@ -235,8 +235,8 @@ impl Spool {
         Ok(target)
     }
 
-    /// Bytes and batches in the spool, and the age of the oldest batch in
-    /// seconds.
+    /// Returns the bytes and batches in the spool, and the age of the oldest
+    /// batch in seconds.
     pub fn usage(&self) -> (u64, usize, f64) {
         let state = self.state.lock();
         let oldest = state.entries.values().map(|e| e.created_ns).min();

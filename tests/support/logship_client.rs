@@ -54,7 +54,7 @@ impl<'a> PutLogs<'a> {
     }
 }
 
-/// A log group of `count` logs with ids `{prefix}-{i}`.
+/// Builds a log group of `count` logs with ids `{prefix}-{i}`.
 pub fn log_group(prefix: &str, count: usize) -> LogGroup {
     LogGroup {
         logs: (0..count)

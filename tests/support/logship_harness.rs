@@ -37,7 +37,7 @@ pub async fn start(text: &str) -> Arc<Logship> {
         .unwrap()
 }
 
-/// A workflow node execution record numbered `index`.
+/// Builds a workflow node execution record numbered `index`.
 pub fn node_record(logstore: &str, index: usize) -> Record {
     let contents = vec![
         (
@@ -58,8 +58,7 @@ pub fn node_record(logstore: &str, index: usize) -> Record {
     Record::new(logstore, 1_700_000_000_000_000_000 + index as u64, contents)
 }
 
-/// The ids of `records`, sorted, for comparing what arrived with what was
-/// sent.
+/// Sorts ids, for comparing what arrived with what was sent.
 pub fn sorted_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut ids: Vec<String> = ids.map(str::to_string).collect();
     ids.sort();

@@ -61,7 +61,7 @@ pub struct MockLogGroup {
 }
 
 impl MockLog {
-    /// The value of the first content named `key`.
+    /// Returns the value of the first content named `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.contents
             .iter()
@@ -144,7 +144,7 @@ impl MockSls {
         }
     }
 
-    /// The endpoint URL to put in `[logship.sls] endpoint`.
+    /// Returns the endpoint URL to put in `[logship.sls] endpoint`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -163,7 +163,7 @@ impl MockSls {
         self.state.lock().unwrap().accepted.clone()
     }
 
-    /// Every accepted log with its logstore.
+    /// Returns every accepted log with its logstore.
     pub fn logs(&self) -> Vec<(String, MockLog)> {
         let state = self.state.lock().unwrap();
         let mut logs = Vec::new();

@@ -33,7 +33,7 @@ pub enum TokenKind {
 }
 
 impl TokenKind {
-    /// Whether this is the unquoted keyword `word` (lowercase).
+    /// Checks whether this is the unquoted keyword `word` (lowercase).
     pub fn is_keyword(&self, word: &str) -> bool {
         matches!(self, TokenKind::Ident { name, quoted: false } if name == word)
     }

@@ -1,6 +1,6 @@
 //! Capture: turns INSERTs and primary-key UPDATEs of configured tables into
-//! log records, one per row, from the SQL text the pooler sees (and, for
-//! the extended protocol, the Bind parameters). Pure functions, no I/O.
+//! log records, one per row, from the SQL text that passes through the pooler
+//! (and, for the extended protocol, the Bind parameters). Pure functions, no I/O.
 //!
 //! Each record has one content per column written, in statement order
 //! (JSON columns keep their JSON text; NULL and DEFAULT columns are left
@@ -28,9 +28,9 @@ pub use binary::{Format, Param};
 pub use parser::Operation;
 use parser::{Statement, TableName, Value};
 
-/// Why a statement that names a captured table could not be captured. The
-/// pooler should pass such a statement to PostgreSQL uncaptured (also in
-/// `divert` mode) and count it.
+/// Reason a statement that names a captured table could not be captured.
+/// The pooler should pass such a statement to PostgreSQL uncaptured (also
+/// in `divert` mode) and count it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CaptureError {
     #[error("capture: syntax error: {0}")]
@@ -60,7 +60,7 @@ pub enum CaptureError {
 pub enum CaptureMode {
     /// The statement still goes to PostgreSQL.
     Mirror,
-    /// skiff acknowledges the statement and PostgreSQL never sees it.
+    /// skiff acknowledges the statement and never sends it to PostgreSQL.
     Divert,
 }
 
@@ -118,7 +118,7 @@ impl Capture {
         Capture { targets }
     }
 
-    /// Whether no table is configured.
+    /// Checks whether no table is configured.
     pub fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }
@@ -269,7 +269,7 @@ impl CapturePlan {
     }
 }
 
-/// The capture time as PostgreSQL prints a UTC timestamp.
+/// Formats the capture time as PostgreSQL prints a UTC timestamp.
 fn now_text(now_ns: u64) -> String {
     let micros = (now_ns / 1_000) as i64 - 946_684_800_000_000;
     binary::timestamp_text(micros, "")

@@ -259,7 +259,7 @@ fn update_not_pinned_by_primary_key_is_unsupported() {
 }
 
 #[test]
-fn bad_sql_is_a_syntax_error_not_a_panic() {
+fn malformed_sql_returns_errors() {
     let capture = capture();
     for sql in [
         "INSERT INTO workflow_runs (id VALUES ('1')",

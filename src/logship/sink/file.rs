@@ -113,7 +113,7 @@ impl Inner {
     }
 }
 
-/// One record as a JSON object: `__time__`, `__time_ns__`, `__topic__`,
+/// Formats one record as a JSON object: `__time__`, `__time_ns__`, `__topic__`,
 /// `__source__`, `__tag__:{key}` for each tag, then the contents in order.
 fn ndjson_line(group: &LogGroup, log: &crate::logship::proto::Log) -> String {
     let quote = |text: &str| serde_json::Value::from(text).to_string();

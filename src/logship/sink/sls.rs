@@ -63,7 +63,7 @@ impl Endpoint {
         Ok(Endpoint { scheme, host, port })
     }
 
-    /// The request URL and `Host` header for `project`. A DNS endpoint is
+    /// Returns the request URL and `Host` header for `project`. A DNS endpoint is
     /// reached as `{project}.{host}`; an IP endpoint is reached directly,
     /// with `{project}.{ip}` as the `Host` header, as the official SDKs do.
     pub fn target(&self, project: &str, path: &str) -> (String, String) {
@@ -224,8 +224,7 @@ fn describe_transport_error(err: &reqwest::Error) -> String {
     } else {
         "request failed"
     };
-    // The URL holds no secret, but the error's own text may repeat it; the
-    // source chain says what went wrong.
+    // The innermost cause names the failure without repeating the URL.
     let mut cause = String::new();
     let mut source = std::error::Error::source(err);
     while let Some(inner) = source {
