@@ -251,3 +251,35 @@ async fn python_sdk_put_logs() {
     assert!(stdout.contains("error_code=SignatureNotMatch"), "{stdout}");
     logship.shutdown().await;
 }
+
+#[tokio::test]
+async fn connections_beyond_limit_wait() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let logship = harness::start(&ingest_config(
+        dir.path(),
+        &mock,
+        "127.0.0.1:0",
+        "max_connections = 2",
+    ))
+    .await;
+    let addr = logship.ingest_addr().unwrap();
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = PutLogs::new(addr, "app_logs");
+    let group = log_group("limit", 1);
+    let waiting =
+        tokio::time::timeout(Duration::from_millis(500), put_logs(&request, &group)).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection waits while two are open"
+    );
+
+    drop(first);
+    let response = tokio::time::timeout(Duration::from_secs(5), put_logs(&request, &group))
+        .await
+        .expect("accepted once a connection closed");
+    assert_eq!(response.status(), 200);
+    drop(second);
+    logship.shutdown().await;
+}

@@ -141,6 +141,10 @@ pub struct IngestConfig {
     /// `max_body_bytes`. Default 64.
     #[serde(default = "default_max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// Open client connections at once; more wait to be accepted.
+    /// Default 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl std::fmt::Debug for SlsConfig {
@@ -163,6 +167,7 @@ impl std::fmt::Debug for IngestConfig {
             .field("access_key_id", &self.access_key_id)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("max_connections", &self.max_connections)
             .finish_non_exhaustive()
     }
 }
@@ -223,9 +228,13 @@ impl LogshipConfig {
             }
         }
         if let Some(ingest) = &self.ingest {
-            if ingest.max_concurrent_requests == 0 || ingest.max_body_bytes == 0 {
+            if ingest.max_concurrent_requests == 0
+                || ingest.max_body_bytes == 0
+                || ingest.max_connections == 0
+            {
                 return Err(
-                    "[logship.ingest] max_concurrent_requests and max_body_bytes must be positive"
+                    "[logship.ingest] max_connections, max_concurrent_requests and \
+                     max_body_bytes must be positive"
                         .into(),
                 );
             }
@@ -273,6 +282,9 @@ fn default_retry_max_backoff() -> Duration {
 }
 fn default_max_file_bytes() -> u64 {
     100 << 20
+}
+fn default_max_connections() -> usize {
+    1024
 }
 fn default_max_concurrent_requests() -> usize {
     64

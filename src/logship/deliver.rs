@@ -109,6 +109,7 @@ impl Delivery {
                 }
                 Err(SendError::Retryable(reason)) => {
                     attempt += 1;
+                    self.spool.update_gauges();
                     metrics::counter!("skiff_logship_batches_retried_total", "sink" => sink)
                         .increment(1);
                     // The first failure and then every tenth, so a long outage

@@ -127,6 +127,7 @@ impl Logship {
                 tracing::info!(listen = %ingest_config.listen, "logship ingest listening");
                 Some(tokio::spawn(ingest::serve(
                     listener,
+                    ingest_config.max_connections,
                     state,
                     ingest_shutdown.clone(),
                 )))
