@@ -430,3 +430,42 @@ async fn file_sink_writes_and_rotates() {
     ids.sort();
     assert_eq!(ids, expected_ids(0..30));
 }
+
+#[tokio::test]
+async fn captured_rows_reach_sls_intact() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let capture_section = "[[logship.capture]]\ndatabase = \"dify\"\n\
+                           table = \"workflow_node_executions\"\nlogstore = \"workflow_node_execution\"\n";
+    let text = format!(
+        "{}{capture_section}",
+        sls_config(dir.path(), &mock.endpoint(), "", "")
+    );
+    let config = skiff::config::Config::parse(&text).unwrap();
+    let capture = skiff::logship::capture::Capture::new(&config.logship.as_ref().unwrap().capture);
+    let logship = start(&text).await;
+
+    let process_data = r#"{"usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15, "time_to_first_token": 0.2}, "model_name": "gpt-4o"}"#;
+    let sql = format!(
+        "UPDATE workflow_node_executions SET status = 'succeeded', process_data = '{process_data}', \
+         outputs = E'{{\"text\": \"line one\\\\nline two\"}}' WHERE id = 'n-1'"
+    );
+    let captured = capture
+        .capture_query("dify", &sql, 1_714_557_600_000_000_000)
+        .unwrap();
+    assert_eq!(captured.len(), 1);
+    let (_, records) = captured.into_iter().next().unwrap();
+    logship.shipper().submit(records).await.unwrap();
+
+    let logs = mock.wait_for_logs(1, Duration::from_secs(10)).await;
+    let (logstore, log) = &logs[0];
+    assert_eq!(logstore, "workflow_node_execution");
+    assert_eq!(log.get("id"), Some("n-1"));
+    assert_eq!(log.get("process_data"), Some(process_data));
+    let outputs: serde_json::Value = serde_json::from_str(log.get("outputs").unwrap()).unwrap();
+    assert_eq!(outputs["text"], "line one\nline two");
+    assert_eq!(log.get("__op__"), Some("update"));
+    assert_eq!(log.get("log_version"), Some("1714557600000000000"));
+    assert_eq!(log.time, 1_714_557_600);
+    logship.shutdown().await;
+}

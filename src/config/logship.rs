@@ -209,9 +209,11 @@ impl LogshipConfig {
             if sls.signature == SignatureVersion::V4 && sls.region.is_none() {
                 return Err("[logship.sls] signature = \"v4\" needs region".into());
             }
-            if sls.project.is_empty() || sls.endpoint.is_empty() {
-                return Err("[logship.sls] endpoint and project must not be empty".into());
+            if sls.project.is_empty() {
+                return Err("[logship.sls] project must not be empty".into());
             }
+            crate::logship::sink::sls::Endpoint::parse(&sls.endpoint)
+                .map_err(|err| format!("[logship.sls] {err}"))?;
         }
         if let Some(ingest) = &self.ingest {
             if ingest.access_key_id.is_some() != ingest.access_key_secret.is_some() {
@@ -334,6 +336,7 @@ mod tests {
             (format!("max_spool_bytes = 1000\n{SLS}"), "max_spool_bytes"),
             ("[logship.ingest]\nlisten = \"127.0.0.1:0\"\n".to_string(), "access_key_id"),
             (format!("on_full = \"drop\"\n{SLS}"), "expected `block` or `reject`"),
+            (SLS.replace("http://127.0.0.1:1", "ftp://x"), "scheme must be http or https"),
             (
                 format!("{SLS}[[logship.capture]]\ndatabase = \"d\"\ntable = \"t\"\nlogstore = \"Bad Name\"\n"),
                 "invalid logstore name",
