@@ -17,6 +17,8 @@ use super::spool::SpooledBatch;
 pub const FILE_NAME: &str = "dead-letter.ndjson";
 
 /// Appends rejected batches to the dead-letter file.
+// NOTE: the file is not rotated or bounded; only batches that SLS rejected
+// for good land here, and an operator is expected to clear it.
 pub struct DeadLetter {
     path: PathBuf,
 }

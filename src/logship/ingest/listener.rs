@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Accepts connections while fewer than the limit are open.
+// NOTE: there is no idle or header-read timeout, so clients that open
+// connections and send nothing keep their permits until they disconnect.
 pub struct LimitedListener {
     listener: TcpListener,
     permits: Arc<Semaphore>,

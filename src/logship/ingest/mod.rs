@@ -272,10 +272,23 @@ fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
 }
 
 /// Extracts the project an SDK addressed: the first label of
-/// `{project}.{endpoint}`.
+/// `{project}.{endpoint}`. A bare IP address, a name without a dot, or a
+/// label that is not a valid SLS project name (3 to 63 lowercase letters,
+/// digits and `-`) gives `None`, so the sink's configured project is used.
 fn project_from_host(host: &str) -> Option<String> {
-    let (project, rest) = host.split_once('.')?;
-    (!project.is_empty() && !rest.is_empty()).then(|| project.to_string())
+    let without_port = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    if without_port.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let (project, rest) = without_port.split_once('.')?;
+    let valid = (3..=63).contains(&project.len())
+        && project
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    (valid && !rest.is_empty()).then(|| project.to_string())
 }
 
 fn to_records(group: LogGroup, project: Option<String>, logstore: &str) -> Vec<Record> {
@@ -310,6 +323,13 @@ mod tests {
             project_from_host("dify-logs.127.0.0.2").as_deref(),
             Some("dify-logs")
         );
+        assert_eq!(
+            project_from_host("dify-logs.localhost:9931").as_deref(),
+            Some("dify-logs")
+        );
         assert_eq!(project_from_host("localhost"), None);
+        assert_eq!(project_from_host("127.0.0.2"), None);
+        assert_eq!(project_from_host("127.0.0.2:80"), None);
+        assert_eq!(project_from_host("Bad_Name.example.com"), None);
     }
 }
