@@ -107,6 +107,11 @@ async fn spool_survives_sigkill() {
         assert_eq!(response.status(), 200, "{:?}", response.text().await);
     }
     assert!(spooled_batches(&spool) >= 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.requests() == 0 {
+        assert!(Instant::now() < deadline, "skiff sent no request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     assert!(

@@ -353,23 +353,55 @@ async fn undelivered_batches_survive_restart() {
 }
 
 #[tokio::test]
-async fn shutdown_flushes_open_batch() {
+async fn submit_returns_before_linger() {
     let mock = MockSls::start(mock_config(None)).await;
     let dir = tempfile::tempdir().unwrap();
     let text = sls_config(dir.path(), &mock.endpoint(), "linger = \"1h\"", "");
     let logship = start(&text).await;
     let shipper = logship.shipper();
-    let submit = tokio::spawn(async move { shipper.submit(vec![node_record("nodes", 1)]).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!submit.is_finished(), "the batch lingers");
+    let submit = shipper.submit(vec![node_record("nodes", 1)]);
+    let result = tokio::time::timeout(Duration::from_secs(5), submit).await;
+    assert_eq!(
+        result,
+        Ok(Ok(())),
+        "durable after one spool write, not after linger"
+    );
+    assert_eq!(logship_spool_batches(&logship), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(mock.logs().is_empty(), "the request waits for linger");
+
+    // Shutdown sends what is spooled without waiting for linger.
     logship.shutdown().await;
-    assert_eq!(submit.await.unwrap(), Ok(()));
     assert_eq!(ids_of(&mock.logs()), expected_ids(1..2));
+    assert_eq!(logship_spool_batches(&logship), 0);
     let after = logship
         .shipper()
         .submit(vec![node_record("nodes", 2)])
         .await;
     assert_eq!(after, Err(SubmitError::Closed));
+}
+
+#[tokio::test]
+async fn small_submissions_merge_into_one_request() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = sls_config(dir.path(), &mock.endpoint(), "linger = \"500ms\"", "");
+    let logship = start(&text).await;
+    let shipper = logship.shipper();
+    for i in 0..10 {
+        shipper.submit(vec![node_record("nodes", i)]).await.unwrap();
+    }
+    assert_eq!(
+        logship_spool_batches(&logship),
+        10,
+        "one spool write per submit"
+    );
+    let logs = mock.wait_for_logs(10, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&logs), expected_ids(0..10));
+    assert_eq!(mock.requests(), 1, "merged into one PutLogs request");
+    let times: Vec<u32> = logs.iter().map(|(_, log)| log.time_ns.unwrap()).collect();
+    assert_eq!(times, (0..10).collect::<Vec<u32>>(), "order kept");
+    logship.shutdown().await;
 }
 
 #[tokio::test]

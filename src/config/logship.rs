@@ -13,14 +13,19 @@ pub struct LogshipConfig {
     /// Directory of the durable spool. Default `./skiff-spool`.
     #[serde(default = "default_spool_dir")]
     pub spool_dir: String,
-    /// A batch is flushed at least this often. Default 2s.
+    /// Longest time spooled records wait for more records of their log
+    /// group before they are sent. Sources do not wait for it: their
+    /// records are accepted once written to the spool. Default 2s.
     #[serde(default = "default_linger", with = "duration")]
     pub linger: Duration,
-    /// A batch is flushed when its raw size reaches this many bytes.
-    /// Default 524288.
+    /// Upper bound of a batch's and a request's raw (uncompressed) size in
+    /// bytes; a request is sent without waiting for `linger` once its group
+    /// has this much spooled. Default 524288.
     #[serde(default = "default_max_batch_bytes")]
     pub max_batch_bytes: usize,
-    /// A batch is flushed when it holds this many records. Default 4096.
+    /// Upper bound of the records in a batch and in a request; a request is
+    /// sent without waiting for `linger` once its group has this many
+    /// spooled. Default 4096.
     #[serde(default = "default_max_batch_count")]
     pub max_batch_count: usize,
     /// Upper bound of the spool on disk, in bytes. Default 1073741824 (1 GiB).

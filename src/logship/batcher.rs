@@ -1,11 +1,14 @@
 //! The batcher: groups submitted records into log groups by (project,
-//! logstore, topic, source, tags), flushes a group on `linger`,
-//! `max_batch_bytes` or `max_batch_count`, and writes each batch to the
-//! spool before telling the sources their records are accepted.
+//! logstore, topic, source, tags) of at most `max_batch_bytes` and
+//! `max_batch_count`, and writes them to the spool before telling the
+//! sources their records are accepted.
+//!
+//! Writes are group commits: each write takes every submission queued
+//! meanwhile, so a source waits about one fsync, not `linger`. Delivery
+//! merges spooled batches of one group into requests and applies `linger`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use prost::Message;
@@ -25,6 +28,8 @@ const MAX_OPEN_GROUPS: usize = 256;
 /// Bytes of open log groups held in memory at once (or two batches, if
 /// larger); past this the largest group is flushed early.
 const MAX_OPEN_BYTES: usize = 32 * 1024 * 1024;
+/// Submissions taken into one group commit at most.
+const MAX_SUBMISSIONS_PER_COMMIT: usize = 1024;
 /// Room left in a request for the group's topic, source and tags.
 const GROUP_OVERHEAD_BYTES: usize = 64 * 1024;
 
@@ -45,7 +50,6 @@ pub enum SubmitError {
 /// Limits the batcher works with.
 #[derive(Debug, Clone)]
 pub struct BatchLimits {
-    pub linger: Duration,
     pub max_batch_bytes: usize,
     pub max_batch_count: usize,
     pub on_full: OnFull,
@@ -187,25 +191,32 @@ struct Batcher {
 impl Batcher {
     async fn run(mut self, mut receiver: mpsc::Receiver<Submission>, shutdown: CancellationToken) {
         loop {
-            let deadline = self
-                .open
-                .values()
-                .map(|b| b.started)
-                .min()
-                .map(|t| t + self.limits.linger);
-            tokio::select! {
+            let submission = tokio::select! {
                 received = receiver.recv() => match received {
-                    Some(submission) => self.add(submission).await,
+                    Some(submission) => submission,
                     None => break,
                 },
-                _ = sleep_until_some(deadline) => self.flush_expired().await,
                 _ = shutdown.cancelled() => break,
+            };
+            self.add(submission).await;
+            // Group commit: whatever queued up during the last write joins
+            // this one, so one fsync acknowledges many submissions.
+            for _ in 0..MAX_SUBMISSIONS_PER_COMMIT {
+                match receiver.try_recv() {
+                    Ok(submission) => self.add(submission).await,
+                    Err(_) => break,
+                }
             }
+            self.flush_all().await;
         }
         receiver.close();
         while let Some(submission) = receiver.recv().await {
             self.add(submission).await;
         }
+        self.flush_all().await;
+    }
+
+    async fn flush_all(&mut self) {
         let keys: Vec<GroupKey> = self.open.keys().cloned().collect();
         for key in keys {
             self.flush(&key).await;
@@ -262,19 +273,6 @@ impl Batcher {
             .max_by_key(|(_, b)| b.bytes)
             .map(|(k, _)| k.clone());
         if let Some(key) = largest {
-            self.flush(&key).await;
-        }
-    }
-
-    async fn flush_expired(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<GroupKey> = self
-            .open
-            .iter()
-            .filter(|(_, batch)| batch.started + self.limits.linger <= now)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in expired {
             self.flush(&key).await;
         }
     }
@@ -352,12 +350,5 @@ impl Batcher {
                     .for_each(|a| a.fail(SubmitError::Spool(err.to_string())));
             }
         }
-    }
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

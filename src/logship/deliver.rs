@@ -1,6 +1,8 @@
-//! Delivery: takes spooled batches oldest first, sends them through the
-//! sink, retries retryable failures with capped exponential backoff and
-//! jitter for as long as it takes, and dead-letters rejected batches.
+//! Delivery: takes spooled batches oldest first and merges those of one
+//! log group into requests of up to `max_batch_bytes` and
+//! `max_batch_count`, sent once the oldest is `linger` old. Retryable
+//! failures are retried with capped exponential backoff and jitter for as
+//! long as it takes, and rejected batches go to the dead-letter file.
 
 use std::io;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::deadletter::DeadLetter;
+use super::record::{now_ns, MAX_REQUEST_LOGS};
 use super::sink::{SendError, Sink};
 use super::spool::{Spool, SpooledBatch};
 
@@ -37,32 +40,57 @@ pub struct Delivery {
     pub sink: Sink,
     pub dead_letter: DeadLetter,
     pub backoff: Backoff,
+    /// A request waits until its oldest record is this old, unless it is
+    /// full or `drain` fired.
+    pub linger: Duration,
+    pub max_batch_bytes: usize,
+    pub max_batch_count: usize,
+    /// Fired on shutdown: send what is spooled without waiting for linger.
+    pub drain: CancellationToken,
 }
 
 impl Delivery {
     /// Delivers batches until `stop` is cancelled. A batch being sent when
     /// `stop` fires stays in the spool and is sent again on the next start.
-    // NOTE: one batch is in flight at a time, so a logstore that keeps
+    // NOTE: one request is in flight at a time, so a logstore that keeps
     // failing with a retryable error (such as its own write quota) holds
     // back batches of every other logstore until it recovers.
     pub async fn run(self, stop: CancellationToken) {
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        let max_count = self.max_batch_count.min(MAX_REQUEST_LOGS);
         loop {
-            let seq = tokio::select! {
-                seq = self.spool.next() => seq,
-                _ = gauges.tick() => { self.spool.update_gauges(); continue; }
-                _ = stop.cancelled() => return,
+            let notified = self.spool.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let plan = self.spool.plan(self.max_batch_bytes as u64, max_count);
+            let wait = match &plan {
+                None => None,
+                Some(plan) if plan.full || self.drain.is_cancelled() => Some(Duration::ZERO),
+                Some(plan) => {
+                    let age = Duration::from_nanos(now_ns().saturating_sub(plan.oldest_ns));
+                    Some(self.linger.saturating_sub(age))
+                }
             };
-            match self.spool.read(seq) {
+            let Some(plan) = plan.filter(|_| wait == Some(Duration::ZERO)) else {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = sleep_some(wait) => {}
+                    _ = gauges.tick() => self.spool.update_gauges(),
+                    _ = self.drain.cancelled(), if !self.drain.is_cancelled() => {}
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            };
+            match self.spool.read_merged(&plan.seqs) {
                 Ok(batch) => {
-                    if !self.deliver(&batch, &stop).await {
+                    if !self.deliver(&batch, &plan.seqs, &stop).await {
                         return;
                     }
                 }
-                Err(err) if err.kind() == io::ErrorKind::InvalidData => {
+                Err((seq, err)) if err.kind() == io::ErrorKind::InvalidData => {
                     metrics::counter!("skiff_logship_batches_corrupt_total").increment(1);
                     match self.spool.quarantine(seq) {
-                        Ok(path) => tracing::error!(file = %path.display(),
+                        Ok(path) => tracing::error!(file = %path.display(), error = %err,
                             "damaged spool file moved aside; its records were not sent"),
                         Err(err) => {
                             tracing::error!(error = %err, "cannot move damaged spool file aside");
@@ -72,7 +100,7 @@ impl Delivery {
                         }
                     }
                 }
-                Err(err) => {
+                Err((_, err)) => {
                     tracing::error!(error = %err, "cannot read spooled batch; retrying");
                     if !sleep_or_stop(Duration::from_secs(1), &stop).await {
                         return;
@@ -82,9 +110,10 @@ impl Delivery {
         }
     }
 
-    /// Sends one batch until it is delivered or dead-lettered; returns false
-    /// when `stop` fired first.
-    async fn deliver(&self, batch: &SpooledBatch, stop: &CancellationToken) -> bool {
+    /// Sends one (merged) batch until it is delivered or dead-lettered, then
+    /// removes the spooled batches `seqs` it was made of. Returns false when
+    /// `stop` fired first.
+    async fn deliver(&self, batch: &SpooledBatch, seqs: &[u64], stop: &CancellationToken) -> bool {
         let key = &batch.header.key;
         let sink = self.sink.name();
         let mut attempt = 0u32;
@@ -105,7 +134,7 @@ impl Delivery {
                     if attempt > 0 {
                         tracing::info!(logstore = %key.logstore, attempts = attempt + 1, "batch delivered after retries");
                     }
-                    return self.remove(batch.seq, stop).await;
+                    return self.remove(seqs, stop).await;
                 }
                 Err(SendError::Retryable(reason)) => {
                     attempt += 1;
@@ -122,7 +151,7 @@ impl Delivery {
                     }
                 }
                 Err(SendError::Rejected(reason)) => {
-                    return self.dead_letter(batch, &reason, stop).await;
+                    return self.dead_letter(batch, seqs, &reason, stop).await;
                 }
             }
         }
@@ -131,6 +160,7 @@ impl Delivery {
     async fn dead_letter(
         &self,
         batch: &SpooledBatch,
+        seqs: &[u64],
         reason: &str,
         stop: &CancellationToken,
     ) -> bool {
@@ -151,10 +181,19 @@ impl Delivery {
             .increment(1);
         tracing::warn!(logstore = %key.logstore, records = batch.header.records, error = %reason,
             file = %self.dead_letter.path().display(), "batch rejected by sink; written to dead-letter file");
-        self.remove(batch.seq, stop).await
+        self.remove(seqs, stop).await
     }
 
-    async fn remove(&self, seq: u64, stop: &CancellationToken) -> bool {
+    async fn remove(&self, seqs: &[u64], stop: &CancellationToken) -> bool {
+        for &seq in seqs {
+            if !self.remove_one(seq, stop).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn remove_one(&self, seq: u64, stop: &CancellationToken) -> bool {
         loop {
             match self.spool.remove(seq) {
                 Ok(()) => return true,
@@ -166,6 +205,13 @@ impl Delivery {
                 }
             }
         }
+    }
+}
+
+async fn sleep_some(delay: Option<Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Logship {
     batcher_shutdown: CancellationToken,
     abandon: CancellationToken,
     stop_delivery: CancellationToken,
+    /// Makes delivery send spooled batches without waiting for `linger`.
+    drain: CancellationToken,
     tasks: Mutex<Option<Tasks>>,
 }
 
@@ -100,9 +102,9 @@ impl Logship {
         let batcher_shutdown = CancellationToken::new();
         let abandon = CancellationToken::new();
         let stop_delivery = CancellationToken::new();
+        let drain = CancellationToken::new();
         let ingest_shutdown = CancellationToken::new();
         let limits = batcher::BatchLimits {
-            linger: config.linger,
             max_batch_bytes: config.max_batch_bytes,
             max_batch_count: config.max_batch_count,
             on_full: config.on_full,
@@ -118,6 +120,10 @@ impl Logship {
             sink,
             dead_letter: deadletter::DeadLetter::new(&spool_dir),
             backoff,
+            linger: config.linger,
+            max_batch_bytes: config.max_batch_bytes,
+            max_batch_count: config.max_batch_count,
+            drain: drain.clone(),
         };
         let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone()));
         let ingest_task = match (ingest_listener, &config.ingest) {
@@ -147,6 +153,7 @@ impl Logship {
             batcher_shutdown,
             abandon,
             stop_delivery,
+            drain,
             tasks: Mutex::new(Some(Tasks {
                 ingest: ingest_task,
                 batcher: batcher_task,
@@ -180,6 +187,7 @@ impl Logship {
             abandon.cancel();
             stop.cancel();
         });
+        self.drain.cancel();
         self.ingest_shutdown.cancel();
         if let Some(ingest) = tasks.ingest {
             let _ = ingest.await;

@@ -15,6 +15,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use prost::Message;
+
+use super::proto::LogGroup;
 use super::record::{now_ns, GroupKey};
 
 const MAGIC: &[u8; 8] = b"SKIFFSP1";
@@ -45,8 +48,27 @@ pub struct SpooledBatch {
 }
 
 struct Entry {
+    /// Size of the file.
     bytes: u64,
+    /// Size of the encoded log group in the file.
+    payload_bytes: u64,
+    records: usize,
     created_ns: u64,
+    /// `None` when the header cannot be read; reading the batch then fails
+    /// and delivery moves the file aside.
+    key: Option<GroupKey>,
+}
+
+/// Spooled batches of one log group that delivery can send as one request.
+#[derive(Debug, Clone)]
+pub struct SendPlan {
+    /// Sequence numbers, oldest first.
+    pub seqs: Vec<u64>,
+    /// When the oldest of them was written, in nanoseconds since the epoch.
+    pub oldest_ns: u64,
+    /// Whether the group has at least the request limits' worth of records
+    /// spooled, so waiting for more cannot make the request bigger.
+    pub full: bool,
 }
 
 #[derive(Default)]
@@ -82,10 +104,23 @@ impl Spool {
                 continue;
             };
             let bytes = fs::metadata(&path)?.len();
-            let created_ns = read_header(&path)
-                .map(|h| h.created_ns)
-                .unwrap_or_else(|_| now_ns());
-            state.entries.insert(seq, Entry { bytes, created_ns });
+            let entry = match read_header(&path) {
+                Ok((header, header_bytes)) => Entry {
+                    bytes,
+                    payload_bytes: bytes.saturating_sub(header_bytes),
+                    records: header.records,
+                    created_ns: header.created_ns,
+                    key: Some(header.key),
+                },
+                Err(_) => Entry {
+                    bytes,
+                    payload_bytes: bytes,
+                    records: 0,
+                    created_ns: now_ns(),
+                    key: None,
+                },
+            };
+            state.entries.insert(seq, entry);
             state.total_bytes += bytes;
             state.next_seq = state.next_seq.max(seq + 1);
         }
@@ -155,15 +190,16 @@ impl Spool {
         fs::rename(&temp, &path).map_err(|err| with_path(err, "rename", &temp))?;
         File::open(&self.dir)?.sync_all()?;
         let bytes = (MAGIC.len() + 4 + header_json.len() + log_group.len()) as u64;
+        let entry = Entry {
+            bytes,
+            payload_bytes: log_group.len() as u64,
+            records,
+            created_ns: header.created_ns,
+            key: Some(header.key),
+        };
         {
             let mut state = self.state.lock();
-            state.entries.insert(
-                seq,
-                Entry {
-                    bytes,
-                    created_ns: header.created_ns,
-                },
-            );
+            state.entries.insert(seq, entry);
             state.total_bytes += bytes;
         }
         self.changed.notify_waiters();
@@ -176,18 +212,82 @@ impl Spool {
         self.state.lock().entries.keys().next().copied()
     }
 
-    /// Waits until the spool contains a batch and returns the oldest one's
-    /// sequence number.
-    pub async fn next(&self) -> u64 {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(seq) = self.first() {
-                return seq;
+    /// Returns a future that completes on the next write or removal; call
+    /// `enable` on it before checking the spool to miss no change.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Plans the next request: the oldest batch and the younger batches of
+    /// the same log group, in order, while they fit in `max_bytes` and
+    /// `max_records` together. Returns `None` when the spool is empty.
+    pub fn plan(&self, max_bytes: u64, max_records: usize) -> Option<SendPlan> {
+        let state = self.state.lock();
+        let (&first_seq, first) = state.entries.iter().next()?;
+        let mut plan = SendPlan {
+            seqs: vec![first_seq],
+            oldest_ns: first.created_ns,
+            full: false,
+        };
+        let Some(key) = &first.key else {
+            return Some(plan);
+        };
+        let (mut bytes, mut records) = (first.payload_bytes, first.records);
+        let same_group = state
+            .entries
+            .range(first_seq + 1..)
+            .filter(|(_, entry)| entry.key.as_ref() == Some(key));
+        for (&seq, entry) in same_group {
+            if bytes + entry.payload_bytes > max_bytes || records + entry.records > max_records {
+                plan.full = true;
+                break;
             }
-            notified.await;
+            bytes += entry.payload_bytes;
+            records += entry.records;
+            plan.seqs.push(seq);
         }
+        if bytes >= max_bytes || records >= max_records {
+            plan.full = true;
+        }
+        Some(plan)
+    }
+
+    /// Reads the batches of `seqs` (one log group) and merges them into one
+    /// batch. On failure it returns the sequence number that failed.
+    pub fn read_merged(&self, seqs: &[u64]) -> Result<SpooledBatch, (u64, io::Error)> {
+        let first_seq = *seqs.first().expect("a plan has at least one batch");
+        let first = self.read(first_seq).map_err(|err| (first_seq, err))?;
+        if seqs.len() == 1 {
+            return Ok(first);
+        }
+        let decode = |seq: u64, batch: &SpooledBatch| {
+            LogGroup::decode(batch.log_group.clone()).map_err(|err| {
+                (
+                    seq,
+                    with_path(
+                        io::Error::new(io::ErrorKind::InvalidData, err),
+                        "decode",
+                        &self.batch_path(seq),
+                    ),
+                )
+            })
+        };
+        let mut group = decode(first_seq, &first)?;
+        let mut records = first.header.records;
+        for &seq in &seqs[1..] {
+            let batch = self.read(seq).map_err(|err| (seq, err))?;
+            group.logs.extend(decode(seq, &batch)?.logs);
+            records += batch.header.records;
+        }
+        Ok(SpooledBatch {
+            seq: first_seq,
+            header: BatchHeader {
+                key: first.header.key,
+                records,
+                created_ns: first.header.created_ns,
+            },
+            log_group: Bytes::from(group.encode_to_vec()),
+        })
     }
 
     /// Reads a batch back. A damaged file gives `InvalidData`.
@@ -279,7 +379,9 @@ fn parse_file(data: &[u8]) -> Option<(BatchHeader, usize)> {
     Some((header, MAGIC.len() + header_end))
 }
 
-fn read_header(path: &Path) -> io::Result<BatchHeader> {
+/// Reads a batch file's header and returns it with the bytes before the
+/// log group.
+fn read_header(path: &Path) -> io::Result<(BatchHeader, u64)> {
     let mut file = OpenOptions::new().read(true).open(path)?;
     let mut prefix = [0u8; 12];
     file.read_exact(&mut prefix)?;
@@ -289,7 +391,8 @@ fn read_header(path: &Path) -> io::Result<BatchHeader> {
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)?;
-    serde_json::from_slice(&header).map_err(io::Error::other)
+    let header = serde_json::from_slice(&header).map_err(io::Error::other)?;
+    Ok((header, 12 + u64::from(len)))
 }
 
 fn with_path(err: io::Error, action: &str, path: &Path) -> io::Error {
@@ -365,5 +468,53 @@ mod tests {
         assert!(used > 100);
         assert!(spool.has_room(4000 - used - FILE_OVERHEAD_BYTES));
         assert!(!spool.has_room(4001 - used - FILE_OVERHEAD_BYTES));
+    }
+
+    fn encoded(ids: &[u32]) -> Vec<u8> {
+        let logs = ids
+            .iter()
+            .map(|id| crate::logship::proto::Log {
+                time: *id,
+                contents: vec![],
+                time_ns: None,
+            })
+            .collect();
+        LogGroup {
+            logs,
+            topic: Some(String::new()),
+            ..LogGroup::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn plan_merges_one_group_within_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let a1 = spool.write(&key("aa"), 2, &encoded(&[1, 2])).unwrap();
+        let b1 = spool.write(&key("bb"), 1, &encoded(&[3])).unwrap();
+        let a2 = spool.write(&key("aa"), 1, &encoded(&[4])).unwrap();
+        let a3 = spool.write(&key("aa"), 2, &encoded(&[5, 6])).unwrap();
+
+        let plan = spool.plan(1 << 20, 3).unwrap();
+        assert_eq!(plan.seqs, vec![a1, a2], "a3 would pass 3 records");
+        assert!(plan.full);
+        let merged = spool.read_merged(&plan.seqs).unwrap();
+        assert_eq!(merged.header.records, 3);
+        let times: Vec<u32> = LogGroup::decode(merged.log_group)
+            .unwrap()
+            .logs
+            .iter()
+            .map(|log| log.time)
+            .collect();
+        assert_eq!(times, vec![1, 2, 4]);
+
+        let roomy = spool.plan(1 << 20, 100).unwrap();
+        assert_eq!(roomy.seqs, vec![a1, a2, a3]);
+        assert!(!roomy.full);
+        spool.remove(a1).unwrap();
+        spool.remove(a2).unwrap();
+        spool.remove(a3).unwrap();
+        assert_eq!(spool.plan(1 << 20, 100).unwrap().seqs, vec![b1]);
     }
 }
