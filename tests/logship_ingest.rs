@@ -283,3 +283,46 @@ async fn connections_beyond_limit_wait() {
     drop(second);
     logship.shutdown().await;
 }
+
+#[tokio::test]
+async fn full_spool_answers_server_busy() {
+    let mock = mock().await;
+    mock.fail_all(Some(mock_sls::Fault::Status(
+        500,
+        "InternalServerError",
+        "down",
+    )));
+    let dir = tempfile::tempdir().unwrap();
+    let base = harness::sls_config(
+        dir.path(),
+        &mock.endpoint(),
+        "max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"reject\"",
+        "",
+    );
+    let text = format!("{base}[logship.ingest]\nlisten = \"127.0.0.1:0\"\n");
+    let logship = harness::start(&text).await;
+    let addr = logship.ingest_addr().unwrap();
+    let request = PutLogs::new(addr, "app_logs");
+    let mut accepted = 0;
+    let mut busy = None;
+    for round in 0..100 {
+        let response = put_logs(&request, &log_group(&format!("r{round}"), 5)).await;
+        if response.status() == 200 {
+            accepted += 1;
+            continue;
+        }
+        busy = Some(error_code(response).await);
+        break;
+    }
+    let (status, code, message) = busy.expect("a full spool is reported");
+    assert_eq!((status, code.as_str()), (503, "ServerBusy"));
+    assert!(message.contains("max_spool_bytes"), "{message}");
+    assert!(accepted > 0);
+
+    mock.fail_all(None);
+    let logs = mock
+        .wait_for_logs(accepted * 5, Duration::from_secs(10))
+        .await;
+    assert!(logs.len() >= accepted * 5);
+    logship.shutdown().await;
+}
