@@ -273,8 +273,9 @@ async fn spool_full_blocks_until_room() {
     let extra = "max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"block\"";
     let logship = start(&sls_config(dir.path(), &mock.endpoint(), extra, "")).await;
     let shipper = logship.shipper();
-    // A submit that has not returned after 2s while the spool has no room
-    // for another batch is blocked; a slow machine only delays the loop.
+    // A submit counts as blocked when it has not returned after 2s while
+    // the spool has no room for another batch. A slow machine only makes
+    // the loop take longer.
     let mut blocked_at = None;
     for i in 0..200 {
         let submit = shipper.submit(vec![node_record("nodes", i)]);

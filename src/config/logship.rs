@@ -13,26 +13,27 @@ pub struct LogshipConfig {
     /// Directory of the durable spool. Default `./skiff-spool`.
     #[serde(default = "default_spool_dir")]
     pub spool_dir: String,
-    /// Longest time spooled records wait for more records of their log
+    /// Maximum time spooled records wait for more records of their log
     /// group before they are sent. Sources do not wait for it: their
     /// records are accepted once written to the spool. Default 2s.
     #[serde(default = "default_linger", with = "duration")]
     pub linger: Duration,
     /// Upper bound of a batch's and a request's raw (uncompressed) size in
-    /// bytes; a request is sent without waiting for `linger` once its group
-    /// has this much spooled. Default 524288.
+    /// bytes. Once a group has this much spooled, its request is sent
+    /// without waiting for `linger`. Default 524288.
     #[serde(default = "default_max_batch_bytes")]
     pub max_batch_bytes: usize,
-    /// Upper bound of the records in a batch and in a request; a request is
-    /// sent without waiting for `linger` once its group has this many
-    /// spooled. Default 4096.
+    /// Upper bound of the records in a batch and in a request. Once a group
+    /// has this many spooled, its request is sent without waiting for
+    /// `linger`. Default 4096.
     #[serde(default = "default_max_batch_count")]
     pub max_batch_count: usize,
     /// Upper bound of the spool on disk, in bytes. Default 1073741824 (1 GiB).
     #[serde(default = "default_max_spool_bytes")]
     pub max_spool_bytes: u64,
-    /// What a full spool does to new records: `block` makes the source wait
-    /// for room, `reject` fails the submission with an error. Default `block`.
+    /// Behavior of a full spool towards new records: `block` makes the
+    /// source wait for room, `reject` fails the submission with an error.
+    /// Default `block`.
     #[serde(default)]
     pub on_full: OnFull,
     /// On shutdown, how long delivery of spooled batches may go on before

@@ -2,11 +2,11 @@
 //! log records, one per row, from the SQL text that passes through the pooler
 //! (and, for the extended protocol, the Bind parameters). Pure functions, no I/O.
 //!
-//! Each record has one content per column written, in statement order
-//! (JSON columns keep their JSON text; NULL and DEFAULT columns are left
-//! out), then `__table__`, `__op__` (`insert` or `update`) and
-//! `log_version` (the capture time in nanoseconds, so readers keep the
-//! latest version per id).
+//! Each record has one content per column written, in statement order.
+//! JSON columns keep their JSON text, and NULL and DEFAULT columns are left
+//! out. Then come `__table__`, `__op__` (`insert` or `update`) and
+//! `log_version`, the capture time in nanoseconds, so readers can keep the
+//! latest version per id.
 //!
 //! Use from the pooler:
 //! 1. [`Capture::new`] once from `[[logship.capture]]`.

@@ -9,14 +9,14 @@ use super::spool::SpooledBatch;
 pub use file::FileSink;
 pub use sls::SlsSink;
 
-/// Why a batch was not delivered.
+/// Reason a batch was not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
     /// Worth sending again later: throttling, server errors, timeouts,
     /// connection failures, a full disk.
     #[error("{0}")]
     Retryable(String),
-    /// The batch itself was refused; sending it again gives the same answer.
+    /// The batch itself was rejected, so sending it again fails the same way.
     #[error("{0}")]
     Rejected(String),
 }
