@@ -28,6 +28,8 @@ const MAX_OPEN_GROUPS: usize = 256;
 /// Bytes of open log groups held in memory at once (or two batches, if
 /// larger); past this the largest group is flushed early.
 const MAX_OPEN_BYTES: usize = 32 * 1024 * 1024;
+/// Minimum time between two "spool full" warnings.
+const FULL_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Submissions taken into one group commit at most.
 const MAX_SUBMISSIONS_PER_COMMIT: usize = 1024;
 /// Room left in a request for the group's topic, source and tags.
@@ -104,6 +106,7 @@ impl Shipper {
     ) -> (Shipper, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let batcher = Batcher {
+            last_full_warning: None,
             open: HashMap::new(),
             open_bytes: 0,
             spool: spool.clone(),
@@ -180,6 +183,8 @@ impl Drop for OpenBatch {
 }
 
 struct Batcher {
+    /// When the last "spool full" warning was logged.
+    last_full_warning: Option<Instant>,
     open: HashMap<GroupKey, OpenBatch>,
     /// Sum of `bytes` over `open`.
     open_bytes: usize,
@@ -288,6 +293,27 @@ impl Batcher {
         }
     }
 
+    /// Logs that the spool is full, at most once per [`FULL_WARNING_INTERVAL`].
+    fn warn_spool_full(&mut self, logstore: &str, action: &str) {
+        let now = Instant::now();
+        if self
+            .last_full_warning
+            .is_some_and(|last| now - last < FULL_WARNING_INTERVAL)
+        {
+            return;
+        }
+        self.last_full_warning = Some(now);
+        let (bytes, batches, age) = self.spool.usage();
+        tracing::warn!(
+            logstore,
+            spool_bytes = bytes,
+            spooled_batches = batches,
+            oldest_batch_age_seconds = age,
+            max_spool_bytes = self.spool.max_bytes(),
+            "spool full: {action}"
+        );
+    }
+
     /// Writes one group's batch to the spool and completes its acks.
     async fn flush(&mut self, key: &GroupKey) {
         let Some(mut batch) = self.open.remove(key) else {
@@ -306,7 +332,7 @@ impl Batcher {
         let size = encoded.len() as u64;
         match self.limits.on_full {
             OnFull::Reject if !self.spool.has_room(size) => {
-                tracing::warn!(logstore = %key.logstore, records, "spool full: batch rejected");
+                self.warn_spool_full(&key.logstore, "rejecting new records");
                 metrics::counter!("skiff_logship_batches_rejected_total").increment(1);
                 let max_bytes = self.spool.max_bytes();
                 batch
@@ -315,13 +341,14 @@ impl Batcher {
                     .for_each(|a| a.fail(SubmitError::SpoolFull { max_bytes }));
                 return;
             }
-            OnFull::Reject => {}
-            OnFull::Block => {
+            OnFull::Block if !self.spool.has_room(size) => {
+                self.warn_spool_full(&key.logstore, "sources wait for room");
                 tokio::select! {
                     _ = self.spool.wait_for_room(size) => {}
                     _ = self.abandon.cancelled() => return,
                 }
             }
+            OnFull::Reject | OnFull::Block => {}
         }
         let spool = self.spool.clone();
         let write_key = key.clone();
