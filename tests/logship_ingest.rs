@@ -200,7 +200,7 @@ async fn python_sdk_put_logs() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/support/logship_sdk_put_logs.py"
     );
-    let run = move |auth: &str, secret: &str, prefix: &str| {
+    let run = move |auth: &str, secret: &str, prefix: &str, mode: &str| {
         std::process::Command::new("python3")
             .args([
                 script,
@@ -211,12 +211,18 @@ async fn python_sdk_put_logs() {
                 "workflow_app_log",
                 auth,
                 prefix,
+                mode,
             ])
             .output()
             .unwrap()
     };
-    for (auth, prefix) in [("v1", "sdkv1"), ("v4", "sdkv4")] {
-        let output = tokio::task::spawn_blocking(move || run(auth, "test-secret", prefix))
+    let runs = [
+        ("v1", "sdkv1", "lb"),
+        ("v4", "sdkv4", "lb"),
+        ("v1", "sdkroute", "route"),
+    ];
+    for (auth, prefix, mode) in runs {
+        let output = tokio::task::spawn_blocking(move || run(auth, "test-secret", prefix, mode))
             .await
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -227,14 +233,35 @@ async fn python_sdk_put_logs() {
         );
         assert!(stdout.contains("request_id="), "{stdout}");
     }
-    let logs = mock.wait_for_logs(6, Duration::from_secs(10)).await;
+    let logs = mock.wait_for_logs(9, Duration::from_secs(10)).await;
     assert!(mock.violations().is_empty(), "{:?}", mock.violations());
     let mut ids: Vec<&str> = logs.iter().map(|(_, log)| log.get("id").unwrap()).collect();
     ids.sort();
-    assert_eq!(
-        ids,
-        ["sdkv1-0", "sdkv1-1", "sdkv1-2", "sdkv4-0", "sdkv4-1", "sdkv4-2"]
-    );
+    let expected = [
+        "sdkroute-0",
+        "sdkroute-1",
+        "sdkroute-2",
+        "sdkv1-0",
+        "sdkv1-1",
+        "sdkv1-2",
+        "sdkv4-0",
+        "sdkv4-1",
+        "sdkv4-2",
+    ];
+    assert_eq!(ids, expected);
+    let routed = mock
+        .accepted()
+        .into_iter()
+        .find(|a| {
+            a.group
+                .logs
+                .iter()
+                .any(|log| log.get("id") == Some("sdkroute-0"))
+        })
+        .unwrap();
+    assert_eq!(routed.group.log_tags.len(), 1);
+    assert_eq!(routed.group.log_tags[0].key, "tenant");
+    assert_eq!(routed.group.log_tags[0].value, "t-1");
     let first = logs
         .iter()
         .find(|(_, log)| log.get("id") == Some("sdkv1-1"))
@@ -243,7 +270,7 @@ async fn python_sdk_put_logs() {
     assert_eq!(first.1.get("outputs"), Some(r#"{"text": "hello"}"#));
     assert_eq!(first.1.time, 1_700_000_001);
 
-    let output = tokio::task::spawn_blocking(move || run("v1", "wrong-secret", "bad"))
+    let output = tokio::task::spawn_blocking(move || run("v1", "wrong-secret", "bad", "lb"))
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

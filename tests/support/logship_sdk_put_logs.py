@@ -1,7 +1,9 @@
 """Sends three logs with the official SLS Python SDK's put_logs.
 
-Usage: logship_sdk_put_logs.py ENDPOINT AK SECRET PROJECT LOGSTORE v1|v4 ID_PREFIX
-Prints request_id=... and exits 0, or prints error_code=... and exits 1.
+Usage: logship_sdk_put_logs.py ENDPOINT AK SECRET PROJECT LOGSTORE v1|v4 ID_PREFIX [route]
+With "route" the request carries a hash key (POST .../shards/route?key=...)
+and log tags. Prints request_id=... and exits 0, or prints error_code=...
+and exits 1.
 """
 
 import sys
@@ -11,6 +13,7 @@ from aliyun.log import LogClient, LogException, LogItem, PutLogsRequest
 
 def main():
     endpoint, key_id, secret, project, logstore, auth, prefix = sys.argv[1:8]
+    route = sys.argv[8:9] == ["route"]
     client = LogClient(endpoint, key_id, secret, auth_version=auth, region="cn-hangzhou")
     items = []
     for i in range(3):
@@ -21,7 +24,11 @@ def main():
             ("status", "succeeded"),
         ])
         items.append(item)
-    request = PutLogsRequest(project, logstore, "dify", "", items, compress=True)
+    if route:
+        request = PutLogsRequest(project, logstore, "dify", "", items, hashKey="0123456789abcdef",
+                                 compress=True, logtags=[("tenant", "t-1")])
+    else:
+        request = PutLogsRequest(project, logstore, "dify", "", items, compress=True)
     try:
         response = client.put_logs(request)
     except LogException as err:
