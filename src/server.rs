@@ -62,15 +62,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     let mut components: Vec<Arc<dyn Component>> = Vec::new();
     let mut jobs = Vec::new();
 
-    if let Some(pg_config) = &config.postgres {
-        let pooler = pg::Pooler::new(pg_config.clone(), &config)
-            .map_err(|err| ServerError::Setup(err.to_string()))?;
-        let listener = bind(&pg_config.listen).await?;
-        tracing::info!(listen = %pg_config.listen, "postgres pooler listening");
-        components.push(pooler.clone());
-        jobs.push(tokio::spawn(pooler.serve(listener, shutdown.clone())));
-    }
-
+    // Before the pooler, so the capture can submit through its shipper.
     let mut logship = None;
     if let Some(logship_config) = &config.logship {
         let shipper = Logship::start(logship_config, &config)
@@ -78,6 +70,15 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
             .map_err(|err| ServerError::Setup(err.to_string()))?;
         components.push(shipper.clone());
         logship = Some(shipper);
+    }
+
+    if let Some(pg_config) = &config.postgres {
+        let pooler = pg::Pooler::new(pg_config.clone(), &config)
+            .map_err(|err| ServerError::Setup(err.to_string()))?;
+        let listener = bind(&pg_config.listen).await?;
+        tracing::info!(listen = %pg_config.listen, "postgres pooler listening");
+        components.push(pooler.clone());
+        jobs.push(tokio::spawn(pooler.serve(listener, shutdown.clone())));
     }
 
     let admin_listener = bind(&config.admin.listen).await?;
