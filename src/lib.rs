@@ -4,5 +4,6 @@
 
 pub mod admin;
 pub mod config;
+pub mod logship;
 pub mod pg;
 pub mod server;

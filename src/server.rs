@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Component};
 use crate::config::Config;
+use crate::logship::Logship;
 use crate::pg;
 
 /// Failure to start skiff.
@@ -63,6 +64,16 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     let mut components: Vec<Arc<dyn Component>> = Vec::new();
     let mut jobs = Vec::new();
 
+    // Before the pooler, so the capture can submit through its shipper.
+    let mut logship = None;
+    if let Some(logship_config) = &config.logship {
+        let shipper = Logship::start(logship_config, &config)
+            .await
+            .map_err(|err| ServerError::Setup(err.to_string()))?;
+        components.push(shipper.clone());
+        logship = Some(shipper);
+    }
+
     if let Some(pg_config) = &config.postgres {
         let pooler = pg::Pooler::new(pg_config.clone(), &config)
             .map_err(|err| ServerError::Setup(err.to_string()))?;
@@ -87,6 +98,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     shutdown.cancel();
     for job in jobs {
         let _ = job.await;
+    }
+    // After the pooler, so records it captured while draining reach the
+    // spool; what delivery cannot finish in time stays spooled.
+    if let Some(logship) = logship {
+        logship.shutdown().await;
     }
     admin_shutdown.cancel();
     let _ = admin_job.await;

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use logship::LogshipConfig;
+pub use logship::{
+    CaptureConfig, FileSinkConfig, IngestConfig, LogshipConfig, OnFull, SignatureVersion, SlsConfig,
+};
 pub use postgres::{AuthType, PgAuthConfig, PgConfig, PgDatabase, PoolMode};
 pub use redis::RedisConfig;
 
