@@ -75,7 +75,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     }
 
     if let Some(pg_config) = &config.postgres {
-        let pooler = pg::Pooler::new(pg_config.clone(), &config)
+        let shipper = logship.as_ref().map(|l| l.shipper());
+        let pooler = pg::Pooler::new(pg_config.clone(), &config, shipper)
             .map_err(|err| ServerError::Setup(err.to_string()))?;
         let listener = bind(&pg_config.listen).await?;
         tracing::info!(listen = %pg_config.listen, "postgres pooler listening");

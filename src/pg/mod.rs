@@ -4,6 +4,7 @@
 pub mod auth;
 mod backend;
 mod cancel;
+mod capture;
 mod frontend;
 mod params;
 mod pending;
@@ -24,6 +25,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{BoxFuture, Component};
 use crate::config::{Config, PgConfig, PgDatabase};
+use crate::logship::capture::Capture;
+use crate::logship::Shipper;
 
 use self::auth::UserList;
 use self::backend::ServerTarget;
@@ -47,11 +50,30 @@ pub struct Pooler {
     statements: Registry,
     clients: AtomicUsize,
     next_client_id: AtomicU64,
+    /// Log-table capture, when `[[logship.capture]]` lists tables.
+    capture: Option<Arc<capture::CaptureHook>>,
 }
 
 impl Pooler {
-    pub fn new(config: PgConfig, root: &Config) -> Result<Arc<Pooler>, PoolerError> {
+    /// Sets up the pooler; `shipper` receives captured log-table rows.
+    pub fn new(
+        config: PgConfig,
+        root: &Config,
+        shipper: Option<Shipper>,
+    ) -> Result<Arc<Pooler>, PoolerError> {
         let users = UserList::load(&config, root)?;
+        let captures = root
+            .logship
+            .as_ref()
+            .map(|l| l.capture.as_slice())
+            .unwrap_or(&[]);
+        let capture = match shipper {
+            Some(shipper) if !captures.is_empty() => Some(Arc::new(capture::CaptureHook {
+                capture: Capture::new(captures),
+                shipper,
+            })),
+            _ => None,
+        };
         Ok(Arc::new(Pooler {
             config,
             users,
@@ -60,6 +82,7 @@ impl Pooler {
             statements: Registry::default(),
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
+            capture,
         }))
     }
 

@@ -26,7 +26,11 @@ pub enum Request {
     Bind {
         statement: Option<String>,
     },
-    Describe,
+    /// Describe; `statement` is the client's name of a captured statement
+    /// whose parameter types skiff takes from the reply.
+    Describe {
+        statement: Option<String>,
+    },
     Execute,
     Close,
     /// Sync: ends with ReadyForQuery.
@@ -42,7 +46,7 @@ impl Request {
         match self {
             Request::Parse { .. } => tag == backend::PARSE_COMPLETE,
             Request::Bind { .. } => tag == backend::BIND_COMPLETE,
-            Request::Describe => tag == backend::ROW_DESCRIPTION || tag == backend::NO_DATA,
+            Request::Describe { .. } => tag == backend::ROW_DESCRIPTION || tag == backend::NO_DATA,
             Request::Execute => matches!(
                 tag,
                 backend::COMMAND_COMPLETE
@@ -183,8 +187,9 @@ mod tests {
 
     #[test]
     fn completion_tags() {
-        assert!(Request::Describe.completed_by(backend::NO_DATA));
-        assert!(!Request::Describe.completed_by(backend::PARAMETER_DESCRIPTION));
+        let describe = Request::Describe { statement: None };
+        assert!(describe.completed_by(backend::NO_DATA));
+        assert!(!describe.completed_by(backend::PARAMETER_DESCRIPTION));
         assert!(Request::Execute.completed_by(backend::PORTAL_SUSPENDED));
         assert!(!Request::Execute.completed_by(backend::DATA_ROW));
         assert!(Request::Query.ends_with_ready());

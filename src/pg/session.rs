@@ -1,6 +1,7 @@
 //! The relay between one logged-in client and the server connections it
 //! borrows: checkout, forwarding, prepared statement renaming and release.
 
+mod capture;
 mod client;
 mod server;
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendError;
 use super::cancel::CancelHandle;
+use super::capture::SessionCapture;
 use super::frontend::LoggedIn;
 use super::params;
 use super::pending::{Expected, Pending};
@@ -64,6 +66,10 @@ pub struct Session {
     settings: BTreeMap<String, String>,
     cancel: CancelHandle,
     shutdown: CancellationToken,
+    /// The database name the client connected to.
+    database: String,
+    /// Log-table capture state, when capture is configured.
+    capture: Option<SessionCapture>,
 }
 
 impl Session {
@@ -76,7 +82,10 @@ impl Session {
         shutdown: CancellationToken,
     ) -> Session {
         let cancel = pooler.cancels.register();
+        let capture = pooler.capture.as_ref().map(|_| SessionCapture::default());
         Session {
+            database: logged_in.database,
+            capture,
             mode: pooler.config.pool_mode,
             settings: params::startup_settings(&logged_in.params),
             pool: logged_in.pool,

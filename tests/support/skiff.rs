@@ -17,10 +17,15 @@ pub struct Skiff {
 impl Skiff {
     /// Starts a pooler from a config text; its `listen` is ignored.
     pub async fn start(toml: &str) -> Skiff {
+        Self::start_with_shipper(toml, None).await
+    }
+
+    /// Starts a pooler whose captured rows go to `shipper`.
+    pub async fn start_with_shipper(toml: &str, shipper: Option<skiff::logship::Shipper>) -> Skiff {
         skiff::admin::install_recorder();
         let config = Config::parse(toml).expect("test config is valid");
         let pg = config.postgres.clone().expect("test config has [postgres]");
-        let pooler = Pooler::new(pg, &config).expect("pooler starts");
+        let pooler = Pooler::new(pg, &config, shipper).expect("pooler starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let shutdown = CancellationToken::new();

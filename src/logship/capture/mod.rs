@@ -140,6 +140,15 @@ impl Capture {
             && names.any(|t| contains_ignore_case(bytes, t.table.as_bytes()))
     }
 
+    /// Counts the statements of a simple Query, as `;` separates them.
+    pub fn statement_count(sql: &str) -> Result<usize, CaptureError> {
+        let tokens = lexer::tokenize(sql)?;
+        Ok(tokens
+            .split(|t| t.kind == lexer::TokenKind::Punct(';'))
+            .filter(|statement| !statement.is_empty())
+            .count())
+    }
+
     /// Parses a statement from a Parse message. `Ok(None)` means the
     /// statement does not write a captured table.
     pub fn prepare(&self, database: &str, sql: &str) -> Result<Option<CapturePlan>, CaptureError> {

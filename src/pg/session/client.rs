@@ -7,7 +7,8 @@ use super::{Flow, Session, FLUSH_THRESHOLD};
 use crate::pg::pending::{Expected, Request};
 use crate::pg::prepared::{Statement, MAX_CLIENT_STATEMENTS};
 use crate::pg::protocol::{
-    self, backend, frontend, read_cstr, Bind, Message, Parse, Severity, Target, TARGET_STATEMENT,
+    self, backend, frontend, read_cstr, Bind, Message, Parse, Severity, Target, TARGET_PORTAL,
+    TARGET_STATEMENT,
 };
 
 impl Session {
@@ -30,10 +31,7 @@ impl Session {
             frontend::BIND => self.on_bind(message).await,
             frontend::DESCRIBE => self.on_describe(message).await,
             frontend::CLOSE => self.on_close(message).await,
-            frontend::EXECUTE => {
-                self.pool.count_query();
-                self.forward(&message.raw, Request::Execute).await
-            }
+            frontend::EXECUTE => self.on_execute(message).await,
             frontend::SYNC => self.on_sync(message),
             frontend::FLUSH => {
                 self.send(&message.raw);
@@ -119,7 +117,24 @@ impl Session {
             }
             _ => {}
         }
+        if let Some(reply) = self.capture_query(sql).await {
+            self.expect(Expected::Local(reply));
+            return Ok(());
+        }
         self.forward(&message.raw, Request::Query).await
+    }
+
+    async fn on_execute(&mut self, message: Message) -> Result<(), String> {
+        self.pool.count_query();
+        let mut body = message.body();
+        let portal = read_cstr(&mut body).ok_or("malformed Execute message")?;
+        if let Some(reply) = self.execute_diverted(portal).await {
+            let failed = reply.first() == Some(&backend::ERROR_RESPONSE);
+            self.expect(Expected::Local(reply));
+            self.client_skipping = failed;
+            return Ok(());
+        }
+        self.forward(&message.raw, Request::Execute).await
     }
 
     fn tracking(&self) -> bool {
@@ -128,6 +143,12 @@ impl Session {
 
     async fn on_parse(&mut self, message: Message) -> Result<(), String> {
         let parse = Parse::decode(&message).map_err(|e| e.to_string())?;
+        if let (Some(hook), Some(capture)) = (&self.pooler.capture, &mut self.capture) {
+            if parse.name.is_empty() || !self.statements.contains_key(&parse.name) {
+                let (database, types) = (&self.database, &parse.param_types);
+                capture.on_parse(hook, database, &parse.name, &parse.query, types);
+            }
+        }
         if parse.name.is_empty() || !self.tracking() {
             let request = Request::Parse {
                 statement: None,
@@ -216,6 +237,11 @@ impl Session {
 
     async fn on_bind(&mut self, message: Message) -> Result<(), String> {
         let bind = Bind::decode(&message).map_err(|e| e.to_string())?;
+        if self.capture_bind(bind.statement, bind.portal, bind.rest) {
+            let reply = protocol::empty_message(backend::BIND_COMPLETE);
+            self.expect(Expected::Local(reply));
+            return Ok(());
+        }
         let statement = match bind.statement {
             "" => None,
             name => self.statements.get(name).cloned(),
@@ -239,13 +265,26 @@ impl Session {
 
     async fn on_describe(&mut self, message: Message) -> Result<(), String> {
         let target = Target::decode(&message).map_err(|e| e.to_string())?;
+        if target.kind == TARGET_PORTAL && self.is_diverted_portal(&target.name) {
+            // A diverted INSERT or UPDATE returns no rows.
+            self.expect(Expected::Local(protocol::empty_message(backend::NO_DATA)));
+            return Ok(());
+        }
+        let captured = target.kind == TARGET_STATEMENT
+            && self
+                .capture
+                .as_ref()
+                .is_some_and(|c| c.has_plan(&target.name));
+        let request = Request::Describe {
+            statement: captured.then(|| target.name.clone()),
+        };
         let statement = if target.kind == TARGET_STATEMENT && !target.name.is_empty() {
             self.statements.get(&target.name).cloned()
         } else {
             None
         };
         let Some(statement) = statement.filter(|_| self.tracking()) else {
-            return self.forward(&message.raw, Request::Describe).await;
+            return self.forward(&message.raw, request).await;
         };
         if let Err(error) = self.ensure_server().await {
             self.fail_request(error, false);
@@ -253,13 +292,18 @@ impl Session {
         }
         self.ensure_prepared(&statement);
         self.send(&target.encode_as(frontend::DESCRIBE, &statement.name));
-        self.expect(Expected::Forward(Request::Describe));
+        self.expect(Expected::Forward(request));
         Ok(())
     }
 
     async fn on_close(&mut self, message: Message) -> Result<(), String> {
         let target = Target::decode(&message).map_err(|e| e.to_string())?;
         let named_statement = target.kind == TARGET_STATEMENT && !target.name.is_empty();
+        if named_statement {
+            if let Some(capture) = &mut self.capture {
+                capture.forget(&target.name);
+            }
+        }
         if named_statement && self.tracking() {
             // The server keeps the statement for other clients; only this
             // client's name goes away.

@@ -34,6 +34,7 @@ impl Session {
             Expected::Injected(request) => (request, false),
             Expected::Local(_) => unreachable!("due replies were emitted"),
         };
+        self.capture_observe(tag, message.body());
         if tag == backend::ERROR_RESPONSE {
             self.write(&message.raw);
             self.on_error(&message, &request);
@@ -44,6 +45,17 @@ impl Session {
             backend::COMMAND_COMPLETE => self.track_command(&message),
             backend::COPY_IN_RESPONSE if request == Request::Execute => {
                 self.pending.drop_syncs_after_front();
+            }
+            backend::PARAMETER_DESCRIPTION => {
+                if let (
+                    Request::Describe {
+                        statement: Some(name),
+                    },
+                    Some(capture),
+                ) = (&request, &mut self.capture)
+                {
+                    capture.on_parameter_description(name, message.body());
+                }
             }
             _ => {}
         }
@@ -143,6 +155,7 @@ impl Session {
 
     async fn on_ready(&mut self, message: &Message) {
         let status = message.body().first().copied().unwrap_or(b'I');
+        self.capture_settle(status).await;
         let Some(checkout) = &mut self.server else {
             return;
         };
