@@ -60,6 +60,16 @@ pub async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
 /// Runs every configured job until SIGTERM or SIGINT, then drains.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError> {
     let prometheus = admin::install_recorder();
+    // Histogram samples pile up until the next scrape; upkeep folds them in
+    // so memory stays bounded when nothing scrapes /metrics.
+    let upkeep_handle = prometheus.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            interval.tick().await;
+            upkeep_handle.run_upkeep();
+        }
+    });
     let shutdown = CancellationToken::new();
     let mut components: Vec<Arc<dyn Component>> = Vec::new();
     let mut jobs = Vec::new();
@@ -107,6 +117,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     }
     admin_shutdown.cancel();
     let _ = admin_job.await;
+    upkeep.abort();
     tracing::info!("shutdown complete");
     Ok(())
 }

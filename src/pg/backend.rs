@@ -89,6 +89,8 @@ pub struct ServerConn {
     /// Statements that must be closed before they are prepared again, after
     /// the server reported that their cached plan changed.
     pub needs_close: HashSet<String>,
+    /// A client ran SQL-level PREPARE, so a reset must also DEALLOCATE ALL.
+    pub sql_prepared: bool,
 }
 
 impl ServerConn {
@@ -142,6 +144,7 @@ impl ServerConn {
             dirty_by: None,
             tx_status: b'I',
             needs_close: HashSet::new(),
+            sql_prepared: false,
         };
         conn.login(target).await?;
         Ok(conn)

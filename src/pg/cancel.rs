@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use super::protocol;
 
@@ -20,7 +21,16 @@ pub struct ServerKey {
     pub secret_key: i32,
 }
 
-type Slot = Arc<Mutex<Option<Arc<ServerKey>>>>;
+/// Where a client's cancel request goes now.
+#[derive(Default)]
+struct CancelTarget {
+    /// The server connection the client is using.
+    server: Option<Arc<ServerKey>>,
+    /// Woken when the client waits for a server connection.
+    waiting: Option<Arc<Notify>>,
+}
+
+type Slot = Arc<Mutex<CancelTarget>>;
 
 /// Client cancel keys of every connected client.
 #[derive(Default)]
@@ -39,7 +49,7 @@ pub struct CancelHandle {
 impl CancelRegistry {
     /// Registers a new client under a fresh random key.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
-        let slot: Slot = Arc::new(Mutex::new(None));
+        let slot: Slot = Arc::new(Mutex::new(CancelTarget::default()));
         let mut rng = rand::thread_rng();
         let mut clients = self.clients.lock();
         loop {
@@ -61,32 +71,60 @@ impl CancelRegistry {
     pub async fn cancel(&self, process_id: i32, secret_key: i32) {
         let target = {
             let clients = self.clients.lock();
-            clients
-                .get(&(process_id, secret_key))
-                .and_then(|slot| slot.lock().clone())
+            let Some(slot) = clients.get(&(process_id, secret_key)) else {
+                tracing::debug!("cancel request with unknown key ignored");
+                return;
+            };
+            let slot = slot.lock();
+            if let Some(waiting) = &slot.waiting {
+                metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
+                waiting.notify_one();
+                return;
+            }
+            slot.server.clone()
         };
         let Some(target) = target else {
             tracing::debug!("cancel request with unknown key or idle client ignored");
             return;
         };
         metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
-        let request = protocol::cancel_request(target.process_id, target.secret_key);
-        match TcpStream::connect(&target.address).await {
-            Ok(mut stream) => {
-                let _ = stream.write_all(&request).await;
-                let _ = stream.shutdown().await;
-            }
-            Err(err) => {
-                tracing::warn!(server = %target.address, error = %err, "cannot forward cancel request");
-            }
+        send_cancel(&target).await;
+    }
+}
+
+/// Sends a CancelRequest for a server process, waiting at most 2 s.
+pub async fn send_cancel(target: &ServerKey) {
+    let request = protocol::cancel_request(target.process_id, target.secret_key);
+    let send = async {
+        let mut stream = TcpStream::connect(&target.address).await?;
+        stream.write_all(&request).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), send).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(server = %target.address, error = %err, "cannot send cancel request");
         }
+        Err(_) => tracing::warn!(server = %target.address, "timed out sending cancel request"),
     }
 }
 
 impl CancelHandle {
     /// Points the client's key at a server process, or at none.
     pub fn attach(&self, server: Option<Arc<ServerKey>>) {
-        *self.slot.lock() = server;
+        self.slot.lock().server = server;
+    }
+
+    /// Marks the client as waiting for a server connection; a cancel request
+    /// wakes the returned notifier.
+    pub fn begin_wait(&self) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        self.slot.lock().waiting = Some(notify.clone());
+        notify
+    }
+
+    pub fn end_wait(&self) {
+        self.slot.lock().waiting = None;
     }
 }
 

@@ -25,6 +25,10 @@ use super::session::Session;
 use super::Pooler;
 use crate::config::AuthType;
 
+/// Largest message accepted before login completes; PostgreSQL caps
+/// password packets at 65535 bytes as well.
+const MAX_LOGIN_MESSAGE: usize = 65535;
+
 /// Longest a client may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -98,7 +102,7 @@ pub async fn handle_client(
     async move {
         let (slot, count) = ClientSlot::new(pooler.clone());
         let (read, mut writer) = stream.into_split();
-        let mut reader = MessageReader::new(read, pooler.config.max_message_bytes);
+        let mut reader = MessageReader::new(read, MAX_LOGIN_MESSAGE);
         let login = tokio::time::timeout(
             LOGIN_TIMEOUT,
             login(&pooler, &mut reader, &mut writer, count),
@@ -129,6 +133,7 @@ pub async fn handle_client(
             }
         };
         tracing::debug!(user = %logged_in.user, database = %logged_in.database, "client logged in");
+        reader.set_max_message_bytes(pooler.config.max_message_bytes);
         let session = Session::new(
             pooler.clone(),
             client_id,
@@ -175,7 +180,15 @@ async fn login(
         ));
     };
     authenticate(pooler, &user, reader, writer).await?;
-    let pool = pooler.pool_for(db, &user);
+    let pool = match pooler.existing_pool(db, &user) {
+        Some(pool) => pool,
+        None => {
+            // A pool and its metrics exist only for users the server
+            // accepts, so logins under made-up names leave nothing behind.
+            probe_server_login(pooler, db, &user).await?;
+            pooler.pool_for(db, &user)
+        }
+    };
     let server_params = learn_server_params(pooler, &pool).await?;
     let mut greeting = Vec::with_capacity(512);
     greeting.extend_from_slice(&protocol::authentication(0, &[]));
@@ -333,6 +346,41 @@ fn random_password() -> String {
     let mut bytes = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Logs in to the server once as the pool would, then closes the connection.
+async fn probe_server_login(
+    pooler: &Pooler,
+    db: &crate::config::PgDatabase,
+    user: &str,
+) -> Result<(), LoginEnd> {
+    let target = pooler.target_for(db, user);
+    let timeout = pooler.config.server_connect_timeout;
+    match super::backend::ServerConn::connect(0, &target, timeout, 0).await {
+        Ok(conn) => {
+            conn.terminate().await;
+            Ok(())
+        }
+        Err(err) => Err(server_login_error(err)),
+    }
+}
+
+fn server_login_error(err: super::backend::BackendError) -> LoginEnd {
+    match err {
+        super::backend::BackendError::Login { code, message, .. } => {
+            let code = if code == "28P01" || code == "28000" {
+                "08004"
+            } else {
+                "08006"
+            };
+            fatal(
+                code,
+                format!("server login failed: {message}"),
+                "server_login",
+            )
+        }
+        other => fatal("08006", other.to_string(), "server_connect"),
+    }
 }
 
 /// ParameterStatus values of the pool's server, opening a connection when

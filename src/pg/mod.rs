@@ -140,14 +140,15 @@ impl Pooler {
         self.config.databases.iter().find(|db| db.name == name)
     }
 
-    /// The pool for a (database, user), created on first use.
-    fn pool_for(&self, db: &PgDatabase, user: &str) -> Arc<Pool> {
+    /// The pool for a (database, user), if one exists.
+    fn existing_pool(&self, db: &PgDatabase, user: &str) -> Option<Arc<Pool>> {
         let key = (db.name.clone(), user.to_string());
-        let mut pools = self.pools.lock();
-        if let Some(pool) = pools.get(&key) {
-            return pool.clone();
-        }
-        let target = ServerTarget {
+        self.pools.lock().get(&key).cloned()
+    }
+
+    /// Where and as whom the pool of a (database, user) logs in.
+    fn target_for(&self, db: &PgDatabase, user: &str) -> ServerTarget {
+        ServerTarget {
             host: db.host.clone(),
             port: db.port,
             dbname: db.server_dbname().to_string(),
@@ -156,7 +157,17 @@ impl Pooler {
                 .password
                 .clone()
                 .or_else(|| self.users.plain_password(user).map(str::to_string)),
-        };
+        }
+    }
+
+    /// The pool for a (database, user), created on first use.
+    fn pool_for(&self, db: &PgDatabase, user: &str) -> Arc<Pool> {
+        let key = (db.name.clone(), user.to_string());
+        let mut pools = self.pools.lock();
+        if let Some(pool) = pools.get(&key) {
+            return pool.clone();
+        }
+        let target = self.target_for(db, user);
         let settings = PoolSettings {
             size: self.config.pool_size(db),
             connect_timeout: self.config.server_connect_timeout,

@@ -74,6 +74,30 @@ pub enum Expected {
     Injected(Request),
     /// Bytes skiff sends the client when this slot is reached.
     Local(Bytes),
+    /// A reply skiff sends for a client's Parse or Close of a named
+    /// statement; `undo` reverts its bookkeeping if the server skips the
+    /// slot after an earlier error, as PostgreSQL would skip the message.
+    LocalStatement { reply: Bytes, undo: Undo },
+}
+
+/// How to revert a locally answered Parse or Close.
+#[derive(Debug, Clone)]
+pub enum Undo {
+    /// Forget the client's name again (a Parse that did not happen).
+    Forget { client_name: String },
+    /// Give the client's name back its statement (a Close that did not
+    /// happen).
+    Restore {
+        client_name: String,
+        statement: std::sync::Arc<super::prepared::Statement>,
+    },
+}
+
+impl Expected {
+    /// True for replies skiff sends itself.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Expected::Local(_) | Expected::LocalStatement { .. })
+    }
 }
 
 /// The expected-response queue of one session.
@@ -110,9 +134,7 @@ impl Pending {
 
     /// True when some slot still waits for the server.
     pub fn awaits_server(&self) -> bool {
-        self.queue
-            .iter()
-            .any(|slot| !matches!(slot, Expected::Local(_)))
+        self.queue.iter().any(|slot| !slot.is_local())
     }
 
     /// Pops every slot up to the next Sync after an ErrorResponse, because

@@ -212,6 +212,24 @@ impl Pool {
         self.update_gauges();
     }
 
+    /// Drops a connection whose query is still running: sends the server a
+    /// cancel request first and keeps the pool slot until the connection is
+    /// closed, so the server process is gone before the slot is reused.
+    pub fn discard_running(&self, checkout: Checkout) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.update_gauges();
+        let Checkout { conn, permit } = checkout;
+        tokio::spawn(async move {
+            let key = conn.cancel_key.clone();
+            super::cancel::send_cancel(&key).await;
+            conn.terminate().await;
+            // The server process exits once it sees the cancel and the
+            // closed socket; give it a moment before the slot is reused.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(permit);
+        });
+    }
+
     /// Closes idle connections past `server_idle_timeout` or
     /// `server_lifetime`.
     pub fn reap(&self) {

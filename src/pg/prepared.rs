@@ -32,18 +32,32 @@ pub struct Statement {
     pub parse: Bytes,
 }
 
+/// What makes two Parse messages the same statement: query bytes, parameter
+/// types, and the client's search_path, because the same text can name
+/// different tables under another search_path.
+type StatementKey = (Bytes, Bytes, Option<String>);
+
 /// Pooler-wide statement names, keyed by query text and parameter types.
+///
+/// NOTE: a server keeps a shared statement's plan from before a DDL change,
+/// so a client that prepares the statement after the change still gets
+/// "cached plan must not change result type" (0A000) once before skiff
+/// prepares it afresh on that server.
 #[derive(Default)]
 pub struct Registry {
-    by_key: Mutex<HashMap<(String, Bytes), Arc<Statement>>>,
+    by_key: Mutex<HashMap<StatementKey, Arc<Statement>>>,
     next_id: AtomicU64,
 }
 
 impl Registry {
     /// Returns the shared statement for a client's Parse, creating it on
     /// first sight.
-    pub fn intern(&self, parse: &Parse) -> Arc<Statement> {
-        let key = (parse.query.clone(), parse.param_types.clone());
+    pub fn intern(&self, parse: &Parse, search_path: Option<&str>) -> Arc<Statement> {
+        let key = (
+            parse.query_bytes.clone(),
+            parse.param_types.clone(),
+            search_path.map(str::to_string),
+        );
         let mut map = self.by_key.lock();
         if let Some(statement) = map.get(&key) {
             return statement.clone();
@@ -140,6 +154,7 @@ mod tests {
         Parse {
             name: "client_name".into(),
             query: query.into(),
+            query_bytes: Bytes::copy_from_slice(query.as_bytes()),
             param_types: types.freeze(),
         }
     }
@@ -147,11 +162,13 @@ mod tests {
     #[test]
     fn same_query_gets_same_name() {
         let registry = Registry::default();
-        let a = registry.intern(&parse("select 1"));
-        let b = registry.intern(&parse("select 1"));
-        let c = registry.intern(&parse("select 2"));
+        let a = registry.intern(&parse("select 1"), None);
+        let b = registry.intern(&parse("select 1"), None);
+        let c = registry.intern(&parse("select 2"), None);
+        let d = registry.intern(&parse("select 1"), Some("tenant_a"));
         assert_eq!(a.name, b.name);
         assert_ne!(a.name, c.name);
+        assert_ne!(a.name, d.name);
         let decoded = Parse::decode(&super::super::protocol::Message {
             raw: a.parse.clone(),
         });

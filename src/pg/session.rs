@@ -64,12 +64,20 @@ pub struct Session {
     statements: HashMap<String, Arc<Statement>>,
     /// Session settings the client expects on any server connection.
     settings: BTreeMap<String, String>,
+    /// Session settings from the client's startup packet.
+    startup_settings: BTreeMap<String, String>,
     cancel: CancelHandle,
     shutdown: CancellationToken,
     /// The database name the client connected to.
     database: String,
     /// Log-table capture state, when capture is configured.
     capture: Option<SessionCapture>,
+    /// Extended-protocol requests went to the server since its last
+    /// ReadyForQuery, so its transaction status is not known.
+    unsynced: bool,
+    /// The client ran SQL that may change session state without a command
+    /// tag that shows it.
+    session_state_changed: bool,
 }
 
 impl Session {
@@ -86,8 +94,11 @@ impl Session {
         Session {
             database: logged_in.database,
             capture,
+            unsynced: false,
+            session_state_changed: false,
             mode: pooler.config.pool_mode,
             settings: params::startup_settings(&logged_in.params),
+            startup_settings: params::startup_settings(&logged_in.params),
             pool: logged_in.pool,
             pooler,
             id,
@@ -216,14 +227,26 @@ impl Session {
         if self.server.is_some() {
             return Ok(());
         }
-        let wait = self.pooler.config.query_wait_timeout;
-        let mut checkout = match self.pool.checkout(wait).await {
-            Ok(checkout) => checkout,
-            Err(err) => return Err(self.checkout_error(err)),
-        };
+        let mut checkout = self.wait_for_server().await?;
         let conn = &mut checkout.conn;
-        let reset = conn.dirty_by.is_some_and(|id| id != self.id);
-        if let Some(sql) = params::sync_sql(&conn.applied, &self.settings, reset) {
+        let mut sql = String::new();
+        if conn.dirty_by.is_some_and(|id| id != self.id) {
+            // Another client changed session state here: reset it all.
+            sql.push_str(&self.pooler.config.server_reset_query);
+            if conn.sql_prepared {
+                sql.push_str("; DEALLOCATE ALL");
+                conn.statements.clear();
+                conn.sql_prepared = false;
+            }
+            conn.applied.clear();
+        }
+        if let Some(sync) = params::sync_sql(&conn.applied, &self.settings, false) {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str(&sync);
+        }
+        if !sql.is_empty() {
             match conn.run_internal(&sql).await {
                 Ok(None) => {
                     conn.applied = self.settings.clone();
@@ -253,9 +276,31 @@ impl Session {
         Ok(())
     }
 
+    /// Checks out a server connection; a cancel request from the client
+    /// ends the wait, as it would end a running query.
+    async fn wait_for_server(&mut self) -> Result<Checkout, Bytes> {
+        let wait = self.pooler.config.query_wait_timeout;
+        let pool = self.pool.clone();
+        let cancelled = self.cancel.begin_wait();
+        let result = tokio::select! {
+            result = pool.checkout(wait) => Some(result),
+            _ = cancelled.notified() => None,
+        };
+        self.cancel.end_wait();
+        match result {
+            Some(Ok(checkout)) => Ok(checkout),
+            Some(Err(err)) => Err(self.checkout_error(err)),
+            None => Err(protocol::error_response(
+                Severity::Error,
+                "57014",
+                "canceling statement due to user request",
+            )),
+        }
+    }
+
     fn checkout_error(&self, err: CheckoutError) -> Bytes {
         let (kind, code) = match &err {
-            CheckoutError::Timeout(_) => ("query_wait_timeout", "57014"),
+            CheckoutError::Timeout(_) => ("query_wait_timeout", "53400"),
             CheckoutError::Backend(BackendError::Login { .. }) => ("server_login", "08004"),
             _ => ("server_connect", "08006"),
         };
@@ -269,6 +314,9 @@ impl Session {
             return;
         };
         self.cancel.attach(None);
+        if std::mem::take(&mut self.session_state_changed) {
+            checkout.conn.dirty_by = Some(self.id);
+        }
         if checkout.conn.flush().await.is_err() {
             self.pool.discard(checkout);
             return;
@@ -284,12 +332,31 @@ impl Session {
         };
         self.cancel.attach(None);
         if self.pending.awaits_server() {
+            // A query is still running: cancel it so the server process
+            // ends before its pool slot is reused.
+            self.pool.discard_running(checkout);
+            return;
+        }
+        if self.unsynced {
+            // Requests since the last Sync left an implicit transaction of
+            // unknown state; closing the connection rolls it back.
             self.pool.discard(checkout);
             return;
         }
         let conn = &mut checkout.conn;
+        if std::mem::take(&mut self.session_state_changed) {
+            conn.dirty_by = Some(self.id);
+        }
         let cleanup = match (self.mode, conn.tx_status) {
-            (PoolMode::Session, b'I') => Some(self.pooler.config.server_reset_query.clone()),
+            (PoolMode::Session, b'I') => {
+                let mut reset = self.pooler.config.server_reset_query.clone();
+                if conn.sql_prepared {
+                    reset.push_str("; DEALLOCATE ALL");
+                    conn.statements.clear();
+                    conn.sql_prepared = false;
+                }
+                Some(reset)
+            }
             (_, b'I') => None,
             _ => Some("ROLLBACK".to_string()),
         };
@@ -308,14 +375,21 @@ impl Session {
 
     /// Queues a slot and sends any of skiff's own replies now due.
     fn expect(&mut self, expected: Expected) {
+        if let Expected::Forward(request) | Expected::Injected(request) = &expected {
+            if !request.ends_with_ready() {
+                self.unsynced = true;
+            }
+        }
         self.pending.push(expected);
         self.emit_due_replies();
     }
 
     fn emit_due_replies(&mut self) {
-        while let Some(Expected::Local(_)) = self.pending.front() {
-            if let Some(Expected::Local(bytes)) = self.pending.pop() {
-                self.out.extend_from_slice(&bytes);
+        while self.pending.front().is_some_and(Expected::is_local) {
+            match self.pending.pop() {
+                Some(Expected::Local(bytes)) => self.out.extend_from_slice(&bytes),
+                Some(Expected::LocalStatement { reply, .. }) => self.out.extend_from_slice(&reply),
+                _ => {}
             }
         }
     }

@@ -3,13 +3,16 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{frontend, read_cstr, Message, ProtocolError};
+use super::{frontend, read_cstr, read_cstr_lossy, Message, ProtocolError};
 
 /// A decoded Parse message.
 #[derive(Debug, Clone)]
 pub struct Parse {
     pub name: String,
+    /// Query text for inspection; bytes that are not UTF-8 are replaced.
     pub query: String,
+    /// Query text exactly as the client sent it, in its client_encoding.
+    pub query_bytes: Bytes,
     /// Parameter count and type OIDs, as sent.
     pub param_types: Bytes,
 }
@@ -17,8 +20,11 @@ pub struct Parse {
 impl Parse {
     pub fn decode(message: &Message) -> Result<Parse, ProtocolError> {
         let mut body = message.body();
-        let name = read_cstr(&mut body).ok_or(ProtocolError::Malformed("Parse"))?;
-        let query = read_cstr(&mut body).ok_or(ProtocolError::Malformed("Parse"))?;
+        let name = read_cstr_lossy(&mut body).ok_or(ProtocolError::Malformed("Parse"))?;
+        let query_start = body;
+        let query = read_cstr_lossy(&mut body).ok_or(ProtocolError::Malformed("Parse"))?;
+        let query_bytes =
+            Bytes::copy_from_slice(&query_start[..query_start.len() - body.len() - 1]);
         if body.len() < 2 {
             return Err(ProtocolError::Malformed("Parse"));
         }
@@ -27,20 +33,21 @@ impl Parse {
             return Err(ProtocolError::Malformed("Parse"));
         }
         Ok(Parse {
-            name: name.to_string(),
-            query: query.to_string(),
+            name: name.into_owned(),
+            query: query.into_owned(),
+            query_bytes,
             param_types: Bytes::copy_from_slice(body),
         })
     }
 
     /// Encodes this Parse under another statement name.
     pub fn encode_as(&self, name: &str) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.query.len() + name.len() + 16);
+        let mut out = BytesMut::with_capacity(self.query_bytes.len() + name.len() + 16);
         out.put_u8(frontend::PARSE);
         out.put_u32(0);
         out.put_slice(name.as_bytes());
         out.put_u8(0);
-        out.put_slice(self.query.as_bytes());
+        out.put_slice(&self.query_bytes);
         out.put_u8(0);
         out.put_slice(&self.param_types);
         let length = (out.len() - 1) as u32;
@@ -139,6 +146,7 @@ mod tests {
         let parse = Parse {
             name: name.into(),
             query: query.into(),
+            query_bytes: Bytes::copy_from_slice(query.as_bytes()),
             param_types: {
                 let mut t = BytesMut::new();
                 t.put_i16(types.len() as i16);

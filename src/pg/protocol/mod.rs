@@ -128,6 +128,11 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
         }
     }
 
+    /// Changes the largest message accepted from now on.
+    pub fn set_max_message_bytes(&mut self, max_message_bytes: usize) {
+        self.max_message_bytes = max_message_bytes;
+    }
+
     /// True when a whole message is already buffered, so reading it will
     /// not wait on the socket.
     pub fn has_buffered_message(&self) -> bool {
@@ -208,7 +213,17 @@ fn frame_length(buffer: &[u8]) -> Option<Result<usize, ProtocolError>> {
     if length < 4 {
         return Some(Err(ProtocolError::BadLength(length)));
     }
-    Some(Ok(length + 1))
+    Some(Ok(length.saturating_add(1)))
+}
+
+/// Reads a NUL-terminated string from the front of `body`, replacing bytes
+/// that are not UTF-8, because clients may use any server-supported
+/// encoding (LATIN1, GBK, ...). Use it for text skiff only inspects.
+pub fn read_cstr_lossy<'a>(body: &mut &'a [u8]) -> Option<std::borrow::Cow<'a, str>> {
+    let end = body.iter().position(|&b| b == 0)?;
+    let text = String::from_utf8_lossy(&body[..end]);
+    *body = &body[end + 1..];
+    Some(text)
 }
 
 /// Reads a NUL-terminated string from the front of `body`.

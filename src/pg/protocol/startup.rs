@@ -3,7 +3,7 @@
 
 use bytes::Buf;
 
-use super::{read_cstr, ProtocolError};
+use super::{read_cstr_lossy, ProtocolError};
 
 pub const PROTOCOL_VERSION_3: u32 = 196608;
 pub const SSL_REQUEST_CODE: u32 = 80877103;
@@ -65,11 +65,11 @@ pub fn parse_startup(packet: &[u8]) -> Result<StartupPacket, ProtocolError> {
 fn parse_params(mut body: &[u8]) -> Result<StartupParams, ProtocolError> {
     let mut params = StartupParams::default();
     loop {
-        let name = read_cstr(&mut body).ok_or(ProtocolError::Malformed("startup"))?;
+        let name = read_cstr_lossy(&mut body).ok_or(ProtocolError::Malformed("startup"))?;
         if name.is_empty() {
             return Ok(params);
         }
-        let value = read_cstr(&mut body).ok_or(ProtocolError::Malformed("startup"))?;
+        let value = read_cstr_lossy(&mut body).ok_or(ProtocolError::Malformed("startup"))?;
         params.pairs.push((name.to_string(), value.to_string()));
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{Flow, Session, FLUSH_THRESHOLD};
-use crate::pg::pending::{Expected, Request};
+use crate::pg::pending::{Expected, Request, Undo};
 use crate::pg::prepared::{Statement, MAX_CLIENT_STATEMENTS};
 use crate::pg::protocol::{
     self, backend, frontend, read_cstr, Bind, Message, Parse, Severity, Target, TARGET_PORTAL,
@@ -102,7 +102,9 @@ impl Session {
     async fn on_query(&mut self, message: Message) -> Result<(), String> {
         self.pool.count_query();
         let mut body = message.body();
-        let sql = read_cstr(&mut body).ok_or("malformed Query message")?;
+        let sql = protocol::read_cstr_lossy(&mut body).ok_or("malformed Query message")?;
+        let sql = sql.as_ref();
+        self.note_session_state_sql(sql);
         match classify_statement_sql(sql) {
             StatementSql::DeallocateAll => self.statements.clear(),
             StatementSql::Deallocate(name) if self.statements.contains_key(&name) => {
@@ -137,12 +139,29 @@ impl Session {
         self.forward(&message.raw, Request::Execute).await
     }
 
+    /// Marks the server connection for a reset before another client uses
+    /// it when SQL can change session state without a SET command tag:
+    /// set_config(), advisory locks, temporary tables and held cursors.
+    fn note_session_state_sql(&mut self, sql: &str) {
+        const HINTS: [&[u8]; 5] = [b"set_config", b"advisory", b"temp", b"hold", b"listen"];
+        let bytes = sql.as_bytes();
+        let hinted = HINTS.iter().any(|hint| {
+            bytes
+                .windows(hint.len())
+                .any(|window| window.eq_ignore_ascii_case(hint))
+        });
+        if hinted {
+            self.session_state_changed = true;
+        }
+    }
+
     fn tracking(&self) -> bool {
         self.pooler.config.max_prepared_statements > 0
     }
 
     async fn on_parse(&mut self, message: Message) -> Result<(), String> {
         let parse = Parse::decode(&message).map_err(|e| e.to_string())?;
+        self.note_session_state_sql(&parse.query);
         if let (Some(hook), Some(capture)) = (&self.pooler.capture, &mut self.capture) {
             if parse.name.is_empty() || !self.statements.contains_key(&parse.name) {
                 let (database, types) = (&self.database, &parse.param_types);
@@ -150,6 +169,14 @@ impl Session {
             }
         }
         if parse.name.is_empty() || !self.tracking() {
+            let request = Request::Parse {
+                statement: None,
+                client_name: None,
+            };
+            return self.forward(&message.raw, request).await;
+        }
+        if self.tx_status() == b'E' {
+            // PostgreSQL rejects every Parse in a failed transaction.
             let request = Request::Parse {
                 statement: None,
                 client_name: None,
@@ -174,14 +201,20 @@ impl Session {
             );
             return Ok(());
         }
-        let statement = self.pooler.statements.intern(&parse);
-        if self.pool.is_validated(&statement.name) {
+        let search_path = self.settings.get("search_path").map(String::as_str);
+        let statement = self.pooler.statements.intern(&parse, search_path);
+        if self.pool.is_validated(&statement.name) && self.tx_status() != b'E' {
             // A server of this pool parsed the same statement before, so the
             // Parse is answered now and sent to a server only when a Bind or
-            // Describe needs it there.
-            self.statements.insert(parse.name, statement);
-            let reply = protocol::empty_message(backend::PARSE_COMPLETE);
-            self.expect(Expected::Local(reply));
+            // Describe needs it there. In a failed transaction it goes to
+            // the server, which rejects it as PostgreSQL would.
+            self.statements.insert(parse.name.clone(), statement);
+            self.expect(Expected::LocalStatement {
+                reply: protocol::empty_message(backend::PARSE_COMPLETE),
+                undo: Undo::Forget {
+                    client_name: parse.name,
+                },
+            });
             return Ok(());
         }
         if let Err(error) = self.ensure_server().await {
@@ -307,9 +340,17 @@ impl Session {
         if named_statement && self.tracking() {
             // The server keeps the statement for other clients; only this
             // client's name goes away.
-            self.statements.remove(&target.name);
             let reply = protocol::empty_message(backend::CLOSE_COMPLETE);
-            self.expect(Expected::Local(reply));
+            match self.statements.remove(&target.name) {
+                Some(statement) => self.expect(Expected::LocalStatement {
+                    reply,
+                    undo: Undo::Restore {
+                        client_name: target.name,
+                        statement,
+                    },
+                }),
+                None => self.expect(Expected::Local(reply)),
+            }
             return Ok(());
         }
         if self.server.is_none() {

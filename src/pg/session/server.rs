@@ -4,7 +4,7 @@
 use super::{Flow, Session, FLUSH_THRESHOLD};
 use crate::config::PoolMode;
 use crate::pg::params;
-use crate::pg::pending::{Expected, Request};
+use crate::pg::pending::{Expected, Request, Undo};
 use crate::pg::protocol::{backend, read_cstr, ErrorFields, Message};
 
 /// SQLSTATE of "cached plan must not change result type".
@@ -32,7 +32,9 @@ impl Session {
         let (request, forward) = match front {
             Expected::Forward(request) => (request, true),
             Expected::Injected(request) => (request, false),
-            Expected::Local(_) => unreachable!("due replies were emitted"),
+            Expected::Local(_) | Expected::LocalStatement { .. } => {
+                unreachable!("due replies were emitted")
+            }
         };
         self.capture_observe(tag, message.body());
         if tag == backend::ERROR_RESPONSE {
@@ -126,10 +128,26 @@ impl Session {
         }
     }
 
-    /// Forgets statements whose Parse failed or was skipped by the server.
+    /// Forgets statements whose Parse failed or was skipped by the server,
+    /// and reverts skiff's own replies that the server would have skipped.
     fn undo(&mut self, expected: Expected) {
-        let (Expected::Forward(request) | Expected::Injected(request)) = expected else {
-            return;
+        let request = match expected {
+            Expected::Forward(request) | Expected::Injected(request) => request,
+            Expected::LocalStatement { undo, .. } => {
+                match undo {
+                    Undo::Forget { client_name } => {
+                        self.statements.remove(&client_name);
+                    }
+                    Undo::Restore {
+                        client_name,
+                        statement,
+                    } => {
+                        self.statements.insert(client_name, statement);
+                    }
+                }
+                return;
+            }
+            Expected::Local(_) => return,
         };
         let Request::Parse {
             statement: Some(name),
@@ -155,6 +173,7 @@ impl Session {
 
     async fn on_ready(&mut self, message: &Message) {
         let status = message.body().first().copied().unwrap_or(b'I');
+        self.unsynced = false;
         self.capture_settle(status).await;
         let Some(checkout) = &mut self.server else {
             return;
@@ -197,7 +216,19 @@ impl Session {
         };
         let conn = &mut checkout.conn;
         match tag {
-            "SET" | "RESET" => conn.dirty_by = Some(self.id),
+            "RESET" => {
+                // RESET returns settings to their session defaults, which for
+                // this client are its startup settings, not the server's.
+                // NOTE: RESET of one setting also reverts the others.
+                conn.dirty_by = Some(self.id);
+                conn.applied.clear();
+                self.settings = self.startup_settings.clone();
+            }
+            "SET" | "LISTEN" | "DECLARE CURSOR" => conn.dirty_by = Some(self.id),
+            "PREPARE" => {
+                conn.dirty_by = Some(self.id);
+                conn.sql_prepared = true;
+            }
             "DISCARD ALL" => {
                 conn.statements.clear();
                 conn.applied.clear();
