@@ -336,3 +336,48 @@ fn postgres_restart_mid_run() {
     drop(skiff);
     server.stop();
 }
+
+#[test]
+fn admin_console_show_commands() {
+    pg().create_database("admin_db");
+    let extra = "admin_users = [\"postgres\"]";
+    let (config, ports) = binary_config(pg().port, "admin_db", extra);
+    let _skiff = SkiffProcess::start(&config, ports.pg);
+    assert!(psql(ports.pg, "admin_db", "SELECT 1").status.success());
+
+    let pools = psql(ports.pg, "skiff", "SHOW POOLS");
+    assert!(
+        pools.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pools.stderr)
+    );
+    let text = String::from_utf8_lossy(&pools.stdout);
+    assert!(text.contains("admin_db|postgres|"), "{text}");
+    assert!(text.trim_end().ends_with("|transaction"), "{text}");
+
+    let stats = psql(ports.pg, "pgbouncer", "SHOW STATS");
+    let text = String::from_utf8_lossy(&stats.stdout);
+    assert!(text.contains("admin_db|postgres|1|1|"), "{text}");
+    let version = psql(ports.pg, "skiff", "SHOW VERSION");
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("skiff "));
+    let unknown = psql(ports.pg, "skiff", "SHOW NONSENSE");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("SHOW HELP"));
+
+    // Only admin_users get in.
+    let denied = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &ports.pg.to_string(),
+            "-U",
+            "intruder",
+            "-d",
+            "skiff",
+        ])
+        .args(["-XAtqc", "SHOW POOLS"])
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("admin_users"));
+}

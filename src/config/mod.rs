@@ -107,6 +107,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        validate_listen("[admin] listen", &self.admin.listen).map_err(ConfigError::Invalid)?;
         if self.postgres.is_none() && self.redis.is_none() && self.logship.is_none() {
             return Err(ConfigError::Invalid(
                 "nothing to run: configure at least one of [postgres], [redis] or [logship]"
@@ -134,6 +135,16 @@ impl Config {
             self.base_dir.join(path)
         }
     }
+}
+
+/// Checks that a listen address is `ip:port`, so a typo fails `skiff check`
+/// instead of the start.
+pub(crate) fn validate_listen(what: &str, addr: &str) -> Result<(), String> {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| {
+            format!("{what} {addr:?} is not an ip:port address such as \"127.0.0.1:6432\"")
+        })
 }
 
 /// Formats a TOML error with its 1-based line and column.
@@ -219,6 +230,13 @@ mod tests {
     #[test]
     fn escaped_dollar_stays_literal() {
         assert_eq!(expand_env("a = \"$${X}\"").unwrap(), "a = \"${X}\"");
+    }
+
+    #[test]
+    fn invalid_listen_is_rejected() {
+        let text = "[postgres]\nlisten = \"nonsense\"\n[[postgres.databases]]\nname = \"d\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
     }
 
     #[test]

@@ -147,6 +147,10 @@ impl PgDatabase {
 
 impl PgConfig {
     pub(super) fn validate(&self) -> Result<(), String> {
+        super::validate_listen("[postgres] listen", &self.listen)?;
+        if self.max_message_bytes < 1024 {
+            return Err("[postgres] max_message_bytes must be at least 1024".into());
+        }
         if self.databases.is_empty() {
             return Err("[postgres] needs at least one [[postgres.databases]] entry".into());
         }

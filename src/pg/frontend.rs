@@ -82,6 +82,12 @@ impl Drop for ClientSlot {
     }
 }
 
+/// What a successful login leads to.
+enum Login {
+    Session(LoggedIn),
+    Admin,
+}
+
 /// A logged-in client, ready for the session relay.
 pub struct LoggedIn {
     pub user: String,
@@ -109,7 +115,12 @@ pub async fn handle_client(
         )
         .await;
         let logged_in = match login {
-            Ok(Ok(logged_in)) => logged_in,
+            Ok(Ok(Login::Session(logged_in))) => logged_in,
+            Ok(Ok(Login::Admin)) => {
+                reader.set_max_message_bytes(pooler.config.max_message_bytes);
+                let _ = super::admin::serve(&pooler, reader, writer).await;
+                return;
+            }
             Ok(Err(LoginEnd::Quiet)) => return,
             Ok(Err(LoginEnd::Fatal {
                 code,
@@ -154,7 +165,7 @@ async fn login(
     reader: &mut MessageReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
     client_count: usize,
-) -> Result<LoggedIn, LoginEnd> {
+) -> Result<Login, LoginEnd> {
     let params = read_startup(pooler, reader, writer).await?;
     if client_count > pooler.config.max_client_conn {
         return Err(fatal(
@@ -172,6 +183,19 @@ async fn login(
         ));
     }
     let database = params.get("database").unwrap_or(&user).to_string();
+    if super::admin::ADMIN_DATABASES.contains(&database.as_str()) {
+        if !pooler.config.admin_users.contains(&user) {
+            return Err(fatal(
+                "28000",
+                format!(
+                    "user \"{user}\" is not in admin_users, so it cannot use the admin console"
+                ),
+                "auth_failed",
+            ));
+        }
+        authenticate(pooler, &user, reader, writer).await?;
+        return Ok(Login::Admin);
+    }
     let Some(db) = pooler.database(&database) else {
         return Err(fatal(
             "3D000",
@@ -196,12 +220,12 @@ async fn login(
         greeting.extend_from_slice(&protocol::parameter_status(&name, &value));
     }
     writer.write_all(&greeting).await?;
-    Ok(LoggedIn {
+    Ok(Login::Session(LoggedIn {
         user,
         database,
         params,
         pool,
-    })
+    }))
 }
 
 /// Reads the startup packet, answering SSL and GSS requests with 'N' and

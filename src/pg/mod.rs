@@ -1,6 +1,7 @@
 //! PostgreSQL pooler: accepts client connections, authenticates them and
 //! multiplexes their transactions onto bounded pools of server connections.
 
+mod admin;
 pub mod auth;
 mod backend;
 mod cancel;

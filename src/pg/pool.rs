@@ -57,8 +57,19 @@ struct PoolMetrics {
     transactions: Counter,
 }
 
+/// Running totals of one pool, for the admin console's SHOW commands.
+#[derive(Default)]
+pub struct PoolStats {
+    pub clients: AtomicUsize,
+    pub queries: AtomicU64,
+    pub transactions: AtomicU64,
+    pub wait_us: AtomicU64,
+    pub max_wait_us: AtomicU64,
+}
+
 /// Server connections for one (database, user).
 pub struct Pool {
+    pub stats: PoolStats,
     pub name: String,
     pub target: ServerTarget,
     pub settings: PoolSettings,
@@ -97,6 +108,7 @@ impl Pool {
             transactions: counter!("skiff_pg_transactions_total", &label),
         };
         Pool {
+            stats: PoolStats::default(),
             permits: Arc::new(Semaphore::new(settings.size)),
             name,
             target,
@@ -137,9 +149,13 @@ impl Pool {
         self.set_waiting(1);
         let acquired = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
         self.set_waiting(-1);
-        self.metrics
-            .wait_seconds
-            .record(started.elapsed().as_secs_f64());
+        let waited = started.elapsed();
+        self.metrics.wait_seconds.record(waited.as_secs_f64());
+        let waited_us = waited.as_micros() as u64;
+        self.stats.wait_us.fetch_add(waited_us, Ordering::Relaxed);
+        self.stats
+            .max_wait_us
+            .fetch_max(waited_us, Ordering::Relaxed);
         match acquired {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(CheckoutError::Closed),
@@ -288,10 +304,12 @@ impl Pool {
 
     pub fn count_query(&self) {
         self.metrics.queries.increment(1);
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_transaction(&self) {
         self.metrics.transactions.increment(1);
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn active_count(&self) -> usize {

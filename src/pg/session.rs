@@ -117,6 +117,17 @@ impl Session {
     /// Sends BackendKeyData and the first ReadyForQuery, then relays until
     /// either side closes.
     pub async fn run(mut self) {
+        let pool = self.pool.clone();
+        pool.stats
+            .clients
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.relay().await;
+        pool.stats
+            .clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn relay(&mut self) {
         self.write(&protocol::backend_key_data(
             self.cancel.process_id,
             self.cancel.secret_key,
