@@ -105,7 +105,7 @@ pub async fn handle_client(
 ) {
     let client_id = pooler.next_client_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("client", id = client_id, peer = %peer);
-    async move {
+    let serve = async move {
         let (slot, count) = ClientSlot::new(pooler.clone());
         let (read, mut writer) = stream.into_split();
         let mut reader = MessageReader::new(read, MAX_LOGIN_MESSAGE);
@@ -155,9 +155,13 @@ pub async fn handle_client(
         );
         session.run().await;
         drop(slot);
+    };
+    // A disabled span still costs a dispatch on every poll.
+    if span.is_disabled() {
+        serve.await
+    } else {
+        serve.instrument(span).await
     }
-    .instrument(span)
-    .await
 }
 
 async fn login(

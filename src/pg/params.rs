@@ -75,6 +75,9 @@ pub fn sync_sql(
     desired: &BTreeMap<String, String>,
     reset_first: bool,
 ) -> Option<String> {
+    if !reset_first && applied == desired {
+        return None;
+    }
     let empty = BTreeMap::new();
     let applied = if reset_first { &empty } else { applied };
     let mut statements = Vec::new();

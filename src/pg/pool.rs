@@ -125,15 +125,26 @@ impl Pool {
     /// Waits up to `wait` for a server connection, reusing an idle one when
     /// it is still healthy and opening one otherwise.
     pub async fn checkout(&self, wait: Duration) -> Result<Checkout, CheckoutError> {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.metrics.wait_seconds.record(0.0);
-                permit
-            }
-            // try_acquire never overtakes queued waiters: tokio hands a
-            // released permit to the first waiter instead of the pool.
-            Err(_) => self.wait_for_permit(wait).await?,
+        let permit = match self.try_permit() {
+            Some(permit) => permit,
+            None => self.wait_for_permit(wait).await?,
         };
+        self.checkout_with(permit).await
+    }
+
+    /// A permit when one is free now. It never overtakes queued waiters:
+    /// tokio hands a released permit to the first waiter, not the pool.
+    pub fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        self.metrics.wait_seconds.record(0.0);
+        Some(permit)
+    }
+
+    /// Finishes a checkout once a permit is held.
+    pub async fn checkout_with(
+        &self,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Checkout, CheckoutError> {
         let conn = match self.take_idle().await {
             Some(conn) => conn,
             None => self.open().await?,

@@ -292,6 +292,12 @@ impl Session {
     async fn wait_for_server(&mut self) -> Result<Checkout, Bytes> {
         let wait = self.pooler.config.query_wait_timeout;
         let pool = self.pool.clone();
+        if let Some(permit) = pool.try_permit() {
+            return pool
+                .checkout_with(permit)
+                .await
+                .map_err(|err| self.checkout_error(err));
+        }
         let cancelled = self.cancel.begin_wait();
         let result = tokio::select! {
             result = pool.checkout(wait) => Some(result),

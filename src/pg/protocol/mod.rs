@@ -117,7 +117,14 @@ pub struct MessageReader<R> {
     inner: R,
     buffer: BytesMut,
     max_message_bytes: usize,
+    /// Bytes to make room for before the next read.
+    read_size: usize,
 }
+
+/// Smallest read buffer: small enough for the allocator's fast path.
+const MIN_READ: usize = 1000;
+/// Largest read buffer.
+const MAX_READ: usize = 64 * 1024;
 
 impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     pub fn new(inner: R, max_message_bytes: usize) -> Self {
@@ -125,6 +132,7 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
             inner,
             buffer: BytesMut::new(),
             max_message_bytes,
+            read_size: MIN_READ,
         }
     }
 
@@ -171,13 +179,22 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
             // clients cost no read buffers.
             self.buffer = BytesMut::new();
             self.inner.wait_readable().await?;
+            self.buffer.reserve(self.read_size);
+        } else if self.buffer.capacity() - self.buffer.len() < MIN_READ {
+            self.buffer.reserve(self.read_size.max(self.buffer.len()));
         }
-        if self.buffer.capacity() - self.buffer.len() < 4096 {
-            self.buffer.reserve(8192);
-        }
+        let room = self.buffer.capacity() - self.buffer.len();
         let read = self.inner.read_buf(&mut self.buffer).await?;
         if read == 0 {
             return Err(ProtocolError::Closed);
+        }
+        // Size the next read from this one: small request-response traffic
+        // stays in small, cheap allocations, a stream of rows gets large
+        // reads and so fewer system calls.
+        if read == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else if read < self.read_size / 4 {
+            self.read_size = (self.read_size / 2).max(MIN_READ);
         }
         Ok(())
     }

@@ -143,14 +143,7 @@ impl Session {
     /// it when SQL can change session state without a SET command tag:
     /// set_config(), advisory locks, temporary tables and held cursors.
     fn note_session_state_sql(&mut self, sql: &str) {
-        const HINTS: [&[u8]; 5] = [b"set_config", b"advisory", b"temp", b"hold", b"listen"];
-        let bytes = sql.as_bytes();
-        let hinted = HINTS.iter().any(|hint| {
-            bytes
-                .windows(hint.len())
-                .any(|window| window.eq_ignore_ascii_case(hint))
-        });
-        if hinted {
+        if mentions_session_state(sql.as_bytes()) {
             self.session_state_changed = true;
         }
     }
@@ -378,6 +371,23 @@ impl Session {
     }
 }
 
+/// Words whose presence in SQL means it may change session state without a
+/// SET command tag: set_config(), advisory locks, temporary tables, held
+/// cursors and LISTEN.
+const SESSION_STATE_HINTS: [&[u8]; 5] = [b"set_config", b"advisory", b"temp", b"hold", b"listen"];
+
+/// Checks for any of the hints, ignoring ASCII case, in one pass that only
+/// compares at bytes that can start a hint.
+fn mentions_session_state(sql: &[u8]) -> bool {
+    sql.iter().enumerate().any(|(index, byte)| {
+        matches!(byte.to_ascii_lowercase(), b's' | b'a' | b't' | b'h' | b'l')
+            && SESSION_STATE_HINTS.iter().any(|hint| {
+                sql.get(index..index + hint.len())
+                    .is_some_and(|window| window.eq_ignore_ascii_case(hint))
+            })
+    })
+}
+
 /// Simple-protocol statements that change prepared statements.
 #[derive(Debug, PartialEq, Eq)]
 enum StatementSql {
@@ -419,6 +429,18 @@ fn unquote(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_state_hints() {
+        assert!(mentions_session_state(
+            b"SELECT set_config('work_mem', '8MB', false)"
+        ));
+        assert!(mentions_session_state(b"CREATE TEMP TABLE t (a int)"));
+        assert!(mentions_session_state(b"select PG_ADVISORY_LOCK(1)"));
+        assert!(!mentions_session_state(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+        ));
+    }
 
     #[test]
     fn classifies_deallocate_forms() {
