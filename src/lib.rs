@@ -5,4 +5,5 @@
 pub mod admin;
 pub mod config;
 pub mod pg;
+pub mod redis;
 pub mod server;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 pub use logship::LogshipConfig;
 pub use postgres::{AuthType, PgAuthConfig, PgConfig, PgDatabase, PoolMode};
-pub use redis::RedisConfig;
+pub use redis::{ReadFrom, RedisConfig, RedisMode};
 
 /// Failure to load or validate a config file.
 #[derive(Debug, thiserror::Error)]

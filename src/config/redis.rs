@@ -1,5 +1,7 @@
 //! `[redis]`: the Redis router's listener and upstream servers.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 /// How skiff finds the upstream Redis servers.
@@ -47,6 +49,38 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// Password clients must AUTH with; unset means no client auth.
     pub client_password: Option<String>,
+    /// Largest request a client may send, in bytes. Default 512 MiB, Redis's
+    /// `proto-max-bulk-len`.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_request_bytes: usize,
+    /// Largest reply accepted from an upstream, in bytes. Default 512 MiB.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_reply_bytes: usize,
+    /// Replies a client may have outstanding before skiff stops reading its
+    /// requests, so a client that does not read cannot grow memory. Default
+    /// 1024.
+    #[serde(default = "default_client_queue_depth")]
+    pub client_queue_depth: usize,
+    /// Client connections accepted at once. Default 10000.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Shared pipelined connections per upstream node, RESP version and
+    /// database. Default 2.
+    #[serde(default = "default_upstream_connections")]
+    pub upstream_connections: usize,
+    /// Connections held by one client each (transactions, blocking
+    /// commands, subscriptions), across all nodes. Default 1024.
+    #[serde(default = "default_max_dedicated_connections")]
+    pub max_dedicated_connections: usize,
+    /// Time allowed to connect and authenticate to an upstream. Default 5s.
+    #[serde(default = "default_connect_timeout", with = "super::duration")]
+    pub connect_timeout: Duration,
+    /// How often the cluster slot map is reloaded. Default 30s.
+    #[serde(default = "default_refresh_interval", with = "super::duration")]
+    pub topology_refresh_interval: Duration,
+    /// MOVED and ASK redirects followed for one command. Default 5.
+    #[serde(default = "default_max_redirects")]
+    pub max_redirects: usize,
 }
 
 impl RedisConfig {
@@ -56,6 +90,18 @@ impl RedisConfig {
         }
         if self.mode == RedisMode::Sentinel && self.master_name.is_none() {
             return Err("[redis] mode \"sentinel\" needs master_name".into());
+        }
+        for (name, value) in [
+            ("max_request_bytes", self.max_request_bytes),
+            ("max_reply_bytes", self.max_reply_bytes),
+            ("client_queue_depth", self.client_queue_depth),
+            ("max_clients", self.max_clients),
+            ("upstream_connections", self.upstream_connections),
+            ("max_dedicated_connections", self.max_dedicated_connections),
+        ] {
+            if value == 0 {
+                return Err(format!("[redis] {name} must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -69,4 +115,28 @@ fn default_mode() -> RedisMode {
 }
 fn default_read_from() -> ReadFrom {
     ReadFrom::Primary
+}
+fn default_max_frame_bytes() -> usize {
+    512 * 1024 * 1024
+}
+fn default_client_queue_depth() -> usize {
+    1024
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+fn default_upstream_connections() -> usize {
+    2
+}
+fn default_max_dedicated_connections() -> usize {
+    1024
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_refresh_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_redirects() -> usize {
+    5
 }

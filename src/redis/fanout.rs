@@ -1,0 +1,256 @@
+//! Cluster commands that touch more than one node: multi-key commands split
+//! by slot and reassembled in the client's order, and keyless commands that
+//! cover every primary (SCAN, KEYS, DBSIZE, FLUSHALL, SCRIPT).
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::cluster::submit_to_slot;
+use super::frame::{error_text, Protocol, Request, Value};
+use super::reply;
+use super::router::{Pending, Role, Router, SessionCtx};
+use super::upstream::UpstreamError;
+
+/// Bits of a cluster SCAN cursor that carry the primary's index.
+const NODE_BITS: u32 = 10;
+
+/// Routes a command without keys.
+pub async fn keyless(
+    router: &Arc<Router>,
+    request: Request,
+    name: &str,
+    ctx: SessionCtx,
+) -> Pending {
+    let cluster = router.cluster.as_ref().expect("cluster mode");
+    let primaries = cluster.map().primaries();
+    if primaries.is_empty() {
+        cluster.request_refresh();
+        return Pending::Ready(reply::error("CLUSTERDOWN Hash slot not served"));
+    }
+    let router = router.clone();
+    let merge = match name {
+        "SCAN" => return Pending::Future(Box::pin(scan(router, request, ctx, primaries))),
+        "KEYS" => Merge::Concat,
+        "DBSIZE" => Merge::Sum,
+        "FLUSHALL" | "FLUSHDB" | "SCRIPT" | "FUNCTION" => Merge::First,
+        _ => {
+            let addr = &primaries[ctx.client_id as usize % primaries.len()];
+            return match router.send(addr, &request, ctx).await {
+                Ok(receiver) => {
+                    Pending::InFlight(router.in_flight(receiver, addr.clone(), Role::Primary, ctx))
+                }
+                Err(err) => Pending::Ready(router.upstream_failure(&err, Role::Primary)),
+            };
+        }
+    };
+    let future = async move {
+        let mut replies = Vec::with_capacity(primaries.len());
+        for addr in &primaries {
+            match call(&router, addr, &request, ctx).await {
+                Ok(reply) => replies.push(reply),
+                Err(err) => return router.upstream_failure(&err, Role::Primary),
+            }
+        }
+        merge.apply(replies, ctx.protocol)
+    };
+    Pending::Future(Box::pin(future))
+}
+
+async fn call(
+    router: &Router,
+    addr: &str,
+    request: &Request,
+    ctx: SessionCtx,
+) -> Result<Bytes, UpstreamError> {
+    let receiver = router.send(addr, request, ctx).await?;
+    receiver
+        .await
+        .unwrap_or_else(|_| Err(UpstreamError::Closed { addr: addr.into() }))
+}
+
+/// How replies from several nodes become one.
+#[derive(Debug, Clone, Copy)]
+enum Merge {
+    /// Arrays appended in node order (KEYS).
+    Concat,
+    /// Integers added (DBSIZE, DEL, EXISTS).
+    Sum,
+    /// The first node's reply, after every node succeeded (FLUSHALL, SCRIPT LOAD).
+    First,
+    /// `+OK` when every part is OK (MSET).
+    AllOk,
+}
+
+impl Merge {
+    fn apply(self, replies: Vec<Bytes>, protocol: Protocol) -> Bytes {
+        if let Some(error) = replies.iter().find(|reply| error_text(reply).is_some()) {
+            return error.clone();
+        }
+        match self {
+            Merge::First | Merge::AllOk => replies.into_iter().next().unwrap_or_else(reply::ok),
+            Merge::Sum => {
+                let total = replies
+                    .iter()
+                    .filter_map(|raw| Value::decode(raw, protocol)?.as_int())
+                    .sum();
+                reply::integer(total)
+            }
+            Merge::Concat => {
+                let mut items = Vec::new();
+                for raw in &replies {
+                    let values = Value::decode(raw, protocol).and_then(Value::into_items);
+                    items.extend(
+                        values
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|v| encode(v, protocol)),
+                    );
+                }
+                reply::array(&items)
+            }
+        }
+    }
+}
+
+/// Re-encodes a string or nil element of an array reply.
+fn encode(value: &Value, protocol: Protocol) -> Bytes {
+    match value {
+        Value::Str(data) => reply::bulk(data),
+        Value::Int(number) => reply::integer(*number),
+        _ => reply::null(protocol),
+    }
+}
+
+/// Walks every primary in turn. The cursor's low [`NODE_BITS`] bits are the
+/// primary's index and the rest is that primary's own cursor.
+async fn scan(
+    router: Arc<Router>,
+    request: Request,
+    ctx: SessionCtx,
+    primaries: Vec<String>,
+) -> Bytes {
+    let cursor = request
+        .args
+        .get(1)
+        .and_then(|arg| std::str::from_utf8(arg).ok())
+        .and_then(|text| text.parse::<u64>().ok());
+    let Some(cursor) = cursor else {
+        return reply::error("ERR invalid cursor");
+    };
+    // NOTE: the index refers to the primaries in slot map order; a topology
+    // change during a scan can skip or repeat a node's keys.
+    let mut index = (cursor & ((1 << NODE_BITS) - 1)) as usize;
+    let mut node_cursor = cursor >> NODE_BITS;
+    if index >= primaries.len() {
+        return reply::error("ERR invalid cursor");
+    }
+    let mut args = request.args.clone();
+    args[1] = Bytes::from(node_cursor.to_string());
+    let reply = match call(&router, &primaries[index], &Request::from_args(args), ctx).await {
+        Ok(reply) => reply,
+        Err(err) => return router.upstream_failure(&err, Role::Primary),
+    };
+    let parts = Value::decode(&reply, ctx.protocol).and_then(Value::into_items);
+    let Some([next, keys]) = parts.and_then(|parts| <[Value; 2]>::try_from(parts).ok()) else {
+        return reply;
+    };
+    node_cursor = next.as_int().unwrap_or(0) as u64;
+    if node_cursor == 0 {
+        index += 1;
+    }
+    let combined = if index >= primaries.len() {
+        0
+    } else {
+        (node_cursor << NODE_BITS) | index as u64
+    };
+    let keys: Vec<Bytes> = keys
+        .into_items()
+        .unwrap_or_default()
+        .iter()
+        .map(|key| encode(key, ctx.protocol))
+        .collect();
+    reply::array(&[
+        reply::bulk(combined.to_string().as_bytes()),
+        reply::array(&keys),
+    ])
+}
+
+/// Splits a multi-key command whose keys are in several slots: one request
+/// per slot, all written before this returns, merged in the client's key
+/// order. Returns `None` for commands that cannot be split.
+pub async fn split(
+    router: &Arc<Router>,
+    request: &Request,
+    name: &str,
+    positions: &[usize],
+    slots: &[u16],
+    ctx: SessionCtx,
+) -> Option<Pending> {
+    let (merge, values_per_key) = match name {
+        "MGET" => (None, 0),
+        "DEL" | "UNLINK" | "EXISTS" | "TOUCH" => (Some(Merge::Sum), 0),
+        "MSET" => (Some(Merge::AllOk), 1),
+        _ => return None,
+    };
+    let readonly = router.commands().is_readonly(name);
+    // Group keys by slot, keeping the order in which slots first appear.
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (order, &slot) in slots.iter().enumerate() {
+        match groups.iter_mut().find(|(known, _)| *known == slot) {
+            Some((_, members)) => members.push(order),
+            None => groups.push((slot, vec![order])),
+        }
+    }
+    let mut pending = Vec::with_capacity(groups.len());
+    for (slot, members) in &groups {
+        let mut args = vec![request.args[0].clone()];
+        for &order in members {
+            let position = positions[order];
+            args.extend_from_slice(&request.args[position..=position + values_per_key]);
+        }
+        let part = Request::from_args(args);
+        pending.push(submit_to_slot(router, part, *slot, readonly, ctx).await);
+    }
+    let router = router.clone();
+    let key_count = positions.len();
+    let future = async move {
+        let mut replies = Vec::with_capacity(pending.len());
+        for part in pending {
+            replies.push(part.resolve(&router).await);
+        }
+        match merge {
+            Some(merge) => merge.apply(replies, ctx.protocol),
+            None => reassemble(&groups, replies, key_count, ctx.protocol),
+        }
+    };
+    Some(Pending::Future(Box::pin(future)))
+}
+
+/// Puts the values of per-slot MGET replies back in the client's key order.
+fn reassemble(
+    groups: &[(u16, Vec<usize>)],
+    replies: Vec<Bytes>,
+    key_count: usize,
+    protocol: Protocol,
+) -> Bytes {
+    if let Some(error) = replies.iter().find(|reply| error_text(reply).is_some()) {
+        return error.clone();
+    }
+    let mut values = vec![reply::null(protocol); key_count];
+    for ((_, members), raw) in groups.iter().zip(&replies) {
+        let items = Value::decode(raw, protocol).and_then(Value::into_items);
+        let Some(items) = items.filter(|items| items.len() == members.len()) else {
+            return reply::error("ERR invalid MGET reply from upstream");
+        };
+        for (&order, item) in members.iter().zip(&items) {
+            values[order] = encode(item, protocol);
+        }
+    }
+    let mut out = BytesMut::new();
+    reply::put_array_header(&mut out, key_count);
+    for value in values {
+        out.extend_from_slice(&value);
+    }
+    out.freeze()
+}

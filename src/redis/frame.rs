@@ -1,0 +1,290 @@
+//! RESP framing: splits client requests and upstream replies off a read
+//! buffer as raw `Bytes`, decoding only what routing needs.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use redis_protocol::resp2::decode as resp2;
+use redis_protocol::resp2::types::BytesFrame as Resp2Frame;
+use redis_protocol::resp3::decode::complete as resp3;
+use redis_protocol::resp3::types::BytesFrame as Resp3Frame;
+
+/// Longest inline (non-RESP) request line, as in Redis.
+const MAX_INLINE_BYTES: usize = 64 * 1024;
+/// Most arguments in one request, as Redis's multibulk limit.
+const MAX_ARGS: usize = 1024 * 1024;
+
+/// RESP version a client or upstream connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Resp2,
+    Resp3,
+}
+
+/// A malformed or oversized frame; the connection cannot continue.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// Text after `Protocol error: ` in Redis's own error reply.
+    #[error("Protocol error: {0}")]
+    Invalid(String),
+    #[error("frame larger than {limit} bytes")]
+    TooLarge { limit: usize },
+}
+
+/// One client command: its arguments and its RESP encoding.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub args: Vec<Bytes>,
+    pub raw: Bytes,
+}
+
+impl Request {
+    /// Builds a request from arguments, encoding it as a RESP array.
+    pub fn from_args(args: Vec<Bytes>) -> Request {
+        let raw = encode_command(&args);
+        Request { args, raw }
+    }
+
+    /// Returns the command name in upper case, or "" for an empty request.
+    pub fn name(&self) -> String {
+        self.args
+            .first()
+            .map(|name| String::from_utf8_lossy(name).to_ascii_uppercase())
+            .unwrap_or_default()
+    }
+
+    /// Returns argument `index` in upper case, for matching sub-commands.
+    pub fn arg_upper(&self, index: usize) -> Option<String> {
+        let arg = self.args.get(index)?;
+        Some(String::from_utf8_lossy(arg).to_ascii_uppercase())
+    }
+}
+
+/// Splits one request off `buf`; `Ok(None)` means more bytes are needed.
+pub fn parse_request(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Request>, FrameError> {
+    loop {
+        match buf.first() {
+            None => return Ok(None),
+            Some(b'*') => return parse_array_request(buf, max_bytes),
+            Some(_) => match parse_inline_request(buf)? {
+                Some(Some(request)) => return Ok(Some(request)),
+                // An empty line: Redis ignores it.
+                Some(None) => continue,
+                None => return Ok(None),
+            },
+        }
+    }
+}
+
+fn parse_array_request(
+    buf: &mut BytesMut,
+    max_bytes: usize,
+) -> Result<Option<Request>, FrameError> {
+    check_array_header(buf)?;
+    let decoded = resp2::decode_bytes_mut(buf)
+        .map_err(|err| FrameError::Invalid(format!("invalid request: {}", err.details())))?;
+    let Some((frame, _, raw)) = decoded else {
+        if buf.len() > max_bytes {
+            return Err(FrameError::TooLarge { limit: max_bytes });
+        }
+        return Ok(None);
+    };
+    if raw.len() > max_bytes {
+        return Err(FrameError::TooLarge { limit: max_bytes });
+    }
+    let Resp2Frame::Array(items) = frame else {
+        return Err(FrameError::Invalid(
+            "expected '*', got something else".into(),
+        ));
+    };
+    let mut args = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Resp2Frame::BulkString(data) => args.push(data),
+            _ => {
+                return Err(FrameError::Invalid(
+                    "expected '$', got something else".into(),
+                ))
+            }
+        }
+    }
+    Ok(Some(Request { args, raw }))
+}
+
+/// Rejects an absurd argument count before buffering the request.
+fn check_array_header(buf: &[u8]) -> Result<(), FrameError> {
+    let Some(end) = buf.iter().position(|&b| b == b'\r') else {
+        return Ok(());
+    };
+    let count = std::str::from_utf8(&buf[1..end])
+        .ok()
+        .and_then(|text| text.parse::<i64>().ok());
+    match count {
+        Some(count) if count <= MAX_ARGS as i64 => Ok(()),
+        _ => Err(FrameError::Invalid("invalid multibulk length".into())),
+    }
+}
+
+/// Parses a telnet-style line. `Some(None)` is an empty line.
+fn parse_inline_request(buf: &mut BytesMut) -> Result<Option<Option<Request>>, FrameError> {
+    let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
+        if buf.len() > MAX_INLINE_BYTES {
+            return Err(FrameError::Invalid("too big inline request".into()));
+        }
+        return Ok(None);
+    };
+    let line = buf.split_to(newline + 1);
+    // NOTE: quoted arguments ("a b") are split on whitespace; use RESP
+    // arrays for arguments that contain spaces.
+    let args: Vec<Bytes> = line[..]
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|arg| !arg.is_empty())
+        .map(Bytes::copy_from_slice)
+        .collect();
+    if args.is_empty() {
+        return Ok(Some(None));
+    }
+    Ok(Some(Some(Request::from_args(args))))
+}
+
+/// What kind of top-level frame an upstream sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// A RESP3 push (`>`): never the reply to a request.
+    Push,
+    Error,
+    Other,
+}
+
+/// Splits one complete reply off `buf` as raw bytes.
+pub fn parse_reply(
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    max_bytes: usize,
+) -> Result<Option<(Bytes, ReplyKind)>, FrameError> {
+    let decoded = match protocol {
+        Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+        Protocol::Resp3 => resp3::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+    };
+    let length = decoded.map_err(|err| FrameError::Invalid(err.details().to_string()))?;
+    let Some(length) = length else {
+        if buf.len() > max_bytes {
+            return Err(FrameError::TooLarge { limit: max_bytes });
+        }
+        return Ok(None);
+    };
+    if length > max_bytes {
+        return Err(FrameError::TooLarge { limit: max_bytes });
+    }
+    let kind = match buf[0] {
+        b'>' => ReplyKind::Push,
+        b'-' | b'!' => ReplyKind::Error,
+        _ => ReplyKind::Other,
+    };
+    Ok(Some((buf.split_to(length).freeze(), kind)))
+}
+
+/// A decoded reply, for the few places that look inside one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(Bytes),
+    Int(i64),
+    Error(String),
+    Nil,
+    Array(Vec<Value>),
+    /// RESP3 map; RESP2 sends the same data as a flat array.
+    Map(Vec<(Value, Value)>),
+    /// A RESP3 type routing never looks into (double, boolean, ...).
+    Other,
+}
+
+impl Value {
+    /// Decodes one complete frame; `None` when `raw` is not one.
+    pub fn decode(raw: &Bytes, protocol: Protocol) -> Option<Value> {
+        match protocol {
+            Protocol::Resp2 => resp2::decode_bytes(raw).ok()?.map(|(f, _)| from_resp2(f)),
+            Protocol::Resp3 => resp3::decode_bytes(raw).ok()?.map(|(f, _)| from_resp3(f)),
+        }
+    }
+
+    pub fn as_bytes(&self) -> Option<&Bytes> {
+        match self {
+            Value::Str(data) => Some(data),
+            _ => None,
+        }
+    }
+
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(value) => Some(*value),
+            Value::Str(data) => std::str::from_utf8(data).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Returns the elements of an array, or of a map flattened as RESP2 does.
+    pub fn into_items(self) -> Option<Vec<Value>> {
+        match self {
+            Value::Array(items) => Some(items),
+            Value::Map(pairs) => Some(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+            _ => None,
+        }
+    }
+}
+
+fn from_resp2(frame: Resp2Frame) -> Value {
+    match frame {
+        Resp2Frame::SimpleString(data) | Resp2Frame::BulkString(data) => Value::Str(data),
+        Resp2Frame::Error(text) => Value::Error(text.to_string()),
+        Resp2Frame::Integer(value) => Value::Int(value),
+        Resp2Frame::Array(items) => Value::Array(items.into_iter().map(from_resp2).collect()),
+        Resp2Frame::Null => Value::Nil,
+    }
+}
+
+fn from_resp3(frame: Resp3Frame) -> Value {
+    match frame {
+        Resp3Frame::BlobString { data, .. } | Resp3Frame::SimpleString { data, .. } => {
+            Value::Str(data)
+        }
+        Resp3Frame::VerbatimString { data, .. } => Value::Str(data),
+        Resp3Frame::SimpleError { data, .. } => Value::Error(data.to_string()),
+        Resp3Frame::BlobError { data, .. } => {
+            Value::Error(String::from_utf8_lossy(&data).into_owned())
+        }
+        Resp3Frame::Number { data, .. } => Value::Int(data),
+        Resp3Frame::Null => Value::Nil,
+        Resp3Frame::Array { data, .. } | Resp3Frame::Push { data, .. } => {
+            Value::Array(data.into_iter().map(from_resp3).collect())
+        }
+        Resp3Frame::Set { data, .. } => Value::Array(data.into_iter().map(from_resp3).collect()),
+        Resp3Frame::Map { data, .. } => Value::Map(
+            data.into_iter()
+                .map(|(key, value)| (from_resp3(key), from_resp3(value)))
+                .collect(),
+        ),
+        _ => Value::Other,
+    }
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for arg in args {
+        put_bulk(&mut out, arg.as_ref());
+    }
+    out.freeze()
+}
+
+/// Appends a bulk string to `out`.
+pub fn put_bulk(out: &mut BytesMut, data: &[u8]) {
+    out.put_slice(format!("${}\r\n", data.len()).as_bytes());
+    out.put_slice(data);
+    out.put_slice(b"\r\n");
+}
+
+/// Returns the text of an error reply without its `-` and line end.
+pub fn error_text(raw: &[u8]) -> Option<&str> {
+    let body = raw.strip_prefix(b"-")?;
+    let end = body.iter().position(|&b| b == b'\r').unwrap_or(body.len());
+    std::str::from_utf8(&body[..end]).ok()
+}

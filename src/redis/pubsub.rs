@@ -1,0 +1,118 @@
+//! Subscriptions: SUBSCRIBE, PSUBSCRIBE and SSUBSCRIBE move the client onto a
+//! dedicated upstream connection, and every frame on it (replies, messages,
+//! pushes) is relayed to the client until no subscription is left.
+
+use bytes::Bytes;
+
+use super::frame::{Protocol, Request, Value};
+use super::reply;
+use super::session::{Flow, Session};
+
+/// Something that happened while the client is subscribed.
+enum Event {
+    Upstream(Result<Bytes, String>),
+    Client(Option<Request>),
+}
+
+impl Session {
+    /// Relays between the client and a subscribed upstream connection until
+    /// the last subscription ends, the client leaves or the upstream fails.
+    pub(super) async fn run_subscribed(&mut self, request: Request, name: &str) -> Flow {
+        if self.drain().await == Flow::Close {
+            return Flow::Close;
+        }
+        let addr = match self.pinned_target(&request, name) {
+            Ok(addr) => addr,
+            Err(error) => return self.reply(error).await,
+        };
+        let key = super::pool::ConnKey {
+            addr,
+            protocol: self.ctx.protocol,
+            db: self.ctx.db,
+        };
+        let mut dedicated = match self.router.pool.checkout(&key).await {
+            Ok(dedicated) => dedicated,
+            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
+        };
+        if let Err(err) = dedicated.conn.send(&request.raw).await {
+            return self.reply(reply::error(&format!("ERR {err}"))).await;
+        }
+        loop {
+            let event = tokio::select! {
+                frame = dedicated.conn.read_frame() => {
+                    Event::Upstream(frame.map(|(frame, _)| frame).map_err(|err| err.to_string()))
+                }
+                request = self.reader.next() => Event::Client(request.ok().flatten()),
+            };
+            match event {
+                Event::Upstream(Ok(frame)) => {
+                    let ended = ends_subscriptions(&frame, self.ctx.protocol);
+                    if self.reply(frame).await == Flow::Close {
+                        return Flow::Close;
+                    }
+                    if ended {
+                        self.router.pool.checkin(dedicated);
+                        return Flow::Continue;
+                    }
+                }
+                Event::Upstream(Err(reason)) => {
+                    tracing::debug!(client.addr = %self.peer, error = %reason,
+                        "subscribed upstream connection failed");
+                    // Closing the client connection is how a Redis client learns
+                    // that its subscriptions are gone.
+                    return Flow::Close;
+                }
+                Event::Client(None) => return Flow::Close,
+                Event::Client(Some(request)) => match request.name().as_str() {
+                    "QUIT" => {
+                        self.reply(reply::ok()).await;
+                        return Flow::Close;
+                    }
+                    "RESET" => {
+                        let reply = self.reset();
+                        return self.reply(reply).await;
+                    }
+                    _ => {
+                        if dedicated.conn.send(&request.raw).await.is_err() {
+                            return Flow::Close;
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// True for an unsubscribe confirmation whose count of remaining
+/// subscriptions is zero.
+fn ends_subscriptions(frame: &Bytes, protocol: Protocol) -> bool {
+    let Some(items) = Value::decode(frame, protocol).and_then(Value::into_items) else {
+        return false;
+    };
+    let kind = items
+        .first()
+        .and_then(Value::as_bytes)
+        .map(|kind| kind.to_ascii_lowercase());
+    let is_unsubscribe = matches!(
+        kind.as_deref(),
+        Some(b"unsubscribe") | Some(b"punsubscribe") | Some(b"sunsubscribe")
+    );
+    is_unsubscribe && items.get(2).and_then(Value::as_int) == Some(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_unsubscribe_ends_subscriptions() {
+        let last = Bytes::from_static(b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n");
+        assert!(ends_subscriptions(&last, Protocol::Resp2));
+        let more = Bytes::from_static(b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:1\r\n");
+        assert!(!ends_subscriptions(&more, Protocol::Resp2));
+        let push = Bytes::from_static(b">3\r\n$12\r\npunsubscribe\r\n$1\r\np\r\n:0\r\n");
+        assert!(ends_subscriptions(&push, Protocol::Resp3));
+        let message = Bytes::from_static(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\n0\r\n");
+        assert!(!ends_subscriptions(&message, Protocol::Resp2));
+    }
+}

@@ -1,0 +1,299 @@
+//! Routing: picks the upstream node for each command, writes it on the
+//! client's shared pipelined connection to that node, and turns the reply or
+//! failure into what the client receives.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+
+use super::cluster::{self, Cluster};
+use super::command::CommandTable;
+use super::frame::{error_text, Protocol, Request};
+use super::pool::{ConnKey, Pool, PoolSettings};
+use super::reply;
+use super::upstream::{ReplyReceiver, UpstreamError};
+use crate::admin::BoxFuture;
+use crate::config::{ReadFrom, RedisConfig, RedisMode};
+
+/// Per-client settings that routing depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionCtx {
+    pub protocol: Protocol,
+    pub db: u32,
+    pub client_id: u64,
+}
+
+/// The node role a command went to, a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+impl Role {
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// A reply the client session waits for, in request order.
+pub enum Pending {
+    Ready(Bytes),
+    InFlight(InFlight),
+    Future(BoxFuture<'static, Bytes>),
+}
+
+impl Pending {
+    /// Waits for the reply.
+    pub async fn resolve(self, router: &Arc<Router>) -> Bytes {
+        match self {
+            Pending::Ready(reply) => reply,
+            Pending::InFlight(in_flight) => router.clone().finish(in_flight).await,
+            Pending::Future(future) => future.await,
+        }
+    }
+}
+
+/// A request written upstream whose reply has not been read yet.
+pub struct InFlight {
+    receiver: ReplyReceiver,
+    pub(super) addr: String,
+    pub(super) role: Role,
+    started: Instant,
+    /// Request, slot and read-only flag, kept in cluster mode to follow a
+    /// redirect.
+    pub(super) retry: Option<(Request, u16, bool)>,
+    pub(super) ctx: SessionCtx,
+}
+
+/// Routes the commands of every client session.
+pub struct Router {
+    pub config: RedisConfig,
+    pub pool: Pool,
+    commands: RwLock<Arc<CommandTable>>,
+    pub(super) cluster: Option<Cluster>,
+    next_client_id: AtomicU64,
+    /// `redis_version` of the upstream, reported in HELLO.
+    pub server_version: RwLock<String>,
+}
+
+impl Router {
+    /// Builds a router; no connection is made until [`Router::start`].
+    pub fn new(config: RedisConfig) -> Result<Router, String> {
+        if config.mode == RedisMode::Sentinel {
+            // TODO: discover the primary from the sentinels and follow
+            // +switch-master; until then sentinel mode cannot start.
+            return Err("[redis] mode \"sentinel\" is not supported yet".into());
+        }
+        let cluster_mode = config.mode == RedisMode::Cluster;
+        let pool = Pool::new(PoolSettings {
+            shared_per_node: config.upstream_connections,
+            max_dedicated: config.max_dedicated_connections,
+            readonly: cluster_mode,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            connect_timeout: config.connect_timeout,
+            max_reply_bytes: config.max_reply_bytes,
+        });
+        let cluster = cluster_mode.then(|| Cluster::new(config.nodes.clone()));
+        Ok(Router {
+            config,
+            pool,
+            commands: RwLock::new(Arc::new(CommandTable::builtin())),
+            cluster,
+            next_client_id: AtomicU64::new(1),
+            server_version: RwLock::new("7.0.0".into()),
+        })
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn commands(&self) -> Arc<CommandTable> {
+        self.commands.read().clone()
+    }
+
+    pub fn set_commands(&self, table: CommandTable) {
+        *self.commands.write() = Arc::new(table);
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Returns the standalone primary's address.
+    pub fn primary(&self) -> &str {
+        &self.config.nodes[0]
+    }
+
+    fn replicas(&self) -> &[String] {
+        &self.config.nodes[1..]
+    }
+
+    /// Sends `request` towards its node and returns the pending reply.
+    pub async fn submit(
+        self: &Arc<Self>,
+        request: Request,
+        name: &str,
+        ctx: SessionCtx,
+    ) -> Pending {
+        let table = self.commands();
+        let readonly = table.is_readonly(name);
+        if self.cluster.is_some() {
+            return cluster::submit(self, request, name, ctx, &table, readonly).await;
+        }
+        let mut last_error = None;
+        for (addr, role) in self.standalone_targets(readonly, ctx.client_id) {
+            match self.send(&addr, &request, ctx).await {
+                Ok(receiver) => {
+                    return Pending::InFlight(self.in_flight(receiver, addr, role, ctx))
+                }
+                // Only a read is tried on the next node, and only when
+                // nothing was written.
+                Err(err) if err.nothing_sent() && readonly => last_error = Some(err),
+                Err(err) => return Pending::Ready(self.upstream_failure(&err, role)),
+            }
+        }
+        let error = last_error.map(|err| err.to_string());
+        let text = error.unwrap_or_else(|| "no upstream node is available".into());
+        Pending::Ready(reply::error(&format!("ERR {text}")))
+    }
+
+    pub(super) fn in_flight(
+        &self,
+        receiver: ReplyReceiver,
+        addr: String,
+        role: Role,
+        ctx: SessionCtx,
+    ) -> InFlight {
+        InFlight {
+            receiver,
+            addr,
+            role,
+            started: Instant::now(),
+            retry: None,
+            ctx,
+        }
+    }
+
+    /// Candidate nodes for a standalone command, best first.
+    fn standalone_targets(&self, readonly: bool, client_id: u64) -> Vec<(String, Role)> {
+        let primary = (self.primary().to_string(), Role::Primary);
+        if !readonly {
+            return vec![primary];
+        }
+        let replicas = self.replicas();
+        let rotate = |nodes: &[String]| -> Vec<(String, Role)> {
+            let mut rotated: Vec<(String, Role)> = nodes
+                .iter()
+                .map(|addr| (addr.clone(), Role::Replica))
+                .collect();
+            if !rotated.is_empty() {
+                let shift = client_id as usize % rotated.len();
+                rotated.rotate_left(shift);
+            }
+            rotated
+        };
+        let up: Vec<String> = replicas
+            .iter()
+            .filter(|addr| self.pool.is_up(addr))
+            .cloned()
+            .collect();
+        match self.config.read_from {
+            ReadFrom::Primary => vec![primary],
+            ReadFrom::PreferReplica => {
+                let mut targets = rotate(&up);
+                targets.push(primary);
+                targets
+            }
+            ReadFrom::Replica if up.is_empty() => rotate(replicas),
+            ReadFrom::Replica => rotate(&up),
+            ReadFrom::Any => {
+                let mut targets = rotate(&up);
+                targets.push(primary);
+                let shift = client_id as usize % targets.len();
+                targets.rotate_left(shift);
+                targets
+            }
+        }
+    }
+
+    /// Writes `request` on the client's shared connection to `addr`.
+    pub(super) async fn send(
+        &self,
+        addr: &str,
+        request: &Request,
+        ctx: SessionCtx,
+    ) -> Result<ReplyReceiver, UpstreamError> {
+        let key = ConnKey {
+            addr: addr.to_string(),
+            protocol: ctx.protocol,
+            db: ctx.db,
+        };
+        let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
+        let mut receivers = conn.send(request.raw.clone(), 1).await?;
+        Ok(receivers.remove(0))
+    }
+
+    /// Waits for the reply of `in_flight`, following cluster redirects.
+    pub async fn finish(self: Arc<Self>, mut in_flight: InFlight) -> Bytes {
+        let result = (&mut in_flight.receiver).await.unwrap_or_else(|_| {
+            Err(UpstreamError::Closed {
+                addr: in_flight.addr.clone(),
+            })
+        });
+        if let Some((request, slot, readonly)) = in_flight.retry.take() {
+            if cluster::needs_retry(&result) {
+                let origin = in_flight.addr.clone();
+                return cluster::follow(
+                    self,
+                    request,
+                    slot,
+                    readonly,
+                    in_flight.ctx,
+                    origin,
+                    result,
+                )
+                .await;
+            }
+        }
+        match result {
+            Ok(reply) => {
+                record_command(in_flight.role, &reply, in_flight.started);
+                reply
+            }
+            Err(err) => self.upstream_failure(&err, in_flight.role),
+        }
+    }
+
+    /// Counts a failed upstream exchange and returns the client's error.
+    pub(super) fn upstream_failure(&self, err: &UpstreamError, role: Role) -> Bytes {
+        metrics::counter!("skiff_redis_commands_total", "role" => role.label(), "outcome" => "failed")
+            .increment(1);
+        tracing::debug!(error = %err, "upstream request failed");
+        if let Some(cluster) = &self.cluster {
+            cluster.request_refresh();
+        }
+        reply::error(&format!("ERR {err}"))
+    }
+}
+
+/// Counts a command and its latency by role and outcome.
+pub fn record_command(role: Role, reply: &[u8], started: Instant) {
+    let outcome = if error_text(reply).is_some() {
+        "error"
+    } else {
+        "ok"
+    };
+    metrics::counter!("skiff_redis_commands_total", "role" => role.label(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("skiff_redis_command_duration_seconds", "role" => role.label())
+        .record(started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,264 @@
+//! Session-pinned commands: MULTI/EXEC/WATCH on a dedicated connection to
+//! the primary, and blocking commands on a dedicated connection so they never
+//! hold up the shared ones.
+
+use bytes::Bytes;
+
+use super::frame::{error_text, Request};
+use super::pool::{ConnKey, Dedicated};
+use super::reply;
+use super::session::{Flow, Session};
+use super::slot::key_slot;
+use super::upstream::UpstreamError;
+
+/// Commands a cluster transaction queues before its node is known.
+const MAX_DEFERRED_COMMANDS: usize = 4096;
+
+/// A transaction or WATCH in progress.
+pub struct Transaction {
+    /// The pinned connection; in cluster mode it is opened at the first
+    /// command with a key, because that key decides the node.
+    conn: Option<Dedicated>,
+    in_multi: bool,
+    /// Keyless commands queued before the node was known.
+    deferred: Vec<Request>,
+}
+
+impl Session {
+    /// Returns the primary that serves every key of `request`, or the error
+    /// reply for the client.
+    pub(super) fn pinned_target(&self, request: &Request, name: &str) -> Result<String, Bytes> {
+        let Some(cluster) = &self.router.cluster else {
+            return Ok(self.router.primary().to_string());
+        };
+        let map = cluster.map();
+        let positions = self.router.commands().key_positions(name, request);
+        let mut slots = positions.iter().map(|&i| key_slot(&request.args[i]));
+        let shard = match slots.next() {
+            Some(slot) if slots.all(|other| other == slot) => map.shard(slot),
+            Some(_) => return Err(reply::error(reply::CROSSSLOT)),
+            None => {
+                let primaries = map.primaries();
+                let index = self.ctx.client_id as usize % primaries.len().max(1);
+                return primaries
+                    .get(index)
+                    .cloned()
+                    .ok_or_else(|| reply::error("CLUSTERDOWN Hash slot not served"));
+            }
+        };
+        match shard {
+            Some(shard) => Ok(shard.primary.clone()),
+            None => {
+                cluster.request_refresh();
+                Err(reply::error("CLUSTERDOWN Hash slot not served"))
+            }
+        }
+    }
+
+    async fn checkout(&self, addr: String) -> Result<Dedicated, UpstreamError> {
+        let key = ConnKey {
+            addr,
+            protocol: self.ctx.protocol,
+            db: self.ctx.db,
+        };
+        self.router.pool.checkout(&key).await
+    }
+
+    /// Runs a blocking command on a dedicated connection. The session reads
+    /// no further request until it returns, as Redis does for a blocked
+    /// client, but notices when the client disconnects.
+    pub(super) async fn run_blocking(&mut self, request: Request, name: &str) -> Flow {
+        if self.drain().await == Flow::Close {
+            return Flow::Close;
+        }
+        let addr = match self.pinned_target(&request, name) {
+            Ok(addr) => addr,
+            Err(error) => return self.reply(error).await,
+        };
+        let mut dedicated = match self.checkout(addr).await {
+            Ok(dedicated) => dedicated,
+            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
+        };
+        let result = tokio::select! {
+            result = dedicated.conn.call(&request.raw) => result,
+            // The client left: the blocked connection is dropped, which
+            // also ends the command upstream.
+            _ = self.reader.closed() => return Flow::Close,
+        };
+        match result {
+            Ok(reply) => {
+                self.router.pool.checkin(dedicated);
+                self.reply(self.unroutable_redirect(reply)).await
+            }
+            Err(err) => self.reply(reply::error(&format!("ERR {err}"))).await,
+        }
+    }
+
+    /// Replaces a redirect on a pinned connection with CROSSSLOT, because
+    /// following it would lose the connection's transaction state.
+    fn unroutable_redirect(&self, reply: Bytes) -> Bytes {
+        let redirected = error_text(&reply)
+            .is_some_and(|text| text.starts_with("MOVED ") || text.starts_with("ASK "));
+        if redirected {
+            if let Some(cluster) = &self.router.cluster {
+                cluster.request_refresh();
+            }
+            return reply::error(reply::CROSSSLOT);
+        }
+        reply
+    }
+
+    /// Handles MULTI or WATCH outside a transaction.
+    pub(super) async fn start_transaction(&mut self, request: Request, name: &str) -> Flow {
+        if self.drain().await == Flow::Close {
+            return Flow::Close;
+        }
+        if name == "MULTI" && self.router.is_cluster() {
+            self.transaction = Some(Transaction {
+                conn: None,
+                in_multi: true,
+                deferred: Vec::new(),
+            });
+            return self.reply(reply::ok()).await;
+        }
+        let addr = match self.pinned_target(&request, name) {
+            Ok(addr) => addr,
+            Err(error) => return self.reply(error).await,
+        };
+        let conn = match self.checkout(addr).await {
+            Ok(conn) => conn,
+            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
+        };
+        self.transaction = Some(Transaction {
+            conn: Some(conn),
+            in_multi: false,
+            deferred: Vec::new(),
+        });
+        self.handle_in_transaction(request, name).await
+    }
+
+    /// Handles a request while a transaction or WATCH has a pinned connection.
+    pub(super) async fn handle_in_transaction(&mut self, request: Request, name: &str) -> Flow {
+        match name {
+            "QUIT" => {
+                self.transaction = None;
+                self.reply(reply::ok()).await;
+                return Flow::Close;
+            }
+            "RESET" => {
+                let reply = self.reset();
+                return self.reply(reply).await;
+            }
+            // These change the pinned connection's own state, which would
+            // then leak to the next client that uses it.
+            "AUTH" | "HELLO" | "CLIENT" | "SELECT" => {
+                let text = format!("ERR {name} is not allowed inside a transaction or WATCH");
+                return self.reply(reply::error(&text)).await;
+            }
+            _ => {}
+        }
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
+        if transaction.conn.is_none() {
+            return self.handle_deferred(request, name).await;
+        }
+        self.forward_pinned(request, name).await
+    }
+
+    /// Sends a request on the transaction's connection and ends the
+    /// transaction after EXEC, DISCARD or UNWATCH.
+    async fn forward_pinned(&mut self, request: Request, name: &str) -> Flow {
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
+        let in_multi = transaction.in_multi;
+        let conn = transaction.conn.as_mut().expect("pinned connection");
+        let result = conn.conn.call(&request.raw).await;
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(err) => {
+                self.transaction = None;
+                return self.reply(reply::error(&format!("ERR {err}"))).await;
+            }
+        };
+        let failed = error_text(&reply).is_some();
+        let finished = match name {
+            "MULTI" if !in_multi && !failed => {
+                transaction.in_multi = true;
+                false
+            }
+            "EXEC" | "DISCARD" => in_multi,
+            "UNWATCH" => !in_multi,
+            _ => false,
+        };
+        if finished {
+            if let Some(transaction) = self.transaction.take() {
+                if let Some(conn) = transaction.conn {
+                    self.router.pool.checkin(conn);
+                }
+            }
+        }
+        let reply = self.unroutable_redirect(reply);
+        self.reply(reply).await
+    }
+
+    /// Cluster MULTI before any key has named the node.
+    async fn handle_deferred(&mut self, request: Request, name: &str) -> Flow {
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
+        match name {
+            "MULTI" => {
+                return self
+                    .reply(reply::error("ERR MULTI calls can not be nested"))
+                    .await
+            }
+            "WATCH" => {
+                return self
+                    .reply(reply::error("ERR WATCH inside MULTI is not allowed"))
+                    .await
+            }
+            "DISCARD" => {
+                self.transaction = None;
+                return self.reply(reply::ok()).await;
+            }
+            _ => {}
+        }
+        let has_keys = !self
+            .router
+            .commands()
+            .key_positions(name, &request)
+            .is_empty();
+        if !has_keys && name != "EXEC" {
+            if transaction.deferred.len() >= MAX_DEFERRED_COMMANDS {
+                self.transaction = None;
+                return self
+                    .reply(reply::error("ERR too many commands in one transaction"))
+                    .await;
+            }
+            transaction.deferred.push(request);
+            return self.reply(reply::simple("QUEUED")).await;
+        }
+        let addr = match self.pinned_target(&request, name) {
+            Ok(addr) => addr,
+            Err(error) => return self.reply(error).await,
+        };
+        match self.open_deferred(addr).await {
+            Ok(()) => self.forward_pinned(request, name).await,
+            Err(err) => {
+                self.transaction = None;
+                self.reply(reply::error(&format!("ERR {err}"))).await
+            }
+        }
+    }
+
+    /// Opens the transaction's connection, then sends MULTI and the queued
+    /// commands, whose replies the client already had as +QUEUED.
+    async fn open_deferred(&mut self, addr: String) -> Result<(), UpstreamError> {
+        let mut conn = self.checkout(addr).await?;
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
+        let multi = super::frame::encode_command(&["MULTI"]);
+        conn.conn.call(&multi).await?;
+        for queued in transaction.deferred.drain(..) {
+            conn.conn.call(&queued.raw).await?;
+        }
+        transaction.conn = Some(conn);
+        transaction.in_multi = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,455 @@
+//! The Redis router in standalone mode against a real primary with two
+//! replicas: session commands, exact error strings, ordering under
+//! concurrent pipelined clients, read routing, limits.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redis_support::{Skiff, Standalone};
+use skiff::redis::frame::Protocol;
+
+fn servers() -> &'static Standalone {
+    static SERVERS: OnceLock<Standalone> = OnceLock::new();
+    SERVERS.get_or_init(Standalone::start)
+}
+
+async fn skiff(extra: &str) -> Skiff {
+    let body = format!(
+        "mode = \"standalone\"\nnodes = {}\n{extra}",
+        servers().nodes_toml()
+    );
+    Skiff::start(&body).await
+}
+
+#[tokio::test]
+async fn ping_echo_and_inline_commands() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+    assert_eq!(client.call(&["PING", "hi"]).await, "$2\r\nhi\r\n");
+    assert_eq!(client.call(&["ECHO", "a b"]).await, "$3\r\na b\r\n");
+    assert_eq!(
+        client.call(&["ECHO"]).await,
+        "-ERR wrong number of arguments for 'echo' command\r\n"
+    );
+    client.send_bytes(b"PING\r\n").await;
+    assert_eq!(&client.read().await[..], b"+PONG\r\n");
+    assert_eq!(client.call(&["QUIT"]).await, "+OK\r\n");
+    assert!(client.is_closed().await);
+}
+
+#[tokio::test]
+async fn client_name_and_id() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["CLIENT", "GETNAME"]).await, "$-1\r\n");
+    assert_eq!(
+        client.call(&["CLIENT", "SETNAME", "worker-1"]).await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        client.call(&["CLIENT", "GETNAME"]).await,
+        "$8\r\nworker-1\r\n"
+    );
+    assert_eq!(
+        client.call(&["CLIENT", "SETNAME", "a b"]).await,
+        "-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+    );
+    assert!(client.call(&["CLIENT", "ID"]).await.starts_with(':'));
+    let setinfo = client
+        .call(&["CLIENT", "SETINFO", "LIB-NAME", "redis-py"])
+        .await;
+    assert_eq!(setinfo, "+OK\r\n");
+}
+
+#[tokio::test]
+async fn auth_required_when_client_password_set() {
+    let skiff = skiff("client_password = \"s3cret\"").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["GET", "auth:k"]).await,
+        "-NOAUTH Authentication required.\r\n"
+    );
+    assert_eq!(
+        client.call(&["AUTH", "wrong"]).await,
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    assert_eq!(
+        client.call(&["AUTH", "nobody", "s3cret"]).await,
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    assert_eq!(client.call(&["AUTH", "s3cret"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["GET", "auth:k"]).await, "$-1\r\n");
+
+    let mut other = skiff.raw().await;
+    assert_eq!(other.call(&["AUTH", "default", "s3cret"]).await, "+OK\r\n");
+
+    let url = format!("redis://:s3cret@{}/", skiff.addr);
+    let mut conn = redis_support::connect_redis_rs(&url).await;
+    let _: () = conn.set("auth:rs", "1").await.unwrap();
+    let value: String = conn.get("auth:rs").await.unwrap();
+    assert_eq!(value, "1");
+}
+
+#[tokio::test]
+async fn auth_without_client_password_is_redis_error() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["AUTH", "x"]).await,
+        "-ERR AUTH <password> called without any password configured for the default user. \
+         Are you sure your configuration is correct?\r\n"
+    );
+}
+
+#[tokio::test]
+async fn hello_3_with_auth_and_setname() {
+    let skiff = skiff("client_password = \"pw\"").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["HELLO", "3", "AUTH", "default", "bad"]).await,
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    assert_eq!(
+        client.call(&["HELLO", "4"]).await,
+        "-NOPROTO unsupported protocol version\r\n"
+    );
+    client.protocol = Protocol::Resp3;
+    let hello = client
+        .call(&["HELLO", "3", "AUTH", "default", "pw", "SETNAME", "api"])
+        .await;
+    assert!(hello.starts_with("%7\r\n"), "{hello}");
+    assert!(hello.contains("proto\r\n:3\r\n"), "{hello}");
+    assert_eq!(client.call(&["CLIENT", "GETNAME"]).await, "$3\r\napi\r\n");
+    client.call(&["DEL", "hello:h"]).await;
+    client.call(&["HSET", "hello:h", "f", "v"]).await;
+    // RESP3 replies come from a RESP3 upstream connection: a map, not an array.
+    assert_eq!(
+        client.call(&["HGETALL", "hello:h"]).await,
+        "%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(client.call(&["GET", "hello:none"]).await, "_\r\n");
+}
+
+#[tokio::test]
+async fn resp3_client_through_redis_rs() {
+    let skiff = skiff("").await;
+    let mut conn = skiff.client(Protocol::Resp3).await;
+    let _: () = conn.hset("r3:h", "a", "1").await.unwrap();
+    let _: () = conn.hset("r3:h", "b", "2").await.unwrap();
+    let all: std::collections::HashMap<String, String> = conn.hgetall("r3:h").await.unwrap();
+    assert_eq!(all.get("a").map(String::as_str), Some("1"));
+    assert_eq!(all.get("b").map(String::as_str), Some("2"));
+    let ttl: i64 = conn.ttl("r3:h").await.unwrap();
+    assert_eq!(ttl, -1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pipelines_keep_reply_order() {
+    let skiff = skiff("upstream_connections = 2").await;
+    let mut tasks = Vec::new();
+    for client in 0..16 {
+        let url = skiff.url(if client % 2 == 0 {
+            Protocol::Resp2
+        } else {
+            Protocol::Resp3
+        });
+        tasks.push(tokio::spawn(async move {
+            let mut conn = redis_support::connect_redis_rs(&url).await;
+            let mut pipe = redis::pipe();
+            for i in 0..200 {
+                let key = format!("order:{client}:{i}");
+                pipe.set(&key, i).get(&key).incr(&key, 1);
+            }
+            let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await.unwrap();
+            for i in 0..200 {
+                let get: i64 = redis::from_redis_value(replies[i * 3 + 1].clone()).unwrap();
+                let incr: i64 = redis::from_redis_value(replies[i * 3 + 2].clone()).unwrap();
+                assert_eq!(get, i as i64, "client {client} GET {i}");
+                assert_eq!(incr, i as i64 + 1, "client {client} INCR {i}");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn replica_policy_sends_reads_to_replicas() {
+    let servers = servers();
+    let skiff = skiff("read_from = \"replica\"").await;
+    let mut conn = skiff.client(Protocol::Resp2).await;
+    let _: () = conn.set("replica:k", "v").await.unwrap();
+    let primary_before = servers.primary.command_calls("strlen");
+    let replicas_before: u64 = servers
+        .replicas
+        .iter()
+        .map(|r| r.command_calls("strlen"))
+        .sum();
+    for _ in 0..40 {
+        let _: i64 = conn.strlen("replica:k").await.unwrap();
+    }
+    let primary_after = servers.primary.command_calls("strlen");
+    let replicas_after: u64 = servers
+        .replicas
+        .iter()
+        .map(|r| r.command_calls("strlen"))
+        .sum();
+    assert_eq!(primary_after, primary_before, "no STRLEN on the primary");
+    assert_eq!(
+        replicas_after - replicas_before,
+        40,
+        "every STRLEN on a replica"
+    );
+}
+
+#[tokio::test]
+async fn primary_policy_keeps_reads_on_primary() {
+    let servers = servers();
+    let skiff = skiff("read_from = \"primary\"").await;
+    let mut conn = skiff.client(Protocol::Resp2).await;
+    let replicas_before: u64 = servers
+        .replicas
+        .iter()
+        .map(|r| r.command_calls("hlen"))
+        .sum();
+    let primary_before = servers.primary.command_calls("hlen");
+    for _ in 0..10 {
+        let _: i64 = conn.hlen("primary:h").await.unwrap();
+    }
+    let replicas_after: u64 = servers
+        .replicas
+        .iter()
+        .map(|r| r.command_calls("hlen"))
+        .sum();
+    assert_eq!(replicas_after, replicas_before);
+    assert_eq!(servers.primary.command_calls("hlen") - primary_before, 10);
+}
+
+#[tokio::test]
+async fn prefer_replica_falls_back_to_primary() {
+    let mut own = Standalone::start();
+    let body = format!(
+        "mode = \"standalone\"\nnodes = {}\nread_from = \"prefer-replica\"\nconnect_timeout = \"1s\"",
+        own.nodes_toml()
+    );
+    let skiff = Skiff::start(&body).await;
+    let mut conn = skiff.client(Protocol::Resp2).await;
+    let _: () = conn.set("fallback:k", "v").await.unwrap();
+    for replica in &mut own.replicas {
+        replica.kill();
+    }
+    for _ in 0..5 {
+        let value: String = conn.get("fallback:k").await.unwrap();
+        assert_eq!(value, "v");
+    }
+}
+
+#[tokio::test]
+async fn oversized_request_is_rejected_alone() {
+    let skiff = skiff("max_request_bytes = 4096").await;
+    let mut bad = skiff.raw().await;
+    let mut good = skiff.raw().await;
+    let big = "x".repeat(10_000);
+    bad.send(&["SET", "big:k", &big]).await;
+    assert_eq!(
+        &bad.read().await[..],
+        b"-ERR Protocol error: invalid bulk length\r\n"
+    );
+    assert!(bad.is_closed().await);
+    assert_eq!(good.call(&["SET", "big:ok", "1"]).await, "+OK\r\n");
+}
+
+#[tokio::test]
+async fn malformed_request_gets_protocol_error() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    client.send_bytes(b"*2\r\n$3\r\nGET\r\n:12\r\n").await;
+    let reply = String::from_utf8_lossy(&client.read().await).into_owned();
+    assert!(reply.starts_with("-ERR Protocol error"), "{reply}");
+    assert!(client.is_closed().await);
+}
+
+#[tokio::test]
+async fn blocking_pop_does_not_delay_other_clients() {
+    let skiff = skiff("upstream_connections = 1").await;
+    let mut blocked = skiff.raw().await;
+    blocked.call(&["DEL", "block:q"]).await;
+    blocked.send(&["BRPOP", "block:q", "5"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut conn = skiff.client(Protocol::Resp2).await;
+    let started = Instant::now();
+    for i in 0..50 {
+        let _: () = conn.set("block:other", i).await.unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "other clients waited"
+    );
+    let _: () = conn.lpush("block:q", "job").await.unwrap();
+    let popped = String::from_utf8_lossy(&blocked.read().await).into_owned();
+    assert_eq!(popped, "*2\r\n$7\r\nblock:q\r\n$3\r\njob\r\n");
+    // The session is usable after the blocking command.
+    assert_eq!(blocked.call(&["PING"]).await, "+PONG\r\n");
+}
+
+#[tokio::test]
+async fn multi_exec_and_watch() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    client.call(&["SET", "tx:n", "1"]).await;
+    assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["INCR", "tx:n"]).await, "+QUEUED\r\n");
+    assert_eq!(client.call(&["INCR", "tx:n"]).await, "+QUEUED\r\n");
+    assert_eq!(client.call(&["EXEC"]).await, "*2\r\n:2\r\n:3\r\n");
+
+    let mut other = skiff.raw().await;
+    assert_eq!(client.call(&["WATCH", "tx:n"]).await, "+OK\r\n");
+    assert_eq!(other.call(&["SET", "tx:n", "100"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["INCR", "tx:n"]).await, "+QUEUED\r\n");
+    assert_eq!(
+        client.call(&["EXEC"]).await,
+        "*-1\r\n",
+        "watched key changed"
+    );
+    assert_eq!(client.call(&["GET", "tx:n"]).await, "$3\r\n100\r\n");
+    assert_eq!(client.call(&["EXEC"]).await, "-ERR EXEC without MULTI\r\n");
+}
+
+#[tokio::test]
+async fn subscribe_relays_messages_resp2_and_resp3() {
+    let skiff = skiff("").await;
+    let mut publisher = skiff.raw().await;
+    for protocol in [Protocol::Resp2, Protocol::Resp3] {
+        let mut subscriber = skiff.raw().await;
+        if protocol == Protocol::Resp3 {
+            subscriber.protocol = Protocol::Resp3;
+            subscriber.call(&["HELLO", "3"]).await;
+        }
+        let head = if protocol == Protocol::Resp3 {
+            ">"
+        } else {
+            "*"
+        };
+        assert_eq!(
+            subscriber.call(&["SUBSCRIBE", "news"]).await,
+            format!("{head}3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
+        );
+        assert_eq!(
+            publisher.call(&["PUBLISH", "news", "hello"]).await,
+            ":1\r\n"
+        );
+        let message = String::from_utf8_lossy(&subscriber.read().await).into_owned();
+        assert_eq!(
+            message,
+            format!("{head}3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n")
+        );
+        assert_eq!(
+            subscriber.call(&["UNSUBSCRIBE"]).await,
+            format!("{head}3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:0\r\n")
+        );
+        // After the last unsubscribe the session routes commands again.
+        assert_eq!(subscriber.call(&["SET", "sub:k", "1"]).await, "+OK\r\n");
+    }
+}
+
+#[tokio::test]
+async fn select_switches_database() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["SELECT", "3"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["SET", "db:k", "three"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["SELECT", "0"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["GET", "db:k"]).await, "$-1\r\n");
+    assert_eq!(
+        client.call(&["SELECT", "99"]).await,
+        "-ERR DB index is out of range\r\n"
+    );
+    assert_eq!(
+        client.call(&["SELECT", "x"]).await,
+        "-ERR value is not an integer or out of range\r\n"
+    );
+    assert_eq!(
+        servers().primary.cli(&["-n", "3", "GET", "db:k"]).trim(),
+        "three"
+    );
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    client.call(&["SET", "err:s", "x"]).await;
+    assert_eq!(
+        client.call(&["INCR", "err:s"]).await,
+        "-ERR value is not an integer or out of range\r\n"
+    );
+    let unknown = client.call(&["NOSUCHCOMMAND", "a"]).await;
+    assert!(
+        unknown.starts_with("-ERR unknown command 'NOSUCHCOMMAND'"),
+        "{unknown}"
+    );
+}
+
+#[tokio::test]
+async fn redis_cli_talks_to_skiff() {
+    let skiff = skiff("").await;
+    let port = skiff.addr.port();
+    let output = tokio::task::spawn_blocking(move || {
+        redis_support::redis_cli(port, &["SET", "cli:k", "from-cli"]);
+        redis_support::redis_cli(port, &["GET", "cli:k"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.trim(), "from-cli");
+}
+
+#[tokio::test]
+async fn dify_command_set_round_trips() {
+    let skiff = skiff("read_from = \"prefer-replica\"").await;
+    let mut c = skiff.raw().await;
+    assert_eq!(
+        c.call(&["SET", "dify:lock", "1", "EX", "10", "NX"]).await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        c.call(&["SET", "dify:lock", "1", "PX", "10000", "NX"])
+            .await,
+        "$-1\r\n"
+    );
+    assert_eq!(c.call(&["SETEX", "dify:ex", "10", "v"]).await, "+OK\r\n");
+    assert_eq!(c.call(&["GETDEL", "dify:ex"]).await, "$1\r\nv\r\n");
+    assert_eq!(
+        c.call(&["ZADD", "dify:z", "1", "a", "2", "b"]).await,
+        ":2\r\n"
+    );
+    assert_eq!(
+        c.call(&["ZREMRANGEBYSCORE", "dify:z", "0", "1"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(c.call(&["RPUSH", "dify:l", "a", "b"]).await, ":2\r\n");
+    let script = "return redis.call('GET', KEYS[1])";
+    let sha = c.call(&["SCRIPT", "LOAD", script]).await;
+    let sha = sha.lines().nth(1).unwrap().to_string();
+    assert_eq!(
+        c.call(&["EVALSHA", &sha, "1", "dify:lock"]).await,
+        "$1\r\n1\r\n"
+    );
+    let id = c
+        .call(&["XADD", "dify:s", "MAXLEN", "~", "100", "*", "f", "v"])
+        .await;
+    assert!(id.starts_with('$'), "{id}");
+    let read = c
+        .call(&[
+            "XREAD", "COUNT", "1", "BLOCK", "100", "STREAMS", "dify:s", "0",
+        ])
+        .await;
+    assert!(read.contains("dify:s"), "{read}");
+}
