@@ -10,6 +10,7 @@ use super::cluster::submit_to_slot;
 use super::frame::{error_text, Protocol, Request, Value};
 use super::reply;
 use super::router::{Pending, Role, Router, SessionCtx};
+use super::slot::key_slot;
 use super::upstream::UpstreamError;
 
 /// Bits of a cluster SCAN cursor that carry the primary's index.
@@ -27,6 +28,12 @@ pub async fn keyless(
     if primaries.is_empty() {
         cluster.request_refresh();
         return Pending::Ready(reply::error("CLUSTERDOWN Hash slot not served"));
+    }
+    if name == "PUBLISH" && request.args.len() > 1 {
+        // SUBSCRIBE goes to the channel's slot owner too, so PUBLISH returns
+        // the count of subscribers that skiff's clients hold on that node.
+        let slot = key_slot(&request.args[1]);
+        return submit_to_slot(router, request, slot, false, ctx).await;
     }
     let router = router.clone();
     let merge = match name {

@@ -32,7 +32,11 @@ impl Session {
             return Ok(self.router.primary().to_string());
         };
         let map = cluster.map();
-        let positions = self.router.commands().key_positions(name, request);
+        let positions = match name {
+            // Routed by the first channel's slot, as PUBLISH is.
+            "SUBSCRIBE" => vec![1],
+            _ => self.router.commands().key_positions(name, request),
+        };
         let mut slots = positions.iter().map(|&i| key_slot(&request.args[i]));
         let shard = match slots.next() {
             Some(slot) if slots.all(|other| other == slot) => map.shard(slot),

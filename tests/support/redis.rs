@@ -229,6 +229,30 @@ impl Cluster {
                 );
             }
         }
+        // CLUSTER SHARDS reports a replica as "loading" until its
+        // replication offset, spread by gossip, is above zero.
+        // One write on each primary starts that count.
+        let mut warmed = std::collections::HashSet::new();
+        for i in 0.. {
+            let key = format!("harness:warmup:{i}");
+            let owner = self.primary_for_slot(skiff::redis::slot::key_slot(key.as_bytes()));
+            if warmed.insert(owner.port) {
+                owner.cli(&["SET", &key, "1"]);
+            }
+            if warmed.len() == 3 {
+                break;
+            }
+        }
+        let first = &self.nodes[0];
+        first.wait_for(
+            || {
+                let shards = first.cli(&["CLUSTER", "SHARDS"]);
+                !shards
+                    .lines()
+                    .any(|line| line == "loading" || line == "failed")
+            },
+            "every node online in CLUSTER SHARDS",
+        );
     }
 
     pub fn primaries(&self) -> Vec<&RedisServer> {
