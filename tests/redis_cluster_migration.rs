@@ -1,0 +1,187 @@
+//! Slot migration under the Redis router: MOVED after a slot changes owner,
+//! ASK while a slot is migrating, and `redis-cli --cluster reshard` while
+//! clients write. These tests move slots, so they get a cluster of their own.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis_support::{Cluster, RedisServer, Skiff};
+use skiff::redis::frame::Protocol;
+use skiff::redis::slot::key_slot;
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(Cluster::start)
+}
+
+/// Serializes the tests, because each one moves slots of the shared cluster.
+fn serial() -> &'static tokio::sync::Mutex<()> {
+    static SERIAL: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    SERIAL.get_or_init(|| tokio::sync::Mutex::new(()))
+}
+
+async fn skiff() -> Skiff {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    // A long refresh interval keeps skiff's slot map stale, so only the
+    // redirect can send the command to the new owner.
+    let body = format!(
+        "mode = \"cluster\"\nnodes = {}\ntopology_refresh_interval = \"1h\"",
+        cluster.seeds_toml()
+    );
+    Skiff::start(&body).await
+}
+
+fn node_id(node: &RedisServer) -> String {
+    node.cli(&["CLUSTER", "MYID"]).trim().to_string()
+}
+
+/// Returns the owner of `key`'s slot and another primary.
+fn owner_and_other<'a>(cluster: &'a Cluster, key: &str) -> (&'a RedisServer, &'a RedisServer) {
+    let owner = cluster.primary_for_slot(key_slot(key.as_bytes()));
+    let other = cluster
+        .primaries()
+        .into_iter()
+        .find(|node| node.port != owner.port)
+        .expect("a second primary");
+    (owner, other)
+}
+
+/// Marks `slot` as moving from `source` to `target`, as `redis-cli
+/// --cluster reshard` does before it moves keys.
+fn start_migration(source: &RedisServer, target: &RedisServer, slot: &str) {
+    let (source_id, target_id) = (node_id(source), node_id(target));
+    let importing = target.cli(&["CLUSTER", "SETSLOT", slot, "IMPORTING", &source_id]);
+    assert_eq!(importing.trim(), "OK");
+    let migrating = source.cli(&["CLUSTER", "SETSLOT", slot, "MIGRATING", &target_id]);
+    assert_eq!(migrating.trim(), "OK");
+}
+
+/// Gives `slot` to `target` on every primary, target first so it bumps its
+/// config epoch, then waits until every node agrees.
+fn finish_migration(cluster: &Cluster, target: &RedisServer, slot: &str) {
+    let target_id = node_id(target);
+    let reply = target.cli(&["CLUSTER", "SETSLOT", slot, "NODE", &target_id]);
+    assert_eq!(reply.trim(), "OK");
+    for node in cluster.primaries() {
+        node.cli(&["CLUSTER", "SETSLOT", slot, "NODE", &target_id]);
+    }
+    wait_for_agreement(cluster);
+}
+
+fn wait_for_agreement(cluster: &Cluster) {
+    let seed = cluster.nodes[0].addr();
+    cluster.nodes[0].wait_for(
+        || {
+            let output = std::process::Command::new("redis-cli")
+                .args(["--cluster", "check", &seed])
+                .output()
+                .expect("redis-cli --cluster check runs");
+            let text = String::from_utf8_lossy(&output.stdout);
+            output.status.success() && !text.contains("[ERR]") && !text.contains("[WARNING]")
+        },
+        "nodes agree on the slot map",
+    );
+}
+
+#[tokio::test]
+async fn moved_after_setslot_is_followed() {
+    let _serial = serial().lock().await;
+    let metrics = skiff::admin::install_recorder();
+    let skiff = skiff().await;
+    let cluster = cluster();
+    let key = "migrate:moved";
+    let slot = key_slot(key.as_bytes()).to_string();
+    let (owner, target) = owner_and_other(cluster, key);
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["GET", key]).await, "$-1\r\n");
+
+    start_migration(owner, target, &slot);
+    finish_migration(cluster, target, &slot);
+    assert_eq!(client.call(&["SET", key, "v"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["GET", key]).await, "$1\r\nv\r\n");
+    assert_eq!(
+        target.cli(&["GET", key]).trim(),
+        "v",
+        "the key is on the new owner"
+    );
+    let rendered = metrics.render();
+    assert!(
+        rendered.contains("skiff_redis_redirects_total{kind=\"moved\"}"),
+        "{rendered}"
+    );
+}
+
+#[tokio::test]
+async fn ask_during_migration_is_followed() {
+    let _serial = serial().lock().await;
+    let skiff = skiff().await;
+    let cluster = cluster();
+    let key = "migrate:ask";
+    let slot = key_slot(key.as_bytes()).to_string();
+    let (source, target) = owner_and_other(cluster, key);
+    start_migration(source, target, &slot);
+
+    // The key is not on the source, so the source answers ASK and the
+    // command must reach the target after ASKING.
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["SET", key, "asked"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["GET", key]).await, "$5\r\nasked\r\n");
+    let on_target = target.cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot]);
+    assert_eq!(on_target.trim(), "1");
+
+    finish_migration(cluster, target, &slot);
+    assert_eq!(client.call(&["GET", key]).await, "$5\r\nasked\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reshard_while_writing_loses_nothing() {
+    let _serial = serial().lock().await;
+    let skiff = skiff().await;
+    let cluster = cluster();
+    let mut conn = skiff.client(Protocol::Resp2).await;
+    for i in 0..300 {
+        let _: () = conn.set(format!("reshard:{i}"), i).await.unwrap();
+    }
+    wait_for_agreement(cluster);
+    let primaries = cluster.primaries();
+    let (from, to) = (node_id(primaries[0]), node_id(primaries[1]));
+    let seed = primaries[0].addr();
+    let reshard = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &seed])
+            .args(["--cluster-from", &from, "--cluster-to", &to])
+            .args(["--cluster-slots", "600", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster reshard runs")
+    });
+
+    let mut round = 0u64;
+    while !reshard.is_finished() || round < 3 {
+        for i in 0..300 {
+            let key = format!("reshard:{i}");
+            let value: i64 = conn.incr(&key, 1).await.unwrap();
+            assert_eq!(value, i + round as i64 + 1, "{key} in round {round}");
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let output = reshard.await.unwrap();
+    assert!(
+        output.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let keys: Vec<String> = (0..300).map(|i| format!("reshard:{i}")).collect();
+    let values: Vec<i64> = conn.mget(&keys).await.unwrap();
+    for (i, value) in values.iter().enumerate() {
+        assert_eq!(
+            *value,
+            i as i64 + round as i64,
+            "reshard:{i} after the reshard"
+        );
+    }
+}
