@@ -316,3 +316,38 @@ async fn redis_cli_without_cluster_flag() {
         assert_eq!(value.trim(), i.to_string());
     }
 }
+
+#[tokio::test]
+async fn script_load_reaches_every_primary() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    let loaded = client.call(&["SCRIPT", "LOAD", "return KEYS[1]"]).await;
+    let sha = loaded
+        .lines()
+        .nth(1)
+        .expect("bulk reply with the SHA1")
+        .to_string();
+    assert_eq!(sha.len(), 40, "{loaded}");
+    for primary in tokio::task::spawn_blocking(cluster)
+        .await
+        .unwrap()
+        .primaries()
+    {
+        assert_eq!(primary.cli(&["SCRIPT", "EXISTS", &sha]).trim(), "1");
+    }
+    for key in ["script:a", "script:b", "script:c", "script:d"] {
+        let reply = client.call(&["EVALSHA", &sha, "1", key]).await;
+        assert_eq!(reply, format!("${}\r\n{key}\r\n", key.len()));
+    }
+}
+
+#[tokio::test]
+async fn command_info_and_ping_in_cluster() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+    let info = client.call(&["INFO", "server"]).await;
+    assert!(info.contains("redis_mode:cluster"), "{info}");
+    let count = client.call(&["COMMAND", "COUNT"]).await;
+    assert!(count.starts_with(':'), "{count}");
+}

@@ -453,3 +453,63 @@ async fn dify_command_set_round_trips() {
         .await;
     assert!(read.contains("dify:s"), "{read}");
 }
+
+#[tokio::test]
+async fn command_and_info_come_from_upstream() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    let count = client.call(&["COMMAND", "COUNT"]).await;
+    let count: i64 = count.trim_start_matches(':').trim().parse().unwrap();
+    assert!(count > 100, "COMMAND COUNT {count}");
+    let info = client.call(&["INFO", "server"]).await;
+    assert!(info.contains("redis_version:"), "{info}");
+    let hello = client.call(&["HELLO"]).await;
+    let version = servers().primary.info_field("server", "redis_version");
+    assert!(
+        hello.contains(&version),
+        "HELLO reports the upstream version: {hello}"
+    );
+}
+
+/// Returns this process's resident memory in bytes.
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kilobytes: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kilobytes * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_never_reads_is_bounded() {
+    use tokio::io::AsyncWriteExt;
+
+    let skiff = skiff("client_queue_depth = 16").await;
+    let mut setup = skiff.raw().await;
+    let value = "v".repeat(256 * 1024);
+    assert_eq!(setup.call(&["SET", "slow:big", &value]).await, "+OK\r\n");
+    let before = resident_bytes();
+
+    // Each pair asks for 320 KiB of replies; the client never reads them.
+    let padding = "p".repeat(64 * 1024);
+    let mut pair = skiff::redis::frame::encode_command(&["ECHO", &padding]).to_vec();
+    pair.extend_from_slice(&skiff::redis::frame::encode_command(&["GET", "slow:big"]));
+    let mut stream = tokio::net::TcpStream::connect(skiff.addr).await.unwrap();
+    let mut pairs_sent = 0;
+    loop {
+        let write = stream.write_all(&pair);
+        match tokio::time::timeout(Duration::from_secs(1), write).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => break,
+        }
+        pairs_sent += 1;
+        assert!(
+            pairs_sent < 3000,
+            "skiff kept reading from a client that reads nothing"
+        );
+    }
+    let growth = resident_bytes().saturating_sub(before);
+    assert!(growth < 200 * 1024 * 1024, "memory grew by {growth} bytes");
+
+    let mut other = skiff.raw().await;
+    assert_eq!(other.call(&["GET", "slow:missing"]).await, "$-1\r\n");
+}

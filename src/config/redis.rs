@@ -27,7 +27,7 @@ pub enum ReadFrom {
 }
 
 /// `[redis]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// Client listener address. Default `127.0.0.1:6379`.
@@ -81,6 +81,33 @@ pub struct RedisConfig {
     /// MOVED and ASK redirects followed for one command. Default 5.
     #[serde(default = "default_max_redirects")]
     pub max_redirects: usize,
+}
+
+/// Prints the section with passwords replaced, so logging a config cannot
+/// leak them.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        f.debug_struct("RedisConfig")
+            .field("listen", &self.listen)
+            .field("mode", &self.mode)
+            .field("nodes", &self.nodes)
+            .field("master_name", &self.master_name)
+            .field("read_from", &self.read_from)
+            .field("username", &self.username)
+            .field("password", &redact(&self.password))
+            .field("client_password", &redact(&self.client_password))
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_reply_bytes", &self.max_reply_bytes)
+            .field("client_queue_depth", &self.client_queue_depth)
+            .field("max_clients", &self.max_clients)
+            .field("upstream_connections", &self.upstream_connections)
+            .field("max_dedicated_connections", &self.max_dedicated_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("topology_refresh_interval", &self.topology_refresh_interval)
+            .field("max_redirects", &self.max_redirects)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -139,4 +166,29 @@ fn default_refresh_interval() -> Duration {
 }
 fn default_max_redirects() -> usize {
     5
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn defaults_and_redacted_debug() {
+        let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\npassword = \"up-secret\"\n\
+                    client_password = \"client-secret\"\n";
+        let config = Config::parse(text).unwrap().redis.unwrap();
+        assert_eq!(config.max_request_bytes, 512 * 1024 * 1024);
+        assert_eq!(config.client_queue_depth, 1024);
+        assert_eq!(config.connect_timeout, std::time::Duration::from_secs(5));
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("up-secret"), "{printed}");
+        assert!(!printed.contains("client-secret"), "{printed}");
+    }
+
+    #[test]
+    fn zero_limits_are_rejected() {
+        let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\nclient_queue_depth = 0\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("client_queue_depth must be at least 1"), "{err}");
+    }
 }

@@ -288,3 +288,103 @@ pub fn error_text(raw: &[u8]) -> Option<&str> {
     let end = body.iter().position(|&b| b == b'\r').unwrap_or(body.len());
     std::str::from_utf8(&body[..end]).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(input: &[u8]) -> Vec<Vec<String>> {
+        let mut buf = BytesMut::from(input);
+        let mut requests = Vec::new();
+        while let Some(request) = parse_request(&mut buf, 1024).unwrap() {
+            let args = request
+                .args
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned());
+            requests.push(args.collect());
+        }
+        requests
+    }
+
+    #[test]
+    fn array_request_keeps_raw_bytes() {
+        let raw = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        let mut buf = BytesMut::from(&raw[..]);
+        let request = parse_request(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(&request.raw[..], &raw[..]);
+        assert_eq!(request.name(), "GET");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn inline_requests_and_empty_lines() {
+        let requests = parse_all(b"\r\nPING\r\nSET  k   v\n");
+        assert_eq!(requests, vec![vec!["PING"], vec!["SET", "k", "v"]]);
+        let rebuilt = Request::from_args(vec![Bytes::from_static(b"PING")]);
+        assert_eq!(&rebuilt.raw[..], b"*1\r\n$4\r\nPING\r\n");
+    }
+
+    #[test]
+    fn partial_request_waits_for_more_bytes() {
+        let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r"[..]);
+        assert!(parse_request(&mut buf, 1024).unwrap().is_none());
+        buf.extend_from_slice(b"\nk\r\n");
+        assert!(parse_request(&mut buf, 1024).unwrap().is_some());
+    }
+
+    #[test]
+    fn oversized_and_malformed_requests_fail() {
+        let mut big = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$2000\r\n"[..]);
+        big.extend_from_slice(&[b'x'; 1100]);
+        assert!(matches!(
+            parse_request(&mut big, 1024),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let mut count = BytesMut::from(&b"*99999999999\r\n"[..]);
+        assert!(matches!(
+            parse_request(&mut count, 1024),
+            Err(FrameError::Invalid(_))
+        ));
+        let mut integer = BytesMut::from(&b"*1\r\n:1\r\n"[..]);
+        assert!(matches!(
+            parse_request(&mut integer, 1024),
+            Err(FrameError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn reply_kinds_per_protocol() {
+        let mut buf = BytesMut::from(&b">2\r\n$4\r\npush\r\n:1\r\n-ERR x\r\n$-1\r\n"[..]);
+        let (push, kind) = parse_reply(&mut buf, Protocol::Resp3, 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kind, ReplyKind::Push);
+        assert_eq!(&push[..], b">2\r\n$4\r\npush\r\n:1\r\n");
+        let (_, kind) = parse_reply(&mut buf, Protocol::Resp3, 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kind, ReplyKind::Error);
+        // RESP2 null bulk string: the RESP3 decoder would read it as a stream.
+        let (null, kind) = parse_reply(&mut buf, Protocol::Resp2, 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!((&null[..], kind), (&b"$-1\r\n"[..], ReplyKind::Other));
+    }
+
+    #[test]
+    fn value_decodes_resp3_map() {
+        let raw = Bytes::from_static(b"%1\r\n$1\r\nf\r\n:2\r\n");
+        let value = Value::decode(&raw, Protocol::Resp3).unwrap();
+        let items = value.into_items().unwrap();
+        assert_eq!(
+            items,
+            vec![Value::Str(Bytes::from_static(b"f")), Value::Int(2)]
+        );
+    }
+
+    #[test]
+    fn error_text_strips_marker_and_line_end() {
+        assert_eq!(error_text(b"-MOVED 1 h:1\r\n"), Some("MOVED 1 h:1"));
+        assert_eq!(error_text(b"+OK\r\n"), None);
+    }
+}

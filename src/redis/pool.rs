@@ -115,6 +115,14 @@ impl Pool {
         if let Some(conn) = slot.as_ref().filter(|conn| conn.is_alive()) {
             return Ok(conn.clone());
         }
+        // Fail fast while the node is down, so requests queued behind this
+        // slot do not each wait for a connect timeout.
+        if !self.is_up(&key.addr) {
+            return Err(UpstreamError::Connect {
+                addr: key.addr.clone(),
+                message: "node is down after a failed connection attempt".into(),
+            });
+        }
         let conn = Arc::new(Pipelined::spawn(self.connect(key).await?));
         *slot = Some(conn.clone());
         Ok(conn)
