@@ -176,8 +176,12 @@ impl Session {
         }
         // Opening the pooled connection for that database runs SELECT
         // upstream, which checks the index against the server's databases.
+        let addr = match self.router.primary() {
+            Ok(addr) => addr,
+            Err(error) => return error,
+        };
         let key = ConnKey {
-            addr: self.router.primary().to_string(),
+            addr,
             protocol: self.ctx.protocol,
             db: db as u32,
         };

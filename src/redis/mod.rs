@@ -12,6 +12,7 @@ mod pool;
 mod pubsub;
 pub mod reply;
 mod router;
+mod sentinel;
 mod session;
 pub mod slot;
 mod topology;
@@ -27,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{BoxFuture, Component};
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisMode};
 use command::CommandTable;
 use frame::{encode_command, error_text, Protocol, Value};
 use router::Router;
@@ -73,6 +74,23 @@ impl RedisRouter {
                 Err(reason) => tracing::warn!(error = %reason, "cluster discovery failed"),
             }
         }
+        if self.router.config.mode == RedisMode::Sentinel {
+            let sentinels = &self.router.config.nodes;
+            let name = self
+                .router
+                .config
+                .master_name
+                .as_deref()
+                .unwrap_or_default();
+            let sentinel_settings = sentinel::sentinel_settings(&settings);
+            match sentinel::discover(sentinels, name, &sentinel_settings).await {
+                Ok(nodes) => {
+                    seed = nodes.primary.clone();
+                    self.router.set_nodes(nodes);
+                }
+                Err(reason) => tracing::warn!(error = %reason, "sentinel discovery failed"),
+            }
+        }
         match RawConn::connect(&seed, &settings).await {
             Ok(mut conn) => self.load_from(&mut conn).await,
             Err(err) => {
@@ -107,14 +125,21 @@ impl RedisRouter {
     /// waits for sessions to finish.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         self.load_upstream_state().await;
-        let refresh = self.router.cluster.as_ref().map(|_| {
-            let settings = self.discovery_settings();
-            tokio::spawn(cluster::refresh_loop(
-                self.router.clone(),
+        let settings = self.discovery_settings();
+        let router = self.router.clone();
+        let refresh = match self.router.config.mode {
+            RedisMode::Cluster => Some(tokio::spawn(cluster::refresh_loop(
+                router,
                 settings,
                 shutdown.clone(),
-            ))
-        });
+            ))),
+            RedisMode::Sentinel => Some(tokio::spawn(sentinel::watch(
+                router,
+                settings,
+                shutdown.clone(),
+            ))),
+            RedisMode::Standalone => None,
+        };
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -158,7 +183,7 @@ impl Component for RedisRouter {
         Box::pin(async move {
             let nodes = match &self.router.cluster {
                 Some(cluster) => cluster.map().primaries(),
-                None => vec![self.router.primary().to_string()],
+                None => vec![self.router.primary().map_err(|_| "no primary known")?],
             };
             if nodes.is_empty() {
                 return Err("no cluster slot map loaded".into());
@@ -191,7 +216,9 @@ impl Component for RedisRouter {
         if let Some(cluster) = &self.router.cluster {
             status["primaries"] = cluster.map().primaries().into();
         } else {
-            status["nodes"] = config.nodes.clone().into();
+            let nodes = self.router.nodes();
+            status["primary"] = nodes.primary.clone().into();
+            status["replicas"] = nodes.replicas.clone().into();
         }
         status
     }

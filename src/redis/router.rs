@@ -72,12 +72,23 @@ pub struct InFlight {
     pub(super) ctx: SessionCtx,
 }
 
+/// A primary and its replicas, for standalone and sentinel modes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nodes {
+    /// Empty until sentinel discovery reports the primary.
+    pub primary: String,
+    pub replicas: Vec<String>,
+}
+
 /// Routes the commands of every client session.
 pub struct Router {
     pub config: RedisConfig,
     pub pool: Pool,
     commands: RwLock<Arc<CommandTable>>,
     pub(super) cluster: Option<Cluster>,
+    nodes: RwLock<Arc<Nodes>>,
+    /// Wakes sentinel discovery after a failure that may mean a failover.
+    pub(super) sentinel_refresh: tokio::sync::Notify,
     next_client_id: AtomicU64,
     /// `redis_version` of the upstream, reported in HELLO.
     pub server_version: RwLock<String>,
@@ -86,11 +97,13 @@ pub struct Router {
 impl Router {
     /// Builds a router; no connection is made until [`Router::start`].
     pub fn new(config: RedisConfig) -> Result<Router, String> {
-        if config.mode == RedisMode::Sentinel {
-            // TODO: discover the primary from the sentinels and follow
-            // +switch-master; until then sentinel mode cannot start.
-            return Err("[redis] mode \"sentinel\" is not supported yet".into());
-        }
+        let nodes = match config.mode {
+            RedisMode::Standalone => Nodes {
+                primary: config.nodes[0].clone(),
+                replicas: config.nodes[1..].to_vec(),
+            },
+            RedisMode::Sentinel | RedisMode::Cluster => Nodes::default(),
+        };
         let cluster_mode = config.mode == RedisMode::Cluster;
         let pool = Pool::new(PoolSettings {
             shared_per_node: config.upstream_connections,
@@ -107,6 +120,8 @@ impl Router {
             pool,
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
             cluster,
+            nodes: RwLock::new(Arc::new(nodes)),
+            sentinel_refresh: tokio::sync::Notify::new(),
             next_client_id: AtomicU64::new(1),
             server_version: RwLock::new("7.0.0".into()),
         })
@@ -128,13 +143,30 @@ impl Router {
         self.cluster.is_some()
     }
 
-    /// Returns the standalone primary's address.
-    pub fn primary(&self) -> &str {
-        &self.config.nodes[0]
+    /// Returns the standalone or sentinel-reported primary and replicas.
+    pub fn nodes(&self) -> Arc<Nodes> {
+        self.nodes.read().clone()
     }
 
-    fn replicas(&self) -> &[String] {
-        &self.config.nodes[1..]
+    /// Replaces the primary and replicas after sentinel discovery.
+    pub fn set_nodes(&self, nodes: Nodes) {
+        let mut current = self.nodes.write();
+        if **current != nodes {
+            tracing::info!(primary = %nodes.primary, replicas = ?nodes.replicas,
+                "redis primary and replicas updated");
+            *current = Arc::new(nodes);
+        }
+    }
+
+    /// Returns the primary's address, or the error reply when none is known.
+    pub fn primary(&self) -> Result<String, Bytes> {
+        let nodes = self.nodes();
+        if nodes.primary.is_empty() {
+            let name = self.config.master_name.as_deref().unwrap_or_default();
+            let text = format!("ERR no primary known for {name}: no sentinel reported one yet");
+            return Err(reply::error(&text));
+        }
+        Ok(nodes.primary.clone())
     }
 
     /// Sends `request` towards its node and returns the pending reply.
@@ -149,8 +181,12 @@ impl Router {
         if self.cluster.is_some() {
             return cluster::submit(self, request, name, ctx, &table, readonly).await;
         }
+        let targets = match self.standalone_targets(readonly, ctx.client_id) {
+            Ok(targets) => targets,
+            Err(error) => return Pending::Ready(error),
+        };
         let mut last_error = None;
-        for (addr, role) in self.standalone_targets(readonly, ctx.client_id) {
+        for (addr, role) in targets {
             match self.send(&addr, &request, ctx).await {
                 Ok(receiver) => {
                     return Pending::InFlight(self.in_flight(receiver, addr, role, ctx))
@@ -184,14 +220,18 @@ impl Router {
     }
 
     /// Candidate nodes for a standalone command, best first.
-    fn standalone_targets(&self, readonly: bool, client_id: u64) -> Vec<(String, Role)> {
-        let primary = (self.primary().to_string(), Role::Primary);
+    fn standalone_targets(
+        &self,
+        readonly: bool,
+        client_id: u64,
+    ) -> Result<Vec<(String, Role)>, Bytes> {
+        let primary = (self.primary()?, Role::Primary);
         if !readonly {
-            return vec![primary];
+            return Ok(vec![primary]);
         }
-        let replicas = self.replicas();
-        let rotate = |nodes: &[String]| -> Vec<(String, Role)> {
-            let mut rotated: Vec<(String, Role)> = nodes
+        let nodes = self.nodes();
+        let rotate = |addrs: &[String]| -> Vec<(String, Role)> {
+            let mut rotated: Vec<(String, Role)> = addrs
                 .iter()
                 .map(|addr| (addr.clone(), Role::Replica))
                 .collect();
@@ -201,19 +241,20 @@ impl Router {
             }
             rotated
         };
-        let up: Vec<String> = replicas
+        let up: Vec<String> = nodes
+            .replicas
             .iter()
             .filter(|addr| self.pool.is_up(addr))
             .cloned()
             .collect();
-        match self.config.read_from {
+        let targets = match self.config.read_from {
             ReadFrom::Primary => vec![primary],
             ReadFrom::PreferReplica => {
                 let mut targets = rotate(&up);
                 targets.push(primary);
                 targets
             }
-            ReadFrom::Replica if up.is_empty() => rotate(replicas),
+            ReadFrom::Replica if up.is_empty() => rotate(&nodes.replicas),
             ReadFrom::Replica => rotate(&up),
             ReadFrom::Any => {
                 let mut targets = rotate(&up);
@@ -222,7 +263,8 @@ impl Router {
                 targets.rotate_left(shift);
                 targets
             }
-        }
+        };
+        Ok(targets)
     }
 
     /// Writes `request` on the client's shared connection to `addr`.
@@ -267,6 +309,10 @@ impl Router {
         match result {
             Ok(reply) => {
                 record_command(in_flight.role, &reply, in_flight.started);
+                // A write on a primary that a failover demoted.
+                if reply.starts_with(b"-READONLY ") {
+                    self.sentinel_refresh.notify_one();
+                }
                 reply
             }
             Err(err) => self.upstream_failure(&err, in_flight.role),
@@ -281,6 +327,7 @@ impl Router {
         if let Some(cluster) = &self.cluster {
             cluster.request_refresh();
         }
+        self.sentinel_refresh.notify_one();
         reply::error(&format!("ERR {err}"))
     }
 }

@@ -29,7 +29,7 @@ impl Session {
     /// reply for the client.
     pub(super) fn pinned_target(&self, request: &Request, name: &str) -> Result<String, Bytes> {
         let Some(cluster) = &self.router.cluster else {
-            return Ok(self.router.primary().to_string());
+            return self.router.primary();
         };
         let map = cluster.map();
         let positions = match name {

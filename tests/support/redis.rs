@@ -55,16 +55,41 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts a server with `extra` arguments and waits until it replies to PING.
+    /// Starts a server with `extra` arguments and waits until it replies to
+    /// PING.
     pub fn start(extra: &[&str]) -> RedisServer {
         let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
+        let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+        args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from));
+        args.extend(["--dir".into(), dir.path().to_str().unwrap().to_string()]);
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        RedisServer::launch(port, dir, args)
+    }
+
+    /// Starts a sentinel that monitors the primary on `primary_port` as
+    /// `name`, with a quorum of one.
+    pub fn start_sentinel(primary_port: u16, name: &str) -> RedisServer {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("sentinel.conf");
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\n\
+             sentinel monitor {name} 127.0.0.1 {primary_port} 1\n\
+             sentinel down-after-milliseconds {name} 1000\n\
+             sentinel failover-timeout {name} 10000\n",
+            dir.path().display()
+        );
+        std::fs::write(&config, text).expect("write sentinel.conf");
+        let args = vec![config.to_str().unwrap().to_string(), "--sentinel".into()];
+        RedisServer::launch(port, dir, args)
+    }
+
+    fn launch(port: u16, dir: tempfile::TempDir, args: Vec<String>) -> RedisServer {
+        let log = dir.path().join("redis.log");
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .args(["--dir", dir.path().to_str().unwrap()])
-            .args(["--logfile", dir.path().join("redis.log").to_str().unwrap()])
-            .args(extra)
+            .args(&args)
+            .args(["--daemonize", "no", "--logfile", log.to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
