@@ -513,3 +513,38 @@ async fn client_that_never_reads_is_bounded() {
     let mut other = skiff.raw().await;
     assert_eq!(other.call(&["GET", "slow:missing"]).await, "$-1\r\n");
 }
+
+#[tokio::test]
+async fn monitor_is_rejected_and_session_continues() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["MONITOR"]).await,
+        "-ERR MONITOR is not supported through skiff\r\n"
+    );
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+}
+
+#[tokio::test]
+async fn upstream_restart_is_survived() {
+    let mut own = tokio::task::spawn_blocking(|| redis_support::RedisServer::start(&[]))
+        .await
+        .unwrap();
+    let body = format!("nodes = [\"{}\"]\nconnect_timeout = \"1s\"", own.addr());
+    let skiff = Skiff::start(&body).await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["SET", "restart:k", "1"]).await, "+OK\r\n");
+    let port = own.port.to_string();
+    own.kill();
+    let failed = client.call(&["GET", "restart:k"]).await;
+    assert!(failed.starts_with("-ERR upstream"), "{failed}");
+    // A new server on the same port: skiff reconnects on its own.
+    let restarted = tokio::task::spawn_blocking(move || {
+        redis_support::RedisServer::start_on(port.parse().unwrap())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(client.call(&["GET", "restart:k"]).await, "$-1\r\n");
+    drop(restarted);
+}

@@ -58,7 +58,8 @@ pub struct RedisConfig {
     pub max_reply_bytes: usize,
     /// Replies a client may have outstanding before skiff stops reading its
     /// requests, so a client that does not read cannot grow memory. Default
-    /// 1024.
+    /// 1024. The bound counts replies, not bytes: the worst case is this
+    /// many replies of up to `max_reply_bytes` each.
     #[serde(default = "default_client_queue_depth")]
     pub client_queue_depth: usize,
     /// Client connections accepted at once. Default 10000.
@@ -114,6 +115,12 @@ impl RedisConfig {
     pub(super) fn validate(&self) -> Result<(), String> {
         if self.nodes.is_empty() {
             return Err("[redis] nodes must list at least one host:port".into());
+        }
+        for node in &self.nodes {
+            let port = node.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+            if !matches!(port, Some(Ok(port)) if port > 0) {
+                return Err(format!("[redis] nodes: invalid address {node:?}, expected host:port"));
+            }
         }
         if self.mode == RedisMode::Sentinel && self.master_name.is_none() {
             return Err("[redis] mode \"sentinel\" needs master_name".into());
@@ -183,6 +190,13 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("up-secret"), "{printed}");
         assert!(!printed.contains("client-secret"), "{printed}");
+    }
+
+    #[test]
+    fn node_without_port_is_rejected() {
+        let text = "[redis]\nnodes = [\"127.0.0.1\"]\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("invalid address \"127.0.0.1\""), "{err}");
     }
 
     #[test]

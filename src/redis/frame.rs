@@ -155,6 +155,10 @@ pub enum ReplyKind {
 }
 
 /// Splits one complete reply off `buf` as raw bytes.
+///
+/// NOTE: an incomplete frame is parsed again from its start after every
+/// read, so a reply with very many elements costs time quadratic in the
+/// number of reads it spans.
 pub fn parse_reply(
     buf: &mut BytesMut,
     protocol: Protocol,

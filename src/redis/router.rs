@@ -280,8 +280,19 @@ impl Router {
             db: ctx.db,
         };
         let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
-        let mut receivers = conn.send(request.raw.clone(), 1).await?;
-        Ok(receivers.remove(0))
+        let receivers = match conn.send(request.raw.clone(), 1).await {
+            // The connection died since the pool handed it out: the pool
+            // replaces it, and nothing was written, so one retry is safe.
+            Err(UpstreamError::NotSent { .. }) => {
+                let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
+                conn.send(request.raw.clone(), 1).await?
+            }
+            result => result?,
+        };
+        Ok(receivers
+            .into_iter()
+            .next()
+            .expect("one receiver per request"))
     }
 
     /// Waits for the reply of `in_flight`, following cluster redirects.

@@ -164,6 +164,12 @@ impl Session {
         if let Some(flow) = self.handle_local(&request, &name).await {
             return flow;
         }
+        if matches!(name.as_str(), "MONITOR" | "SYNC" | "PSYNC" | "REPLCONF") {
+            // These turn a connection into a stream that is no longer
+            // request and reply, which would break a shared connection.
+            let text = format!("ERR {name} is not supported through skiff");
+            return self.reply(reply::error(&text)).await;
+        }
         match pinning(&name, &request) {
             Pinning::Blocking => self.run_blocking(request, &name).await,
             Pinning::Subscribe => self.run_subscribed(request, &name).await,

@@ -32,6 +32,9 @@ pub enum UpstreamError {
     Handshake { addr: String, message: String },
     #[error("upstream {addr}: connection closed")]
     Closed { addr: String },
+    /// The connection closed before the request was queued for writing.
+    #[error("upstream {addr}: connection closed before the request was sent")]
+    NotSent { addr: String },
     #[error("upstream {addr}: {message}")]
     Io { addr: String, message: String },
 }
@@ -45,6 +48,7 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
                 | UpstreamError::ConnectTimeout { .. }
                 | UpstreamError::Handshake { .. }
+                | UpstreamError::NotSent { .. }
         )
     }
 }
@@ -277,7 +281,7 @@ impl Pipelined {
         self.queue
             .send(batch)
             .await
-            .map_err(|_| UpstreamError::Closed {
+            .map_err(|_| UpstreamError::NotSent {
                 addr: self.addr.clone(),
             })?;
         Ok(receivers)

@@ -58,7 +58,15 @@ impl RedisServer {
     /// Starts a server with `extra` arguments and waits until it replies to
     /// PING.
     pub fn start(extra: &[&str]) -> RedisServer {
-        let port = free_port();
+        RedisServer::start_with(free_port(), extra)
+    }
+
+    /// Starts a plain server on a given port, as a restart would.
+    pub fn start_on(port: u16) -> RedisServer {
+        RedisServer::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
         args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from));
