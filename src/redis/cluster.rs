@@ -175,27 +175,34 @@ pub async fn submit_to_slot(
 ) -> Pending {
     let map = router.cluster.as_ref().expect("cluster mode").map();
     let Some((addr, role)) = pick_node(router, &map, slot, readonly, ctx.client_id) else {
-        let result = Ok(clusterdown());
-        let retry = follow(
-            router.clone(),
+        let retry = Retry {
             request,
             slot,
             readonly,
             ctx,
-            String::new(),
-            result,
-        );
-        return Pending::Future(Box::pin(retry));
+        };
+        let pending = follow(router.clone(), retry, String::new(), Ok(clusterdown()));
+        return Pending::Future(Box::pin(pending));
     };
     match router.send(&addr, &request, ctx).await {
         Ok(receiver) => {
-            let mut in_flight = router.in_flight(receiver, addr, role, ctx);
-            in_flight.retry = Some((request, slot, readonly));
+            let mut in_flight = router.in_flight(receiver, addr, role);
+            in_flight.retry = Some(Retry {
+                request,
+                slot,
+                readonly,
+                ctx,
+            });
             Pending::InFlight(in_flight)
         }
         Err(err) if err.nothing_sent() => {
-            let retry = follow(router.clone(), request, slot, readonly, ctx, addr, Err(err));
-            Pending::Future(Box::pin(retry))
+            let retry = Retry {
+                request,
+                slot,
+                readonly,
+                ctx,
+            };
+            Pending::Future(Box::pin(follow(router.clone(), retry, addr, Err(err))))
         }
         Err(err) => Pending::Ready(router.upstream_failure(&err, role)),
     }
@@ -251,69 +258,91 @@ pub fn needs_retry(result: &Result<Bytes, UpstreamError>) -> bool {
     }
 }
 
+/// The request of a command whose redirects are being followed.
+pub struct Retry {
+    pub request: Request,
+    pub slot: u16,
+    pub readonly: bool,
+    pub ctx: SessionCtx,
+}
+
 /// Follows redirects and retries for one command, at most `max_redirects`
 /// hops, and returns the final reply. A redirect is never returned raw.
 pub async fn follow(
     router: Arc<Router>,
-    request: Request,
-    slot: u16,
-    readonly: bool,
-    ctx: SessionCtx,
+    retry: Retry,
     origin: String,
     mut result: Result<Bytes, UpstreamError>,
 ) -> Bytes {
     let cluster = router.cluster.as_ref().expect("cluster mode");
     let started = Instant::now();
     let mut origin = origin;
-    let mut role = Role::Primary;
     let mut backoff = RETRY_BACKOFF;
     for _ in 0..=router.config.max_redirects {
         let reply = match result {
             Ok(reply) => reply,
             Err(err) if err.nothing_sent() => {
                 cluster.request_refresh();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
                 clusterdown()
             }
-            Err(err) => return router.upstream_failure(&err, role),
+            Err(err) => return router.upstream_failure(&err, Role::Primary),
         };
-        let (addr, asking) = match classify(&reply, &origin) {
-            Next::Done => {
-                record_command(role, &reply, started);
-                return reply;
-            }
-            Next::Moved(moved_slot, addr) => {
-                metrics::counter!("skiff_redis_redirects_total", "kind" => "moved").increment(1);
-                cluster.apply_moved(moved_slot, &addr);
-                cluster.request_refresh();
-                (addr, false)
-            }
-            Next::Ask(addr) => {
-                metrics::counter!("skiff_redis_redirects_total", "kind" => "ask").increment(1);
-                (addr, true)
-            }
-            Next::Wait => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
-                match pick_node(&router, &cluster.map(), slot, readonly, ctx.client_id) {
-                    Some((addr, _)) => (addr, false),
-                    None => {
-                        cluster.request_refresh();
-                        result = Ok(reply);
-                        continue;
-                    }
-                }
-            }
+        let next = classify(&reply, &origin);
+        if next == Next::Done {
+            record_command(Role::Primary, &reply, started);
+            return reply;
+        }
+        if next == Next::Wait {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+        }
+        let Some((addr, asking)) = next_hop(&router, cluster, next, &retry) else {
+            result = Ok(reply);
+            continue;
         };
-        role = Role::Primary;
         origin = addr.clone();
-        result = call(&router, &addr, &request, asking, ctx).await;
+        result = call(&router, &addr, &retry.request, asking, retry.ctx).await;
     }
     match result {
         Ok(reply) if !matches!(classify(&reply, ""), Next::Moved(..) | Next::Ask(_)) => reply,
         Ok(_) => reply::error("ERR too many cluster redirects for one command"),
-        Err(err) => router.upstream_failure(&err, role),
+        Err(err) => router.upstream_failure(&err, Role::Primary),
+    }
+}
+
+/// Returns the node to try next and whether ASKING must precede the
+/// command, or `None` when no node serves the slot yet.
+fn next_hop(
+    router: &Router,
+    cluster: &Cluster,
+    next: Next,
+    retry: &Retry,
+) -> Option<(String, bool)> {
+    match next {
+        Next::Moved(slot, addr) => {
+            metrics::counter!("skiff_redis_redirects_total", "kind" => "moved").increment(1);
+            cluster.apply_moved(slot, &addr);
+            cluster.request_refresh();
+            Some((addr, false))
+        }
+        Next::Ask(addr) => {
+            metrics::counter!("skiff_redis_redirects_total", "kind" => "ask").increment(1);
+            Some((addr, true))
+        }
+        Next::Wait | Next::Done => {
+            let map = cluster.map();
+            let picked = pick_node(
+                router,
+                &map,
+                retry.slot,
+                retry.readonly,
+                retry.ctx.client_id,
+            );
+            if picked.is_none() {
+                cluster.request_refresh();
+            }
+            picked.map(|(addr, _)| (addr, false))
+        }
     }
 }
 

@@ -45,7 +45,7 @@ pub async fn keyless(
             let addr = &primaries[ctx.client_id as usize % primaries.len()];
             return match router.send(addr, &request, ctx).await {
                 Ok(receiver) => {
-                    Pending::InFlight(router.in_flight(receiver, addr.clone(), Role::Primary, ctx))
+                    Pending::InFlight(router.in_flight(receiver, addr.clone(), Role::Primary))
                 }
                 Err(err) => Pending::Ready(router.upstream_failure(&err, Role::Primary)),
             };
@@ -131,6 +131,9 @@ fn encode(value: &Value, protocol: Protocol) -> Bytes {
 
 /// Walks every primary in turn. The cursor's low [`NODE_BITS`] bits are the
 /// primary's index and the rest is that primary's own cursor.
+///
+/// NOTE: the index refers to the primaries in slot map order, so a topology
+/// change during a scan can skip or repeat a node's keys.
 async fn scan(
     router: Arc<Router>,
     request: Request,
@@ -145,32 +148,23 @@ async fn scan(
     let Some(cursor) = cursor else {
         return reply::error("ERR invalid cursor");
     };
-    // NOTE: the index refers to the primaries in slot map order; a topology
-    // change during a scan can skip or repeat a node's keys.
-    let mut index = (cursor & ((1 << NODE_BITS) - 1)) as usize;
-    let mut node_cursor = cursor >> NODE_BITS;
+    let index = (cursor & ((1 << NODE_BITS) - 1)) as usize;
     if index >= primaries.len() {
         return reply::error("ERR invalid cursor");
     }
     let mut args = request.args.clone();
-    args[1] = Bytes::from(node_cursor.to_string());
+    args[1] = Bytes::from((cursor >> NODE_BITS).to_string());
     let reply = match call(&router, &primaries[index], &Request::from_args(args), ctx).await {
         Ok(reply) => reply,
         Err(err) => return router.upstream_failure(&err, Role::Primary),
     };
     let parts = Value::decode(&reply, ctx.protocol).and_then(Value::into_items);
     let Some([next, keys]) = parts.and_then(|parts| <[Value; 2]>::try_from(parts).ok()) else {
+        // An error reply, passed on as it is.
         return reply;
     };
-    node_cursor = next.as_int().unwrap_or(0) as u64;
-    if node_cursor == 0 {
-        index += 1;
-    }
-    let combined = if index >= primaries.len() {
-        0
-    } else {
-        (node_cursor << NODE_BITS) | index as u64
-    };
+    let node_cursor = next.as_int().unwrap_or(0) as u64;
+    let combined = next_scan_cursor(node_cursor, index, primaries.len());
     let keys: Vec<Bytes> = keys
         .into_items()
         .unwrap_or_default()
@@ -181,6 +175,16 @@ async fn scan(
         reply::bulk(combined.to_string().as_bytes()),
         reply::array(&keys),
     ])
+}
+
+/// Returns the client's next cursor: the same primary while it has more,
+/// then the next primary from cursor 0, then 0 after the last primary.
+fn next_scan_cursor(node_cursor: u64, index: usize, primaries: usize) -> u64 {
+    let index = if node_cursor == 0 { index + 1 } else { index };
+    if index >= primaries {
+        return 0;
+    }
+    (node_cursor << NODE_BITS) | index as u64
 }
 
 /// Splits a multi-key command whose keys are in several slots: one request
@@ -260,4 +264,42 @@ fn reassemble(
         out.extend_from_slice(&value);
     }
     out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_cursor_walks_primaries_in_order() {
+        assert_eq!(next_scan_cursor(17, 0, 3), 17 << NODE_BITS);
+        assert_eq!(next_scan_cursor(0, 0, 3), 1);
+        assert_eq!(next_scan_cursor(5, 2, 3), (5 << NODE_BITS) | 2);
+        assert_eq!(next_scan_cursor(0, 2, 3), 0);
+    }
+
+    #[test]
+    fn reassemble_restores_key_order() {
+        let groups = vec![(1, vec![0, 2]), (2, vec![1])];
+        let replies = vec![
+            Bytes::from_static(b"*2\r\n$1\r\na\r\n$-1\r\n"),
+            Bytes::from_static(b"*1\r\n$1\r\nb\r\n"),
+        ];
+        let merged = reassemble(&groups, replies, 3, Protocol::Resp2);
+        assert_eq!(&merged[..], b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n");
+    }
+
+    #[test]
+    fn merge_returns_first_error() {
+        let replies = vec![
+            Bytes::from_static(b":1\r\n"),
+            Bytes::from_static(b"-ERR x\r\n"),
+        ];
+        assert_eq!(
+            &Merge::Sum.apply(replies, Protocol::Resp2)[..],
+            b"-ERR x\r\n"
+        );
+        let counts = vec![Bytes::from_static(b":1\r\n"), Bytes::from_static(b":2\r\n")];
+        assert_eq!(&Merge::Sum.apply(counts, Protocol::Resp2)[..], b":3\r\n");
+    }
 }

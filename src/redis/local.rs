@@ -73,43 +73,11 @@ impl Session {
     }
 
     fn hello(&mut self, args: &[Bytes]) -> Bytes {
-        let mut protocol = self.ctx.protocol;
-        if let Some(version) = args.get(1) {
-            protocol = match std::str::from_utf8(version)
-                .ok()
-                .and_then(|v| v.parse::<i64>().ok())
-            {
-                Some(2) => Protocol::Resp2,
-                Some(3) => Protocol::Resp3,
-                Some(_) => return reply::error(reply::NOPROTO),
-                None => {
-                    return reply::error("ERR Protocol version is not an integer or out of range")
-                }
-            };
-        }
-        let mut index = 2;
-        let mut credentials = None;
-        let mut name = None;
-        while index < args.len() {
-            let option = String::from_utf8_lossy(&args[index]).to_ascii_uppercase();
-            match option.as_str() {
-                "AUTH" if index + 2 < args.len() => {
-                    credentials = Some((&args[index + 1], &args[index + 2]));
-                    index += 3;
-                }
-                "SETNAME" if index + 1 < args.len() => {
-                    name = Some(args[index + 1].clone());
-                    index += 2;
-                }
-                _ => {
-                    return reply::error(&format!(
-                        "ERR Syntax error in HELLO option '{}'",
-                        String::from_utf8_lossy(&args[index])
-                    ))
-                }
-            }
-        }
-        if let Some((user, password)) = credentials {
+        let hello = match HelloOptions::parse(args, self.ctx.protocol) {
+            Ok(hello) => hello,
+            Err(error) => return error,
+        };
+        if let Some((user, password)) = &hello.credentials {
             if !self.password_matches(Some(user), password) {
                 return reply::error(reply::WRONGPASS);
             }
@@ -122,13 +90,13 @@ impl Session {
                  client and select the RESP protocol version at the same time",
             );
         }
-        if let Some(name) = name {
+        if let Some(name) = hello.name {
             if !valid_client_name(&name) {
                 return reply::error(reply::BAD_CLIENT_NAME);
             }
             self.name = (!name.is_empty()).then_some(name);
         }
-        self.ctx.protocol = protocol;
+        self.ctx.protocol = hello.protocol;
         self.hello_reply()
     }
 
@@ -282,6 +250,58 @@ impl Session {
             out.extend_from_slice(&reply::integer(0));
         }
         out.freeze()
+    }
+}
+
+/// Arguments of `HELLO [protover [AUTH user pass] [SETNAME name]]`.
+struct HelloOptions {
+    protocol: Protocol,
+    credentials: Option<(Bytes, Bytes)>,
+    name: Option<Bytes>,
+}
+
+impl HelloOptions {
+    /// Parses HELLO's arguments; `Err` is the error reply, in Redis's words.
+    fn parse(args: &[Bytes], current: Protocol) -> Result<HelloOptions, Bytes> {
+        let mut hello = HelloOptions {
+            protocol: current,
+            credentials: None,
+            name: None,
+        };
+        if let Some(version) = args.get(1) {
+            let version = std::str::from_utf8(version)
+                .ok()
+                .and_then(|v| v.parse::<i64>().ok());
+            hello.protocol = match version {
+                Some(2) => Protocol::Resp2,
+                Some(3) => Protocol::Resp3,
+                Some(_) => return Err(reply::error(reply::NOPROTO)),
+                None => {
+                    let text = "ERR Protocol version is not an integer or out of range";
+                    return Err(reply::error(text));
+                }
+            };
+        }
+        let mut index = 2;
+        while index < args.len() {
+            let option = String::from_utf8_lossy(&args[index]).to_ascii_uppercase();
+            match option.as_str() {
+                "AUTH" if index + 2 < args.len() => {
+                    hello.credentials = Some((args[index + 1].clone(), args[index + 2].clone()));
+                    index += 3;
+                }
+                "SETNAME" if index + 1 < args.len() => {
+                    hello.name = Some(args[index + 1].clone());
+                    index += 2;
+                }
+                _ => {
+                    let option = String::from_utf8_lossy(&args[index]);
+                    let text = format!("ERR Syntax error in HELLO option '{option}'");
+                    return Err(reply::error(&text));
+                }
+            }
+        }
+        Ok(hello)
     }
 }
 

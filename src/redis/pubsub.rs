@@ -5,6 +5,7 @@
 use bytes::Bytes;
 
 use super::frame::{Protocol, Request, Value};
+use super::pool::{ConnKey, Dedicated};
 use super::reply;
 use super::session::{Flow, Session};
 
@@ -14,9 +15,20 @@ enum Event {
     Client(Option<Request>),
 }
 
+/// How a subscription relay ended.
+enum RelayEnd {
+    /// The last subscription ended: the connection is clean for reuse.
+    Unsubscribed,
+    /// The session goes on, but the connection must not be reused.
+    Abandoned,
+    /// The session ends.
+    Close,
+}
+
 impl Session {
-    /// Relays between the client and a subscribed upstream connection until
-    /// the last subscription ends, the client leaves or the upstream fails.
+    /// Moves the client onto a dedicated connection for a subscription and
+    /// relays until the last subscription ends, the client leaves or the
+    /// upstream fails.
     pub(super) async fn run_subscribed(&mut self, request: Request, name: &str) -> Flow {
         if self.drain().await == Flow::Close {
             return Flow::Close;
@@ -25,7 +37,7 @@ impl Session {
             Ok(addr) => addr,
             Err(error) => return self.reply(error).await,
         };
-        let key = super::pool::ConnKey {
+        let key = ConnKey {
             addr,
             protocol: self.ctx.protocol,
             db: self.ctx.db,
@@ -37,6 +49,17 @@ impl Session {
         if let Err(err) = dedicated.conn.send(&request.raw).await {
             return self.reply(reply::error(&format!("ERR {err}"))).await;
         }
+        match self.relay(&mut dedicated).await {
+            RelayEnd::Unsubscribed => {
+                self.router.pool.checkin(dedicated);
+                Flow::Continue
+            }
+            RelayEnd::Abandoned => Flow::Continue,
+            RelayEnd::Close => Flow::Close,
+        }
+    }
+
+    async fn relay(&mut self, dedicated: &mut Dedicated) -> RelayEnd {
         loop {
             let event = tokio::select! {
                 frame = dedicated.conn.read_frame() => {
@@ -48,37 +71,50 @@ impl Session {
                 Event::Upstream(Ok(frame)) => {
                     let ended = ends_subscriptions(&frame, self.ctx.protocol);
                     if self.reply(frame).await == Flow::Close {
-                        return Flow::Close;
+                        return RelayEnd::Close;
                     }
                     if ended {
-                        self.router.pool.checkin(dedicated);
-                        return Flow::Continue;
+                        return RelayEnd::Unsubscribed;
                     }
                 }
                 Event::Upstream(Err(reason)) => {
                     tracing::debug!(client.addr = %self.peer, error = %reason,
                         "subscribed upstream connection failed");
-                    // Closing the client connection is how a Redis client learns
-                    // that its subscriptions are gone.
-                    return Flow::Close;
+                    // Closing the client connection is how a Redis client
+                    // learns that its subscriptions are gone.
+                    return RelayEnd::Close;
                 }
-                Event::Client(None) => return Flow::Close,
-                Event::Client(Some(request)) => match request.name().as_str() {
-                    "QUIT" => {
-                        self.reply(reply::ok()).await;
-                        return Flow::Close;
+                Event::Client(None) => return RelayEnd::Close,
+                Event::Client(Some(request)) => {
+                    if let Some(end) = self.relay_request(dedicated, request).await {
+                        return end;
                     }
-                    "RESET" => {
-                        let reply = self.reset();
-                        return self.reply(reply).await;
-                    }
-                    _ => {
-                        if dedicated.conn.send(&request.raw).await.is_err() {
-                            return Flow::Close;
-                        }
-                    }
-                },
+                }
             }
+        }
+    }
+
+    /// Forwards a client request while subscribed; QUIT and RESET end the
+    /// relay.
+    async fn relay_request(
+        &mut self,
+        dedicated: &mut Dedicated,
+        request: Request,
+    ) -> Option<RelayEnd> {
+        match request.name().as_str() {
+            "QUIT" => {
+                self.reply(reply::ok()).await;
+                Some(RelayEnd::Close)
+            }
+            "RESET" => {
+                let reply = self.reset();
+                self.reply(reply).await;
+                Some(RelayEnd::Abandoned)
+            }
+            _ => match dedicated.conn.send(&request.raw).await {
+                Ok(()) => None,
+                Err(_) => Some(RelayEnd::Close),
+            },
         }
     }
 }

@@ -66,10 +66,8 @@ pub struct InFlight {
     pub(super) addr: String,
     pub(super) role: Role,
     started: Instant,
-    /// Request, slot and read-only flag, kept in cluster mode to follow a
-    /// redirect.
-    pub(super) retry: Option<(Request, u16, bool)>,
-    pub(super) ctx: SessionCtx,
+    /// Kept in cluster mode to follow a redirect.
+    pub(super) retry: Option<cluster::Retry>,
 }
 
 /// A primary and its replicas, for standalone and sentinel modes.
@@ -188,9 +186,7 @@ impl Router {
         let mut last_error = None;
         for (addr, role) in targets {
             match self.send(&addr, &request, ctx).await {
-                Ok(receiver) => {
-                    return Pending::InFlight(self.in_flight(receiver, addr, role, ctx))
-                }
+                Ok(receiver) => return Pending::InFlight(self.in_flight(receiver, addr, role)),
                 // Only a read is tried on the next node, and only when
                 // nothing was written.
                 Err(err) if err.nothing_sent() && readonly => last_error = Some(err),
@@ -202,20 +198,13 @@ impl Router {
         Pending::Ready(reply::error(&format!("ERR {text}")))
     }
 
-    pub(super) fn in_flight(
-        &self,
-        receiver: ReplyReceiver,
-        addr: String,
-        role: Role,
-        ctx: SessionCtx,
-    ) -> InFlight {
+    pub(super) fn in_flight(&self, receiver: ReplyReceiver, addr: String, role: Role) -> InFlight {
         InFlight {
             receiver,
             addr,
             role,
             started: Instant::now(),
             retry: None,
-            ctx,
         }
     }
 
@@ -302,19 +291,10 @@ impl Router {
                 addr: in_flight.addr.clone(),
             })
         });
-        if let Some((request, slot, readonly)) = in_flight.retry.take() {
+        if let Some(retry) = in_flight.retry.take() {
             if cluster::needs_retry(&result) {
                 let origin = in_flight.addr.clone();
-                return cluster::follow(
-                    self,
-                    request,
-                    slot,
-                    readonly,
-                    in_flight.ctx,
-                    origin,
-                    result,
-                )
-                .await;
+                return cluster::follow(self, retry, origin, result).await;
             }
         }
         match result {
