@@ -202,7 +202,7 @@ async fn replica_reads_hit_replicas() {
         .map(|n| n.command_calls("strlen"))
         .sum();
     for i in 0..10 {
-        // A replica without READONLY would answer MOVED, which skiff would
+        // A replica without READONLY would reply MOVED, which skiff would
         // follow to the primary and the primary count would grow.
         let _: i64 = conn.strlen(format!("rr:{i}")).await.unwrap();
     }
@@ -274,7 +274,8 @@ async fn publish_reaches_subscriber() {
         "*3\r\n$9\r\nsubscribe\r\n$6\r\nevents\r\n:1\r\n"
     );
     let mut publisher = skiff.raw().await;
-    // Cluster nodes forward PUBLISH to every node, so any node may take it.
+    // skiff sends SUBSCRIBE and PUBLISH to the channel's slot owner, so the
+    // subscriber is counted on the node that takes the PUBLISH.
     assert_eq!(publisher.call(&["PUBLISH", "events", "e1"]).await, ":1\r\n");
     let message = String::from_utf8_lossy(&subscriber.read().await).into_owned();
     assert_eq!(

@@ -125,7 +125,7 @@ async fn ask_during_migration_is_followed() {
     let (source, target) = owner_and_other(cluster, key);
     start_migration(source, target, &slot);
 
-    // The key is not on the source, so the source answers ASK and the
+    // The key is not on the source, so the source replies ASK and the
     // command must reach the target after ASKING.
     let mut client = skiff.raw().await;
     assert_eq!(client.call(&["SET", key, "asked"]).await, "+OK\r\n");

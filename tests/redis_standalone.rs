@@ -489,7 +489,7 @@ async fn client_that_never_reads_is_bounded() {
     assert_eq!(setup.call(&["SET", "slow:big", &value]).await, "+OK\r\n");
     let before = resident_bytes();
 
-    // Each pair asks for 320 KiB of replies; the client never reads them.
+    // Each pair requests 320 KiB of replies, and the client never reads them.
     let padding = "p".repeat(64 * 1024);
     let mut pair = skiff::redis::frame::encode_command(&["ECHO", &padding]).to_vec();
     pair.extend_from_slice(&skiff::redis::frame::encode_command(&["GET", "slow:big"]));
@@ -547,4 +547,60 @@ async fn upstream_restart_is_survived() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(client.call(&["GET", "restart:k"]).await, "$-1\r\n");
     drop(restarted);
+}
+
+#[tokio::test]
+async fn upstream_password_and_acl_user() {
+    let secured = tokio::task::spawn_blocking(|| {
+        let server = redis_support::RedisServer::start(&["--requirepass", "up-secret"]);
+        let acl = ["ACL", "SETUSER", "app", "on", ">app-secret", "~*", "+@all"];
+        let mut args = vec!["-a", "up-secret", "--no-auth-warning"];
+        args.extend(acl);
+        assert_eq!(server.cli(&args).trim(), "OK");
+        server
+    })
+    .await
+    .unwrap();
+    let nodes = format!("nodes = [\"{}\"]", secured.addr());
+    let default_user = Skiff::start(&format!("{nodes}\npassword = \"up-secret\"")).await;
+    let acl_user = Skiff::start(&format!(
+        "{nodes}\nusername = \"app\"\npassword = \"app-secret\""
+    ))
+    .await;
+    for skiff in [&default_user, &acl_user] {
+        for protocol in [Protocol::Resp2, Protocol::Resp3] {
+            let mut conn = skiff.client(protocol).await;
+            let _: () = conn.set("acl:k", "v").await.unwrap();
+            let value: String = conn.get("acl:k").await.unwrap();
+            assert_eq!(value, "v");
+        }
+    }
+
+    let wrong = Skiff::start(&format!("{nodes}\npassword = \"not-it\"")).await;
+    let mut client = wrong.raw().await;
+    let reply = client.call(&["GET", "acl:k"]).await;
+    assert!(reply.starts_with("-ERR upstream"), "{reply}");
+    assert!(reply.contains("WRONGPASS"), "{reply}");
+    assert!(
+        !reply.contains("not-it"),
+        "the password leaked into {reply}"
+    );
+}
+
+#[tokio::test]
+async fn readiness_reflects_primary() {
+    use skiff::admin::Component;
+
+    let servers = tokio::task::spawn_blocking(servers).await.unwrap();
+    let text = format!("[redis]\nnodes = {}\n", servers.nodes_toml());
+    let config = skiff::config::Config::parse(&text).unwrap().redis.unwrap();
+    let router = skiff::redis::RedisRouter::new(config).unwrap();
+    assert_eq!(router.readiness().await, Ok(()));
+
+    let port = redis_support::free_port();
+    let text = format!("[redis]\nnodes = [\"127.0.0.1:{port}\"]\nconnect_timeout = \"1s\"\n");
+    let config = skiff::config::Config::parse(&text).unwrap().redis.unwrap();
+    let router = skiff::redis::RedisRouter::new(config).unwrap();
+    let error = router.readiness().await.unwrap_err();
+    assert!(error.contains(&port.to_string()), "{error}");
 }

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// How skiff finds the upstream Redis servers.
+/// Topology of the upstream Redis servers, which decides how skiff finds
+/// them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RedisMode {
@@ -16,7 +17,7 @@ pub enum RedisMode {
     Cluster,
 }
 
-/// Where reads go.
+/// Read policy: which nodes serve read-only commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReadFrom {

@@ -26,7 +26,7 @@ const MIN_REFRESH_GAP: Duration = Duration::from_millis(500);
 /// First wait before retrying after TRYAGAIN, CLUSTERDOWN or a refused
 /// connection; it doubles on each try.
 const RETRY_BACKOFF: Duration = Duration::from_millis(20);
-/// Longest single wait between retries.
+/// Maximum wait between two retries.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 /// The cluster's slot map and the refresh machinery.
@@ -212,7 +212,7 @@ fn clusterdown() -> Bytes {
     reply::error("CLUSTERDOWN Hash slot not served")
 }
 
-/// What a reply asks the router to do next.
+/// Next step the router takes after a reply.
 #[derive(Debug, PartialEq, Eq)]
 enum Next {
     Done,

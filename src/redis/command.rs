@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::builtin::BUILTIN_COMMANDS;
 use super::frame::{Request, Value};
 
-/// What a command is, as far as routing cares.
+/// Routing facts about a command: arity, key positions, read-only flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandSpec {
     /// Arity as Redis reports it: negative means "at least".
@@ -42,7 +42,7 @@ pub struct CommandTable {
 }
 
 impl CommandTable {
-    /// The built-in table of common commands.
+    /// Builds the table of common commands that skiff ships with.
     pub fn builtin() -> CommandTable {
         let specs = BUILTIN_COMMANDS
             .iter()

@@ -76,7 +76,7 @@ async fn call(
         .unwrap_or_else(|_| Err(UpstreamError::Closed { addr: addr.into() }))
 }
 
-/// How replies from several nodes become one.
+/// Rule for combining the replies of several nodes into one.
 #[derive(Debug, Clone, Copy)]
 enum Merge {
     /// Arrays appended in node order (KEYS).

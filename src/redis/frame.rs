@@ -7,9 +7,9 @@ use redis_protocol::resp2::types::BytesFrame as Resp2Frame;
 use redis_protocol::resp3::decode::complete as resp3;
 use redis_protocol::resp3::types::BytesFrame as Resp3Frame;
 
-/// Longest inline (non-RESP) request line, as in Redis.
+/// Maximum length of an inline (non-RESP) request line, as in Redis.
 const MAX_INLINE_BYTES: usize = 64 * 1024;
-/// Most arguments in one request, as Redis's multibulk limit.
+/// Maximum number of arguments in one request, Redis's multibulk limit.
 const MAX_ARGS: usize = 1024 * 1024;
 
 /// RESP version a client or upstream connection speaks.
@@ -145,7 +145,7 @@ fn parse_inline_request(buf: &mut BytesMut) -> Result<Option<Option<Request>>, F
     Ok(Some(Some(Request::from_args(args))))
 }
 
-/// What kind of top-level frame an upstream sent.
+/// Kind of a top-level frame from an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyKind {
     /// A RESP3 push (`>`): never the reply to a request.

@@ -1,4 +1,4 @@
-//! Connection commands skiff answers itself: AUTH, HELLO, PING, ECHO, QUIT,
+//! Connection commands that skiff replies to itself: AUTH, HELLO, PING, ECHO, QUIT,
 //! SELECT, CLIENT, RESET, and transaction or subscription commands sent
 //! outside a transaction or subscription.
 
@@ -11,7 +11,8 @@ use super::session::{Flow, Session};
 use super::upstream::UpstreamError;
 
 impl Session {
-    /// Answers `request` when it is a connection command; `None` routes it.
+    /// Replies to `request` when it is a connection command; `None` means
+    /// the request is routed upstream.
     pub(super) async fn handle_local(&mut self, request: &Request, name: &str) -> Option<Flow> {
         let args = &request.args;
         let reply = match name {

@@ -15,7 +15,7 @@ enum Event {
     Client(Option<Request>),
 }
 
-/// How a subscription relay ended.
+/// Outcome of a subscription relay.
 enum RelayEnd {
     /// The last subscription ended: the connection is clean for reuse.
     Unsubscribed,

@@ -15,6 +15,9 @@ use super::upstream::{ConnSettings, RawConn};
 const EVENTS: &[&str] = &["+switch-master", "+slave", "+sdown", "-sdown", "+odown"];
 /// Pause before retrying when no sentinel accepts a subscription.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Minimum gap between two discoveries, so a burst of failed commands
+/// triggers one lookup rather than one per command.
+const MIN_DISCOVERY_GAP: Duration = Duration::from_millis(250);
 
 /// Settings for connections to the sentinels themselves.
 ///
@@ -123,6 +126,7 @@ pub async fn watch(router: Arc<Router>, settings: ConnSettings, shutdown: Cancel
             }
             Err(reason) => tracing::warn!(error = %reason, "sentinel discovery failed"),
         }
+        tokio::time::sleep(MIN_DISCOVERY_GAP).await;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}

@@ -104,7 +104,12 @@ impl RedisServer {
             .expect("redis-server starts (install the redis-server package)");
         spawn_watchdog(child.id());
         let server = RedisServer { port, child, dir };
-        server.wait_for(|| redis_cli(port, &["PING"]).trim() == "PONG", "PING");
+        // A server with requirepass replies NOAUTH, which still means it is up.
+        let up = || {
+            let reply = redis_cli(port, &["PING"]);
+            reply.trim() == "PONG" || reply.contains("NOAUTH")
+        };
+        server.wait_for(up, "PING");
         server
     }
 
