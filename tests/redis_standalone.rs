@@ -604,3 +604,19 @@ async fn readiness_reflects_primary() {
     let error = router.readiness().await.unwrap_err();
     assert!(error.contains(&port.to_string()), "{error}");
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_and_blocked_clients() {
+    let skiff = skiff("").await;
+    let mut idle = skiff.raw().await;
+    assert_eq!(idle.call(&["PING"]).await, "+PONG\r\n");
+    let mut blocked = skiff.raw().await;
+    blocked.send(&["BLPOP", "shutdown:q", "0"]).await;
+    let mut subscribed = skiff.raw().await;
+    subscribed.call(&["SUBSCRIBE", "shutdown:ch"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(skiff);
+    assert!(idle.is_closed().await, "idle client closed");
+    assert!(blocked.is_closed().await, "blocked client closed");
+    assert!(subscribed.is_closed().await, "subscribed client closed");
+}

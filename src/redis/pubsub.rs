@@ -66,6 +66,7 @@ impl Session {
                     Event::Upstream(frame.map(|(frame, _)| frame).map_err(|err| err.to_string()))
                 }
                 request = self.reader.next() => Event::Client(request.ok().flatten()),
+                _ = self.shutdown.cancelled() => return RelayEnd::Close,
             };
             match event {
                 Event::Upstream(Ok(frame)) => {

@@ -87,6 +87,8 @@ pub struct Session {
     pub(super) reader: ClientReader,
     pub(super) queue: mpsc::Sender<Outgoing>,
     pub(super) transaction: Option<Transaction>,
+    /// Cancelled when skiff shuts down; blocked and subscribed sessions end.
+    pub(super) shutdown: CancellationToken,
 }
 
 /// Serves one client until it disconnects or skiff shuts down.
@@ -117,19 +119,20 @@ pub async fn run(
         },
         queue,
         transaction: None,
+        shutdown,
         router,
     };
-    session.read_loop(shutdown).await;
+    session.read_loop().await;
     let _ = session.queue.send(Outgoing::Close).await;
     drop(session);
     let _ = writer.await;
 }
 
 impl Session {
-    async fn read_loop(&mut self, shutdown: CancellationToken) {
+    async fn read_loop(&mut self) {
         loop {
             let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
                 next = self.reader.next() => next,
             };
             let request = match next {
@@ -218,6 +221,13 @@ async fn write_replies(
         match item {
             Outgoing::Reply(pending) => {
                 let bytes = pending.resolve(&router).await;
+                if out.is_empty() && bytes.len() >= MAX_WRITE_BYTES {
+                    // A large reply goes out as it is, without a copy.
+                    if writer.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 out.extend_from_slice(&bytes);
             }
             Outgoing::Barrier(done) => {

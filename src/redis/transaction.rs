@@ -85,9 +85,10 @@ impl Session {
         };
         let result = tokio::select! {
             result = dedicated.conn.call(&request.raw) => result,
-            // The client left: the blocked connection is dropped, which
-            // also ends the command upstream.
+            // The client left or skiff is shutting down: the blocked
+            // connection is dropped, which also ends the command upstream.
             _ = self.reader.closed() => return Flow::Close,
+            _ = self.shutdown.cancelled() => return Flow::Close,
         };
         match result {
             Ok(reply) => {
