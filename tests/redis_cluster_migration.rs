@@ -109,10 +109,18 @@ async fn moved_after_setslot_is_followed() {
         "the key is on the new owner"
     );
     let rendered = metrics.render();
-    assert!(
-        rendered.contains("skiff_redis_redirects_total{kind=\"moved\"}"),
-        "{rendered}"
-    );
+    for series in [
+        "skiff_redis_redirects_total{kind=\"moved\"}",
+        "skiff_redis_commands_total{role=\"primary\",outcome=\"ok\"}",
+        "skiff_redis_upstream_connections{node=\"127.0.0.1:",
+        "skiff_redis_topology_refreshes_total",
+        "skiff_redis_command_duration_seconds_bucket{role=\"primary\",le=\"0.0005\"}",
+    ] {
+        assert!(
+            rendered.contains(series),
+            "{series} missing from\n{rendered}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -184,4 +192,67 @@ async fn reshard_while_writing_loses_nothing() {
             "reshard:{i} after the reshard"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tryagain_during_migration_is_retried() {
+    let _serial = serial().lock().await;
+    let skiff = skiff().await;
+    let cluster = cluster();
+    let (first, second) = ("{retry}a", "{retry}b");
+    let slot = key_slot(first.as_bytes()).to_string();
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["MSET", first, "1", second, "2"]).await,
+        "+OK\r\n"
+    );
+
+    // Half of the slot's keys move: the source now replies TRYAGAIN to a
+    // command that needs both keys.
+    let (source, target) = owner_and_other(cluster, first);
+    start_migration(source, target, &slot);
+    let target_port = target.port.to_string();
+    let migrate = |key: &str| {
+        let args = [
+            "MIGRATE",
+            "127.0.0.1",
+            &target_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            key,
+        ];
+        source.cli(&args)
+    };
+    assert_eq!(migrate(second).trim(), "OK");
+    assert!(source.cli(&["MGET", first, second]).starts_with("TRYAGAIN"));
+
+    // The migration finishes while skiff is retrying.
+    let (source_port, target_port) = (source.port, target.port);
+    let finish = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        let port = target_port.to_string();
+        let args = [
+            "MIGRATE",
+            "127.0.0.1",
+            &port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            "{retry}a",
+        ];
+        assert_eq!(redis_support::redis_cli(source_port, &args).trim(), "OK");
+        let cluster = self::cluster();
+        let target = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port == target_port)
+            .unwrap();
+        finish_migration(cluster, target, &key_slot(b"{retry}a").to_string());
+    });
+    let reply = client.call(&["MGET", first, second]).await;
+    assert_eq!(reply, "*2\r\n$1\r\n1\r\n$1\r\n2\r\n");
+    finish.await.unwrap();
 }
