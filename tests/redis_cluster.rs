@@ -352,3 +352,25 @@ async fn command_info_and_ping_in_cluster() {
     let count = client.call(&["COMMAND", "COUNT"]).await;
     assert!(count.starts_with(':'), "{count}");
 }
+
+#[tokio::test]
+async fn resp3_subscriber_commands_reach_key_owner() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    client.protocol = Protocol::Resp3;
+    assert!(client.call(&["HELLO", "3"]).await.starts_with('%'));
+    let confirmed = client.call(&["SUBSCRIBE", "r3sub"]).await;
+    assert_eq!(confirmed, ">3\r\n$9\r\nsubscribe\r\n$5\r\nr3sub\r\n:1\r\n");
+    // Keys on every primary: none may come back as a raw MOVED.
+    for i in 0..12 {
+        let key = format!("r3sub:{i}");
+        assert_eq!(client.call(&["SET", &key, &i.to_string()]).await, "+OK\r\n");
+        let expected = format!("${}\r\n{i}\r\n", i.to_string().len());
+        assert_eq!(client.call(&["GET", &key]).await, expected);
+    }
+    assert_eq!(client.call(&["ECHO", "still"]).await, "$5\r\nstill\r\n");
+    let mut publisher = skiff.raw().await;
+    assert_eq!(publisher.call(&["PUBLISH", "r3sub", "m"]).await, ":1\r\n");
+    let message = String::from_utf8_lossy(&client.read().await).into_owned();
+    assert_eq!(message, ">3\r\n$7\r\nmessage\r\n$5\r\nr3sub\r\n$1\r\nm\r\n");
+}

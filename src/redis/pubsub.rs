@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 
+use super::command::{pinning, Pinning};
 use super::frame::{Protocol, Request, Value};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
@@ -112,11 +113,39 @@ impl Session {
                 self.reply(reply).await;
                 Some(RelayEnd::Abandoned)
             }
+            name if self.routes_while_subscribed(name, &request) => {
+                // Boxed because handling a request can lead back here.
+                match Box::pin(self.handle(request)).await {
+                    Flow::Continue => None,
+                    Flow::Close => Some(RelayEnd::Close),
+                }
+            }
             _ => match dedicated.conn.send(&request.raw).await {
                 Ok(()) => None,
                 Err(_) => Some(RelayEnd::Close),
             },
         }
+    }
+
+    /// True for a RESP3 client's ordinary command, which is handled like any
+    /// other (answered locally or routed) instead of running on the
+    /// subscribed connection, so it reaches the node that serves its key. RESP2 clients may send only
+    /// subscription commands and PING here, and the upstream rejects others
+    /// with Redis's own error.
+    fn routes_while_subscribed(&self, name: &str, request: &Request) -> bool {
+        let subscription_command = matches!(
+            name,
+            "SUBSCRIBE"
+                | "PSUBSCRIBE"
+                | "SSUBSCRIBE"
+                | "UNSUBSCRIBE"
+                | "PUNSUBSCRIBE"
+                | "SUNSUBSCRIBE"
+                | "PING"
+        );
+        self.ctx.protocol == Protocol::Resp3
+            && !subscription_command
+            && pinning(name, request) == Pinning::None
     }
 }
 

@@ -156,7 +156,7 @@ impl Session {
         }
     }
 
-    async fn handle(&mut self, request: Request) -> Flow {
+    pub(super) async fn handle(&mut self, request: Request) -> Flow {
         let name = request.name();
         if self.transaction.is_some() {
             return self.handle_in_transaction(request, &name).await;
