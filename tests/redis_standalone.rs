@@ -620,3 +620,22 @@ async fn shutdown_closes_idle_and_blocked_clients() {
     assert!(blocked.is_closed().await, "blocked client closed");
     assert!(subscribed.is_closed().await, "subscribed client closed");
 }
+
+#[tokio::test]
+async fn max_clients_rejects_extra_connections() {
+    let skiff = skiff("max_clients = 2").await;
+    let mut first = skiff.raw().await;
+    let mut second = skiff.raw().await;
+    assert_eq!(first.call(&["PING"]).await, "+PONG\r\n");
+    assert_eq!(second.call(&["PING"]).await, "+PONG\r\n");
+    let mut third = skiff.raw().await;
+    assert_eq!(
+        &third.read().await[..],
+        b"-ERR max number of clients reached\r\n"
+    );
+    assert!(third.is_closed().await);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = skiff.raw().await;
+    assert_eq!(fourth.call(&["PING"]).await, "+PONG\r\n");
+}

@@ -220,6 +220,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Cluster::start_with_node_timeout(5000)
+    }
+
+    /// Starts a cluster whose nodes declare a silent peer failed after
+    /// `milliseconds`, which also bounds how soon a replica takes over.
+    pub fn start_with_node_timeout(milliseconds: u32) -> Cluster {
+        let timeout = milliseconds.to_string();
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
                 RedisServer::start(&[
@@ -228,7 +235,7 @@ impl Cluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "5000",
+                    &timeout,
                 ])
             })
             .collect();
