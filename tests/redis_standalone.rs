@@ -413,40 +413,68 @@ async fn redis_cli_talks_to_skiff() {
 
 #[tokio::test]
 async fn dify_command_set_round_trips() {
-    let skiff = skiff("read_from = \"prefer-replica\"").await;
-    let mut c = skiff.raw().await;
-    assert_eq!(
-        c.call(&["SET", "dify:lock", "1", "EX", "10", "NX"]).await,
-        "+OK\r\n"
-    );
-    assert_eq!(
-        c.call(&["SET", "dify:lock", "1", "PX", "10000", "NX"])
-            .await,
-        "$-1\r\n"
-    );
-    assert_eq!(c.call(&["SETEX", "dify:ex", "10", "v"]).await, "+OK\r\n");
-    assert_eq!(c.call(&["GETDEL", "dify:ex"]).await, "$1\r\nv\r\n");
-    assert_eq!(
-        c.call(&["ZADD", "dify:z", "1", "a", "2", "b"]).await,
-        ":2\r\n"
-    );
-    assert_eq!(
-        c.call(&["ZREMRANGEBYSCORE", "dify:z", "0", "1"]).await,
-        ":1\r\n"
-    );
-    assert_eq!(c.call(&["RPUSH", "dify:l", "a", "b"]).await, ":2\r\n");
-    let script = "return redis.call('GET', KEYS[1])";
-    let sha = c.call(&["SCRIPT", "LOAD", script]).await;
-    let sha = sha.lines().nth(1).unwrap().to_string();
-    assert_eq!(
-        c.call(&["EVALSHA", &sha, "1", "dify:lock"]).await,
-        "$1\r\n1\r\n"
-    );
-    let id = c
+    let skiff = skiff("read_from = \"primary\"").await;
+    let mut client = skiff.raw().await;
+    // Pairs a command with its exact expected reply.
+    let expect = |args: &'static [&'static str], expected: &'static str| (args, expected);
+    let strings = [
+        expect(&["SET", "dify:lock", "1", "EX", "10", "NX"], "+OK\r\n"),
+        expect(&["SET", "dify:lock", "1", "PX", "10000", "NX"], "$-1\r\n"),
+        expect(&["SETNX", "dify:lock", "2"], ":0\r\n"),
+        expect(&["SETEX", "dify:ex", "10", "v"], "+OK\r\n"),
+        expect(&["GETDEL", "dify:ex"], "$1\r\nv\r\n"),
+        expect(&["EXISTS", "dify:ex"], ":0\r\n"),
+        expect(&["INCR", "dify:n"], ":1\r\n"),
+        expect(&["DECR", "dify:n"], ":0\r\n"),
+        expect(&["EXPIRE", "dify:n", "100"], ":1\r\n"),
+        expect(&["TTL", "dify:n"], ":100\r\n"),
+        expect(&["DEL", "dify:n", "dify:lock"], ":2\r\n"),
+    ];
+    let hashes = [
+        expect(&["HSET", "dify:h", "a", "1", "b", "2"], ":2\r\n"),
+        expect(&["HMSET", "dify:h", "c", "3"], "+OK\r\n"),
+        expect(&["HGET", "dify:h", "c"], "$1\r\n3\r\n"),
+        expect(&["HDEL", "dify:h", "a"], ":1\r\n"),
+        expect(&["HLEN", "dify:h"], ":2\r\n"),
+        expect(
+            &["HGETALL", "dify:h"],
+            "*4\r\n$1\r\nb\r\n$1\r\n2\r\n$1\r\nc\r\n$1\r\n3\r\n",
+        ),
+        expect(
+            &["HSCAN", "dify:h", "0", "COUNT", "32"],
+            "*2\r\n$1\r\n0\r\n*4\r\n$1\r\nb\r\n$1\r\n2\r\n$1\r\nc\r\n$1\r\n3\r\n",
+        ),
+    ];
+    let lists_and_sets = [
+        expect(&["ZADD", "dify:z", "1", "a", "2", "b"], ":2\r\n"),
+        expect(&["ZREMRANGEBYSCORE", "dify:z", "0", "1"], ":1\r\n"),
+        expect(&["ZCARD", "dify:z"], ":1\r\n"),
+        expect(&["RPUSH", "dify:l", "a", "b"], ":2\r\n"),
+        expect(
+            &["LRANGE", "dify:l", "0", "-1"],
+            "*2\r\n$1\r\na\r\n$1\r\nb\r\n",
+        ),
+        expect(&["LPUSH", "dify:celery", "task"], ":1\r\n"),
+        expect(
+            &["BRPOP", "dify:other", "dify:celery", "1"],
+            "*2\r\n$11\r\ndify:celery\r\n$4\r\ntask\r\n",
+        ),
+    ];
+    for (args, expected) in strings.iter().chain(&hashes).chain(&lists_and_sets) {
+        assert_eq!(client.call(args).await, *expected, "{args:?}");
+    }
+
+    let script = "return redis.call('HGET', KEYS[1], ARGV[1])";
+    let loaded = client.call(&["SCRIPT", "LOAD", script]).await;
+    let sha = loaded.lines().nth(1).unwrap().to_string();
+    let evalsha = client.call(&["EVALSHA", &sha, "1", "dify:h", "b"]).await;
+    assert_eq!(evalsha, "$1\r\n2\r\n");
+
+    let id = client
         .call(&["XADD", "dify:s", "MAXLEN", "~", "100", "*", "f", "v"])
         .await;
     assert!(id.starts_with('$'), "{id}");
-    let read = c
+    let read = client
         .call(&[
             "XREAD", "COUNT", "1", "BLOCK", "100", "STREAMS", "dify:s", "0",
         ])

@@ -85,8 +85,8 @@ pub struct RedisConfig {
     pub max_redirects: usize,
 }
 
-/// Prints the section with passwords replaced, so logging a config cannot
-/// leak them.
+/// Prints the section with both passwords replaced by `<redacted>`, so a
+/// logged config does not show them.
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redact = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");

@@ -75,7 +75,8 @@ impl Cluster {
 }
 
 /// Reloads the slot map every `interval`, and soon after a redirect or a
-/// connection error, but at most once per [`MIN_REFRESH_GAP`].
+/// connection error. Triggered reloads wait until [`MIN_REFRESH_GAP`] has
+/// passed since the previous one.
 pub async fn refresh_loop(
     router: Arc<Router>,
     settings: ConnSettings,

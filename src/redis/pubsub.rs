@@ -127,9 +127,9 @@ impl Session {
         }
     }
 
-    /// True for a RESP3 client's ordinary command, which is handled like any
-    /// other (answered locally or routed) instead of running on the
-    /// subscribed connection, so it reaches the node that serves its key. RESP2 clients may send only
+    /// True for a RESP3 client's ordinary command. It is handled like any
+    /// other command, locally or routed, rather than sent on the subscribed
+    /// connection, so it reaches the node that serves its key. RESP2 clients may send only
     /// subscription commands and PING here, and the upstream rejects others
     /// with Redis's own error.
     fn routes_while_subscribed(&self, name: &str, request: &Request) -> bool {
