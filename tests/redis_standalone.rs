@@ -667,3 +667,19 @@ async fn max_clients_rejects_extra_connections() {
     let mut fourth = skiff.raw().await;
     assert_eq!(fourth.call(&["PING"]).await, "+PONG\r\n");
 }
+
+#[tokio::test]
+async fn idle_dedicated_connection_closed_by_server() {
+    let own =
+        tokio::task::spawn_blocking(|| redis_support::RedisServer::start(&["--timeout", "1"]))
+            .await
+            .unwrap();
+    let skiff = Skiff::start(&format!("nodes = [\"{}\"]", own.addr())).await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["BLPOP", "idle:q", "0.1"]).await, "*-1\r\n");
+    // The server closes the idle dedicated connection after one second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(client.call(&["BLPOP", "idle:q", "0.1"]).await, "*-1\r\n");
+    assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["EXEC"]).await, "*0\r\n");
+}

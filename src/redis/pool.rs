@@ -142,8 +142,7 @@ impl Pool {
                     self.settings.max_dedicated
                 ),
             })?;
-        let idle = self.idle.lock().get_mut(key).and_then(Vec::pop);
-        let conn = match idle {
+        let conn = match self.take_idle(key) {
             Some(conn) => conn,
             None => self.connect(key).await?,
         };
@@ -154,9 +153,25 @@ impl Pool {
         })
     }
 
+    /// Takes an idle dedicated connection that is still open, dropping the
+    /// ones the server closed meanwhile.
+    fn take_idle(&self, key: &ConnKey) -> Option<RawConn> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(key)?;
+        while let Some(conn) = list.pop() {
+            if conn.is_reusable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
     /// Returns a dedicated connection whose session state is clean (no
     /// transaction, subscription or blocked command) for reuse.
     pub fn checkin(&self, dedicated: Dedicated) {
+        if !dedicated.conn.is_reusable() {
+            return;
+        }
         let mut idle = self.idle.lock();
         let list = idle.entry(dedicated.key).or_default();
         if list.len() < MAX_IDLE_DEDICATED {

@@ -141,6 +141,19 @@ impl RawConn {
         Ok(())
     }
 
+    /// True when the connection is idle and still open: nothing is buffered
+    /// and the server has neither sent data nor closed it. Checked before an
+    /// idle connection is reused, because servers with a `timeout` setting
+    /// close idle clients.
+    pub fn is_reusable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let idle = matches!(
+            self.stream.try_read(&mut probe),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock
+        );
+        idle && self.buf.is_empty()
+    }
+
     /// Writes raw request bytes.
     pub async fn send(&mut self, raw: &[u8]) -> Result<(), UpstreamError> {
         self.stream
