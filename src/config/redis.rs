@@ -55,6 +55,9 @@ pub struct RedisConfig {
     #[serde(default = "default_max_frame_bytes")]
     pub max_request_bytes: usize,
     /// Largest reply accepted from an upstream, in bytes. Default 512 MiB.
+    /// NOTE: a larger reply closes the upstream connection, which fails the
+    /// other requests in flight on it too, because a shared connection
+    /// cannot skip a reply it has not read.
     #[serde(default = "default_max_frame_bytes")]
     pub max_reply_bytes: usize,
     /// Replies a client may have outstanding before skiff stops reading its

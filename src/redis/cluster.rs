@@ -86,6 +86,7 @@ pub async fn refresh_loop(
         return;
     };
     let interval = router.config.topology_refresh_interval;
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -98,8 +99,18 @@ pub async fn refresh_loop(
             }
         }
         match cluster.refresh(&settings).await {
-            Ok(()) => router.pool.retain_nodes(&cluster.map().nodes()),
-            Err(reason) => tracing::warn!(error = %reason, "cluster slot map refresh failed"),
+            Ok(()) => {
+                router.pool.retain_nodes(&cluster.map().nodes());
+                if std::mem::take(&mut failing) {
+                    tracing::info!("cluster slot map refresh works again");
+                }
+            }
+            // Warn once per outage; repeats go to debug.
+            Err(reason) if !failing => {
+                failing = true;
+                tracing::warn!(error = %reason, "cluster slot map refresh failed");
+            }
+            Err(reason) => tracing::debug!(error = %reason, "cluster slot map refresh failed"),
         }
     }
 }

@@ -26,6 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::admin::{BoxFuture, Component};
 use crate::config::{RedisConfig, RedisMode};
@@ -161,10 +162,14 @@ impl RedisRouter {
             };
             let router = self.router.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            let span = tracing::debug_span!("redis_client", client.addr = %peer);
+            let session = async move {
+                tracing::debug!("client connected");
                 session::run(router, stream, peer, shutdown).await;
+                tracing::debug!("client disconnected");
                 drop(permit);
-            });
+            };
+            tokio::spawn(session.instrument(span));
         }
         let all = self.router.config.max_clients as u32;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.clients.acquire_many(all)).await;

@@ -118,13 +118,22 @@ pub async fn watch(router: Arc<Router>, settings: ConnSettings, shutdown: Cancel
     let name = router.config.master_name.clone().unwrap_or_default();
     let sentinels = router.config.nodes.clone();
     let interval = router.config.topology_refresh_interval;
+    let mut failing = false;
     loop {
         match discover(&sentinels, &name, &settings).await {
             Ok(nodes) => {
                 metrics::counter!("skiff_redis_topology_refreshes_total").increment(1);
                 router.set_nodes(nodes);
+                if std::mem::take(&mut failing) {
+                    tracing::info!("sentinel discovery works again");
+                }
             }
-            Err(reason) => tracing::warn!(error = %reason, "sentinel discovery failed"),
+            // Warn once per outage; repeats go to debug.
+            Err(reason) if !failing => {
+                failing = true;
+                tracing::warn!(error = %reason, "sentinel discovery failed");
+            }
+            Err(reason) => tracing::debug!(error = %reason, "sentinel discovery failed"),
         }
         tokio::time::sleep(MIN_DISCOVERY_GAP).await;
         tokio::select! {

@@ -2,11 +2,14 @@
 //! the primary, and blocking commands on a dedicated connection so they never
 //! hold up the shared ones.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 
 use super::frame::{error_text, Request};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
+use super::router::{record_command, Role};
 use super::session::{Flow, Session};
 use super::slot::key_slot;
 use super::upstream::UpstreamError;
@@ -83,6 +86,7 @@ impl Session {
             Ok(dedicated) => dedicated,
             Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
         };
+        let started = Instant::now();
         let result = tokio::select! {
             result = dedicated.conn.call(&request.raw) => result,
             // The client left or skiff is shutting down: the blocked
@@ -92,6 +96,7 @@ impl Session {
         };
         match result {
             Ok(reply) => {
+                record_command(Role::Primary, &reply, started);
                 self.router.pool.checkin(dedicated);
                 self.reply(self.unroutable_redirect(reply)).await
             }
@@ -175,6 +180,7 @@ impl Session {
         let transaction = self.transaction.as_mut().expect("transaction in progress");
         let in_multi = transaction.in_multi;
         let conn = transaction.conn.as_mut().expect("pinned connection");
+        let started = Instant::now();
         let result = conn.conn.call(&request.raw).await;
         let reply = match result {
             Ok(reply) => reply,
@@ -183,6 +189,7 @@ impl Session {
                 return self.reply(reply::error(&format!("ERR {err}"))).await;
             }
         };
+        record_command(Role::Primary, &reply, started);
         let failed = error_text(&reply).is_some();
         let finished = match name {
             "MULTI" if !in_multi && !failed => {
