@@ -374,3 +374,45 @@ async fn resp3_subscriber_commands_reach_key_owner() {
     let message = String::from_utf8_lossy(&client.read().await).into_owned();
     assert_eq!(message, ">3\r\n$7\r\nmessage\r\n$5\r\nr3sub\r\n$1\r\nm\r\n");
 }
+
+#[tokio::test]
+async fn malformed_commands_get_errors_not_hangs() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    client.send_bytes(b"*0\r\n*-1\r\n").await;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["MSET", "bad:a", "1", "bad:b"],
+            "-ERR wrong number of arguments for 'mset' command\r\n",
+        ),
+        (
+            &["SUBSCRIBE"],
+            "-ERR wrong number of arguments for 'subscribe' command\r\n",
+        ),
+        (
+            &["SSUBSCRIBE"],
+            "-ERR wrong number of arguments for 'ssubscribe' command\r\n",
+        ),
+        (
+            &["WATCH"],
+            "-ERR wrong number of arguments for 'watch' command\r\n",
+        ),
+        (
+            &["BRPOP"],
+            "-ERR wrong number of arguments for 'brpop' command\r\n",
+        ),
+        (&["SCAN", "x"], "-ERR invalid cursor\r\n"),
+        (
+            &["EVAL", "return 1", "99", "a"],
+            "-ERR Number of keys can't be greater than number of args\r\n",
+        ),
+        (
+            &["GET"],
+            "-ERR wrong number of arguments for 'get' command\r\n",
+        ),
+    ];
+    for (args, expected) in cases {
+        assert_eq!(client.call(args).await, *expected, "{args:?}");
+    }
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+}

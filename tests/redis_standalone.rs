@@ -683,3 +683,46 @@ async fn idle_dedicated_connection_closed_by_server() {
     assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
     assert_eq!(client.call(&["EXEC"]).await, "*0\r\n");
 }
+
+#[tokio::test]
+async fn empty_requests_do_not_shift_replies() {
+    let skiff = skiff("upstream_connections = 1").await;
+    let mut client = skiff.raw().await;
+    let mut other = skiff.raw().await;
+    // Redis sends nothing back for an empty array; if one reached the shared
+    // connection, every later reply on it would go to the wrong request.
+    client.send_bytes(b"*0\r\n*-1\r\n").await;
+    assert_eq!(client.call(&["SET", "empty:k", "1"]).await, "+OK\r\n");
+    assert_eq!(other.call(&["GET", "empty:k"]).await, "$1\r\n1\r\n");
+    assert_eq!(
+        client.call(&["SUBSCRIBE"]).await,
+        "-ERR wrong number of arguments for 'subscribe' command\r\n"
+    );
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+}
+
+#[tokio::test]
+async fn failed_subscribe_leaves_session_routed() {
+    let skiff = skiff("read_from = \"replica\"").await;
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["SUBSCRIBE"]).await,
+        "-ERR wrong number of arguments for 'subscribe' command\r\n"
+    );
+    // A session still relaying would send this read to the primary.
+    let replicas_before: u64 = servers()
+        .replicas
+        .iter()
+        .map(|r| r.command_calls("getrange"))
+        .sum();
+    assert_eq!(
+        client.call(&["GETRANGE", "subfail:k", "0", "1"]).await,
+        "$0\r\n\r\n"
+    );
+    let replicas_after: u64 = servers()
+        .replicas
+        .iter()
+        .map(|r| r.command_calls("getrange"))
+        .sum();
+    assert_eq!(replicas_after - replicas_before, 1);
+}

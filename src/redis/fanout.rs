@@ -204,6 +204,12 @@ pub async fn split(
         "MSET" => (Some(Merge::AllOk), 1),
         _ => return None,
     };
+    if positions
+        .iter()
+        .any(|&position| position + values_per_key >= request.args.len())
+    {
+        return Some(Pending::Ready(reply::error(&reply::wrong_arity(name))));
+    }
     let readonly = router.commands().is_readonly(name);
     // Group keys by slot, keeping the order in which slots first appear.
     let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();

@@ -63,7 +63,13 @@ pub fn parse_request(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Requ
     loop {
         match buf.first() {
             None => return Ok(None),
-            Some(b'*') => return parse_array_request(buf, max_bytes),
+            Some(b'*') => match parse_array_request(buf, max_bytes)? {
+                // Redis ignores an empty array without replying, so it must
+                // never reach a shared connection, where replies are
+                // matched to requests by count.
+                Some(request) if request.args.is_empty() => continue,
+                found => return Ok(found),
+            },
             Some(_) => match parse_inline_request(buf)? {
                 Some(Some(request)) => return Ok(Some(request)),
                 // An empty line: Redis ignores it.
@@ -90,10 +96,14 @@ fn parse_array_request(
     if raw.len() > max_bytes {
         return Err(FrameError::TooLarge { limit: max_bytes });
     }
-    let Resp2Frame::Array(items) = frame else {
-        return Err(FrameError::Invalid(
-            "expected '*', got something else".into(),
-        ));
+    let items = match frame {
+        Resp2Frame::Array(items) => items,
+        // `*-1`, a null array, is ignored like an empty one.
+        Resp2Frame::Null => Vec::new(),
+        _ => {
+            let text = "expected '*', got something else";
+            return Err(FrameError::Invalid(text.into()));
+        }
     };
     let mut args = Vec::with_capacity(items.len());
     for item in items {
@@ -326,6 +336,12 @@ mod tests {
         assert_eq!(requests, vec![vec!["PING"], vec!["SET", "k", "v"]]);
         let rebuilt = Request::from_args(vec![Bytes::from_static(b"PING")]);
         assert_eq!(&rebuilt.raw[..], b"*1\r\n$4\r\nPING\r\n");
+    }
+
+    #[test]
+    fn empty_and_null_arrays_are_skipped() {
+        let requests = parse_all(b"*0\r\n*-1\r\n*1\r\n$4\r\nPING\r\n");
+        assert_eq!(requests, vec![vec!["PING"]]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use super::command::{pinning, Pinning};
-use super::frame::{Protocol, Request, Value};
+use super::frame::{Protocol, ReplyKind, Request, Value};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
 use super::session::{Flow, Session};
@@ -49,6 +49,20 @@ impl Session {
         };
         if let Err(err) = dedicated.conn.send(&request.raw).await {
             return self.reply(reply::error(&format!("ERR {err}"))).await;
+        }
+        // An error instead of a confirmation (such as a missing channel)
+        // leaves the connection unsubscribed: no relay starts.
+        match dedicated.conn.read_frame().await {
+            Ok((frame, ReplyKind::Error)) => {
+                self.router.pool.checkin(dedicated);
+                return self.reply(frame).await;
+            }
+            Ok((frame, _)) => {
+                if self.reply(frame).await == Flow::Close {
+                    return Flow::Close;
+                }
+            }
+            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
         }
         match self.relay(&mut dedicated).await {
             RelayEnd::Unsubscribed => {

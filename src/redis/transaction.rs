@@ -40,7 +40,10 @@ impl Session {
             "SUBSCRIBE" => vec![1],
             _ => self.router.commands().key_positions(name, request),
         };
-        let mut slots = positions.iter().map(|&i| key_slot(&request.args[i]));
+        let mut slots = positions
+            .iter()
+            .filter_map(|&i| request.args.get(i))
+            .map(|key| key_slot(key));
         let shard = match slots.next() {
             Some(slot) if slots.all(|other| other == slot) => map.shard(slot),
             Some(_) => return Err(reply::error(reply::CROSSSLOT)),
