@@ -416,3 +416,19 @@ async fn malformed_commands_get_errors_not_hangs() {
     }
     assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
 }
+
+#[tokio::test]
+async fn subcommand_keys_route_to_owner() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    for i in 0..9 {
+        let key = format!("sub:{i}");
+        client.call(&["XADD", &key, "*", "f", "v"]).await;
+        let info = client.call(&["XINFO", "STREAM", &key]).await;
+        assert!(info.starts_with('*'), "XINFO STREAM {key}: {info}");
+        let encoding = client.call(&["OBJECT", "ENCODING", &key]).await;
+        assert_eq!(encoding, "$6\r\nstream\r\n", "OBJECT ENCODING {key}");
+        let usage = client.call(&["MEMORY", "USAGE", &key]).await;
+        assert!(usage.starts_with(':'), "MEMORY USAGE {key}: {usage}");
+    }
+}

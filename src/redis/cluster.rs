@@ -189,7 +189,7 @@ pub async fn submit_to_slot(
     let Some((addr, role)) = pick_node(router, &map, slot, readonly, ctx.client_id) else {
         let retry = Retry {
             request,
-            slot,
+            slot: Some(slot),
             readonly,
             ctx,
         };
@@ -201,7 +201,7 @@ pub async fn submit_to_slot(
             let mut in_flight = router.in_flight(receiver, addr, role);
             in_flight.retry = Some(Retry {
                 request,
-                slot,
+                slot: Some(slot),
                 readonly,
                 ctx,
             });
@@ -210,7 +210,7 @@ pub async fn submit_to_slot(
         Err(err) if err.nothing_sent() => {
             let retry = Retry {
                 request,
-                slot,
+                slot: Some(slot),
                 readonly,
                 ctx,
             };
@@ -273,7 +273,9 @@ pub fn needs_retry(result: &Result<Bytes, UpstreamError>) -> bool {
 /// The request of a command whose redirects are being followed.
 pub struct Retry {
     pub request: Request,
-    pub slot: u16,
+    /// `None` for a command without keys, which goes back to the node that
+    /// last replied when it must be retried.
+    pub slot: Option<u16>,
     pub readonly: bool,
     pub ctx: SessionCtx,
 }
@@ -308,7 +310,7 @@ pub async fn follow(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
         }
-        let Some((addr, asking)) = next_hop(&router, cluster, next, &retry) else {
+        let Some((addr, asking)) = next_hop(&router, cluster, next, &retry, &origin) else {
             result = Ok(reply);
             continue;
         };
@@ -329,6 +331,7 @@ fn next_hop(
     cluster: &Cluster,
     next: Next,
     retry: &Retry,
+    origin: &str,
 ) -> Option<(String, bool)> {
     match next {
         Next::Moved(slot, addr) => {
@@ -342,14 +345,11 @@ fn next_hop(
             Some((addr, true))
         }
         Next::Wait | Next::Done => {
+            let Some(slot) = retry.slot else {
+                return (!origin.is_empty()).then(|| (origin.to_string(), false));
+            };
             let map = cluster.map();
-            let picked = pick_node(
-                router,
-                &map,
-                retry.slot,
-                retry.readonly,
-                retry.ctx.client_id,
-            );
+            let picked = pick_node(router, &map, slot, retry.readonly, retry.ctx.client_id);
             if picked.is_none() {
                 cluster.request_refresh();
             }

@@ -66,7 +66,7 @@ impl CommandTable {
     pub fn merge_command_reply(&mut self, reply: Value) -> usize {
         let mut merged = 0;
         for entry in reply.into_items().unwrap_or_default() {
-            if let Some((name, spec)) = parse_command_entry(entry) {
+            for (name, spec) in parse_command_entry(entry).unwrap_or_default() {
                 self.specs.insert(name, spec);
                 merged += 1;
             }
@@ -82,13 +82,20 @@ impl CommandTable {
         self.specs.is_empty()
     }
 
-    pub fn get(&self, name: &str) -> Option<&CommandSpec> {
+    /// Returns the spec of `request`, preferring its sub-command's own spec
+    /// (`XINFO STREAM key` has its key where `XINFO` alone has none).
+    pub fn get(&self, name: &str, request: &Request) -> Option<&CommandSpec> {
+        if let Some(sub) = request.arg_upper(1) {
+            if let Some(spec) = self.specs.get(&format!("{name}|{sub}")) {
+                return Some(spec);
+            }
+        }
         self.specs.get(name)
     }
 
     /// Returns true when `request` only reads, so a replica may serve it.
-    pub fn is_readonly(&self, name: &str) -> bool {
-        self.specs.get(name).is_some_and(|spec| spec.readonly)
+    pub fn is_readonly(&self, name: &str, request: &Request) -> bool {
+        self.get(name, request).is_some_and(|spec| spec.readonly)
     }
 
     /// Returns the argument positions of the keys in `request`.
@@ -97,7 +104,7 @@ impl CommandTable {
         if let Some(positions) = movable_key_positions(name, request) {
             return positions.into_iter().filter(|&i| i < args.len()).collect();
         }
-        let Some(spec) = self.specs.get(name) else {
+        let Some(spec) = self.get(name, request) else {
             return Vec::new();
         };
         if spec.first_key <= 0 || spec.key_step <= 0 {
@@ -172,8 +179,9 @@ fn movable_key_positions(name: &str, request: &Request) -> Option<Vec<usize>> {
 }
 
 /// Reads one entry of a `COMMAND` reply: name, arity, flags, first key,
-/// last key, step, and more fields this table does not use.
-fn parse_command_entry(entry: Value) -> Option<(String, CommandSpec)> {
+/// last key, step, then fields this table does not use, and in Redis 7 the
+/// sub-commands (tenth field) in the same shape, named `container|sub`.
+fn parse_command_entry(entry: Value) -> Option<Vec<(String, CommandSpec)>> {
     let fields = entry.into_items()?;
     let name = String::from_utf8_lossy(fields.first()?.as_bytes()?).to_ascii_uppercase();
     let flags = fields.get(2)?.clone().into_items()?;
@@ -188,7 +196,12 @@ fn parse_command_entry(entry: Value) -> Option<(String, CommandSpec)> {
         key_step: fields.get(5)?.as_int()? as i32,
         readonly,
     };
-    Some((name, spec))
+    let mut entries = vec![(name, spec)];
+    let subcommands = fields.get(9).cloned().and_then(Value::into_items);
+    for sub in subcommands.unwrap_or_default() {
+        entries.extend(parse_command_entry(sub).unwrap_or_default());
+    }
+    Some(entries)
 }
 
 #[cfg(test)]
@@ -233,6 +246,13 @@ mod tests {
     }
 
     #[test]
+    fn subcommand_spec_gives_key_position() {
+        assert_eq!(keys(&["XINFO", "STREAM", "s"]), vec![2]);
+        assert_eq!(keys(&["OBJECT", "ENCODING", "k"]), vec![2]);
+        assert_eq!(keys(&["XINFO", "HELP"]), Vec::<usize>::new());
+    }
+
+    #[test]
     fn pinning_detects_blocking_xread() {
         assert_eq!(
             pinning("XREAD", &request(&["XREAD", "STREAMS", "s", "0"])),
@@ -256,7 +276,8 @@ mod tests {
             Value::Int(1),
             Value::Int(1),
         ]);
-        let (name, spec) = parse_command_entry(entry).unwrap();
+        let entries = parse_command_entry(entry).unwrap();
+        let (name, spec) = entries[0].clone();
         assert_eq!(name, "GET");
         assert!(spec.readonly);
         assert_eq!((spec.first_key, spec.last_key, spec.key_step), (1, 1, 1));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::cluster::submit_to_slot;
+use super::cluster::{submit_to_slot, Retry};
 use super::frame::{error_text, Protocol, Request, Value};
 use super::reply;
 use super::router::{Pending, Role, Router, SessionCtx};
@@ -45,7 +45,16 @@ pub async fn keyless(
             let addr = &primaries[ctx.client_id as usize % primaries.len()];
             return match router.send(addr, &request, ctx).await {
                 Ok(receiver) => {
-                    Pending::InFlight(router.in_flight(receiver, addr.clone(), Role::Primary))
+                    let mut in_flight = router.in_flight(receiver, addr.clone(), Role::Primary);
+                    // Kept so that a redirect, if a node sends one for a
+                    // key skiff did not recognize, is followed too.
+                    in_flight.retry = Some(Retry {
+                        request,
+                        slot: None,
+                        readonly: false,
+                        ctx,
+                    });
+                    Pending::InFlight(in_flight)
                 }
                 Err(err) => Pending::Ready(router.upstream_failure(&err, Role::Primary)),
             };
@@ -210,7 +219,7 @@ pub async fn split(
     {
         return Some(Pending::Ready(reply::error(&reply::wrong_arity(name))));
     }
-    let readonly = router.commands().is_readonly(name);
+    let readonly = router.commands().is_readonly(name, request);
     // Group keys by slot, keeping the order in which slots first appear.
     let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
     for (order, &slot) in slots.iter().enumerate() {

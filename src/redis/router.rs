@@ -175,7 +175,7 @@ impl Router {
         ctx: SessionCtx,
     ) -> Pending {
         let table = self.commands();
-        let readonly = table.is_readonly(name);
+        let readonly = table.is_readonly(name, &request);
         if self.cluster.is_some() {
             return cluster::submit(self, request, name, ctx, &table, readonly).await;
         }
