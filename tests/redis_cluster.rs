@@ -432,3 +432,22 @@ async fn subcommand_keys_route_to_owner() {
         assert!(usage.starts_with(':'), "MEMORY USAGE {key}: {usage}");
     }
 }
+
+#[tokio::test]
+async fn large_mget_mset_across_many_slots() {
+    let skiff = skiff("").await;
+    let mut conn = skiff.client(Protocol::Resp3).await;
+    let pairs: Vec<(String, usize)> = (0..2000).map(|i| (format!("big:{i}"), i)).collect();
+    let started = Instant::now();
+    let _: () = conn.mset(&pairs).await.unwrap();
+    let keys: Vec<&String> = pairs.iter().map(|(key, _)| key).collect();
+    let values: Vec<usize> = conn.mget(&keys).await.unwrap();
+    assert_eq!(values, (0..2000).collect::<Vec<_>>());
+    let deleted: usize = conn.del(&keys).await.unwrap();
+    assert_eq!(deleted, 2000);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -124,6 +124,10 @@ impl CommandTable {
 }
 
 /// Returns how `request` must be pinned to an upstream connection.
+///
+/// NOTE: WAIT runs on a dedicated connection that has written nothing, so it
+/// returns at once with the number of replicas instead of waiting for the
+/// client's own writes, which went over a shared connection.
 pub fn pinning(name: &str, request: &Request) -> Pinning {
     match name {
         "BLPOP" | "BRPOP" | "BLMOVE" | "BRPOPLPUSH" | "BZPOPMIN" | "BZPOPMAX" | "BLMPOP"

@@ -142,7 +142,8 @@ fn encode(value: &Value, protocol: Protocol) -> Bytes {
 /// primary's index and the rest is that primary's own cursor.
 ///
 /// NOTE: the index refers to the primaries in slot map order, so a topology
-/// change during a scan can skip or repeat a node's keys.
+/// change during a scan can skip or repeat a node's keys. A node cursor
+/// must fit in 54 bits, which holds for any hash table that fits in memory.
 async fn scan(
     router: Arc<Router>,
     request: Request,
@@ -161,6 +162,7 @@ async fn scan(
     if index >= primaries.len() {
         return reply::error("ERR invalid cursor");
     }
+
     let mut args = request.args.clone();
     args[1] = Bytes::from((cursor >> NODE_BITS).to_string());
     let reply = match call(&router, &primaries[index], &Request::from_args(args), ctx).await {
@@ -172,6 +174,7 @@ async fn scan(
         // An error reply, passed on as it is.
         return reply;
     };
+
     let node_cursor = next.as_int().unwrap_or(0) as u64;
     let combined = next_scan_cursor(node_cursor, index, primaries.len());
     let keys: Vec<Bytes> = keys
@@ -220,14 +223,8 @@ pub async fn split(
         return Some(Pending::Ready(reply::error(&reply::wrong_arity(name))));
     }
     let readonly = router.commands().is_readonly(name, request);
-    // Group keys by slot, keeping the order in which slots first appear.
-    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-    for (order, &slot) in slots.iter().enumerate() {
-        match groups.iter_mut().find(|(known, _)| *known == slot) {
-            Some((_, members)) => members.push(order),
-            None => groups.push((slot, vec![order])),
-        }
-    }
+    let groups = group_by_slot(slots);
+
     let mut pending = Vec::with_capacity(groups.len());
     for (slot, members) in &groups {
         let mut args = vec![request.args[0].clone()];
@@ -238,6 +235,7 @@ pub async fn split(
         let part = Request::from_args(args);
         pending.push(submit_to_slot(router, part, *slot, readonly, ctx).await);
     }
+
     let router = router.clone();
     let key_count = positions.len();
     let future = async move {
@@ -251,6 +249,21 @@ pub async fn split(
         }
     };
     Some(Pending::Future(Box::pin(future)))
+}
+
+/// Groups key indexes by slot, keeping the order in which slots first
+/// appear and the keys' order within each slot.
+fn group_by_slot(slots: &[u16]) -> Vec<(u16, Vec<usize>)> {
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    let mut group_of_slot = std::collections::HashMap::new();
+    for (order, &slot) in slots.iter().enumerate() {
+        let group = *group_of_slot.entry(slot).or_insert_with(|| {
+            groups.push((slot, Vec::new()));
+            groups.len() - 1
+        });
+        groups[group].1.push(order);
+    }
+    groups
 }
 
 /// Puts the values of per-slot MGET replies back in the client's key order.
@@ -291,6 +304,12 @@ mod tests {
         assert_eq!(next_scan_cursor(0, 0, 3), 1);
         assert_eq!(next_scan_cursor(5, 2, 3), (5 << NODE_BITS) | 2);
         assert_eq!(next_scan_cursor(0, 2, 3), 0);
+    }
+
+    #[test]
+    fn keys_grouped_by_slot_in_first_seen_order() {
+        let groups = group_by_slot(&[7, 3, 7, 9, 3]);
+        assert_eq!(groups, vec![(7, vec![0, 2]), (3, vec![1, 4]), (9, vec![3])]);
     }
 
     #[test]
