@@ -49,6 +49,26 @@ async fn writes_follow_sentinel_failover() {
     assert_eq!(client.call(&["SET", "sentinel:a", "1"]).await, "+OK\r\n");
     assert_eq!(servers.primary.cli(&["GET", "sentinel:a"]).trim(), "1");
 
+    // The replicas come from the sentinel too: reads go to them.
+    for replica in &servers.replicas {
+        replica.wait_for(
+            || replica.cli(&["GET", "sentinel:a"]).trim() == "1",
+            "replication",
+        );
+    }
+    let replica_reads = || -> u64 {
+        servers
+            .replicas
+            .iter()
+            .map(|r| r.command_calls("strlen"))
+            .sum()
+    };
+    let before = replica_reads();
+    for _ in 0..10 {
+        assert_eq!(client.call(&["STRLEN", "sentinel:a"]).await, ":1\r\n");
+    }
+    assert_eq!(replica_reads() - before, 10);
+
     let old_port = servers.primary.port;
     assert_eq!(sentinel.cli(&["SENTINEL", "FAILOVER", NAME]).trim(), "OK");
     sentinel.wait_for(
