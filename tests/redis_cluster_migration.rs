@@ -256,3 +256,25 @@ async fn tryagain_during_migration_is_retried() {
     assert_eq!(reply, "*2\r\n$1\r\n1\r\n$1\r\n2\r\n");
     finish.await.unwrap();
 }
+
+#[tokio::test]
+async fn blocking_pop_follows_moved_slot() {
+    let _serial = serial().lock().await;
+    let skiff = skiff().await;
+    let cluster = cluster();
+    let queue = "migrate:queue";
+    let slot = key_slot(queue.as_bytes()).to_string();
+    let (owner, target) = owner_and_other(cluster, queue);
+    let mut consumer = skiff.raw().await;
+    // Loads skiff's slot map before the slot moves.
+    assert_eq!(consumer.call(&["LLEN", queue]).await, ":0\r\n");
+    start_migration(owner, target, &slot);
+    finish_migration(cluster, target, &slot);
+
+    consumer.send(&["BRPOP", queue, "5"]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut producer = skiff.raw().await;
+    assert_eq!(producer.call(&["LPUSH", queue, "job"]).await, ":1\r\n");
+    let popped = String::from_utf8_lossy(&consumer.read().await).into_owned();
+    assert_eq!(popped, "*2\r\n$13\r\nmigrate:queue\r\n$3\r\njob\r\n");
+}

@@ -35,8 +35,15 @@ async fn writes_follow_sentinel_failover() {
         let sentinel = RedisServer::start_sentinel(servers.primary.port, NAME);
         sentinel.wait_for(
             || {
+                // Each replica's "flags" field is "slave" alone once the
+                // sentinel is connected to it and sees it up.
                 let replicas = sentinel.cli(&["SENTINEL", "replicas", NAME]);
-                replicas.lines().filter(|line| *line == "name").count() == 2
+                let lines: Vec<&str> = replicas.lines().collect();
+                let healthy = lines
+                    .windows(2)
+                    .filter(|pair| pair[0] == "flags" && pair[1] == "slave")
+                    .count();
+                healthy == 2
             },
             "sentinel sees both replicas",
         );

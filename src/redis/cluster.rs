@@ -56,6 +56,25 @@ impl Cluster {
         self.refresh.notify_one();
     }
 
+    /// Returns the node a MOVED or ASK reply points to, and whether ASKING
+    /// must go first; a MOVED also updates the slot map. `None` for any
+    /// other reply.
+    pub fn redirect(&self, reply: &[u8], origin: &str) -> Option<(String, bool)> {
+        match classify(reply, origin) {
+            Next::Moved(slot, addr) => {
+                metrics::counter!("skiff_redis_redirects_total", "kind" => "moved").increment(1);
+                self.apply_moved(slot, &addr);
+                self.request_refresh();
+                Some((addr, false))
+            }
+            Next::Ask(addr) => {
+                metrics::counter!("skiff_redis_redirects_total", "kind" => "ask").increment(1);
+                Some((addr, true))
+            }
+            Next::Wait | Next::Done => None,
+        }
+    }
+
     fn apply_moved(&self, slot: u16, addr: &str) {
         let mut map = self.map.write();
         *map = Arc::new(map.with_moved(slot, addr));
@@ -310,7 +329,11 @@ pub async fn follow(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
         }
-        let Some((addr, asking)) = next_hop(&router, cluster, next, &retry, &origin) else {
+        let hop = match cluster.redirect(&reply, &origin) {
+            Some(hop) => Some(hop),
+            None => retry_target(&router, cluster, &retry, &origin),
+        };
+        let Some((addr, asking)) = hop else {
             result = Ok(reply);
             continue;
         };
@@ -324,38 +347,23 @@ pub async fn follow(
     }
 }
 
-/// Returns the node to try next and whether ASKING must precede the
-/// command, or `None` when no node serves the slot yet.
-fn next_hop(
+/// Returns the node to retry after TRYAGAIN or CLUSTERDOWN, or `None`
+/// when no node serves the slot yet.
+fn retry_target(
     router: &Router,
     cluster: &Cluster,
-    next: Next,
     retry: &Retry,
     origin: &str,
 ) -> Option<(String, bool)> {
-    match next {
-        Next::Moved(slot, addr) => {
-            metrics::counter!("skiff_redis_redirects_total", "kind" => "moved").increment(1);
-            cluster.apply_moved(slot, &addr);
-            cluster.request_refresh();
-            Some((addr, false))
-        }
-        Next::Ask(addr) => {
-            metrics::counter!("skiff_redis_redirects_total", "kind" => "ask").increment(1);
-            Some((addr, true))
-        }
-        Next::Wait | Next::Done => {
-            let Some(slot) = retry.slot else {
-                return (!origin.is_empty()).then(|| (origin.to_string(), false));
-            };
-            let map = cluster.map();
-            let picked = pick_node(router, &map, slot, retry.readonly, retry.ctx.client_id);
-            if picked.is_none() {
-                cluster.request_refresh();
-            }
-            picked.map(|(addr, _)| (addr, false))
-        }
+    let Some(slot) = retry.slot else {
+        return (!origin.is_empty()).then(|| (origin.to_string(), false));
+    };
+    let map = cluster.map();
+    let picked = pick_node(router, &map, slot, retry.readonly, retry.ctx.client_id);
+    if picked.is_none() {
+        cluster.request_refresh();
     }
+    picked.map(|(addr, _)| (addr, false))
 }
 
 /// Sends `request` to `addr` and waits for its reply; with `asking`, ASKING

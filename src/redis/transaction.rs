@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::frame::{error_text, Request};
+use super::frame::{encode_command, error_text, Request};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
 use super::router::{record_command, Role};
@@ -76,34 +76,68 @@ impl Session {
 
     /// Runs a blocking command on a dedicated connection. The session reads
     /// no further request until it returns, as Redis does for a blocked
-    /// client, but notices when the client disconnects.
+    /// client, but notices when the client disconnects. In a cluster, MOVED
+    /// and ASK are followed: nothing else ran on the connection yet.
     pub(super) async fn run_blocking(&mut self, request: Request, name: &str) -> Flow {
         if self.drain().await == Flow::Close {
             return Flow::Close;
         }
-        let addr = match self.pinned_target(&request, name) {
+        let mut target = match self.pinned_target(&request, name) {
             Ok(addr) => addr,
             Err(error) => return self.reply(error).await,
         };
-        let mut dedicated = match self.checkout(addr).await {
-            Ok(dedicated) => dedicated,
-            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
-        };
-        let started = Instant::now();
-        let result = tokio::select! {
-            result = dedicated.conn.call(&request.raw) => result,
-            // The client left or skiff is shutting down: the blocked
-            // connection is dropped, which also ends the command upstream.
-            _ = self.reader.closed() => return Flow::Close,
-            _ = self.shutdown.cancelled() => return Flow::Close,
-        };
-        match result {
-            Ok(reply) => {
-                record_command(Role::Primary, &reply, started);
-                self.router.pool.checkin(dedicated);
-                self.reply(self.unroutable_redirect(reply)).await
+        let mut asking = false;
+        for _ in 0..=self.router.config.max_redirects {
+            let mut dedicated = match self.checkout(target).await {
+                Ok(dedicated) => dedicated,
+                Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
+            };
+            let started = Instant::now();
+            let Some(result) = self.call_blocking(&mut dedicated, &request, asking).await else {
+                return Flow::Close;
+            };
+            let reply = match result {
+                Ok(reply) => reply,
+                Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
+            };
+            let origin = dedicated.conn.addr.clone();
+            self.router.pool.checkin(dedicated);
+            match self
+                .router
+                .cluster
+                .as_ref()
+                .and_then(|c| c.redirect(&reply, &origin))
+            {
+                Some((addr, ask)) => (target, asking) = (addr, ask),
+                None => {
+                    record_command(Role::Primary, &reply, started);
+                    return self.reply(reply).await;
+                }
             }
-            Err(err) => self.reply(reply::error(&format!("ERR {err}"))).await,
+        }
+        let text = "ERR too many cluster redirects for one command";
+        self.reply(reply::error(text)).await
+    }
+
+    /// Sends a blocking command and waits for its reply; `None` when the
+    /// client left or skiff is shutting down, in which case the connection
+    /// is dropped, which also ends the command upstream.
+    async fn call_blocking(
+        &mut self,
+        dedicated: &mut Dedicated,
+        request: &Request,
+        asking: bool,
+    ) -> Option<Result<Bytes, UpstreamError>> {
+        if asking {
+            let asked = dedicated.conn.call(&encode_command(&["ASKING"])).await;
+            if let Err(err) = asked {
+                return Some(Err(err));
+            }
+        }
+        tokio::select! {
+            result = dedicated.conn.call(&request.raw) => Some(result),
+            _ = self.reader.closed() => None,
+            _ = self.shutdown.cancelled() => None,
         }
     }
 
