@@ -189,13 +189,14 @@ impl Router {
                 Ok(receiver) => return Pending::InFlight(self.in_flight(receiver, addr, role)),
                 // Only a read is tried on the next node, and only when
                 // nothing was written.
-                Err(err) if err.nothing_sent() && readonly => last_error = Some(err),
+                Err(err) if err.nothing_sent() && readonly => last_error = Some((err, role)),
                 Err(err) => return Pending::Ready(self.upstream_failure(&err, role)),
             }
         }
-        let error = last_error.map(|err| err.to_string());
-        let text = error.unwrap_or_else(|| "no upstream node is available".into());
-        Pending::Ready(reply::error(&format!("ERR {text}")))
+        match last_error {
+            Some((err, role)) => Pending::Ready(self.upstream_failure(&err, role)),
+            None => Pending::Ready(reply::error("ERR no upstream node is available")),
+        }
     }
 
     pub(super) fn in_flight(&self, receiver: ReplyReceiver, addr: String, role: Role) -> InFlight {
