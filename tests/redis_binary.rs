@@ -64,7 +64,8 @@ fn binary_serves_redis_and_admin() {
     wait_until("the redis listener", || {
         redis_cli(redis_port, &["PING"]).trim() == "PONG"
     });
-    // skiff's upstream password is wrong, so AUTH fails and commands say so.
+    // skiff's upstream password is wrong, so AUTH fails and commands report
+    // the rejected handshake.
     let reply = redis_cli(redis_port, &["GET", "binary:k"]);
     assert!(reply.contains("handshake rejected"), "{reply}");
 

@@ -36,7 +36,7 @@ async fn writes_follow_sentinel_failover() {
         sentinel.wait_for(
             || {
                 // Each replica's "flags" field is "slave" alone once the
-                // sentinel is connected to it and sees it up.
+                // sentinel is connected to it and considers it up.
                 let replicas = sentinel.cli(&["SENTINEL", "replicas", NAME]);
                 let lines: Vec<&str> = replicas.lines().collect();
                 let healthy = lines

@@ -235,7 +235,10 @@ async fn primary_policy_keeps_reads_on_primary() {
         .map(|r| r.command_calls("hstrlen"))
         .sum();
     assert_eq!(replicas_after, replicas_before);
-    assert_eq!(servers.primary.command_calls("hstrlen") - primary_before, 10);
+    assert_eq!(
+        servers.primary.command_calls("hstrlen") - primary_before,
+        10
+    );
 }
 
 #[tokio::test]

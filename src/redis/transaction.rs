@@ -119,9 +119,9 @@ impl Session {
         self.reply(reply::error(text)).await
     }
 
-    /// Sends a blocking command and waits for its reply; `None` when the
-    /// client left or skiff is shutting down, in which case the connection
-    /// is dropped, which also ends the command upstream.
+    /// Sends a blocking command and waits for its reply. Returns `None` when
+    /// the client left or skiff is shutting down. The caller then drops the
+    /// connection, and closing it ends the command upstream.
     async fn call_blocking(
         &mut self,
         dedicated: &mut Dedicated,
@@ -227,6 +227,7 @@ impl Session {
             }
         };
         record_command(Role::Primary, &reply, started);
+
         let failed = error_text(&reply).is_some();
         let finished = match name {
             "MULTI" if !in_multi && !failed => {
@@ -237,6 +238,8 @@ impl Session {
             "UNWATCH" => !in_multi,
             _ => false,
         };
+        // EXEC, DISCARD and UNWATCH leave the connection without a
+        // transaction or watched keys, so another client may use it.
         if finished {
             if let Some(transaction) = self.transaction.take() {
                 if let Some(conn) = transaction.conn {
