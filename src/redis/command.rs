@@ -4,7 +4,7 @@
 //! The table is loaded from the upstream's `COMMAND` reply at start-up;
 //! `builtin.rs` covers the common commands when that fails.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::builtin::BUILTIN_COMMANDS;
 use super::frame::{Request, Value};
@@ -39,12 +39,15 @@ pub enum Pinning {
 #[derive(Debug, Clone)]
 pub struct CommandTable {
     specs: HashMap<String, CommandSpec>,
+    /// Commands with sub-commands (`XINFO`, `OBJECT`), so only their
+    /// requests pay for a second lookup.
+    containers: HashSet<String>,
 }
 
 impl CommandTable {
     /// Builds the table of common commands that skiff ships with.
     pub fn builtin() -> CommandTable {
-        let specs = BUILTIN_COMMANDS
+        let specs: Vec<(String, CommandSpec)> = BUILTIN_COMMANDS
             .iter()
             .map(|&(name, arity, readonly, first_key, last_key, key_step)| {
                 let spec = CommandSpec {
@@ -57,7 +60,14 @@ impl CommandTable {
                 (name.to_string(), spec)
             })
             .collect();
-        CommandTable { specs }
+        let mut table = CommandTable {
+            specs: HashMap::new(),
+            containers: HashSet::new(),
+        };
+        for (name, spec) in specs {
+            table.insert(name, spec);
+        }
+        table
     }
 
     /// Merges the entries of a `COMMAND` reply over the built-in table.
@@ -67,11 +77,18 @@ impl CommandTable {
         let mut merged = 0;
         for entry in reply.into_items().unwrap_or_default() {
             for (name, spec) in parse_command_entry(entry).unwrap_or_default() {
-                self.specs.insert(name, spec);
+                self.insert(name, spec);
                 merged += 1;
             }
         }
         merged
+    }
+
+    fn insert(&mut self, name: String, spec: CommandSpec) {
+        if let Some((container, _)) = name.split_once('|') {
+            self.containers.insert(container.to_string());
+        }
+        self.specs.insert(name, spec);
     }
 
     pub fn len(&self) -> usize {
@@ -85,7 +102,8 @@ impl CommandTable {
     /// Returns the spec of `request`, preferring its sub-command's own spec
     /// (`XINFO STREAM key` has its key where `XINFO` alone has none).
     pub fn get(&self, name: &str, request: &Request) -> Option<&CommandSpec> {
-        if let Some(sub) = request.arg_upper(1) {
+        if self.containers.contains(name) {
+            let sub = request.arg_upper(1).unwrap_or_default();
             if let Some(spec) = self.specs.get(&format!("{name}|{sub}")) {
                 return Some(spec);
             }
