@@ -736,3 +736,21 @@ async fn failed_subscribe_leaves_session_routed() {
         .sum();
     assert_eq!(replicas_after - replicas_before, 1);
 }
+
+#[tokio::test]
+async fn inline_quoted_arguments() {
+    let skiff = skiff("").await;
+    let mut client = skiff.raw().await;
+    client.send_bytes(b"SET inline:k \"two words\"\r\n").await;
+    assert_eq!(&client.read().await[..], b"+OK\r\n");
+    assert_eq!(
+        client.call(&["GET", "inline:k"]).await,
+        "$9\r\ntwo words\r\n"
+    );
+    client.send_bytes(b"SET inline:k \"open\r\n").await;
+    assert_eq!(
+        &client.read().await[..],
+        b"-ERR Protocol error: unbalanced quotes in request\r\n"
+    );
+    assert!(client.is_closed().await);
+}

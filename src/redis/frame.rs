@@ -142,13 +142,7 @@ fn parse_inline_request(buf: &mut BytesMut) -> Result<Option<Option<Request>>, F
         return Ok(None);
     };
     let line = buf.split_to(newline + 1);
-    // NOTE: quoted arguments ("a b") are split on whitespace; use RESP
-    // arrays for arguments that contain spaces.
-    let args: Vec<Bytes> = line[..]
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|arg| !arg.is_empty())
-        .map(Bytes::copy_from_slice)
-        .collect();
+    let args = super::inline::split_args(&line)?;
     if args.is_empty() {
         return Ok(Some(None));
     }

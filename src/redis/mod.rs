@@ -7,6 +7,7 @@ mod cluster;
 pub mod command;
 mod fanout;
 pub mod frame;
+mod inline;
 mod local;
 mod pool;
 mod pubsub;
