@@ -278,3 +278,47 @@ async fn blocking_pop_follows_moved_slot() {
     let popped = String::from_utf8_lossy(&consumer.read().await).into_owned();
     assert_eq!(popped, "*2\r\n$13\r\nmigrate:queue\r\n$3\r\njob\r\n");
 }
+
+#[tokio::test]
+async fn transaction_follows_moved_slot() {
+    let _serial = serial().lock().await;
+    // One skiff per case: the first MOVED makes a skiff reload its map, so
+    // a second case on the same skiff would no longer see a stale map.
+    let (watch_skiff, multi_skiff) = (skiff().await, skiff().await);
+    let cluster = cluster();
+    let mut watcher = watch_skiff.raw().await;
+    let mut multi = multi_skiff.raw().await;
+    assert_eq!(
+        watcher.call(&["SET", "{txmove}watched", "1"]).await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        multi.call(&["SET", "{txmulti}counter", "1"]).await,
+        "+OK\r\n"
+    );
+    for key in ["{txmove}watched", "{txmulti}counter"] {
+        let slot = key_slot(key.as_bytes()).to_string();
+        let (owner, target) = owner_and_other(cluster, key);
+        start_migration(owner, target, &slot);
+        let port = target.port.to_string();
+        let args = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key];
+        assert_eq!(owner.cli(&args).trim(), "OK");
+        finish_migration(cluster, target, &slot);
+    }
+
+    assert_eq!(watcher.call(&["WATCH", "{txmove}watched"]).await, "+OK\r\n");
+    assert_eq!(watcher.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(
+        watcher.call(&["INCR", "{txmove}watched"]).await,
+        "+QUEUED\r\n"
+    );
+    assert_eq!(watcher.call(&["EXEC"]).await, "*1\r\n:2\r\n");
+
+    assert_eq!(multi.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(multi.call(&["PING"]).await, "+QUEUED\r\n");
+    assert_eq!(
+        multi.call(&["INCR", "{txmulti}counter"]).await,
+        "+QUEUED\r\n"
+    );
+    assert_eq!(multi.call(&["EXEC"]).await, "*2\r\n+PONG\r\n:2\r\n");
+}

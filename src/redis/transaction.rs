@@ -168,20 +168,56 @@ impl Session {
             });
             return self.reply(reply::ok()).await;
         }
-        let addr = match self.pinned_target(&request, name) {
-            Ok(addr) => addr,
+        let (conn, reply) = match self.open_pinned(&request, name, &[]).await {
+            Ok(opened) => opened,
             Err(error) => return self.reply(error).await,
         };
-        let conn = match self.checkout(addr).await {
-            Ok(conn) => conn,
-            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
-        };
-        self.transaction = Some(Transaction {
-            conn: Some(conn),
-            in_multi: false,
-            deferred: Vec::new(),
-        });
-        self.handle_in_transaction(request, name).await
+        if error_text(&reply).is_some() {
+            self.router.pool.checkin(conn);
+        } else {
+            self.transaction = Some(Transaction {
+                conn: Some(conn),
+                in_multi: name == "MULTI",
+                deferred: Vec::new(),
+            });
+        }
+        let reply = self.unroutable_redirect(reply);
+        self.reply(reply).await
+    }
+
+    /// Opens a pinned connection to the node for `request`, sends
+    /// `prelude` and then `request`, and returns the connection and the
+    /// reply. A MOVED reply, which a stale slot map causes, is followed on a
+    /// new connection, since nothing that matters ran on the old one.
+    async fn open_pinned(
+        &mut self,
+        request: &Request,
+        name: &str,
+        prelude: &[Request],
+    ) -> Result<(Dedicated, Bytes), Bytes> {
+        let mut target = self.pinned_target(request, name)?;
+        let upstream_error = |err: UpstreamError| reply::error(&format!("ERR {err}"));
+        for _ in 0..=self.router.config.max_redirects {
+            let mut conn = self.checkout(target).await.map_err(upstream_error)?;
+            for earlier in prelude {
+                conn.conn.call(&earlier.raw).await.map_err(upstream_error)?;
+            }
+            let reply = conn.conn.call(&request.raw).await.map_err(upstream_error)?;
+            let origin = conn.conn.addr.clone();
+            match self
+                .router
+                .cluster
+                .as_ref()
+                .and_then(|c| c.redirect(&reply, &origin))
+            {
+                // The connection may hold a MULTI, so it is dropped.
+                Some((addr, false)) => target = addr,
+                _ => return Ok((conn, reply)),
+            }
+        }
+        Err(reply::error(
+            "ERR too many cluster redirects for one command",
+        ))
     }
 
     /// Handles a request while a transaction or WATCH has a pinned connection.
@@ -286,31 +322,26 @@ impl Session {
             transaction.deferred.push(request);
             return self.reply(reply::simple("QUEUED")).await;
         }
-        let addr = match self.pinned_target(&request, name) {
-            Ok(addr) => addr,
-            Err(error) => return self.reply(error).await,
-        };
-        match self.open_deferred(addr).await {
-            Ok(()) => self.forward_pinned(request, name).await,
-            Err(err) => {
+        // MULTI and the queued commands go first; the client already had
+        // +OK and +QUEUED for them.
+        let mut prelude = vec![Request::from_args(vec![Bytes::from_static(b"MULTI")])];
+        prelude.append(&mut transaction.deferred);
+        match self.open_pinned(&request, name, &prelude).await {
+            Ok((conn, reply)) => {
+                let finished = name == "EXEC";
+                if finished {
+                    self.transaction = None;
+                    self.router.pool.checkin(conn);
+                } else if let Some(transaction) = self.transaction.as_mut() {
+                    transaction.conn = Some(conn);
+                }
+                let reply = self.unroutable_redirect(reply);
+                self.reply(reply).await
+            }
+            Err(error) => {
                 self.transaction = None;
-                self.reply(reply::error(&format!("ERR {err}"))).await
+                self.reply(error).await
             }
         }
-    }
-
-    /// Opens the transaction's connection, then sends MULTI and the queued
-    /// commands, whose replies the client already had as +QUEUED.
-    async fn open_deferred(&mut self, addr: String) -> Result<(), UpstreamError> {
-        let mut conn = self.checkout(addr).await?;
-        let transaction = self.transaction.as_mut().expect("transaction in progress");
-        let multi = super::frame::encode_command(&["MULTI"]);
-        conn.conn.call(&multi).await?;
-        for queued in transaction.deferred.drain(..) {
-            conn.conn.call(&queued.raw).await?;
-        }
-        transaction.conn = Some(conn);
-        transaction.in_multi = true;
-        Ok(())
     }
 }
