@@ -451,3 +451,35 @@ async fn large_mget_mset_across_many_slots() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pipelines_across_nodes_keep_order() {
+    let skiff = skiff("").await;
+    let mut tasks = Vec::new();
+    for client in 0..8 {
+        let protocol = if client % 2 == 0 {
+            Protocol::Resp2
+        } else {
+            Protocol::Resp3
+        };
+        let url = skiff.url(protocol);
+        tasks.push(tokio::spawn(async move {
+            let mut conn = redis_support::connect_redis_rs(&url).await;
+            let mut pipe = redis::pipe();
+            for i in 0..150 {
+                let key = format!("pipe:{client}:{i}");
+                pipe.set(&key, i).incr(&key, 1).get(&key);
+            }
+            let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await.unwrap();
+            for i in 0..150 {
+                let incr: i64 = redis::from_redis_value(replies[i * 3 + 1].clone()).unwrap();
+                let get: i64 = redis::from_redis_value(replies[i * 3 + 2].clone()).unwrap();
+                assert_eq!(incr, i as i64 + 1, "client {client} INCR {i}");
+                assert_eq!(get, i as i64 + 1, "client {client} GET {i}");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}

@@ -129,8 +129,8 @@ impl Session {
         asking: bool,
     ) -> Option<Result<Bytes, UpstreamError>> {
         if asking {
-            let asked = dedicated.conn.call(&encode_command(&["ASKING"])).await;
-            if let Err(err) = asked {
+            let asking_reply = dedicated.conn.call(&encode_command(&["ASKING"])).await;
+            if let Err(err) = asking_reply {
                 return Some(Err(err));
             }
         }
