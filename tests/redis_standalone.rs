@@ -754,3 +754,21 @@ async fn inline_quoted_arguments() {
     );
     assert!(client.is_closed().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_use_little_memory() {
+    let skiff = skiff("").await;
+    let before = resident_bytes();
+    let mut clients = Vec::new();
+    for _ in 0..2000 {
+        let mut client = skiff.raw().await;
+        client.send(&["PING"]).await;
+        clients.push(client);
+    }
+    for client in &mut clients {
+        assert_eq!(&client.read().await[..], b"+PONG\r\n");
+    }
+    // The test's own client sockets and buffers are counted too.
+    let per_client = resident_bytes().saturating_sub(before) / 2000;
+    assert!(per_client < 48 * 1024, "{per_client} bytes per idle client");
+}

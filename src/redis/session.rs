@@ -19,8 +19,12 @@ use super::transaction::Transaction;
 
 /// Bytes gathered before the writer flushes to the client.
 const MAX_WRITE_BYTES: usize = 64 * 1024;
-/// Read buffer growth step.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer space for an idle client; kept small because thousands of
+/// idle clients each hold one.
+const IDLE_READ_BYTES: usize = 4 * 1024;
+/// Read buffer space while a request is partly read; it doubles with the
+/// buffered part, so a large value takes few reads.
+const MIN_READ_BYTES: usize = 16 * 1024;
 
 /// An item for the session's writer, queued in request order.
 pub enum Outgoing {
@@ -53,12 +57,20 @@ impl ClientReader {
             if let Some(request) = parse_request(&mut self.buf, self.max_request_bytes)? {
                 return Ok(Some(request));
             }
-            self.buf.reserve(READ_CHUNK);
+            self.reserve();
             match self.half.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Ok(None),
                 Ok(_) => {}
             }
         }
+    }
+
+    fn reserve(&mut self) {
+        let spare = match self.buf.len() {
+            0 => IDLE_READ_BYTES,
+            buffered => buffered.max(MIN_READ_BYTES),
+        };
+        self.buf.reserve(spare);
     }
 
     /// Waits until the client closes its connection, buffering what it sends
@@ -68,7 +80,7 @@ impl ClientReader {
             if self.buf.len() > self.max_request_bytes {
                 std::future::pending::<()>().await;
             }
-            self.buf.reserve(READ_CHUNK);
+            self.reserve();
             match self.half.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
@@ -114,7 +126,7 @@ pub async fn run(
         name: None,
         reader: ClientReader {
             half: read_half,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             max_request_bytes: router.config.max_request_bytes,
         },
         queue,
@@ -216,7 +228,7 @@ async fn write_replies(
     mut replies: mpsc::Receiver<Outgoing>,
     router: Arc<Router>,
 ) {
-    let mut out = BytesMut::with_capacity(MAX_WRITE_BYTES);
+    let mut out = BytesMut::new();
     while let Some(item) = replies.recv().await {
         match item {
             Outgoing::Reply(pending) => {
