@@ -311,6 +311,10 @@ async fn run_pipelined(conn: RawConn, batches: mpsc::Receiver<Batch>, alive: Arc
         max_reply_bytes,
     } = conn;
     let (reader, writer) = stream.into_split();
+    // Requests written and not yet answered. There is no bound here: each
+    // entry is a reply that a client's bounded reply queue waits for (a
+    // split multi-key command waits for one per slot), so the client limit
+    // and `client_queue_depth` bound the total.
     let pending: Arc<Mutex<VecDeque<ReplySender>>> = Arc::default();
     let reading = read_replies(reader, buf, protocol, max_reply_bytes, &addr, &pending);
     let writing = write_requests(writer, batches, &addr, &pending);
