@@ -266,13 +266,12 @@ fn classify(reply: &[u8], origin: &str) -> Next {
         return Next::Done;
     };
     // An empty host means the host of the node that replied.
-    let target = match target.strip_prefix(':') {
-        Some(port) => format!(
-            "{}:{port}",
-            origin.rsplit_once(':').map_or(origin, |(h, _)| h)
-        ),
-        None => target.to_string(),
+    let (host, port) = target.rsplit_once(':').unwrap_or((target, ""));
+    let host = match host {
+        "" => origin.rsplit_once(':').map_or(origin, |(host, _)| host),
+        host => host,
     };
+    let target = topology::host_port(host.trim_start_matches('[').trim_end_matches(']'), port);
     match code {
         "MOVED" => Next::Moved(slot, target),
         "ASK" => Next::Ask(target),
@@ -416,6 +415,17 @@ mod tests {
         );
         assert_eq!(classify(b"+OK\r\n", ""), Next::Done);
         assert_eq!(classify(b"-ERR wrong type\r\n", ""), Next::Done);
+    }
+
+    #[test]
+    fn classify_brackets_ipv6_targets() {
+        let moved = b"-MOVED 12 ::1:7002\r\n";
+        assert_eq!(classify(moved, ""), Next::Moved(12, "[::1]:7002".into()));
+        let empty_host = b"-ASK 12 :7002\r\n";
+        assert_eq!(
+            classify(empty_host, "[::1]:7000"),
+            Next::Ask("[::1]:7002".into())
+        );
     }
 
     #[test]

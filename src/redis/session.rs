@@ -71,7 +71,9 @@ impl ClientReader {
             // Never more than needed to see that a request is too large.
             buffered => {
                 let to_limit = self.max_request_bytes.saturating_sub(buffered) + 1;
-                buffered.max(MIN_READ_BYTES).min(to_limit.max(IDLE_READ_BYTES))
+                buffered
+                    .max(MIN_READ_BYTES)
+                    .min(to_limit.max(IDLE_READ_BYTES))
             }
         };
         self.buf.reserve(spare);

@@ -187,7 +187,17 @@ fn join_addr(host: &str, port: i64, origin_host: &str) -> Option<String> {
         return None;
     }
     let host = if host.is_empty() { origin_host } else { host };
-    Some(format!("{host}:{port}"))
+    Some(host_port(host, port))
+}
+
+/// Joins a host and port, bracketing an IPv6 address (`[::1]:7000`) so the
+/// result parses as a socket address.
+pub fn host_port(host: &str, port: impl std::fmt::Display) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 fn shard_node_addr(node: &[(String, Value)], origin_host: &str) -> Option<String> {
@@ -313,6 +323,13 @@ mod tests {
         assert_eq!(shard.primary, "127.0.0.1:7000");
         assert_eq!(shard.replicas, vec!["127.0.0.1:7003".to_string()]);
         assert!(map.shard(150).is_none());
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(host_port("::1", 7000), "[::1]:7000");
+        assert_eq!(host_port("[::1]", 7000), "[::1]:7000");
+        assert_eq!(host_port("10.0.0.5", 7000), "10.0.0.5:7000");
     }
 
     #[test]
