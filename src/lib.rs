@@ -6,4 +6,5 @@ pub mod admin;
 pub mod config;
 pub mod logship;
 pub mod pg;
+pub mod redis;
 pub mod server;

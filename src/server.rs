@@ -12,6 +12,7 @@ use crate::admin::{self, Component};
 use crate::config::Config;
 use crate::logship::Logship;
 use crate::pg;
+use crate::redis::RedisRouter;
 
 /// Failure to start skiff.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
         tracing::info!(listen = %pg_config.listen, "postgres pooler listening");
         components.push(pooler.clone());
         jobs.push(tokio::spawn(pooler.serve(listener, shutdown.clone())));
+    }
+
+    if let Some(redis_config) = &config.redis {
+        let router = RedisRouter::new(redis_config.clone()).map_err(ServerError::Setup)?;
+        let listener = bind(&redis_config.listen).await?;
+        tracing::info!(listen = %redis_config.listen, "redis router listening");
+        components.push(router.clone());
+        jobs.push(tokio::spawn(router.serve(listener, shutdown.clone())));
     }
 
     let admin_listener = bind(&config.admin.listen).await?;

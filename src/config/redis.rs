@@ -1,8 +1,11 @@
 //! `[redis]`: the Redis router's listener and upstream servers.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
-/// How skiff finds the upstream Redis servers.
+/// Topology of the upstream Redis servers, which decides how skiff finds
+/// them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RedisMode {
@@ -14,7 +17,7 @@ pub enum RedisMode {
     Cluster,
 }
 
-/// Where reads go.
+/// Read policy: which nodes serve read-only commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReadFrom {
@@ -25,7 +28,7 @@ pub enum ReadFrom {
 }
 
 /// `[redis]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// Client listener address. Default `127.0.0.1:6379`.
@@ -47,6 +50,69 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// Password clients must AUTH with; unset means no client auth.
     pub client_password: Option<String>,
+    /// Largest request a client may send, in bytes. Default 512 MiB, Redis's
+    /// `proto-max-bulk-len`.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_request_bytes: usize,
+    /// Largest reply accepted from an upstream, in bytes. Default 512 MiB.
+    /// NOTE: a larger reply closes the upstream connection, which fails the
+    /// other requests in flight on it too, because a shared connection
+    /// cannot skip a reply it has not read.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_reply_bytes: usize,
+    /// Replies a client may have outstanding before skiff stops reading its
+    /// requests, so a client that does not read cannot grow memory. Default
+    /// 1024. The bound counts replies, not bytes: the worst case is this
+    /// many replies of up to `max_reply_bytes` each.
+    #[serde(default = "default_client_queue_depth")]
+    pub client_queue_depth: usize,
+    /// Client connections accepted at once. Default 10000.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Shared pipelined connections per upstream node, RESP version and
+    /// database. Default 2.
+    #[serde(default = "default_upstream_connections")]
+    pub upstream_connections: usize,
+    /// Connections held by one client each (transactions, blocking
+    /// commands, subscriptions), across all nodes. Default 1024.
+    #[serde(default = "default_max_dedicated_connections")]
+    pub max_dedicated_connections: usize,
+    /// Time allowed to connect and authenticate to an upstream. Default 5s.
+    #[serde(default = "default_connect_timeout", with = "super::duration")]
+    pub connect_timeout: Duration,
+    /// How often the cluster slot map is reloaded. Default 30s.
+    #[serde(default = "default_refresh_interval", with = "super::duration")]
+    pub topology_refresh_interval: Duration,
+    /// MOVED and ASK redirects followed for one command. Default 5.
+    #[serde(default = "default_max_redirects")]
+    pub max_redirects: usize,
+}
+
+/// Prints the section with both passwords replaced by `<redacted>`, so a
+/// logged config does not show them.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        f.debug_struct("RedisConfig")
+            .field("listen", &self.listen)
+            .field("mode", &self.mode)
+            .field("nodes", &self.nodes)
+            .field("master_name", &self.master_name)
+            .field("read_from", &self.read_from)
+            .field("username", &self.username)
+            .field("password", &redact(&self.password))
+            .field("client_password", &redact(&self.client_password))
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_reply_bytes", &self.max_reply_bytes)
+            .field("client_queue_depth", &self.client_queue_depth)
+            .field("max_clients", &self.max_clients)
+            .field("upstream_connections", &self.upstream_connections)
+            .field("max_dedicated_connections", &self.max_dedicated_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("topology_refresh_interval", &self.topology_refresh_interval)
+            .field("max_redirects", &self.max_redirects)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -54,8 +120,26 @@ impl RedisConfig {
         if self.nodes.is_empty() {
             return Err("[redis] nodes must list at least one host:port".into());
         }
+        for node in &self.nodes {
+            let port = node.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+            if !matches!(port, Some(Ok(port)) if port > 0) {
+                return Err(format!("[redis] nodes: invalid address {node:?}, expected host:port"));
+            }
+        }
         if self.mode == RedisMode::Sentinel && self.master_name.is_none() {
             return Err("[redis] mode \"sentinel\" needs master_name".into());
+        }
+        for (name, value) in [
+            ("max_request_bytes", self.max_request_bytes),
+            ("max_reply_bytes", self.max_reply_bytes),
+            ("client_queue_depth", self.client_queue_depth),
+            ("max_clients", self.max_clients),
+            ("upstream_connections", self.upstream_connections),
+            ("max_dedicated_connections", self.max_dedicated_connections),
+        ] {
+            if value == 0 {
+                return Err(format!("[redis] {name} must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -69,4 +153,60 @@ fn default_mode() -> RedisMode {
 }
 fn default_read_from() -> ReadFrom {
     ReadFrom::Primary
+}
+fn default_max_frame_bytes() -> usize {
+    512 * 1024 * 1024
+}
+fn default_client_queue_depth() -> usize {
+    1024
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+fn default_upstream_connections() -> usize {
+    2
+}
+fn default_max_dedicated_connections() -> usize {
+    1024
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_refresh_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_redirects() -> usize {
+    5
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn defaults_and_redacted_debug() {
+        let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\npassword = \"up-secret\"\n\
+                    client_password = \"client-secret\"\n";
+        let config = Config::parse(text).unwrap().redis.unwrap();
+        assert_eq!(config.max_request_bytes, 512 * 1024 * 1024);
+        assert_eq!(config.client_queue_depth, 1024);
+        assert_eq!(config.connect_timeout, std::time::Duration::from_secs(5));
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("up-secret"), "{printed}");
+        assert!(!printed.contains("client-secret"), "{printed}");
+    }
+
+    #[test]
+    fn node_without_port_is_rejected() {
+        let text = "[redis]\nnodes = [\"127.0.0.1\"]\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("invalid address \"127.0.0.1\""), "{err}");
+    }
+
+    #[test]
+    fn zero_limits_are_rejected() {
+        let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\nclient_queue_depth = 0\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("client_queue_depth must be at least 1"), "{err}");
+    }
 }

@@ -1,0 +1,231 @@
+//! Redis router: applications talk to skiff as to one plain Redis server
+//! (RESP2 or RESP3), and skiff routes each command to a standalone primary
+//! and its replicas or to the nodes of a Redis Cluster.
+
+mod builtin;
+mod cluster;
+pub mod command;
+mod fanout;
+pub mod frame;
+mod inline;
+mod local;
+mod pool;
+mod pubsub;
+pub mod reply;
+mod router;
+mod sentinel;
+mod session;
+pub mod slot;
+mod topology;
+mod transaction;
+mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::admin::{BoxFuture, Component};
+use crate::config::{RedisConfig, RedisMode};
+use command::CommandTable;
+use frame::{encode_command, error_text, Protocol, Value};
+use router::Router;
+use upstream::{ConnSettings, RawConn};
+
+/// How long shutdown waits for client sessions to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The Redis job: a listener and the router behind it.
+pub struct RedisRouter {
+    router: Arc<Router>,
+    clients: Arc<Semaphore>,
+}
+
+impl RedisRouter {
+    pub fn new(config: RedisConfig) -> Result<Arc<RedisRouter>, String> {
+        let clients = Arc::new(Semaphore::new(config.max_clients));
+        let router = Arc::new(Router::new(config)?);
+        Ok(Arc::new(RedisRouter { router, clients }))
+    }
+
+    fn discovery_settings(&self) -> ConnSettings {
+        let config = &self.router.config;
+        ConnSettings {
+            protocol: Protocol::Resp2,
+            db: 0,
+            readonly: false,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            connect_timeout: config.connect_timeout,
+            max_reply_bytes: config.max_reply_bytes,
+        }
+    }
+
+    /// Loads the slot map (cluster mode) and the command table. Failures are
+    /// logged, not fatal: the upstream may come up after skiff.
+    async fn load_upstream_state(&self) {
+        let settings = self.discovery_settings();
+        let mut seed = self.router.config.nodes[0].clone();
+        if let Some(cluster) = &self.router.cluster {
+            match cluster.refresh(&settings).await {
+                Ok(()) => seed = cluster.map().primaries().first().cloned().unwrap_or(seed),
+                Err(reason) => tracing::warn!(error = %reason, "cluster discovery failed"),
+            }
+        }
+        if self.router.config.mode == RedisMode::Sentinel {
+            let sentinels = &self.router.config.nodes;
+            let name = self
+                .router
+                .config
+                .master_name
+                .as_deref()
+                .unwrap_or_default();
+            let sentinel_settings = sentinel::sentinel_settings(&settings);
+            match sentinel::discover(sentinels, name, &sentinel_settings).await {
+                Ok(nodes) => {
+                    seed = nodes.primary.clone();
+                    self.router.set_nodes(nodes);
+                }
+                Err(reason) => tracing::warn!(error = %reason, "sentinel discovery failed"),
+            }
+        }
+        match RawConn::connect(&seed, &settings).await {
+            Ok(mut conn) => self.load_from(&mut conn).await,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot load the command table; using the built-in one")
+            }
+        }
+    }
+
+    async fn load_from(&self, conn: &mut RawConn) {
+        if let Ok(reply) = conn.call(&encode_command(&["COMMAND"])).await {
+            let mut table = CommandTable::builtin();
+            let loaded = Value::decode(&reply, Protocol::Resp2)
+                .map(|value| table.merge_command_reply(value))
+                .unwrap_or(0);
+            tracing::info!(commands = loaded, "loaded command table from upstream");
+            if loaded > 0 {
+                self.router.set_commands(table);
+            }
+        }
+        if let Ok(reply) = conn.call(&encode_command(&["INFO", "server"])).await {
+            let text = String::from_utf8_lossy(&reply);
+            let version = text
+                .lines()
+                .find_map(|line| line.strip_prefix("redis_version:"));
+            if let Some(version) = version {
+                *self.router.server_version.write() = version.trim().to_string();
+            }
+        }
+    }
+
+    /// Accepts clients on `listener` until `shutdown` is cancelled, then
+    /// waits for sessions to finish.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        self.load_upstream_state().await;
+        let settings = self.discovery_settings();
+        let router = self.router.clone();
+        let refresh = match self.router.config.mode {
+            RedisMode::Cluster => Some(tokio::spawn(cluster::refresh_loop(
+                router,
+                settings,
+                shutdown.clone(),
+            ))),
+            RedisMode::Sentinel => Some(tokio::spawn(sentinel::watch(
+                router,
+                settings,
+                shutdown.clone(),
+            ))),
+            RedisMode::Standalone => None,
+        };
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (mut stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "redis accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.clients.clone().try_acquire_owned() else {
+                let _ = stream
+                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .await;
+                continue;
+            };
+            let router = self.router.clone();
+            let shutdown = shutdown.clone();
+            let span = tracing::debug_span!("redis_client", client.addr = %peer);
+            let session = async move {
+                tracing::debug!("client connected");
+                session::run(router, stream, peer, shutdown).await;
+                tracing::debug!("client disconnected");
+                drop(permit);
+            };
+            tokio::spawn(session.instrument(span));
+        }
+        let all = self.router.config.max_clients as u32;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.clients.acquire_many(all)).await;
+        if let Some(refresh) = refresh {
+            refresh.abort();
+        }
+    }
+}
+
+impl Component for RedisRouter {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn readiness(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let nodes = match &self.router.cluster {
+                Some(cluster) => cluster.map().primaries(),
+                None => vec![self.router.primary().map_err(|_| "no primary known")?],
+            };
+            if nodes.is_empty() {
+                return Err("no cluster slot map loaded".into());
+            }
+            let settings = self.discovery_settings();
+            for addr in nodes {
+                let mut conn = RawConn::connect(&addr, &settings)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = conn
+                    .call(&encode_command(&["PING"]))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(text) = error_text(&reply) {
+                    return Err(format!("{addr}: PING failed: {text}"));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let config = &self.router.config;
+        let clients = config.max_clients - self.clients.available_permits();
+        let mut status = serde_json::json!({
+            "mode": format!("{:?}", config.mode).to_lowercase(),
+            "clients": clients,
+            "commands_known": self.router.commands().len(),
+        });
+        if let Some(cluster) = &self.router.cluster {
+            status["primaries"] = cluster.map().primaries().into();
+        } else {
+            let nodes = self.router.nodes();
+            status["primary"] = nodes.primary.clone().into();
+            status["replicas"] = nodes.replicas.clone().into();
+        }
+        status
+    }
+}

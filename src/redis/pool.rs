@@ -1,0 +1,203 @@
+//! Upstream connection pool: a few shared pipelined connections per node,
+//! RESP version and database, dedicated connections for pinned sessions,
+//! and which nodes failed recently.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::frame::Protocol;
+use super::upstream::{ConnSettings, Pipelined, RawConn, UpstreamError};
+
+/// Idle dedicated connections kept per node, RESP version and database.
+const MAX_IDLE_DEDICATED: usize = 8;
+/// How long a node that refused a connection counts as down.
+const DOWN_PERIOD: Duration = Duration::from_secs(2);
+
+/// Identity of interchangeable upstream connections: node, RESP version
+/// and database.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub addr: String,
+    pub protocol: Protocol,
+    pub db: u32,
+}
+
+type SharedSlot = tokio::sync::Mutex<Option<Arc<Pipelined>>>;
+
+/// Settings every upstream connection shares.
+#[derive(Clone)]
+pub struct PoolSettings {
+    pub shared_per_node: usize,
+    pub max_dedicated: usize,
+    /// Send READONLY on every connection (cluster mode, for replica reads).
+    pub readonly: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    pub max_reply_bytes: usize,
+}
+
+/// A dedicated connection and its share of the dedicated-connection limit.
+pub struct Dedicated {
+    pub conn: RawConn,
+    key: ConnKey,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub struct Pool {
+    settings: PoolSettings,
+    shared: Mutex<HashMap<ConnKey, Arc<[SharedSlot]>>>,
+    idle: Mutex<HashMap<ConnKey, Vec<RawConn>>>,
+    dedicated_limit: Arc<Semaphore>,
+    down_since: Mutex<HashMap<String, Instant>>,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Pool {
+        Pool {
+            dedicated_limit: Arc::new(Semaphore::new(settings.max_dedicated)),
+            settings,
+            shared: Mutex::default(),
+            idle: Mutex::default(),
+            down_since: Mutex::default(),
+        }
+    }
+
+    fn conn_settings(&self, key: &ConnKey) -> ConnSettings {
+        ConnSettings {
+            protocol: key.protocol,
+            db: key.db,
+            readonly: self.settings.readonly,
+            username: self.settings.username.clone(),
+            password: self.settings.password.clone(),
+            connect_timeout: self.settings.connect_timeout,
+            max_reply_bytes: self.settings.max_reply_bytes,
+        }
+    }
+
+    /// Opens a connection, recording whether the node is reachable.
+    pub async fn connect(&self, key: &ConnKey) -> Result<RawConn, UpstreamError> {
+        match RawConn::connect(&key.addr, &self.conn_settings(key)).await {
+            Ok(conn) => {
+                self.down_since.lock().remove(&key.addr);
+                Ok(conn)
+            }
+            Err(err) => {
+                if !matches!(err, UpstreamError::Handshake { .. }) {
+                    self.mark_down(&key.addr);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Returns shared connection number `index` (modulo the pool size) to
+    /// the node in `key`, connecting when it is missing or broken. A client
+    /// always uses the same index, so its requests to one node stay in order.
+    pub async fn shared(
+        &self,
+        key: &ConnKey,
+        index: usize,
+    ) -> Result<Arc<Pipelined>, UpstreamError> {
+        let slots = {
+            let mut shared = self.shared.lock();
+            let per_node = self.settings.shared_per_node.max(1);
+            shared
+                .entry(key.clone())
+                .or_insert_with(|| (0..per_node).map(|_| SharedSlot::default()).collect())
+                .clone()
+        };
+        let mut slot = slots[index % slots.len()].lock().await;
+        if let Some(conn) = slot.as_ref().filter(|conn| conn.is_alive()) {
+            return Ok(conn.clone());
+        }
+        // Fail fast while the node is down, so requests queued behind this
+        // slot do not each wait for a connect timeout.
+        if !self.is_up(&key.addr) {
+            return Err(UpstreamError::Connect {
+                addr: key.addr.clone(),
+                message: "node is down after a failed connection attempt".into(),
+            });
+        }
+        let conn = Arc::new(Pipelined::spawn(self.connect(key).await?));
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Checks out a connection that only one client uses until it is
+    /// returned with [`Pool::checkin`] or dropped.
+    pub async fn checkout(&self, key: &ConnKey) -> Result<Dedicated, UpstreamError> {
+        let permit = self
+            .dedicated_limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| UpstreamError::Connect {
+                addr: key.addr.clone(),
+                message: format!(
+                    "all {} dedicated upstream connections are in use",
+                    self.settings.max_dedicated
+                ),
+            })?;
+        let conn = match self.take_idle(key) {
+            Some(conn) => conn,
+            None => self.connect(key).await?,
+        };
+        Ok(Dedicated {
+            conn,
+            key: key.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Takes an idle dedicated connection that is still open, dropping the
+    /// ones the server closed meanwhile.
+    fn take_idle(&self, key: &ConnKey) -> Option<RawConn> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(key)?;
+        while let Some(conn) = list.pop() {
+            if conn.is_reusable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a dedicated connection whose session state is clean (no
+    /// transaction, subscription or blocked command) for reuse.
+    pub fn checkin(&self, dedicated: Dedicated) {
+        if !dedicated.conn.is_reusable() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        let list = idle.entry(dedicated.key).or_default();
+        if list.len() < MAX_IDLE_DEDICATED {
+            list.push(dedicated.conn);
+        }
+    }
+
+    pub fn mark_down(&self, addr: &str) {
+        self.down_since
+            .lock()
+            .insert(addr.to_string(), Instant::now());
+    }
+
+    /// True unless the node refused a connection within the last moments.
+    pub fn is_up(&self, addr: &str) -> bool {
+        match self.down_since.lock().get(addr) {
+            Some(since) => since.elapsed() > DOWN_PERIOD,
+            None => true,
+        }
+    }
+
+    /// Drops pooled connections to nodes no longer in the topology.
+    pub fn retain_nodes(&self, nodes: &[String]) {
+        self.shared
+            .lock()
+            .retain(|key, _| nodes.contains(&key.addr));
+        self.idle.lock().retain(|key, _| nodes.contains(&key.addr));
+    }
+}

@@ -1,0 +1,338 @@
+//! Routing: picks the upstream node for each command, writes it on the
+//! client's shared pipelined connection to that node, and turns the reply or
+//! failure into what the client receives.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+
+use super::cluster::{self, Cluster};
+use super::command::CommandTable;
+use super::frame::{error_text, Protocol, Request};
+use super::pool::{ConnKey, Pool, PoolSettings};
+use super::reply;
+use super::upstream::{ReplyReceiver, UpstreamError};
+use crate::admin::BoxFuture;
+use crate::config::{ReadFrom, RedisConfig, RedisMode};
+
+/// Per-client settings that routing depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionCtx {
+    pub protocol: Protocol,
+    pub db: u32,
+    pub client_id: u64,
+}
+
+/// The node role a command went to, a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+impl Role {
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// A reply the client session waits for, in request order.
+pub enum Pending {
+    Ready(Bytes),
+    InFlight(InFlight),
+    Future(BoxFuture<'static, Bytes>),
+}
+
+impl Pending {
+    /// Waits for the reply.
+    pub async fn resolve(self, router: &Arc<Router>) -> Bytes {
+        match self {
+            Pending::Ready(reply) => reply,
+            Pending::InFlight(in_flight) => router.clone().finish(in_flight).await,
+            Pending::Future(future) => future.await,
+        }
+    }
+}
+
+/// A request written upstream whose reply has not been read yet.
+pub struct InFlight {
+    receiver: ReplyReceiver,
+    pub(super) addr: String,
+    pub(super) role: Role,
+    started: Instant,
+    /// Kept in cluster mode to follow a redirect.
+    pub(super) retry: Option<cluster::Retry>,
+}
+
+/// A primary and its replicas, for standalone and sentinel modes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nodes {
+    /// Empty until sentinel discovery reports the primary.
+    pub primary: String,
+    pub replicas: Vec<String>,
+}
+
+/// Routes the commands of every client session.
+pub struct Router {
+    pub config: RedisConfig,
+    pub pool: Pool,
+    commands: RwLock<Arc<CommandTable>>,
+    pub(super) cluster: Option<Cluster>,
+    nodes: RwLock<Arc<Nodes>>,
+    /// Wakes sentinel discovery after a failure that may mean a failover.
+    pub(super) sentinel_refresh: tokio::sync::Notify,
+    next_client_id: AtomicU64,
+    /// `redis_version` of the upstream, reported in HELLO.
+    pub server_version: RwLock<String>,
+}
+
+impl Router {
+    /// Builds a router; no connection is made until [`Router::start`].
+    pub fn new(config: RedisConfig) -> Result<Router, String> {
+        let nodes = match config.mode {
+            RedisMode::Standalone => Nodes {
+                primary: config.nodes[0].clone(),
+                replicas: config.nodes[1..].to_vec(),
+            },
+            RedisMode::Sentinel | RedisMode::Cluster => Nodes::default(),
+        };
+        let cluster_mode = config.mode == RedisMode::Cluster;
+        let pool = Pool::new(PoolSettings {
+            shared_per_node: config.upstream_connections,
+            max_dedicated: config.max_dedicated_connections,
+            readonly: cluster_mode,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            connect_timeout: config.connect_timeout,
+            max_reply_bytes: config.max_reply_bytes,
+        });
+        let cluster = cluster_mode.then(|| Cluster::new(config.nodes.clone()));
+        Ok(Router {
+            config,
+            pool,
+            commands: RwLock::new(Arc::new(CommandTable::builtin())),
+            cluster,
+            nodes: RwLock::new(Arc::new(nodes)),
+            sentinel_refresh: tokio::sync::Notify::new(),
+            next_client_id: AtomicU64::new(1),
+            server_version: RwLock::new("7.0.0".into()),
+        })
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn commands(&self) -> Arc<CommandTable> {
+        self.commands.read().clone()
+    }
+
+    pub fn set_commands(&self, table: CommandTable) {
+        *self.commands.write() = Arc::new(table);
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Returns the standalone or sentinel-reported primary and replicas.
+    pub fn nodes(&self) -> Arc<Nodes> {
+        self.nodes.read().clone()
+    }
+
+    /// Replaces the primary and replicas after sentinel discovery.
+    pub fn set_nodes(&self, nodes: Nodes) {
+        let mut current = self.nodes.write();
+        if **current != nodes {
+            tracing::info!(primary = %nodes.primary, replicas = ?nodes.replicas,
+                "redis primary and replicas updated");
+            *current = Arc::new(nodes);
+        }
+    }
+
+    /// Returns the primary's address, or the error reply when none is known.
+    pub fn primary(&self) -> Result<String, Bytes> {
+        let nodes = self.nodes();
+        if nodes.primary.is_empty() {
+            let name = self.config.master_name.as_deref().unwrap_or_default();
+            let text = format!("ERR no primary known for {name}: no sentinel reported one yet");
+            return Err(reply::error(&text));
+        }
+        Ok(nodes.primary.clone())
+    }
+
+    /// Sends `request` towards its node and returns the pending reply.
+    pub async fn submit(
+        self: &Arc<Self>,
+        request: Request,
+        name: &str,
+        ctx: SessionCtx,
+    ) -> Pending {
+        let table = self.commands();
+        let readonly = table.is_readonly(name, &request);
+        if self.cluster.is_some() {
+            return cluster::submit(self, request, name, ctx, &table, readonly).await;
+        }
+        let targets = match self.standalone_targets(readonly, ctx.client_id) {
+            Ok(targets) => targets,
+            Err(error) => return Pending::Ready(error),
+        };
+        let mut last_error = None;
+        for (addr, role) in targets {
+            match self.send(&addr, &request, ctx).await {
+                Ok(receiver) => return Pending::InFlight(self.in_flight(receiver, addr, role)),
+                // Only a read is tried on the next node, and only when
+                // nothing was written.
+                Err(err) if err.nothing_sent() && readonly => last_error = Some((err, role)),
+                Err(err) => return Pending::Ready(self.upstream_failure(&err, role)),
+            }
+        }
+        match last_error {
+            Some((err, role)) => Pending::Ready(self.upstream_failure(&err, role)),
+            None => Pending::Ready(reply::error("ERR no upstream node is available")),
+        }
+    }
+
+    pub(super) fn in_flight(&self, receiver: ReplyReceiver, addr: String, role: Role) -> InFlight {
+        InFlight {
+            receiver,
+            addr,
+            role,
+            started: Instant::now(),
+            retry: None,
+        }
+    }
+
+    /// Candidate nodes for a standalone command, best first.
+    fn standalone_targets(
+        &self,
+        readonly: bool,
+        client_id: u64,
+    ) -> Result<Vec<(String, Role)>, Bytes> {
+        let primary = (self.primary()?, Role::Primary);
+        if !readonly {
+            return Ok(vec![primary]);
+        }
+        let nodes = self.nodes();
+        let rotate = |addrs: &[String]| -> Vec<(String, Role)> {
+            let mut rotated: Vec<(String, Role)> = addrs
+                .iter()
+                .map(|addr| (addr.clone(), Role::Replica))
+                .collect();
+            if !rotated.is_empty() {
+                let shift = client_id as usize % rotated.len();
+                rotated.rotate_left(shift);
+            }
+            rotated
+        };
+        let up: Vec<String> = nodes
+            .replicas
+            .iter()
+            .filter(|addr| self.pool.is_up(addr))
+            .cloned()
+            .collect();
+        let targets = match self.config.read_from {
+            ReadFrom::Primary => vec![primary],
+            ReadFrom::PreferReplica => {
+                let mut targets = rotate(&up);
+                targets.push(primary);
+                targets
+            }
+            ReadFrom::Replica if up.is_empty() => rotate(&nodes.replicas),
+            ReadFrom::Replica => rotate(&up),
+            ReadFrom::Any => {
+                let mut targets = rotate(&up);
+                targets.push(primary);
+                let shift = client_id as usize % targets.len();
+                targets.rotate_left(shift);
+                targets
+            }
+        };
+        Ok(targets)
+    }
+
+    /// Writes `request` on the client's shared connection to `addr`.
+    pub(super) async fn send(
+        &self,
+        addr: &str,
+        request: &Request,
+        ctx: SessionCtx,
+    ) -> Result<ReplyReceiver, UpstreamError> {
+        let key = ConnKey {
+            addr: addr.to_string(),
+            protocol: ctx.protocol,
+            db: ctx.db,
+        };
+        let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
+        let receivers = match conn.send(request.raw.clone(), 1).await {
+            // The connection died since the pool handed it out: the pool
+            // replaces it, and nothing was written, so one retry is safe.
+            Err(UpstreamError::NotSent { .. }) => {
+                let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
+                conn.send(request.raw.clone(), 1).await?
+            }
+            result => result?,
+        };
+        Ok(receivers
+            .into_iter()
+            .next()
+            .expect("one receiver per request"))
+    }
+
+    /// Waits for the reply of `in_flight`, following cluster redirects.
+    pub async fn finish(self: Arc<Self>, mut in_flight: InFlight) -> Bytes {
+        let result = (&mut in_flight.receiver).await.unwrap_or_else(|_| {
+            Err(UpstreamError::Closed {
+                addr: in_flight.addr.clone(),
+            })
+        });
+        if let Some(retry) = in_flight.retry.take() {
+            if cluster::needs_retry(&result) {
+                let origin = in_flight.addr.clone();
+                return cluster::follow(self, retry, origin, result).await;
+            }
+        }
+        match result {
+            Ok(reply) => {
+                record_command(in_flight.role, &reply, in_flight.started);
+                // A write on a primary that a failover demoted.
+                if reply.starts_with(b"-READONLY ") {
+                    self.sentinel_refresh.notify_one();
+                }
+                reply
+            }
+            Err(err) => self.upstream_failure(&err, in_flight.role),
+        }
+    }
+
+    /// Counts a failed upstream exchange and returns the client's error.
+    pub(super) fn upstream_failure(&self, err: &UpstreamError, role: Role) -> Bytes {
+        metrics::counter!("skiff_redis_commands_total", "role" => role.label(), "outcome" => "failed")
+            .increment(1);
+        tracing::debug!(error = %err, "upstream request failed");
+        if let Some(cluster) = &self.cluster {
+            cluster.request_refresh();
+        }
+        self.sentinel_refresh.notify_one();
+        reply::error(&format!("ERR {err}"))
+    }
+}
+
+/// Counts a command and its latency by role and outcome.
+pub fn record_command(role: Role, reply: &[u8], started: Instant) {
+    let outcome = if error_text(reply).is_some() {
+        "error"
+    } else {
+        "ok"
+    };
+    metrics::counter!("skiff_redis_commands_total", "role" => role.label(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("skiff_redis_command_duration_seconds", "role" => role.label())
+        .record(started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,270 @@
+//! One client connection: reads requests, routes each one, and writes the
+//! replies back in request order through a bounded queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::command::{pinning, Pinning};
+use super::frame::{parse_request, FrameError, Protocol, Request};
+use super::reply;
+use super::router::{Pending, Router, SessionCtx};
+use super::transaction::Transaction;
+
+/// Bytes gathered before the writer flushes to the client.
+const MAX_WRITE_BYTES: usize = 64 * 1024;
+/// Read buffer space for an idle client; kept small because thousands of
+/// idle clients each hold one.
+const IDLE_READ_BYTES: usize = 4 * 1024;
+/// Read buffer space while a request is partly read; it doubles with the
+/// buffered part, so a large value takes few reads.
+const MIN_READ_BYTES: usize = 16 * 1024;
+
+/// An item for the session's writer, queued in request order.
+pub enum Outgoing {
+    Reply(Pending),
+    /// Fired once every earlier reply has been written.
+    Barrier(oneshot::Sender<()>),
+    /// Flush and close the connection.
+    Close,
+}
+
+/// Whether the session goes on after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Close,
+}
+
+/// Reads requests from the client socket.
+pub struct ClientReader {
+    half: OwnedReadHalf,
+    buf: BytesMut,
+    max_request_bytes: usize,
+}
+
+impl ClientReader {
+    /// Returns the next request, `Ok(None)` at end of stream. Cancel-safe:
+    /// bytes read before cancellation stay buffered.
+    pub async fn next(&mut self) -> Result<Option<Request>, FrameError> {
+        loop {
+            if let Some(request) = parse_request(&mut self.buf, self.max_request_bytes)? {
+                return Ok(Some(request));
+            }
+            self.reserve();
+            match self.half.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn reserve(&mut self) {
+        let spare = match self.buf.len() {
+            0 => IDLE_READ_BYTES,
+            // Never more than needed to see that a request is too large.
+            buffered => {
+                let to_limit = self.max_request_bytes.saturating_sub(buffered) + 1;
+                buffered
+                    .max(MIN_READ_BYTES)
+                    .min(to_limit.max(IDLE_READ_BYTES))
+            }
+        };
+        self.buf.reserve(spare);
+    }
+
+    /// Waits until the client closes its connection, buffering what it sends
+    /// meanwhile up to the request size limit.
+    pub async fn closed(&mut self) {
+        loop {
+            if self.buf.len() > self.max_request_bytes {
+                std::future::pending::<()>().await;
+            }
+            self.reserve();
+            match self.half.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// State of one client connection.
+pub struct Session {
+    pub(super) router: Arc<Router>,
+    pub(super) ctx: SessionCtx,
+    pub(super) peer: SocketAddr,
+    pub(super) authenticated: bool,
+    pub(super) name: Option<Bytes>,
+    pub(super) reader: ClientReader,
+    pub(super) queue: mpsc::Sender<Outgoing>,
+    pub(super) transaction: Option<Transaction>,
+    /// Cancelled when skiff shuts down; blocked and subscribed sessions end.
+    pub(super) shutdown: CancellationToken,
+}
+
+/// Serves one client until it disconnects or skiff shuts down.
+pub async fn run(
+    router: Arc<Router>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (read_half, write_half) = stream.into_split();
+    let (queue, replies) = mpsc::channel(router.config.client_queue_depth);
+    let writer = tokio::spawn(write_replies(write_half, replies, router.clone()));
+    let client_id = router.next_client_id();
+    let mut session = Session {
+        ctx: SessionCtx {
+            protocol: Protocol::Resp2,
+            db: 0,
+            client_id,
+        },
+        peer,
+        authenticated: router.config.client_password.is_none(),
+        name: None,
+        reader: ClientReader {
+            half: read_half,
+            buf: BytesMut::new(),
+            max_request_bytes: router.config.max_request_bytes,
+        },
+        queue,
+        transaction: None,
+        shutdown,
+        router,
+    };
+    session.read_loop().await;
+    let _ = session.queue.send(Outgoing::Close).await;
+    drop(session);
+    let _ = writer.await;
+}
+
+impl Session {
+    async fn read_loop(&mut self) {
+        loop {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                next = self.reader.next() => next,
+            };
+            let request = match next {
+                Ok(Some(request)) => request,
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::debug!(client.addr = %self.peer, error = %err, "invalid request");
+                    let text = match err {
+                        FrameError::TooLarge { .. } => {
+                            "ERR Protocol error: invalid bulk length".into()
+                        }
+                        FrameError::Invalid(_) => format!("ERR {err}"),
+                    };
+                    self.reply(reply::error(&text)).await;
+                    return;
+                }
+            };
+            if self.handle(request).await == Flow::Close {
+                return;
+            }
+        }
+    }
+
+    pub(super) async fn handle(&mut self, request: Request) -> Flow {
+        let name = request.name();
+        if self.transaction.is_some() {
+            return self.handle_in_transaction(request, &name).await;
+        }
+        if !self.authenticated && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT" | "RESET") {
+            return self.reply(reply::error(reply::NOAUTH)).await;
+        }
+        if let Some(flow) = self.handle_local(&request, &name).await {
+            return flow;
+        }
+        if matches!(name.as_str(), "MONITOR" | "SYNC" | "PSYNC" | "REPLCONF") {
+            // These turn a connection into a stream that is no longer
+            // request and reply, which would break a shared connection.
+            let text = format!("ERR {name} is not supported through skiff");
+            return self.reply(reply::error(&text)).await;
+        }
+        match pinning(&name, &request) {
+            Pinning::Blocking => self.run_blocking(request, &name).await,
+            Pinning::Subscribe => self.run_subscribed(request, &name).await,
+            Pinning::Transaction => self.start_transaction(request, &name).await,
+            Pinning::None => {
+                let pending = self.router.submit(request, &name, self.ctx).await;
+                self.send(Outgoing::Reply(pending)).await
+            }
+        }
+    }
+
+    /// Queues a reply skiff wrote itself.
+    pub(super) async fn reply(&self, bytes: Bytes) -> Flow {
+        self.send(Outgoing::Reply(Pending::Ready(bytes))).await
+    }
+
+    async fn send(&self, item: Outgoing) -> Flow {
+        match self.queue.send(item).await {
+            Ok(()) => Flow::Continue,
+            // The writer stopped: the client is gone.
+            Err(_) => Flow::Close,
+        }
+    }
+
+    /// Waits until every earlier reply has been written, so every earlier
+    /// request has run before a pinned connection takes over.
+    pub(super) async fn drain(&self) -> Flow {
+        let (done, written) = oneshot::channel();
+        if self.send(Outgoing::Barrier(done)).await == Flow::Close {
+            return Flow::Close;
+        }
+        match written.await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+}
+
+async fn write_replies(
+    mut writer: OwnedWriteHalf,
+    mut replies: mpsc::Receiver<Outgoing>,
+    router: Arc<Router>,
+) {
+    let mut out = BytesMut::new();
+    while let Some(item) = replies.recv().await {
+        match item {
+            Outgoing::Reply(pending) => {
+                let bytes = pending.resolve(&router).await;
+                if out.is_empty() && bytes.len() >= MAX_WRITE_BYTES {
+                    // A large reply goes out as it is, without a copy.
+                    if writer.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                out.extend_from_slice(&bytes);
+            }
+            Outgoing::Barrier(done) => {
+                if writer.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+                let _ = done.send(());
+                continue;
+            }
+            Outgoing::Close => break,
+        }
+        if replies.is_empty() || out.len() >= MAX_WRITE_BYTES {
+            if writer.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+    let _ = writer.write_all(&out).await;
+    let _ = writer.shutdown().await;
+}

@@ -1,0 +1,386 @@
+//! Upstream server connections: the connection handshake, a plain
+//! request/reply connection for pinned sessions, and a pipelined connection
+//! shared by many clients with replies matched to requests in FIFO order.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::frame::{encode_command, error_text, parse_reply, FrameError, Protocol, ReplyKind};
+
+/// Batches waiting to be written on one pipelined connection.
+const WRITE_QUEUE_DEPTH: usize = 1024;
+/// Bytes gathered from queued batches into one write.
+const MAX_WRITE_BYTES: usize = 64 * 1024;
+
+/// Failure talking to an upstream server.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {addr}: connect failed: {message}")]
+    Connect { addr: String, message: String },
+    #[error("upstream {addr}: connect timed out")]
+    ConnectTimeout { addr: String },
+    #[error("upstream {addr}: handshake rejected: {message}")]
+    Handshake { addr: String, message: String },
+    #[error("upstream {addr}: connection closed")]
+    Closed { addr: String },
+    /// The connection closed before the request was queued for writing.
+    #[error("upstream {addr}: connection closed before the request was sent")]
+    NotSent { addr: String },
+    #[error("upstream {addr}: {message}")]
+    Io { addr: String, message: String },
+}
+
+impl UpstreamError {
+    /// True when the request was never written, so sending it again elsewhere
+    /// cannot run it twice.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::Handshake { .. }
+                | UpstreamError::NotSent { .. }
+        )
+    }
+}
+
+/// How to set up a new upstream connection.
+#[derive(Clone)]
+pub struct ConnSettings {
+    pub protocol: Protocol,
+    pub db: u32,
+    /// Send READONLY so a cluster replica serves reads.
+    pub readonly: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    pub max_reply_bytes: usize,
+}
+
+/// One upstream connection used directly: a request, then its reply.
+pub struct RawConn {
+    pub addr: String,
+    gauge: ConnGauge,
+    stream: TcpStream,
+    buf: BytesMut,
+    protocol: Protocol,
+    max_reply_bytes: usize,
+}
+
+impl RawConn {
+    /// Connects to `addr` and runs HELLO/AUTH, SELECT and READONLY.
+    pub async fn connect(addr: &str, settings: &ConnSettings) -> Result<RawConn, UpstreamError> {
+        let connect = TcpStream::connect(addr);
+        let stream = tokio::time::timeout(settings.connect_timeout, connect)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout { addr: addr.into() })?
+            .map_err(|err| UpstreamError::Connect {
+                addr: addr.into(),
+                message: err.to_string(),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = RawConn {
+            addr: addr.to_string(),
+            gauge: ConnGauge::new(addr),
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+            protocol: settings.protocol,
+            max_reply_bytes: settings.max_reply_bytes,
+        };
+        let handshake = tokio::time::timeout(settings.connect_timeout, conn.handshake(settings));
+        handshake
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout { addr: addr.into() })??;
+        Ok(conn)
+    }
+
+    async fn handshake(&mut self, settings: &ConnSettings) -> Result<(), UpstreamError> {
+        let mut commands: Vec<Vec<String>> = Vec::new();
+        let user = settings
+            .username
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        match (settings.protocol, &settings.password) {
+            (Protocol::Resp3, Some(password)) => commands.push(vec![
+                "HELLO".into(),
+                "3".into(),
+                "AUTH".into(),
+                user,
+                password.clone(),
+            ]),
+            (Protocol::Resp3, None) => commands.push(vec!["HELLO".into(), "3".into()]),
+            (Protocol::Resp2, Some(password)) => {
+                commands.push(vec!["AUTH".into(), user, password.clone()])
+            }
+            (Protocol::Resp2, None) => {}
+        }
+        if settings.db != 0 {
+            commands.push(vec!["SELECT".into(), settings.db.to_string()]);
+        }
+        if settings.readonly {
+            commands.push(vec!["READONLY".into()]);
+        }
+        for command in &commands {
+            let reply = self.call(&encode_command(command)).await?;
+            if let Some(text) = error_text(&reply) {
+                return Err(UpstreamError::Handshake {
+                    addr: self.addr.clone(),
+                    message: text.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the connection is idle and still open: nothing is buffered
+    /// and the server has neither sent data nor closed it. Checked before an
+    /// idle connection is reused, because servers with a `timeout` setting
+    /// close idle clients.
+    pub fn is_reusable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let idle = matches!(
+            self.stream.try_read(&mut probe),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock
+        );
+        idle && self.buf.is_empty()
+    }
+
+    /// Writes raw request bytes.
+    pub async fn send(&mut self, raw: &[u8]) -> Result<(), UpstreamError> {
+        self.stream
+            .write_all(raw)
+            .await
+            .map_err(|err| UpstreamError::Io {
+                addr: self.addr.clone(),
+                message: err.to_string(),
+            })
+    }
+
+    /// Reads the next frame, push or reply.
+    pub async fn read_frame(&mut self) -> Result<(Bytes, ReplyKind), UpstreamError> {
+        read_frame(
+            &mut self.stream,
+            &mut self.buf,
+            self.protocol,
+            self.max_reply_bytes,
+            &self.addr,
+        )
+        .await
+    }
+
+    /// Sends one request and returns its reply, skipping pushes.
+    pub async fn call(&mut self, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+        self.send(raw).await?;
+        loop {
+            let (frame, kind) = self.read_frame().await?;
+            if kind != ReplyKind::Push {
+                return Ok(frame);
+            }
+        }
+    }
+}
+
+/// Counts an open upstream connection in `skiff_redis_upstream_connections`
+/// for as long as it lives.
+struct ConnGauge {
+    node: String,
+}
+
+impl ConnGauge {
+    fn new(node: &str) -> ConnGauge {
+        metrics::gauge!("skiff_redis_upstream_connections", "node" => node.to_string())
+            .increment(1.0);
+        ConnGauge {
+            node: node.to_string(),
+        }
+    }
+}
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("skiff_redis_upstream_connections", "node" => self.node.clone())
+            .decrement(1.0);
+    }
+}
+
+async fn read_frame<R: AsyncReadExt + Unpin>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    max_bytes: usize,
+    addr: &str,
+) -> Result<(Bytes, ReplyKind), UpstreamError> {
+    loop {
+        let parsed =
+            parse_reply(buf, protocol, max_bytes).map_err(|err: FrameError| UpstreamError::Io {
+                addr: addr.to_string(),
+                message: err.to_string(),
+            })?;
+        if let Some(frame) = parsed {
+            return Ok(frame);
+        }
+        let read = stream
+            .read_buf(buf)
+            .await
+            .map_err(|err| UpstreamError::Io {
+                addr: addr.to_string(),
+                message: err.to_string(),
+            })?;
+        if read == 0 {
+            return Err(UpstreamError::Closed { addr: addr.into() });
+        }
+    }
+}
+
+type ReplySender = oneshot::Sender<Result<Bytes, UpstreamError>>;
+/// A pending reply, resolved when the upstream's reply arrives.
+pub type ReplyReceiver = oneshot::Receiver<Result<Bytes, UpstreamError>>;
+
+struct Batch {
+    bytes: Bytes,
+    replies: Vec<ReplySender>,
+}
+
+/// A connection shared by many clients: requests are written in the order
+/// they are queued, and replies are handed out in the same order.
+pub struct Pipelined {
+    pub addr: String,
+    queue: mpsc::Sender<Batch>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Pipelined {
+    /// Takes over `conn`, running its reader and writer on a task.
+    pub fn spawn(conn: RawConn) -> Pipelined {
+        let (queue, batches) = mpsc::channel(WRITE_QUEUE_DEPTH);
+        let alive = Arc::new(AtomicBool::new(true));
+        let addr = conn.addr.clone();
+        tokio::spawn(run_pipelined(conn, batches, alive.clone()));
+        Pipelined { addr, queue, alive }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed) && !self.queue.is_closed()
+    }
+
+    /// Queues `bytes`, which hold `count` requests, and returns one receiver
+    /// per request. The requests are written back to back, so ASKING and the
+    /// command after it cannot be split by another client's request.
+    pub async fn send(
+        &self,
+        bytes: Bytes,
+        count: usize,
+    ) -> Result<Vec<ReplyReceiver>, UpstreamError> {
+        let mut senders = Vec::with_capacity(count);
+        let mut receivers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (sender, receiver) = oneshot::channel();
+            senders.push(sender);
+            receivers.push(receiver);
+        }
+        let batch = Batch {
+            bytes,
+            replies: senders,
+        };
+        self.queue
+            .send(batch)
+            .await
+            .map_err(|_| UpstreamError::NotSent {
+                addr: self.addr.clone(),
+            })?;
+        Ok(receivers)
+    }
+}
+
+async fn run_pipelined(conn: RawConn, batches: mpsc::Receiver<Batch>, alive: Arc<AtomicBool>) {
+    let RawConn {
+        addr,
+        gauge,
+        stream,
+        buf,
+        protocol,
+        max_reply_bytes,
+    } = conn;
+    let (reader, writer) = stream.into_split();
+    // Requests written and not yet answered. There is no bound here: each
+    // entry is a reply that a client's bounded reply queue waits for (a
+    // split multi-key command waits for one per slot), so the client limit
+    // and `client_queue_depth` bound the total.
+    let pending: Arc<Mutex<VecDeque<ReplySender>>> = Arc::default();
+    let reading = read_replies(reader, buf, protocol, max_reply_bytes, &addr, &pending);
+    let writing = write_requests(writer, batches, &addr, &pending);
+    let error = tokio::select! {
+        error = reading => error,
+        error = writing => error,
+    };
+    alive.store(false, Ordering::Relaxed);
+    tracing::debug!(upstream = %addr, error = %error, "upstream connection closed");
+    for sender in pending.lock().drain(..) {
+        let _ = sender.send(Err(error.clone()));
+    }
+    drop(gauge);
+}
+
+async fn read_replies(
+    mut reader: OwnedReadHalf,
+    mut buf: BytesMut,
+    protocol: Protocol,
+    max_bytes: usize,
+    addr: &str,
+    pending: &Mutex<VecDeque<ReplySender>>,
+) -> UpstreamError {
+    loop {
+        let (frame, kind) = match read_frame(&mut reader, &mut buf, protocol, max_bytes, addr).await
+        {
+            Ok(frame) => frame,
+            Err(error) => return error,
+        };
+        if kind == ReplyKind::Push {
+            continue;
+        }
+        let Some(sender) = pending.lock().pop_front() else {
+            return UpstreamError::Io {
+                addr: addr.to_string(),
+                message: "reply without a pending request".into(),
+            };
+        };
+        // The client may have gone away; its reply is dropped.
+        let _ = sender.send(Ok(frame));
+    }
+}
+
+async fn write_requests(
+    mut writer: OwnedWriteHalf,
+    mut batches: mpsc::Receiver<Batch>,
+    addr: &str,
+    pending: &Mutex<VecDeque<ReplySender>>,
+) -> UpstreamError {
+    let mut out = BytesMut::with_capacity(MAX_WRITE_BYTES);
+    while let Some(batch) = batches.recv().await {
+        let mut next = Some(batch);
+        while let Some(batch) = next.take() {
+            pending.lock().extend(batch.replies);
+            out.extend_from_slice(&batch.bytes);
+            if out.len() < MAX_WRITE_BYTES {
+                next = batches.try_recv().ok();
+            }
+        }
+        if let Err(err) = writer.write_all(&out).await {
+            return UpstreamError::Io {
+                addr: addr.to_string(),
+                message: err.to_string(),
+            };
+        }
+        out.clear();
+    }
+    UpstreamError::Closed { addr: addr.into() }
+}

@@ -1,0 +1,128 @@
+//! The Redis router in sentinel mode: the primary comes from a real
+//! sentinel, and writes follow it through a failover.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::time::{Duration, Instant};
+
+use redis_support::{RedisServer, Skiff, Standalone};
+
+const NAME: &str = "skiffgroup";
+
+fn sentinel_body(sentinel: &RedisServer, name: &str) -> String {
+    format!(
+        "mode = \"sentinel\"\nnodes = [\"{}\"]\nmaster_name = \"{name}\"\n\
+         read_from = \"prefer-replica\"\nconnect_timeout = \"1s\"",
+        sentinel.addr()
+    )
+}
+
+/// Returns the port of the primary the sentinel reports.
+fn reported_primary_port(sentinel: &RedisServer) -> u16 {
+    let reply = sentinel.cli(&["SENTINEL", "get-master-addr-by-name", NAME]);
+    reply
+        .lines()
+        .nth(1)
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_sentinel_failover() {
+    let (servers, sentinel) = tokio::task::spawn_blocking(|| {
+        let servers = Standalone::start();
+        let sentinel = RedisServer::start_sentinel(servers.primary.port, NAME);
+        sentinel.wait_for(
+            || {
+                // Each replica's "flags" field is "slave" alone once the
+                // sentinel is connected to it and considers it up.
+                let replicas = sentinel.cli(&["SENTINEL", "replicas", NAME]);
+                let lines: Vec<&str> = replicas.lines().collect();
+                let healthy = lines
+                    .windows(2)
+                    .filter(|pair| pair[0] == "flags" && pair[1] == "slave")
+                    .count();
+                healthy == 2
+            },
+            "sentinel sees both replicas",
+        );
+        (servers, sentinel)
+    })
+    .await
+    .unwrap();
+    let skiff = Skiff::start(&sentinel_body(&sentinel, NAME)).await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["SET", "sentinel:a", "1"]).await, "+OK\r\n");
+    assert_eq!(servers.primary.cli(&["GET", "sentinel:a"]).trim(), "1");
+
+    // The replicas come from the sentinel too: reads go to them.
+    for replica in &servers.replicas {
+        replica.wait_for(
+            || replica.cli(&["GET", "sentinel:a"]).trim() == "1",
+            "replication",
+        );
+    }
+    let replica_reads = || -> u64 {
+        servers
+            .replicas
+            .iter()
+            .map(|r| r.command_calls("strlen"))
+            .sum()
+    };
+    let before = replica_reads();
+    for _ in 0..10 {
+        assert_eq!(client.call(&["STRLEN", "sentinel:a"]).await, ":1\r\n");
+    }
+    assert_eq!(replica_reads() - before, 10);
+
+    let old_port = servers.primary.port;
+    assert_eq!(sentinel.cli(&["SENTINEL", "FAILOVER", NAME]).trim(), "OK");
+    sentinel.wait_for(
+        || {
+            let port = reported_primary_port(&sentinel);
+            port != 0 && port != old_port
+        },
+        "failover to a replica",
+    );
+    let new_port = reported_primary_port(&sentinel);
+    let new_primary = servers
+        .replicas
+        .iter()
+        .find(|r| r.port == new_port)
+        .unwrap();
+
+    // Writes may fail while the old primary is demoted, but must reach the
+    // new primary soon after the sentinel announces it.
+    let started = Instant::now();
+    loop {
+        let reply = client.call(&["SET", "sentinel:b", "2"]).await;
+        if reply == "+OK\r\n" && new_primary.cli(&["GET", "sentinel:b"]).trim() == "2" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "writes still fail after the failover: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(sentinel);
+}
+
+#[tokio::test]
+async fn unknown_master_name_is_reported() {
+    let (servers, sentinel) = tokio::task::spawn_blocking(|| {
+        let primary = RedisServer::start(&[]);
+        let sentinel = RedisServer::start_sentinel(primary.port, NAME);
+        (primary, sentinel)
+    })
+    .await
+    .unwrap();
+    let skiff = Skiff::start(&sentinel_body(&sentinel, "no-such-group")).await;
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["GET", "k"]).await,
+        "-ERR no primary known for no-such-group: no sentinel reported one yet\r\n"
+    );
+    drop(servers);
+}
