@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::frame::{encode_command, error_text, Protocol, Value};
 use super::router::{Nodes, Router};
+use super::topology::host_port;
 use super::upstream::{ConnSettings, RawConn};
 
 /// Sentinel events after which the primary or the replicas may differ.
@@ -65,7 +66,7 @@ async fn discover_from(addr: &str, name: &str, settings: &ConnSettings) -> Resul
                 .map(|h| String::from_utf8_lossy(h).into_owned());
             let port = parts[1].as_int();
             match (host, port) {
-                (Some(host), Some(port)) => format!("{host}:{port}"),
+                (Some(host), Some(port)) => host_port(&host, port),
                 _ => return Err("invalid get-master-addr-by-name reply".into()),
             }
         }
@@ -109,7 +110,7 @@ fn healthy_replica(entry: Value) -> Option<String> {
     if down.iter().any(|flag| flags.contains(flag)) {
         return None;
     }
-    Some(format!("{}:{}", field("ip")?, field("port")?))
+    Some(host_port(&field("ip")?, field("port")?))
 }
 
 /// Keeps the router's primary and replicas current until shutdown.

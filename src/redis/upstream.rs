@@ -311,7 +311,7 @@ async fn run_pipelined(conn: RawConn, batches: mpsc::Receiver<Batch>, alive: Arc
         max_reply_bytes,
     } = conn;
     let (reader, writer) = stream.into_split();
-    // Requests written and not yet answered. There is no bound here: each
+    // Requests written whose replies have not arrived. There is no bound: each
     // entry is a reply that a client's bounded reply queue waits for (a
     // split multi-key command waits for one per slot), so the client limit
     // and `client_queue_depth` bound the total.
