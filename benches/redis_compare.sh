@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Compares redis-benchmark throughput through skiff, twemproxy (nutcracker)
+# and a direct connection to a standalone Redis, and through skiff and a
+# direct cluster-aware client to a 6-node Redis Cluster, in one run.
+#
+# Usage: benches/redis_compare.sh [requests per run, default 200000]
+# Needs Debian's redis-server, redis-tools and nutcracker. Everything
+# listens on 127.0.0.1 only and is stopped at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${1:-200000}
+WORK=$(mktemp -d /tmp/skiff-redis-bench-XXXXXX)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+command -v nutcracker >/dev/null || { apt-get update -qq && apt-get install -y -qq nutcracker; }
+cargo build --release --locked -q
+
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+start_redis() { # port [extra args...]
+    local port=$1; shift
+    mkdir -p "$WORK/$port"
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$WORK/$port" --logfile "$WORK/$port/log" "$@" &
+    PIDS+=($!)
+}
+wait_port() { until redis-cli -p "$1" ping >/dev/null 2>&1; do sleep 0.1; done; }
+
+# Standalone Redis, twemproxy and skiff in front of it.
+REDIS=$(free_port); start_redis "$REDIS"; wait_port "$REDIS"
+TWEM=$(free_port)
+cat > "$WORK/nutcracker.yml" <<CONF
+bench:
+  listen: 127.0.0.1:$TWEM
+  hash: fnv1a_64
+  distribution: ketama
+  redis: true
+  servers:
+   - 127.0.0.1:$REDIS:1
+CONF
+nutcracker -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" &
+PIDS+=($!)
+SKIFF=$(free_port); ADMIN=$(free_port)
+cat > "$WORK/standalone.toml" <<CONF
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[redis]
+listen = "127.0.0.1:$SKIFF"
+mode = "standalone"
+nodes = ["127.0.0.1:$REDIS"]
+CONF
+SKIFF_LOG=warn target/release/skiff --config "$WORK/standalone.toml" >"$WORK/skiff1.log" 2>&1 &
+PIDS+=($!)
+
+# A 6-node cluster and skiff in cluster mode.
+CLUSTER_PORTS=()
+for _ in 1 2 3 4 5 6; do
+    port=$(free_port); CLUSTER_PORTS+=("$port")
+    start_redis "$port" --cluster-enabled yes --cluster-config-file "$WORK/nodes-$port.conf"
+done
+for port in "${CLUSTER_PORTS[@]}"; do wait_port "$port"; done
+redis-cli --cluster create $(printf "127.0.0.1:%s " "${CLUSTER_PORTS[@]}") --cluster-replicas 1 --cluster-yes >/dev/null
+until redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q "cluster_state:ok"; do sleep 0.2; done
+SKIFF_CLUSTER=$(free_port); ADMIN2=$(free_port)
+cat > "$WORK/cluster.toml" <<CONF
+[admin]
+listen = "127.0.0.1:$ADMIN2"
+[redis]
+listen = "127.0.0.1:$SKIFF_CLUSTER"
+mode = "cluster"
+nodes = ["127.0.0.1:${CLUSTER_PORTS[0]}"]
+CONF
+SKIFF_LOG=warn target/release/skiff --config "$WORK/cluster.toml" >"$WORK/skiff2.log" 2>&1 &
+PIDS+=($!)
+wait_port "$TWEM"; wait_port "$SKIFF"; wait_port "$SKIFF_CLUSTER"
+
+# Prints "get_rps set_rps" for one redis-benchmark run.
+run() { # port pipeline [extra args]
+    local port=$1 pipeline=$2; shift 2
+    # A run that takes over 2 minutes is reported as 0 instead of hanging.
+    timeout 120 redis-benchmark -h 127.0.0.1 -p "$port" -t get,set -c 50 -r 100000 -n "$REQUESTS" \
+        -P "$pipeline" --csv "$@" 2>/dev/null |
+        python3 -c 'import csv, sys
+rows = {r[0]: r[1] for r in csv.reader(sys.stdin) if len(r) > 1}
+print(rows.get("GET", "0"), rows.get("SET", "0"))'
+}
+ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'n/a')" "$1" "$2"; }
+
+printf "%-3s %-4s %12s %12s %12s %10s %10s\n" P cmd direct twemproxy skiff "skiff/twem" "skiff/dir"
+for pipeline in 1 16; do
+    read -r direct_get direct_set < <(run "$REDIS" "$pipeline")
+    read -r twem_get twem_set < <(run "$TWEM" "$pipeline")
+    read -r skiff_get skiff_set < <(run "$SKIFF" "$pipeline")
+    printf "%-3s %-4s %12s %12s %12s %10s %10s\n" "$pipeline" GET "$direct_get" "$twem_get" "$skiff_get" \
+        "$(ratio "$skiff_get" "$twem_get")" "$(ratio "$skiff_get" "$direct_get")"
+    printf "%-3s %-4s %12s %12s %12s %10s %10s\n" "$pipeline" SET "$direct_set" "$twem_set" "$skiff_set" \
+        "$(ratio "$skiff_set" "$twem_set")" "$(ratio "$skiff_set" "$direct_set")"
+done
+echo "(standalone; requests/s; redis-benchmark -t get,set -c 50 -r 100000 -n $REQUESTS)"
+
+printf "\n%-3s %-4s %14s %12s %10s\n" P cmd "direct --cluster" skiff "skiff/dir"
+for pipeline in 1 16; do
+    read -r direct_get direct_set < <(run "${CLUSTER_PORTS[0]}" "$pipeline" --cluster)
+    read -r skiff_get skiff_set < <(run "$SKIFF_CLUSTER" "$pipeline")
+    printf "%-3s %-4s %14s %12s %10s\n" "$pipeline" GET "$direct_get" "$skiff_get" "$(ratio "$skiff_get" "$direct_get")"
+    printf "%-3s %-4s %14s %12s %10s\n" "$pipeline" SET "$direct_set" "$skiff_set" "$(ratio "$skiff_set" "$direct_set")"
+done
+echo "(cluster of 3 primaries and 3 replicas)"
