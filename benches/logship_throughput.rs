@@ -4,7 +4,7 @@
 //!    batcher and the fsynced spool, to a mock SLS over loopback HTTP;
 //! 2. ingest path: signed, LZ4-compressed PutLogs requests from a load
 //!    client in this process, through skiff's ingest endpoint, to the mock;
-//! 3. outage: the mock answers 500 for a while, submitters keep going with
+//! 3. outage: the mock returns HTTP 500 for a while, submitters keep going with
 //!    a small `max_spool_bytes`, then the mock recovers and every record
 //!    must arrive.
 //!
@@ -13,7 +13,7 @@
 //! threads, which are measured with per-thread CPU clocks.
 //!
 //! The mock here is lean: it decompresses each body, counts the logs in
-//! the LogGroup and answers 200, but keeps nothing. The strict mock of the
+//! the LogGroup and responds with 200, but keeps nothing. The strict mock of the
 //! integration tests keeps every accepted log in memory, which would make
 //! the RSS figures meaningless, and checks signatures on every request.
 //!
@@ -46,6 +46,8 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
 const OUTAGE_MAX_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
 /// Capture-path runs: (concurrent submitters, records per `submit` call).
 const CAPTURE_RUNS: [(usize, usize); 2] = [(16, 100), (64, 1)];
+/// Outage phase: (concurrent submitters, records per `submit` call).
+const OUTAGE_SUBMITTERS: (usize, usize) = (16, 100);
 /// Ingest load: concurrent connections, and logs in each PutLogs request.
 const INGEST_CONNECTIONS: usize = 8;
 const LOGS_PER_REQUEST: usize = 1000;
@@ -98,7 +100,9 @@ fn main() {
     for row in rows.iter().chain(outage.as_ref().map(|outage| &outage.row)) {
         row.print();
     }
-    println!("cpu s: whole process; rec/skiff s: CPU of the mock's and load client's threads left out");
+    println!(
+        "cpu s: whole process; rec/skiff s: CPU of the mock's and load client's threads left out"
+    );
     if let Some(outage) = &outage {
         print_outage(outage);
     }
@@ -306,13 +310,15 @@ async fn outage_phase(mock: &LeanMock, sampler: &RssSampler) -> Outage {
     let rss_before = read_status_kib("VmRSS:") * 1024;
     sampler.take_max();
     let failed_before = mock.failed();
+
     mock.fail_all(true);
     let start = Start::now(mock);
     let stop = Arc::new(AtomicBool::new(false));
-    let submitters = {
+    let (submitters, per_submit) = OUTAGE_SUBMITTERS;
+    let submit_task = {
         let logship = logship.clone();
         let stop = stop.clone();
-        tokio::spawn(async move { run_submitters(&logship, 16, 100, stop).await })
+        tokio::spawn(async move { run_submitters(&logship, submitters, per_submit, stop).await })
     };
     let mut max_spool_bytes = 0;
     let outage_end = Instant::now() + OUTAGE_DURATION;
@@ -320,10 +326,11 @@ async fn outage_phase(mock: &LeanMock, sampler: &RssSampler) -> Outage {
         max_spool_bytes = max_spool_bytes.max(spool_bytes(&logship));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+
     mock.fail_all(false);
     let recovered = Instant::now();
     stop.store(true, Ordering::Relaxed);
-    let accepted = submitters.await.expect("submitters");
+    let accepted = submit_task.await.expect("submitters");
     let target = start.mock_records + accepted;
     let deadline = Instant::now() + DELIVERY_TIMEOUT;
     while mock.records() < target {
@@ -336,10 +343,18 @@ async fn outage_phase(mock: &LeanMock, sampler: &RssSampler) -> Outage {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let drain_seconds = recovered.elapsed().as_secs_f64();
+    assert!(
+        max_spool_bytes <= OUTAGE_MAX_SPOOL_BYTES,
+        "spool reached {max_spool_bytes} bytes, over max_spool_bytes = {OUTAGE_MAX_SPOOL_BYTES}"
+    );
+
     // Give a duplicate sent after the last expected record time to arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let duplicates = mock.records() - target;
-    let label = "outage 6 s, then recovery (16 x 100)".to_string();
+    let label = format!(
+        "outage {} s, then recovery ({submitters} x {per_submit})",
+        OUTAGE_DURATION.as_secs()
+    );
     let row = start.finish(mock, sampler, label, accepted, 0.0);
     logship.shutdown().await;
     Outage {
@@ -360,7 +375,10 @@ fn spool_bytes(logship: &Logship) -> u64 {
 /// contents, about 300 bytes of keys and values.
 fn sample_record(index: usize) -> Record {
     let contents = vec![
-        ("id".to_string(), format!("00000000-0000-4000-8000-{:012x}", index)),
+        (
+            "id".to_string(),
+            format!("00000000-0000-4000-8000-{:012x}", index),
+        ),
         (
             "workflow_run_id".to_string(),
             format!("6a1c3f2e-9b7d-4e21-a5c8-{:012x}", index / 20),
@@ -474,7 +492,10 @@ async fn send_put_logs(
         ("x-log-apiversion".to_string(), "0.6.0".to_string()),
         ("x-log-bodyrawsize".to_string(), raw_len.to_string()),
         ("x-log-compresstype".to_string(), "lz4".to_string()),
-        ("Date".to_string(), httpdate::fmt_http_date(SystemTime::now())),
+        (
+            "Date".to_string(),
+            httpdate::fmt_http_date(SystemTime::now()),
+        ),
         ("x-log-signaturemethod".to_string(), "hmac-sha1".to_string()),
     ];
     let text = sign::v1_string_to_sign("POST", &path, &[], &headers);
@@ -499,7 +520,7 @@ async fn send_put_logs(
 
 /// A PutLogs stand-in on 127.0.0.1 that runs on a thread of its own. It
 /// reads each request, LZ4-decompresses the body, counts the logs of the
-/// LogGroup and answers 200, or 500 while `fail_all` is set. A body it
+/// LogGroup and responds with 200, or 500 while `fail_all` is set. A body it
 /// cannot decode gets 400 and makes the run panic.
 struct LeanMock {
     port: u16,
@@ -577,7 +598,11 @@ impl LeanMock {
     async fn wait_for(&self, total: u64) {
         let deadline = Instant::now() + DELIVERY_TIMEOUT;
         while self.records() < total {
-            assert_eq!(self.state.invalid.load(Ordering::SeqCst), 0, "mock got an invalid body");
+            assert_eq!(
+                self.state.invalid.load(Ordering::SeqCst),
+                0,
+                "mock got an invalid body"
+            );
             assert!(
                 Instant::now() < deadline,
                 "mock counted {} of {total} records in {DELIVERY_TIMEOUT:?}",
@@ -590,7 +615,11 @@ impl LeanMock {
     fn stop(self) {
         let _ = self.shutdown.send(());
         self.thread.join().expect("mock thread");
-        assert_eq!(self.state.invalid.load(Ordering::SeqCst), 0, "mock got an invalid body");
+        assert_eq!(
+            self.state.invalid.load(Ordering::SeqCst),
+            0,
+            "mock got an invalid body"
+        );
     }
 }
 
