@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::proto::{framed_len, Log, LogGroup};
+use super::proto::{encode_log_field, framed_len, LogGroup};
 use super::record::{validate_logstore, GroupKey, Record, MAX_REQUEST_BYTES, MAX_REQUEST_LOGS};
 use super::spool::Spool;
 use crate::config::OnFull;
@@ -66,8 +66,16 @@ pub struct Shipper {
 }
 
 struct Submission {
-    items: Vec<(GroupKey, Log)>,
+    runs: Vec<Run>,
     ack: Arc<Ack>,
+}
+
+/// Consecutive records of one submission that share a log group, each
+/// already encoded as a `logs` field of a `LogGroup`. Encoding on the
+/// submitting task keeps that work off the single batcher task.
+struct Run {
+    key: GroupKey,
+    logs: Vec<Vec<u8>>,
 }
 
 /// Completion of one submission: the result goes to the source once every
@@ -128,12 +136,21 @@ impl Shipper {
         if records.is_empty() {
             return Ok(());
         }
-        let mut items = Vec::with_capacity(records.len());
+        let mut runs: Vec<Run> = Vec::new();
         let mut total = 0usize;
         for record in records {
-            validate_logstore(&record.logstore).map_err(SubmitError::InvalidRecord)?;
-            let key = record.group_key();
-            let log = record.into_log();
+            let same_group = runs.last().is_some_and(|run| run.key.matches(&record));
+            let log = if same_group {
+                record.into_log()
+            } else {
+                validate_logstore(&record.logstore).map_err(SubmitError::InvalidRecord)?;
+                let (key, log) = record.into_key_and_log();
+                runs.push(Run {
+                    key,
+                    logs: Vec::new(),
+                });
+                log
+            };
             let size = framed_len(&log);
             if size > MAX_REQUEST_BYTES - GROUP_OVERHEAD_BYTES {
                 return Err(SubmitError::InvalidRecord(format!(
@@ -142,7 +159,10 @@ impl Shipper {
                 )));
             }
             total += size;
-            items.push((key, log));
+            let mut encoded = Vec::with_capacity(size);
+            encode_log_field(&log, &mut encoded);
+            let run = runs.last_mut().expect("every record belongs to a run");
+            run.logs.push(encoded);
         }
         if self.on_full == OnFull::Reject && !self.spool.has_room(total as u64) {
             return Err(SubmitError::SpoolFull {
@@ -154,7 +174,7 @@ impl Shipper {
             result: Mutex::new(Ok(())),
             reply: Mutex::new(Some(reply)),
         });
-        let submission = Submission { items, ack };
+        let submission = Submission { runs, ack };
         self.queue
             .send(submission)
             .await
@@ -165,8 +185,10 @@ impl Shipper {
 
 /// Records of one group waiting to be flushed.
 struct OpenBatch {
-    logs: Vec<Log>,
-    bytes: usize,
+    /// The records, each encoded as a `logs` field of a `LogGroup`.
+    logs: Vec<u8>,
+    /// Number of records in `logs`.
+    count: usize,
     started: Instant,
     acks: Vec<Arc<Ack>>,
     written: bool,
@@ -186,7 +208,7 @@ struct Batcher {
     /// When the last "spool full" warning was logged.
     last_full_warning: Option<Instant>,
     open: HashMap<GroupKey, OpenBatch>,
-    /// Sum of `bytes` over `open`.
+    /// Sum of the encoded sizes of the batches in `open`.
     open_bytes: usize,
     spool: Arc<Spool>,
     limits: BatchLimits,
@@ -229,44 +251,69 @@ impl Batcher {
     }
 
     async fn add(&mut self, submission: Submission) {
-        let Submission { items, ack } = submission;
-        for (key, log) in items {
-            let size = framed_len(&log);
-            if let Some(batch) = self.open.get(&key) {
-                let over_bytes = batch.bytes + size > self.limits.max_batch_bytes;
-                let over_count =
-                    batch.logs.len() + 1 > self.limits.max_batch_count.min(MAX_REQUEST_LOGS);
-                if over_bytes || over_count {
+        let Submission { runs, ack } = submission;
+        let max_bytes = self.limits.max_batch_bytes;
+        let max_count = self.limits.max_batch_count.min(MAX_REQUEST_LOGS);
+        let max_open_bytes = MAX_OPEN_BYTES.max(2 * max_bytes);
+        for Run { key, logs } in runs {
+            let mut logs = logs.into_iter().peekable();
+            while let Some(first) = logs.next() {
+                if let Some(batch) = self.open.get(&key) {
+                    let over_bytes = batch.logs.len() + first.len() > max_bytes;
+                    let over_count = batch.count + 1 > max_count;
+                    if over_bytes || over_count {
+                        self.flush(&key).await;
+                    }
+                }
+                if !self.open.contains_key(&key) {
+                    if self.open.len() >= MAX_OPEN_GROUPS {
+                        self.flush_oldest().await;
+                    }
+                    let batch = OpenBatch {
+                        logs: Vec::new(),
+                        count: 0,
+                        started: Instant::now(),
+                        acks: Vec::new(),
+                        written: false,
+                    };
+                    self.open.insert(key.clone(), batch);
+                }
+                let batch = self
+                    .open
+                    .get_mut(&key)
+                    .expect("the group has an open batch");
+                if !batch
+                    .acks
+                    .last()
+                    .is_some_and(|last| Arc::ptr_eq(last, &ack))
+                {
+                    batch.acks.push(ack.clone());
+                }
+                // The following records of the run go into the same batch
+                // without another lookup while no flush would be due.
+                let mut next = Some(first);
+                while let Some(log) = next.take() {
+                    batch.logs.extend_from_slice(&log);
+                    batch.count += 1;
+                    self.open_bytes += log.len();
+                    let full = batch.logs.len() >= max_bytes || batch.count >= max_count;
+                    let fits = |log: &&Vec<u8>| {
+                        !full
+                            && batch.logs.len() + log.len() <= max_bytes
+                            && batch.count < max_count
+                            && self.open_bytes + log.len() <= max_open_bytes
+                    };
+                    if logs.peek().is_some_and(|log| fits(&log)) {
+                        next = logs.next();
+                    }
+                }
+                let full = batch.logs.len() >= max_bytes || batch.count >= max_count;
+                if full {
                     self.flush(&key).await;
                 }
-            }
-            if !self.open.contains_key(&key) && self.open.len() >= MAX_OPEN_GROUPS {
-                self.flush_oldest().await;
-            }
-            let batch = self.open.entry(key.clone()).or_insert_with(|| OpenBatch {
-                logs: Vec::new(),
-                bytes: 0,
-                started: Instant::now(),
-                acks: Vec::new(),
-                written: false,
-            });
-            batch.logs.push(log);
-            batch.bytes += size;
-            self.open_bytes += size;
-            if !batch
-                .acks
-                .last()
-                .is_some_and(|last| Arc::ptr_eq(last, &ack))
-            {
-                batch.acks.push(ack.clone());
-            }
-            let full = batch.bytes >= self.limits.max_batch_bytes
-                || batch.logs.len() >= self.limits.max_batch_count.min(MAX_REQUEST_LOGS);
-            if full {
-                self.flush(&key).await;
-            }
-            while self.open_bytes > MAX_OPEN_BYTES.max(2 * self.limits.max_batch_bytes) {
-                self.flush_largest().await;
+                while self.open_bytes > max_open_bytes {
+                    self.flush_largest().await;
+                }
             }
         }
     }
@@ -275,7 +322,7 @@ impl Batcher {
         let largest = self
             .open
             .iter()
-            .max_by_key(|(_, b)| b.bytes)
+            .max_by_key(|(_, b)| b.logs.len())
             .map(|(k, _)| k.clone());
         if let Some(key) = largest {
             self.flush(&key).await;
@@ -319,16 +366,19 @@ impl Batcher {
         let Some(mut batch) = self.open.remove(key) else {
             return;
         };
-        self.open_bytes -= batch.bytes;
-        let group = LogGroup {
-            logs: std::mem::take(&mut batch.logs),
+        self.open_bytes -= batch.logs.len();
+        let records = batch.count;
+        // The logs fields come first, as prost would write them, then the
+        // group's own fields.
+        let group_fields = LogGroup {
+            logs: Vec::new(),
             reserved: None,
             topic: Some(key.topic.clone()),
             source: Some(key.source.clone()),
             log_tags: key.log_tags(),
         };
-        let records = group.logs.len();
-        let encoded = group.encode_to_vec();
+        let mut encoded = std::mem::take(&mut batch.logs);
+        encoded.extend_from_slice(&group_fields.encode_to_vec());
         let size = encoded.len() as u64;
         match self.limits.on_full {
             OnFull::Reject if !self.spool.has_room(size) => {

@@ -57,6 +57,57 @@ pub fn framed_len(log: &Log) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
+/// Field number of `LogGroup.logs`.
+const LOGS_FIELD: u32 = 1;
+
+/// Encodes `log` as one `logs` field of a `LogGroup`, [`framed_len`] bytes.
+/// Appending such fields and then an encoded `LogGroup` without logs gives
+/// the same bytes as encoding the whole group, because prost writes fields
+/// in field-number order and `logs` comes first.
+pub fn encode_log_field(log: &Log, buf: &mut Vec<u8>) {
+    prost::encoding::message::encode(LOGS_FIELD, log, buf);
+}
+
+/// Splits an encoded `LogGroup` without decoding its logs: appends every
+/// `logs` field to `logs`, and every other field to `rest` when given.
+/// Checks the field framing (keys, varints, lengths) but not the contents
+/// of the logs.
+pub fn split_log_fields(
+    raw: &[u8],
+    logs: &mut Vec<u8>,
+    mut rest: Option<&mut Vec<u8>>,
+) -> Result<(), prost::DecodeError> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut input = raw;
+    while !input.is_empty() {
+        let field_start = raw.len() - input.len();
+        let (field, wire_type) = decode_key(&mut input)?;
+        let skip = match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut input)?;
+                0
+            }
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => usize::try_from(decode_varint(&mut input)?)
+                .map_err(|_| prost::DecodeError::new("field length overflows usize"))?,
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err(prost::DecodeError::new("groups are not used in LogGroup"));
+            }
+        };
+        input = input
+            .get(skip..)
+            .ok_or_else(|| prost::DecodeError::new("field runs past the end of the buffer"))?;
+        let field_bytes = &raw[field_start..raw.len() - input.len()];
+        if field == LOGS_FIELD && wire_type == WireType::LengthDelimited {
+            logs.extend_from_slice(field_bytes);
+        } else if let Some(rest) = rest.as_mut() {
+            rest.extend_from_slice(field_bytes);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +159,44 @@ mod tests {
             ..LogGroup::default()
         };
         assert_eq!(only_logs.encoded_len(), framed_len(&group.logs[0]));
+    }
+
+    #[test]
+    fn log_fields_then_group_fields_match_encoding() {
+        let group = sample_group();
+        let mut bytes = Vec::new();
+        for log in &group.logs {
+            encode_log_field(log, &mut bytes);
+        }
+        let without_logs = LogGroup {
+            logs: vec![],
+            ..group.clone()
+        };
+        bytes.extend_from_slice(&without_logs.encode_to_vec());
+        assert_eq!(bytes, group.encode_to_vec());
+    }
+
+    #[test]
+    fn split_log_fields_separates_logs() {
+        let group = sample_group();
+        let encoded = group.encode_to_vec();
+        let (mut logs, mut rest) = (Vec::new(), Vec::new());
+        split_log_fields(&encoded, &mut logs, Some(&mut rest)).unwrap();
+        let mut expected_logs = Vec::new();
+        encode_log_field(&group.logs[0], &mut expected_logs);
+        assert_eq!(logs, expected_logs);
+        let without_logs = LogGroup {
+            logs: vec![],
+            ..group
+        };
+        assert_eq!(rest, without_logs.encode_to_vec());
+    }
+
+    #[test]
+    fn split_log_fields_rejects_truncated_input() {
+        let encoded = sample_group().encode_to_vec();
+        let mut logs = Vec::new();
+        let truncated = &encoded[..encoded.len() - 1];
+        assert!(split_log_fields(truncated, &mut logs, None).is_err());
     }
 }

@@ -62,6 +62,19 @@ impl Record {
                 .collect(),
         }
     }
+
+    /// Splits the record into its group key and protobuf log without
+    /// copying the strings.
+    pub fn into_key_and_log(mut self) -> (GroupKey, Log) {
+        let key = GroupKey {
+            project: self.project.take(),
+            logstore: std::mem::take(&mut self.logstore),
+            topic: std::mem::take(&mut self.topic),
+            source: std::mem::take(&mut self.source),
+            tags: std::mem::take(&mut self.tags),
+        };
+        (key, self.into_log())
+    }
 }
 
 /// Key of a log group: the fields that records in one group share.
@@ -75,6 +88,15 @@ pub struct GroupKey {
 }
 
 impl GroupKey {
+    /// Checks whether `record` belongs to this log group.
+    pub fn matches(&self, record: &Record) -> bool {
+        self.logstore == record.logstore
+            && self.project == record.project
+            && self.topic == record.topic
+            && self.source == record.source
+            && self.tags == record.tags
+    }
+
     /// Converts the group's tags to protobuf tags.
     pub fn log_tags(&self) -> Vec<LogTag> {
         self.tags
@@ -131,6 +153,28 @@ mod tests {
         assert_eq!(log.time, 1_700_000_000);
         assert_eq!(log.time_ns, Some(123_456_789));
         assert_eq!(log.contents[0].key, "k");
+    }
+
+    #[test]
+    fn into_key_and_log_keeps_group_fields() {
+        let mut record = Record::new("ls", 1_000_000_007, vec![("k".into(), "v".into())]);
+        record.topic = "t".into();
+        record.tags = vec![("tag".into(), "x".into())];
+        let expected_key = record.group_key();
+        assert!(expected_key.matches(&record));
+        let (key, log) = record.clone().into_key_and_log();
+        assert_eq!(key, expected_key);
+        assert_eq!(log, record.into_log());
+    }
+
+    #[test]
+    fn group_key_matches_only_its_group() {
+        let record = Record::new("ls", 0, vec![]);
+        let key = record.group_key();
+        let mut other = record.clone();
+        other.source = "10.0.0.1".into();
+        assert!(key.matches(&record));
+        assert!(!key.matches(&other));
     }
 
     #[test]

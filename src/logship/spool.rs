@@ -15,9 +15,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use prost::Message;
-
-use super::proto::LogGroup;
+use super::proto::split_log_fields;
 use super::record::{now_ns, GroupKey};
 
 const MAGIC: &[u8; 8] = b"SKIFFSP1";
@@ -260,25 +258,32 @@ impl Spool {
         if seqs.len() == 1 {
             return Ok(first);
         }
-        let decode = |seq: u64, batch: &SpooledBatch| {
-            LogGroup::decode(batch.log_group.clone()).map_err(|err| {
-                (
-                    seq,
-                    with_path(
-                        io::Error::new(io::ErrorKind::InvalidData, err),
-                        "decode",
-                        &self.batch_path(seq),
-                    ),
-                )
-            })
-        };
-        let mut group = decode(first_seq, &first)?;
+        // Splices the encoded logs without decoding them: the logs fields of
+        // every batch in order, then the first batch's group fields (topic,
+        // source, tags), which all batches of one group share.
+        let split =
+            |seq: u64, batch: &SpooledBatch, logs: &mut Vec<u8>, rest: Option<&mut Vec<u8>>| {
+                split_log_fields(&batch.log_group, logs, rest).map_err(|err| {
+                    (
+                        seq,
+                        with_path(
+                            io::Error::new(io::ErrorKind::InvalidData, err),
+                            "decode",
+                            &self.batch_path(seq),
+                        ),
+                    )
+                })
+            };
+        let mut logs = Vec::new();
+        let mut group_fields = Vec::new();
+        split(first_seq, &first, &mut logs, Some(&mut group_fields))?;
         let mut records = first.header.records;
         for &seq in &seqs[1..] {
             let batch = self.read(seq).map_err(|err| (seq, err))?;
-            group.logs.extend(decode(seq, &batch)?.logs);
+            split(seq, &batch, &mut logs, None)?;
             records += batch.header.records;
         }
+        logs.extend_from_slice(&group_fields);
         Ok(SpooledBatch {
             seq: first_seq,
             header: BatchHeader {
@@ -286,7 +291,7 @@ impl Spool {
                 records,
                 created_ns: first.header.created_ns,
             },
-            log_group: Bytes::from(group.encode_to_vec()),
+            log_group: Bytes::from(logs),
         })
     }
 
@@ -402,6 +407,8 @@ fn with_path(err: io::Error, action: &str, path: &Path) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logship::proto::{Log, LogGroup, LogTag};
+    use prost::Message;
 
     fn key(logstore: &str) -> GroupKey {
         GroupKey {
@@ -473,7 +480,7 @@ mod tests {
     fn encoded(ids: &[u32]) -> Vec<u8> {
         let logs = ids
             .iter()
-            .map(|id| crate::logship::proto::Log {
+            .map(|id| Log {
                 time: *id,
                 contents: vec![],
                 time_ns: None,
@@ -516,5 +523,40 @@ mod tests {
         spool.remove(a2).unwrap();
         spool.remove(a3).unwrap();
         assert_eq!(spool.plan(1 << 20, 100).unwrap().seqs, vec![b1]);
+    }
+
+    #[test]
+    fn merged_batch_encodes_like_one_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let group = |ids: &[u32]| LogGroup {
+            logs: ids
+                .iter()
+                .map(|id| Log {
+                    time: *id,
+                    contents: vec![],
+                    time_ns: Some(*id),
+                })
+                .collect(),
+            reserved: None,
+            topic: Some("topic".into()),
+            source: Some("10.0.0.1".into()),
+            log_tags: vec![LogTag {
+                key: "tenant".into(),
+                value: "t1".into(),
+            }],
+        };
+        let first = spool
+            .write(&key("aa"), 2, &group(&[1, 2]).encode_to_vec())
+            .unwrap();
+        let second = spool
+            .write(&key("aa"), 1, &group(&[3]).encode_to_vec())
+            .unwrap();
+        let merged = spool.read_merged(&[first, second]).unwrap();
+        assert_eq!(merged.header.records, 3);
+        assert_eq!(
+            merged.log_group.as_ref(),
+            group(&[1, 2, 3]).encode_to_vec().as_slice()
+        );
     }
 }
