@@ -123,7 +123,9 @@ impl RedisConfig {
         for node in &self.nodes {
             let port = node.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
             if !matches!(port, Some(Ok(port)) if port > 0) {
-                return Err(format!("[redis] nodes: invalid address {node:?}, expected host:port"));
+                return Err(format!(
+                    "[redis] nodes: invalid address {node:?}, expected host:port"
+                ));
             }
         }
         if self.mode == RedisMode::Sentinel && self.master_name.is_none() {
@@ -207,6 +209,9 @@ mod tests {
     fn zero_limits_are_rejected() {
         let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\nclient_queue_depth = 0\n";
         let err = Config::parse(text).unwrap_err().to_string();
-        assert!(err.contains("client_queue_depth must be at least 1"), "{err}");
+        assert!(
+            err.contains("client_queue_depth must be at least 1"),
+            "{err}"
+        );
     }
 }
