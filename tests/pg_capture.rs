@@ -279,3 +279,50 @@ async fn uncaptured_statements_pass_untouched() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(setup.mock.logs().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn divert_insert_then_update_like_dify() {
+    let setup = setup("capture_divert_update", "divert").await;
+    let client = setup.skiff.connect("postgres", &setup.db).await;
+
+    // The node starts: psycopg2-style INSERT with interpolated values.
+    let inserted = client
+        .execute(&insert_sql(ID1, "running"), &[])
+        .await
+        .unwrap();
+    assert_eq!(inserted, 1);
+    // The node finishes: pgx-style UPDATE by primary key with parameters.
+    let updated = client
+        .execute(
+            "UPDATE workflow_node_executions SET status = $1, process_data = $2 WHERE id = $3",
+            &[&"succeeded", &PROCESS_DATA, &uuid_param(ID1)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 1, "a diverted UPDATE reports the row it replaced");
+
+    // INSERT ... SELECT cannot be diverted and reaches PostgreSQL.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO workflow_node_executions (id, index, node_type, title, status) \
+             SELECT '{ID2}', 2, 'tool', 'Search', 'running'"
+        ))
+        .await
+        .unwrap();
+
+    let rows = shipped(&setup.mock, 2).await;
+    assert_eq!(rows[0]["__op__"], "insert");
+    assert_eq!(rows[0]["status"], "running");
+    assert_eq!(rows[1]["__op__"], "update");
+    assert_eq!(rows[1]["id"], ID1);
+    assert_eq!(rows[1]["status"], "succeeded");
+    assert_eq!(rows[1]["process_data"], PROCESS_DATA);
+    assert!(rows[1]["log_version"] > rows[0]["log_version"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(setup.mock.logs().len(), 2);
+    assert_eq!(
+        rows_in_postgres(&setup.db),
+        1,
+        "only the INSERT ... SELECT row is in PostgreSQL"
+    );
+}

@@ -1,5 +1,5 @@
 //! Admin console: `psql -p 6432 -U <admin user> skiff` (or database
-//! `pgbouncer`) answers PgBouncer-style SHOW commands over the simple query
+//! `pgbouncer`) runs PgBouncer-style SHOW commands over the simple query
 //! protocol, with PgBouncer's column names where skiff has the value.
 
 use std::sync::atomic::Ordering;

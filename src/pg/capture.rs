@@ -1,7 +1,8 @@
-//! Log-table capture in the PostgreSQL stream: turns writes to the tables in
-//! `[[logship.capture]]` into log records and hands them to the shipper once
-//! their transaction commits (`mirror`), or acknowledges them in place of
-//! PostgreSQL once they are durable in the spool (`divert`).
+//! Log-table capture in the PostgreSQL stream. Writes to the tables in
+//! `[[logship.capture]]` become log records. In `mirror` mode they go to the
+//! shipper once their transaction commits. In `divert` mode skiff
+//! acknowledges them in place of PostgreSQL once they are durable in the
+//! spool.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -201,7 +202,7 @@ impl SessionCapture {
     }
 }
 
-/// The CommandComplete tag PostgreSQL sends for `rows` rows.
+/// Builds the CommandComplete tag PostgreSQL sends for `rows` rows.
 pub fn command_tag(operation: Operation, rows: usize) -> String {
     match operation {
         Operation::Insert => format!("INSERT 0 {rows}"),

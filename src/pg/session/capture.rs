@@ -1,5 +1,5 @@
 //! The session's side of log-table capture: captures rows from Query and
-//! Bind messages, and answers diverted statements without PostgreSQL.
+//! Bind messages, and replies to diverted statements without PostgreSQL.
 
 use bytes::Bytes;
 use metrics::counter;
