@@ -210,12 +210,7 @@ async fn login(
     authenticate(pooler, &user, reader, writer).await?;
     let pool = match pooler.existing_pool(db, &user) {
         Some(pool) => pool,
-        None => {
-            // A pool and its metrics exist only for users the server
-            // accepts, so logins under made-up names leave nothing behind.
-            probe_server_login(pooler, db, &user).await?;
-            pooler.pool_for(db, &user)
-        }
+        None => create_pool(pooler, db, &user).await?,
     };
     let server_params = learn_server_params(pooler, &pool).await?;
     let mut greeting = Vec::with_capacity(512);
@@ -376,18 +371,27 @@ fn random_password() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Logs in to the server once as the pool would, then closes the connection.
-async fn probe_server_login(
+/// Creates the pool of a (database, user) once a server login as that user
+/// succeeds, so logins under made-up names leave no pool or metrics behind.
+/// The login's connection becomes the pool's first, and one login runs at a
+/// time, so the pool bound holds while many clients arrive at once.
+async fn create_pool(
     pooler: &Pooler,
     db: &crate::config::PgDatabase,
     user: &str,
-) -> Result<(), LoginEnd> {
+) -> Result<Arc<Pool>, LoginEnd> {
+    let _one_at_a_time = pooler.pool_creation.lock().await;
+    if let Some(pool) = pooler.existing_pool(db, user) {
+        return Ok(pool);
+    }
     let target = pooler.target_for(db, user);
     let timeout = pooler.config.server_connect_timeout;
-    match super::backend::ServerConn::connect(0, &target, timeout, 0).await {
+    let max_statements = pooler.config.max_prepared_statements;
+    match super::backend::ServerConn::connect(0, &target, timeout, max_statements).await {
         Ok(conn) => {
-            conn.terminate().await;
-            Ok(())
+            let pool = pooler.pool_for(db, user);
+            pool.adopt(conn);
+            Ok(pool)
         }
         Err(err) => Err(server_login_error(err)),
     }

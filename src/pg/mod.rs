@@ -53,6 +53,8 @@ pub struct Pooler {
     next_client_id: AtomicU64,
     /// Log-table capture, when `[[logship.capture]]` lists tables.
     capture: Option<Arc<capture::CaptureHook>>,
+    /// Held while a new pool's first server login runs.
+    pool_creation: tokio::sync::Mutex<()>,
 }
 
 impl Pooler {
@@ -84,6 +86,7 @@ impl Pooler {
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
             capture,
+            pool_creation: tokio::sync::Mutex::new(()),
         }))
     }
 

@@ -216,6 +216,27 @@ impl Pool {
         Ok(conn)
     }
 
+    /// Takes a connection opened outside the pool as an idle one, or closes
+    /// it when the pool is full.
+    pub fn adopt(&self, mut conn: ServerConn) {
+        conn.id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut params = self.server_params.lock();
+            if params.is_none() {
+                *params = Some(conn.login_params.clone());
+            }
+        }
+        match self.try_permit() {
+            Some(permit) => {
+                self.active.fetch_add(1, Ordering::Relaxed);
+                self.checkin(Checkout { conn, permit });
+            }
+            None => {
+                tokio::spawn(conn.terminate());
+            }
+        }
+    }
+
     /// Gives a connection back; it is closed instead when it is too old.
     pub fn checkin(&self, mut checkout: Checkout) {
         self.active.fetch_sub(1, Ordering::Relaxed);
