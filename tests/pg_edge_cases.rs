@@ -278,11 +278,7 @@ async fn session_mode_sql_prepare_reset() {
 
 /// Counts the server connections open to `db`, as PostgreSQL reports them.
 fn server_connections(db: &str) -> usize {
-    pg().psql(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
-    ))
-    .parse()
-    .unwrap()
+    pg().client_backends(db)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,11 +24,7 @@ fn database(name: &str) -> String {
 
 /// Server connections skiff holds to a database, as PostgreSQL counts them.
 fn server_connections(db: &str) -> usize {
-    pg().psql(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
-    ))
-    .parse()
-    .unwrap()
+    pg().client_backends(db)
 }
 
 fn db_error_message(err: &tokio_postgres::Error) -> String {

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::auth::{self, ScramSecret, ScramServer, Secret};
 use super::params;
-use super::pool::{CheckoutError, Pool};
+use super::pool::Pool;
 use super::protocol::{
     self, frontend, parse_startup, MessageReader, ProtocolError, Severity, StartupPacket,
     StartupParams,
@@ -212,7 +212,9 @@ async fn login(
         Some(pool) => pool,
         None => create_pool(pooler, db, &user).await?,
     };
-    let server_params = learn_server_params(pooler, &pool).await?;
+    // The pool learned the server's ParameterStatus values from its first
+    // login, which happened before the pool existed.
+    let server_params = pool.server_params().unwrap_or_default();
     let mut greeting = Vec::with_capacity(512);
     greeting.extend_from_slice(&protocol::authentication(0, &[]));
     for (name, value) in params::client_visible(&server_params, &params) {
@@ -412,37 +414,5 @@ fn server_login_error(err: super::backend::BackendError) -> LoginEnd {
             )
         }
         other => fatal("08006", other.to_string(), "server_connect"),
-    }
-}
-
-/// ParameterStatus values of the pool's server, opening a connection when
-/// none has logged in yet.
-async fn learn_server_params(
-    pooler: &Pooler,
-    pool: &Pool,
-) -> Result<Vec<(String, String)>, LoginEnd> {
-    if let Some(params) = pool.server_params() {
-        return Ok(params);
-    }
-    match pool.checkout(pooler.config.query_wait_timeout).await {
-        Ok(checkout) => {
-            pool.checkin(checkout);
-            Ok(pool.server_params().unwrap_or_default())
-        }
-        Err(CheckoutError::Backend(super::backend::BackendError::Login {
-            code, message, ..
-        })) => {
-            let code = if code == "28P01" || code == "28000" {
-                "08004"
-            } else {
-                "08006"
-            };
-            Err(fatal(
-                code,
-                format!("server login failed: {message}"),
-                "server_login",
-            ))
-        }
-        Err(err) => Err(fatal("08006", err.to_string(), "server_connect")),
     }
 }

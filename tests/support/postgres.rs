@@ -203,6 +203,17 @@ impl PgServer {
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
+    /// Client connections the server has open to `db`, as PostgreSQL
+    /// counts them.
+    pub fn client_backends(&self, db: &str) -> usize {
+        self.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = '{db}' AND backend_type = 'client backend'"
+        ))
+        .parse()
+        .unwrap()
+    }
+
     /// Creates a database of the test's own.
     pub fn create_database(&self, name: &str) {
         self.psql(&format!("CREATE DATABASE {name}"));
