@@ -31,6 +31,11 @@ pub struct LogshipConfig {
     /// Upper bound of the spool on disk, in bytes. Default 1073741824 (1 GiB).
     #[serde(default = "default_max_spool_bytes")]
     pub max_spool_bytes: u64,
+    /// Upper bound of the dead-letter file, in bytes. Once it is reached,
+    /// rejected batches stay in the spool until an operator moves the file
+    /// away. Default 1073741824 (1 GiB).
+    #[serde(default = "default_max_spool_bytes")]
+    pub max_dead_letter_bytes: u64,
     /// Behavior of a full spool towards new records: `block` makes the
     /// source wait for room, `reject` fails the submission with an error.
     /// Default `block`.

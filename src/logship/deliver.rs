@@ -165,12 +165,17 @@ impl Delivery {
         stop: &CancellationToken,
     ) -> bool {
         let key = &batch.header.key;
+        let mut attempts = 0u64;
         loop {
             match self.dead_letter.append(batch, reason) {
                 Ok(()) => break,
                 Err(err) => {
-                    tracing::error!(error = %err, file = %self.dead_letter.path().display(),
-                        "cannot write dead-letter file; batch kept in spool");
+                    // Retried every second; logged once a minute.
+                    if attempts % 60 == 0 {
+                        tracing::error!(error = %err, file = %self.dead_letter.path().display(),
+                            "cannot write dead-letter file; batch kept in spool");
+                    }
+                    attempts += 1;
                     if !sleep_or_stop(Duration::from_secs(1), stop).await {
                         return false;
                     }

@@ -118,7 +118,7 @@ impl Logship {
         let delivery = deliver::Delivery {
             spool: spool.clone(),
             sink,
-            dead_letter: deadletter::DeadLetter::new(&spool_dir),
+            dead_letter: deadletter::DeadLetter::new(&spool_dir, config.max_dead_letter_bytes),
             backoff,
             linger: config.linger,
             max_batch_bytes: config.max_batch_bytes,
