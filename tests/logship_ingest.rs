@@ -312,6 +312,39 @@ async fn connections_beyond_limit_wait() {
 }
 
 #[tokio::test]
+async fn idle_connections_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let logship = harness::start(&ingest_config(
+        dir.path(),
+        &mock,
+        "127.0.0.1:0",
+        "max_connections = 1\nidle_timeout = \"300ms\"",
+    ))
+    .await;
+    let addr = logship.ingest_addr().unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut probe = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut probe)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection is closed after idle_timeout: {closed:?}"
+    );
+
+    // Its slot is free again for a client that sends a request.
+    let request = PutLogs::new(addr, "app_logs");
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        put_logs(&request, &log_group("after-idle", 1)),
+    )
+    .await
+    .expect("served once the idle connection closed");
+    assert_eq!(response.status(), 200);
+    logship.shutdown().await;
+}
+
+#[tokio::test]
 async fn full_spool_answers_server_busy() {
     let mock = mock().await;
     mock.fail_all(Some(mock_sls::Fault::Status(

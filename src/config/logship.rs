@@ -156,6 +156,15 @@ pub struct IngestConfig {
     /// Default 1024.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// A connection that sends and receives nothing for this long is
+    /// closed, so idle clients cannot hold every connection slot.
+    /// Default 60s.
+    #[serde(default = "default_ingest_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_ingest_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl std::fmt::Debug for SlsConfig {

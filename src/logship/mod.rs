@@ -134,6 +134,7 @@ impl Logship {
                 Some(tokio::spawn(ingest::serve(
                     listener,
                     ingest_config.max_connections,
+                    ingest_config.idle_timeout,
                     state,
                     ingest_shutdown.clone(),
                 )))

@@ -1,6 +1,6 @@
 //! A TCP listener for the ingest endpoint that bounds open connections:
 //! past the limit, new connections wait in the kernel's accept queue until
-//! one closes.
+//! one closes. A connection idle for longer than the idle timeout is closed.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,28 +11,43 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Duration, Instant, Sleep};
+
+use std::future::Future;
 
 /// Accepts connections while fewer than the limit are open.
-// NOTE: there is no idle or header-read timeout, so clients that open
-// connections and send nothing keep their permits until they disconnect.
 pub struct LimitedListener {
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    idle_timeout: Duration,
 }
 
 impl LimitedListener {
-    pub fn new(listener: TcpListener, max_connections: usize) -> Self {
+    pub fn new(listener: TcpListener, max_connections: usize, idle_timeout: Duration) -> Self {
         LimitedListener {
             listener,
             permits: Arc::new(Semaphore::new(max_connections)),
+            idle_timeout,
         }
     }
 }
 
-/// A connection that gives its permit back when dropped.
+/// A connection that gives its permit back when dropped, and fails its next
+/// read once it has been idle for `idle_timeout`.
+// NOTE: a request whose handler waits longer than the idle timeout (a full
+// spool with on_full = "block") loses its connection too.
 pub struct LimitedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+}
+
+impl LimitedStream {
+    fn touch(&mut self) {
+        let deadline = Instant::now() + self.idle_timeout;
+        self.idle.as_mut().reset(deadline);
+    }
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -52,6 +67,8 @@ impl axum::serve::Listener for LimitedListener {
                     let stream = LimitedStream {
                         stream,
                         _permit: permit,
+                        idle_timeout: self.idle_timeout,
+                        idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
                     };
                     return (stream, addr);
                 }
@@ -75,7 +92,22 @@ impl AsyncRead for LimitedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let filled = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Pending => {
+                if self.idle.as_mut().poll(cx).is_ready() {
+                    let message = "logship ingest connection idle for longer than idle_timeout";
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(result) => {
+                if buf.filled().len() > filled {
+                    self.touch();
+                }
+                Poll::Ready(result)
+            }
+        }
     }
 }
 
@@ -85,7 +117,11 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
+            self.touch();
+        }
+        result
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -67,10 +67,11 @@ impl IngestState {
 pub async fn serve(
     listener: TcpListener,
     max_connections: usize,
+    idle_timeout: std::time::Duration,
     state: Arc<IngestState>,
     shutdown: CancellationToken,
 ) {
-    let listener = listener::LimitedListener::new(listener, max_connections);
+    let listener = listener::LimitedListener::new(listener, max_connections, idle_timeout);
     let app = Router::new()
         .route("/logstores/{logstore}/shards/lb", post(put_logs))
         .route("/logstores/{logstore}/shards/route", post(put_logs))
