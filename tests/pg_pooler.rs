@@ -789,3 +789,48 @@ async fn session_mode_keeps_server_for_client() {
         assert_eq!(row.get::<_, String>(0), "4MB");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_cancels_never_hit_another_client() {
+    let db = database("late_cancels");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let target = skiff.connect("postgres", &db).await;
+    let bystander = skiff.connect("postgres", &db).await;
+    let token = target.cancel_token();
+    let deadline = Instant::now() + Duration::from_secs(3);
+
+    let canceller = tokio::spawn(async move {
+        let mut sent = 0;
+        while Instant::now() < deadline {
+            let _ = token.cancel_query(tokio_postgres::NoTls).await;
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sent
+    });
+    let targeted = tokio::spawn(async move {
+        let mut cancelled = 0;
+        while Instant::now() < deadline {
+            if target.simple_query("SELECT pg_sleep(0.002)").await.is_err() {
+                cancelled += 1;
+            }
+        }
+        cancelled
+    });
+    let mut bystander_queries = 0;
+    while Instant::now() < deadline {
+        let result = bystander.simple_query("SELECT pg_sleep(0.001)").await;
+        if let Err(err) = &result {
+            panic!("a cancel meant for another client hit this one: {err:?}");
+        }
+        bystander_queries += 1;
+    }
+    let sent = canceller.await.unwrap();
+    let cancelled = targeted.await.unwrap();
+    assert!(sent > 100, "only {sent} cancel requests were sent");
+    assert!(
+        cancelled > 0,
+        "no cancel reached the client it was meant for"
+    );
+    assert!(bystander_queries > 10);
+}

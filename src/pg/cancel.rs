@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -28,6 +28,10 @@ struct CancelTarget {
     server: Option<Arc<ServerKey>>,
     /// Woken when the client waits for a server connection.
     waiting: Option<Arc<Notify>>,
+    /// Cancel requests being sent to `server` right now.
+    sending: usize,
+    /// Woken when a cancel request to `server` has been processed.
+    sent: Arc<Notify>,
 }
 
 type Slot = Arc<Mutex<CancelTarget>>;
@@ -69,36 +73,46 @@ impl CancelRegistry {
     /// Forwards a cancel to the server the client uses now; an unknown key
     /// or an idle client is ignored, as PostgreSQL ignores a stale key.
     pub async fn cancel(&self, process_id: i32, secret_key: i32) {
-        let target = {
+        let (target, slot) = {
             let clients = self.clients.lock();
             let Some(slot) = clients.get(&(process_id, secret_key)) else {
                 tracing::debug!("cancel request with unknown key ignored");
                 return;
             };
-            let slot = slot.lock();
-            if let Some(waiting) = &slot.waiting {
+            let mut target = slot.lock();
+            if let Some(waiting) = &target.waiting {
                 metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
                 waiting.notify_one();
                 return;
             }
-            slot.server.clone()
-        };
-        let Some(target) = target else {
-            tracing::debug!("cancel request with unknown key or idle client ignored");
-            return;
+            let Some(server) = target.server.clone() else {
+                tracing::debug!("cancel request for an idle client ignored");
+                return;
+            };
+            // The client keeps this server connection until the cancel is
+            // processed, so the cancel cannot reach the next client's query.
+            target.sending += 1;
+            (server, slot.clone())
         };
         metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
         send_cancel(&target).await;
+        let mut state = slot.lock();
+        state.sending -= 1;
+        state.sent.notify_waiters();
     }
 }
 
-/// Sends a CancelRequest for a server process, waiting at most 2 s.
+/// Sends a CancelRequest for a server process and waits until the server
+/// closes that connection, which it does once it has signalled the process;
+/// at most 2 s.
 pub async fn send_cancel(target: &ServerKey) {
     let request = protocol::cancel_request(target.process_id, target.secret_key);
     let send = async {
         let mut stream = TcpStream::connect(&target.address).await?;
         stream.write_all(&request).await?;
-        stream.shutdown().await
+        let mut rest = [0u8; 64];
+        while stream.read(&mut rest).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     };
     match tokio::time::timeout(std::time::Duration::from_secs(2), send).await {
         Ok(Ok(())) => {}
@@ -113,6 +127,29 @@ impl CancelHandle {
     /// Points the client's key at a server process, or at none.
     pub fn attach(&self, server: Option<Arc<ServerKey>>) {
         self.slot.lock().server = server;
+    }
+
+    /// Points the client's key at no server, after any cancel request being
+    /// sent to its current server has been processed (at most 3 s).
+    pub async fn detach(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let sent = {
+                let mut target = self.slot.lock();
+                if target.sending == 0 || tokio::time::Instant::now() >= deadline {
+                    target.server = None;
+                    return;
+                }
+                target.sent.clone()
+            };
+            let notified = sent.notified();
+            // Re-checked after registering, so a notification between the
+            // check and here is not missed.
+            if self.slot.lock().sending == 0 {
+                continue;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
     }
 
     /// Marks the client as waiting for a server connection; a cancel request

@@ -330,7 +330,7 @@ impl Session {
         let Some(mut checkout) = self.server.take() else {
             return;
         };
-        self.cancel.attach(None);
+        self.cancel.detach().await;
         if std::mem::take(&mut self.session_state_changed) {
             checkout.conn.dirty_by = Some(self.id);
         }
