@@ -21,7 +21,7 @@ pub struct ServerKey {
     pub secret_key: i32,
 }
 
-/// Where a client's cancel request goes now.
+/// The destination of a client's cancel request at this moment.
 #[derive(Default)]
 struct CancelTarget {
     /// The server connection the client is using.
@@ -102,9 +102,9 @@ impl CancelRegistry {
     }
 }
 
-/// Sends a CancelRequest for a server process and waits until the server
-/// closes that connection, which it does once it has signalled the process;
-/// at most 2 s.
+/// Sends a CancelRequest for a server process, then waits up to 2 s for the
+/// server to close that connection. The server closes it once it has
+/// signalled the process.
 pub async fn send_cancel(target: &ServerKey) {
     let request = protocol::cancel_request(target.process_id, target.secret_key);
     let send = async {
