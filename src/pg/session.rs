@@ -347,7 +347,7 @@ impl Session {
         let Some(mut checkout) = self.server.take() else {
             return;
         };
-        self.cancel.attach(None);
+        self.cancel.detach().await;
         if self.pending.awaits_server() {
             // A query is still running: cancel it so the server process
             // ends before its pool slot is reused.
