@@ -26,18 +26,30 @@ impl Session {
             _ => {}
         }
         self.emit_due_replies();
-        let Some(front) = self.pending.front().cloned() else {
-            return self.on_unexpected(message).await;
-        };
-        let (request, forward) = match front {
-            Expected::Forward(request) => (request, true),
-            Expected::Injected(request) => (request, false),
-            Expected::Local(_) | Expected::LocalStatement { .. } => {
+        // Look at the front slot without cloning it: this runs for every
+        // row of every result.
+        let (forward, completes, is_execute) = match self.pending.front() {
+            None => return self.on_unexpected(message).await,
+            Some(Expected::Forward(request)) => (
+                true,
+                request.completed_by(tag),
+                *request == Request::Execute,
+            ),
+            Some(Expected::Injected(request)) => (
+                false,
+                request.completed_by(tag),
+                *request == Request::Execute,
+            ),
+            Some(Expected::Local(_) | Expected::LocalStatement { .. }) => {
                 unreachable!("due replies were emitted")
             }
         };
         self.capture_observe(tag, message.body());
         if tag == backend::ERROR_RESPONSE {
+            let request = match self.pending.front() {
+                Some(Expected::Forward(request) | Expected::Injected(request)) => request.clone(),
+                _ => unreachable!("the front slot awaits the server"),
+            };
             self.write(&message.raw);
             self.on_error(&message, &request);
             self.emit_due_replies();
@@ -45,40 +57,47 @@ impl Session {
         }
         match tag {
             backend::COMMAND_COMPLETE => self.track_command(&message),
-            backend::COPY_IN_RESPONSE if request == Request::Execute => {
+            backend::COPY_IN_RESPONSE if is_execute => {
                 self.pending.drop_syncs_after_front();
             }
-            backend::PARAMETER_DESCRIPTION => {
-                if let (
-                    Request::Describe {
-                        statement: Some(name),
-                    },
-                    Some(capture),
-                ) = (&request, &mut self.capture)
-                {
-                    capture.on_parameter_description(name, message.body());
-                }
-            }
+            backend::PARAMETER_DESCRIPTION => self.take_parameter_types(&message),
             _ => {}
         }
         if forward {
             self.write(&message.raw);
         }
-        if request.completed_by(tag) {
-            if let Request::Parse {
-                statement: Some(name),
-                ..
-            } = &request
+        if completes {
+            if let Some(Expected::Forward(request) | Expected::Injected(request)) =
+                self.pending.pop()
             {
-                self.pool.mark_validated(name);
+                if let Request::Parse {
+                    statement: Some(name),
+                    ..
+                } = &request
+                {
+                    self.pool.mark_validated(name);
+                }
             }
-            self.pending.pop();
             if tag == backend::READY_FOR_QUERY {
                 self.on_ready(&message).await;
             }
             self.emit_due_replies();
         }
         self.after_write().await
+    }
+
+    /// Keeps the parameter types of a captured statement from the server's
+    /// ParameterDescription.
+    fn take_parameter_types(&mut self, message: &Message) {
+        let Some(Expected::Forward(Request::Describe {
+            statement: Some(name),
+        })) = self.pending.front()
+        else {
+            return;
+        };
+        if let Some(capture) = &mut self.capture {
+            capture.on_parameter_description(name, message.body());
+        }
     }
 
     async fn after_write(&mut self) -> std::io::Result<Flow> {
