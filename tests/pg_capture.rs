@@ -9,7 +9,7 @@ mod mock_sls;
 mod support;
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mock_sls::{MockLog, MockSls, MockSlsConfig};
@@ -19,8 +19,7 @@ use support::postgres::PgServer;
 use support::skiff::{self as skiff_support, Skiff};
 
 fn pg() -> &'static PgServer {
-    static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(PgServer::start)
+    support::postgres::shared()
 }
 
 const TABLE: &str = "CREATE TABLE workflow_node_executions (

@@ -5,7 +5,6 @@
 mod support;
 
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use support::postgres::{free_port, PgServer};
@@ -13,8 +12,7 @@ use support::process::SkiffProcess;
 use support::skiff;
 
 fn pg() -> &'static PgServer {
-    static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(PgServer::start)
+    support::postgres::shared()
 }
 
 struct Ports {

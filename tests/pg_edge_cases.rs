@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::postgres::PgServer;
@@ -12,8 +11,7 @@ use support::raw::{self, RawClient};
 use support::skiff::{self, Skiff};
 
 fn pg() -> &'static PgServer {
-    static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(PgServer::start)
+    support::postgres::shared()
 }
 
 /// Creates a database on the shared server, named after the test.

@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::postgres::{PgServer, CLEAR_USER, MD5_USER, SCRAM_USER};
@@ -12,17 +12,16 @@ use support::raw::{self, tags, RawClient};
 use support::skiff::{self, Skiff};
 
 fn pg() -> &'static PgServer {
-    static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(PgServer::start)
+    support::postgres::shared()
 }
 
-/// A fresh database on the shared server, named after the test.
+/// Creates a database on the shared server, named after the test.
 fn database(name: &str) -> String {
     pg().create_database(name);
     name.to_string()
 }
 
-/// Server connections skiff holds to a database, as PostgreSQL counts them.
+/// Counts the server connections skiff has open to a database.
 fn server_connections(db: &str) -> usize {
     pg().client_backends(db)
 }
@@ -470,7 +469,7 @@ async fn server_statement_cache_is_bounded() {
             assert_eq!(row.get::<_, i32>(0), value as i32 + 1);
         }
     }
-    // The only server connection holds no more than the configured three.
+    // The only server connection has no more than the configured three.
     let row = client
         .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
         .await

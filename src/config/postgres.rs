@@ -17,7 +17,7 @@ pub enum PoolMode {
     Transaction,
 }
 
-/// How clients authenticate to skiff.
+/// Client authentication method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum AuthType {
     #[serde(rename = "trust")]
@@ -44,8 +44,8 @@ pub struct PgConfig {
     /// Maximum client connections across all databases. Default 10000.
     #[serde(default = "default_max_client_conn")]
     pub max_client_conn: usize,
-    /// Longest a client waits for a server connection before it gets an
-    /// error. Default 120s.
+    /// Maximum time a client waits for a server connection before it gets
+    /// an error. Default 120s.
     #[serde(default = "default_query_wait_timeout", with = "duration")]
     pub query_wait_timeout: Duration,
     /// Users allowed into the admin console (database `skiff` or `pgbouncer`).

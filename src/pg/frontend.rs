@@ -29,10 +29,10 @@ use crate::config::AuthType;
 /// password packets at 65535 bytes as well.
 const MAX_LOGIN_MESSAGE: usize = 65535;
 
-/// Longest a client may take to log in.
+/// Maximum time a client may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Why a login ended without a session.
+/// Reason a login ended without a session.
 enum LoginEnd {
     /// The connection carried a cancel request, or closed early.
     Quiet,
@@ -82,7 +82,7 @@ impl Drop for ClientSlot {
     }
 }
 
-/// What a successful login leads to.
+/// Outcome of a successful login.
 enum Login {
     Session(LoggedIn),
     Admin,
@@ -229,8 +229,8 @@ async fn login(
     }))
 }
 
-/// Reads the startup packet, answering SSL and GSS requests with 'N' and
-/// forwarding a cancel request.
+/// Reads the startup packet. SSL and GSS requests get 'N', and a cancel
+/// request is forwarded.
 async fn read_startup(
     pooler: &Pooler,
     reader: &mut MessageReader<OwnedReadHalf>,
@@ -376,7 +376,7 @@ fn random_password() -> String {
 /// Creates the pool of a (database, user) once a server login as that user
 /// succeeds, so logins under made-up names leave no pool or metrics behind.
 /// The login's connection becomes the pool's first, and one login runs at a
-/// time, so the pool bound holds while many clients arrive at once.
+/// time, so the pool bound is kept while many clients arrive at once.
 async fn create_pool(
     pooler: &Pooler,
     db: &crate::config::PgDatabase,

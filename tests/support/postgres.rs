@@ -15,6 +15,13 @@ pub const MD5_USER: (&str, &str) = ("md5user", "md5 secret");
 pub const SCRAM_USER: (&str, &str) = ("scramuser", "scram'secret");
 pub const CLEAR_USER: (&str, &str) = ("clearuser", "clear secret");
 
+/// The server the tests of one test binary share, started on first use.
+/// Each binary compiles this module on its own, so each has its own server.
+pub fn shared() -> &'static PgServer {
+    static SERVER: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(PgServer::start)
+}
+
 pub struct PgServer {
     pub port: u16,
     pub dir: PathBuf,
