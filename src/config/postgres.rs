@@ -62,7 +62,7 @@ pub struct PgConfig {
     /// empty query before it is handed out. Default 30s.
     #[serde(default = "default_server_check_delay", with = "duration")]
     pub server_check_delay: Duration,
-    /// Longest wait for a server to accept a connection and log in.
+    /// Maximum time for a server to accept a connection and log in.
     /// Default 15s.
     #[serde(default = "default_server_connect_timeout", with = "duration")]
     pub server_connect_timeout: Duration,
@@ -76,14 +76,14 @@ pub struct PgConfig {
     /// tracking.
     #[serde(default = "default_max_prepared_statements")]
     pub max_prepared_statements: usize,
-    /// Longest a SIGTERM waits for running transactions. Default 30s.
+    /// Maximum time a SIGTERM waits for running transactions. Default 30s.
     #[serde(default = "default_shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
     /// Largest message accepted from a client, in bytes. Default 1 GiB, the
     /// largest value PostgreSQL itself accepts.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
-    /// How clients authenticate to skiff.
+    /// Client authentication settings.
     #[serde(default)]
     pub auth: PgAuthConfig,
     /// The databases clients may connect to.
@@ -131,7 +131,7 @@ pub struct PgDatabase {
     pub dbname: Option<String>,
     /// Server login; defaults to the client's user.
     pub user: Option<String>,
-    /// Server password; defaults to the client's password when skiff knows
+    /// Server password; defaults to the client's password when skiff has
     /// it in plain text.
     pub password: Option<String>,
     /// Overrides `default_pool_size` for this database.

@@ -17,7 +17,7 @@ use super::cancel::ServerKey;
 use super::prepared::ServerStatements;
 use super::protocol::{self, backend, ErrorFields, Message, MessageReader, ProtocolError};
 
-/// Where and as whom a pool connects.
+/// Server address, database and login of a pool.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
     pub host: String,
@@ -71,7 +71,7 @@ pub struct ServerConn {
     pub process_id: i32,
     pub secret_key: i32,
     pub address: String,
-    /// What a cancel request for this connection's process needs.
+    /// Key a cancel request for this connection's process needs.
     pub cancel_key: Arc<ServerKey>,
     /// ParameterStatus values the server reported at login.
     pub login_params: Vec<(String, String)>,
@@ -345,6 +345,20 @@ impl ServerConn {
             Ok(_) => true,
             Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
         }
+    }
+
+    /// Builds the SQL that resets this connection's session state for the
+    /// next client, and forgets the state that SQL removes. SQL-level
+    /// PREPARE adds DEALLOCATE ALL, which also drops skiff's own statements.
+    pub fn take_reset_sql(&mut self, reset_query: &str) -> String {
+        let mut sql = reset_query.to_string();
+        if self.sql_prepared {
+            sql.push_str("; DEALLOCATE ALL");
+            self.statements.clear();
+            self.sql_prepared = false;
+        }
+        self.applied.clear();
+        sql
     }
 
     /// Runs an empty query to check the connection still works.

@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use super::protocol::backend;
 
-/// What one request sent to the server produces.
+/// A request sent to the server, by the kind of responses it produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Parse; `statement` is the pooler-wide name, `client_name` the name
@@ -75,8 +75,8 @@ pub enum Expected {
     /// Bytes skiff sends the client when this slot is reached.
     Local(Bytes),
     /// A reply skiff sends for a client's Parse or Close of a named
-    /// statement; `undo` reverts its bookkeeping if the server skips the
-    /// slot after an earlier error, as PostgreSQL would skip the message.
+    /// statement. `undo` reverts its bookkeeping when an earlier error makes
+    /// the server skip to Sync, because PostgreSQL would skip the message.
     LocalStatement { reply: Bytes, undo: Undo },
 }
 

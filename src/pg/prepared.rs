@@ -32,7 +32,7 @@ pub struct Statement {
     pub parse: Bytes,
 }
 
-/// What makes two Parse messages the same statement: query bytes, parameter
+/// Identity of a statement across Parse messages: query bytes, parameter
 /// types, and the client's search_path, because the same text can name
 /// different tables under another search_path.
 type StatementKey = (Bytes, Bytes, Option<String>);

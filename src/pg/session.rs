@@ -29,7 +29,7 @@ use crate::config::PoolMode;
 /// Output is written once this many bytes are buffered, even mid-batch.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
 
-/// Longest skiff waits for a ROLLBACK of a disconnected client's
+/// Maximum time skiff waits for a ROLLBACK of a disconnected client's
 /// transaction before it closes the server connection instead.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -243,13 +243,7 @@ impl Session {
         let mut sql = String::new();
         if conn.dirty_by.is_some_and(|id| id != self.id) {
             // Another client changed session state here: reset it all.
-            sql.push_str(&self.pooler.config.server_reset_query);
-            if conn.sql_prepared {
-                sql.push_str("; DEALLOCATE ALL");
-                conn.statements.clear();
-                conn.sql_prepared = false;
-            }
-            conn.applied.clear();
+            sql = conn.take_reset_sql(&self.pooler.config.server_reset_query);
         }
         if let Some(sync) = params::sync_sql(&conn.applied, &self.settings, false) {
             if !sql.is_empty() {
@@ -366,13 +360,7 @@ impl Session {
         }
         let cleanup = match (self.mode, conn.tx_status) {
             (PoolMode::Session, b'I') => {
-                let mut reset = self.pooler.config.server_reset_query.clone();
-                if conn.sql_prepared {
-                    reset.push_str("; DEALLOCATE ALL");
-                    conn.statements.clear();
-                    conn.sql_prepared = false;
-                }
-                Some(reset)
+                Some(conn.take_reset_sql(&self.pooler.config.server_reset_query))
             }
             (_, b'I') => None,
             _ => Some("ROLLBACK".to_string()),
