@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Component};
 use crate::config::Config;
+use crate::control::Control;
 use crate::logship::Logship;
 use crate::pg;
 use crate::redis::RedisRouter;
@@ -74,6 +75,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     let shutdown = CancellationToken::new();
     let mut components: Vec<Arc<dyn Component>> = Vec::new();
     let mut jobs = Vec::new();
+    let mut pooler_handle = None;
+    let mut redis_handle: Option<Arc<dyn Component>> = None;
 
     // Before the pooler, so the capture can submit through its shipper.
     let mut logship = None;
@@ -92,6 +95,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
         let listener = bind(&pg_config.listen).await?;
         tracing::info!(listen = %pg_config.listen, "postgres pooler listening");
         components.push(pooler.clone());
+        pooler_handle = Some(pooler.clone());
         jobs.push(tokio::spawn(pooler.serve(listener, shutdown.clone())));
     }
 
@@ -100,6 +104,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
         let listener = bind(&redis_config.listen).await?;
         tracing::info!(listen = %redis_config.listen, "redis router listening");
         components.push(router.clone());
+        redis_handle = Some(router.clone());
         jobs.push(tokio::spawn(router.serve(listener, shutdown.clone())));
     }
 
@@ -113,9 +118,28 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
         admin_shutdown.clone(),
     ));
 
-    wait_for_stop_signal(&config_path).await?;
+    let logship_handle: Option<Arc<dyn Component>> =
+        logship.clone().map(|l| l as Arc<dyn Component>);
+    let control = Control::new(
+        config_path,
+        config.clone(),
+        pooler_handle.clone(),
+        redis_handle,
+        logship_handle,
+    );
+    if let Some(pooler) = &pooler_handle {
+        pooler.set_control(&control);
+    }
+    let mut signals = Signals::new()?;
+    signals.wait_for_stop(&control).await;
     tracing::info!("shutting down: no new connections, draining");
     shutdown.cancel();
+    // A second SIGTERM or SIGINT during the drain exits at once.
+    tokio::spawn(async move {
+        signals.wait_for_second_stop().await;
+        tracing::warn!("second stop signal: exiting without finishing the drain");
+        std::process::exit(0);
+    });
     for job in jobs {
         let _ = job.await;
     }
@@ -131,22 +155,55 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     Ok(())
 }
 
-async fn wait_for_stop_signal(config_path: &std::path::Path) -> Result<(), ServerError> {
-    let mut terminate = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
-            _ = hangup.recv() => {
-                // TODO: apply the new config; for now only validate it.
-                match Config::load(config_path) {
-                    Ok(_) => tracing::warn!(path = %config_path.display(),
-                        "SIGHUP: config is valid, but reload is not implemented yet; restart to apply"),
-                    Err(err) => tracing::error!(error = %err, "SIGHUP: new config rejected"),
-                }
+/// The signals skiff reacts to.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, ServerError> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate()).map_err(ServerError::Signal)?,
+            interrupt: signal(SignalKind::interrupt()).map_err(ServerError::Signal)?,
+            hangup: signal(SignalKind::hangup()).map_err(ServerError::Signal)?,
+        })
+    }
+
+    /// Waits for SIGTERM, SIGINT or the admin console's SHUTDOWN, and
+    /// reloads the config on each SIGHUP meanwhile.
+    async fn wait_for_stop(&mut self, control: &Arc<Control>) {
+        let shutdown = control.shutdown_requested();
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return,
+                _ = self.interrupt.recv() => return,
+                _ = shutdown.cancelled() => return,
+                _ = self.hangup.recv() => reload(control).await,
             }
+        }
+    }
+
+    async fn wait_for_second_stop(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// Reloads the config file, logging the outcome.
+pub async fn reload(control: &Control) {
+    match control.reload().await {
+        Ok(notes) => {
+            tracing::info!("config reloaded");
+            for note in notes {
+                tracing::warn!(%note, "config reload: setting not applied");
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "config reload rejected; the old config stays in force")
         }
     }
 }

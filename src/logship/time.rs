@@ -44,13 +44,19 @@ pub fn utc_from_unix(secs: i64) -> UtcDateTime {
     }
 }
 
-/// Formats `time` as a V4 signing time, `yyyymmddThhmmssZ`.
-pub fn v4_date_time(time: SystemTime) -> String {
+/// Converts `time` to a UTC date and time, whole seconds; times before
+/// 1970 become the epoch.
+pub fn utc_from_system(time: SystemTime) -> UtcDateTime {
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs() as i64)
         .unwrap_or(0);
-    let t = utc_from_unix(secs);
+    utc_from_unix(secs)
+}
+
+/// Formats `time` as a V4 signing time, `yyyymmddThhmmssZ`.
+pub fn v4_date_time(time: SystemTime) -> String {
+    let t = utc_from_system(time);
     format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
         t.year, t.month, t.day, t.hour, t.minute, t.second

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -25,11 +25,23 @@ pub struct ServerTarget {
     pub dbname: String,
     pub user: String,
     pub password: Option<String>,
+    /// Raised by RECONNECT and by a reload that changes the target, so
+    /// connections opened before are closed once released.
+    pub generation: u64,
 }
 
 impl ServerTarget {
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    /// True when both log in to the same server as the same user.
+    pub fn same_login(&self, other: &ServerTarget) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && self.dbname == other.dbname
+            && self.user == other.user
+            && self.password == other.password
     }
 }
 
@@ -134,6 +146,9 @@ impl ServerConn {
                 address: addr.clone(),
                 process_id: 0,
                 secret_key: 0,
+                server_id: id,
+                connected_at: SystemTime::now(),
+                generation: target.generation,
             }),
             address: addr,
             login_params: Vec::new(),
@@ -185,6 +200,9 @@ impl ServerConn {
                         address: self.address.clone(),
                         process_id: self.process_id,
                         secret_key: self.secret_key,
+                        server_id: self.id,
+                        connected_at: self.cancel_key.connected_at,
+                        generation: target.generation,
                     });
                     return Ok(());
                 }

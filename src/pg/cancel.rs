@@ -1,15 +1,19 @@
-//! CancelRequest routing: each client gets a key from skiff, and a cancel
-//! with that key goes to the server connection the client is using at that
-//! moment, or nowhere.
+//! The registry of connected clients. It routes CancelRequests: each client
+//! gets a key from skiff, and a cancel with that key goes to the server
+//! connection the client is using at that moment, or nowhere. The admin
+//! console lists and kills clients through it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use parking_lot::Mutex;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::protocol;
 
@@ -19,6 +23,44 @@ pub struct ServerKey {
     pub address: String,
     pub process_id: i32,
     pub secret_key: i32,
+    /// skiff's id of the server connection.
+    pub server_id: u64,
+    pub connected_at: SystemTime,
+    /// Pool target generation the connection logged in with; a connection
+    /// of an older generation is closed when it is released.
+    pub generation: u64,
+}
+
+/// What the admin console shows of a client, fixed at login.
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub connected_at: SystemTime,
+    /// Cancelled by the admin console's KILL: the session ends at once.
+    pub kill: CancellationToken,
+}
+
+/// A client's state as the admin console lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Linked to a server connection.
+    Active,
+    /// Queued for a server connection.
+    Waiting,
+    Idle,
+}
+
+/// One registered client at one moment.
+pub struct ClientSnapshot {
+    pub info: Arc<ClientInfo>,
+    pub state: ClientState,
+    pub server: Option<Arc<ServerKey>>,
+    /// The process id skiff gave the client in BackendKeyData.
+    pub process_id: i32,
 }
 
 /// The destination of a client's cancel request at this moment.
@@ -34,9 +76,15 @@ struct CancelTarget {
     sent: Arc<Notify>,
 }
 
-type Slot = Arc<Mutex<CancelTarget>>;
+/// A registered client: its login facts and where its cancel goes.
+struct ClientEntry {
+    info: Arc<ClientInfo>,
+    target: Mutex<CancelTarget>,
+}
 
-/// Client cancel keys of every connected client.
+type Slot = Arc<ClientEntry>;
+
+/// Every connected client, keyed by its cancel key.
 #[derive(Default)]
 pub struct CancelRegistry {
     clients: Mutex<HashMap<(i32, i32), Slot>>,
@@ -52,8 +100,11 @@ pub struct CancelHandle {
 
 impl CancelRegistry {
     /// Registers a new client under a fresh random key.
-    pub fn register(self: &Arc<Self>) -> CancelHandle {
-        let slot: Slot = Arc::new(Mutex::new(CancelTarget::default()));
+    pub fn register(self: &Arc<Self>, info: Arc<ClientInfo>) -> CancelHandle {
+        let slot: Slot = Arc::new(ClientEntry {
+            info,
+            target: Mutex::new(CancelTarget::default()),
+        });
         let mut rng = rand::thread_rng();
         let mut clients = self.clients.lock();
         loop {
@@ -79,7 +130,7 @@ impl CancelRegistry {
                 tracing::debug!("cancel request with unknown key ignored");
                 return;
             };
-            let mut target = slot.lock();
+            let mut target = slot.target.lock();
             if let Some(waiting) = &target.waiting {
                 metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
                 waiting.notify_one();
@@ -96,9 +147,59 @@ impl CancelRegistry {
         };
         metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
         send_cancel(&target).await;
-        let mut state = slot.lock();
+        let mut state = slot.target.lock();
         state.sending -= 1;
         state.sent.notify_waiters();
+    }
+}
+
+impl CancelRegistry {
+    /// Every registered client with its state now, ordered by client id.
+    pub fn snapshot(&self) -> Vec<ClientSnapshot> {
+        let slots: Vec<((i32, i32), Slot)> = self
+            .clients
+            .lock()
+            .iter()
+            .map(|(key, slot)| (*key, slot.clone()))
+            .collect();
+        let mut clients: Vec<ClientSnapshot> = slots
+            .into_iter()
+            .map(|(key, slot)| {
+                let target = slot.target.lock();
+                let state = if target.server.is_some() {
+                    ClientState::Active
+                } else if target.waiting.is_some() {
+                    ClientState::Waiting
+                } else {
+                    ClientState::Idle
+                };
+                ClientSnapshot {
+                    info: slot.info.clone(),
+                    state,
+                    server: target.server.clone(),
+                    process_id: key.0,
+                }
+            })
+            .collect();
+        clients.sort_by_key(|client| client.info.id);
+        clients
+    }
+
+    /// Ends the sessions of the clients `select` picks; returns how many.
+    pub fn kill(&self, select: impl Fn(&ClientInfo) -> bool) -> usize {
+        let clients = self.clients.lock();
+        let mut killed = 0;
+        for slot in clients.values() {
+            if select(&slot.info) {
+                slot.info.kill.cancel();
+                killed += 1;
+            }
+        }
+        killed
+    }
+
+    pub fn len(&self) -> usize {
+        self.clients.lock().len()
     }
 }
 
@@ -126,7 +227,7 @@ pub async fn send_cancel(target: &ServerKey) {
 impl CancelHandle {
     /// Points the client's key at a server process, or at none.
     pub fn attach(&self, server: Option<Arc<ServerKey>>) {
-        self.slot.lock().server = server;
+        self.slot.target.lock().server = server;
     }
 
     /// Points the client's key at no server, after any cancel request being
@@ -135,7 +236,7 @@ impl CancelHandle {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
         loop {
             let sent = {
-                let mut target = self.slot.lock();
+                let mut target = self.slot.target.lock();
                 if target.sending == 0 || tokio::time::Instant::now() >= deadline {
                     target.server = None;
                     return;
@@ -145,7 +246,7 @@ impl CancelHandle {
             let notified = sent.notified();
             // Re-checked after registering, so a notification between the
             // check and here is not missed.
-            if self.slot.lock().sending == 0 {
+            if self.slot.target.lock().sending == 0 {
                 continue;
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
@@ -156,12 +257,16 @@ impl CancelHandle {
     /// wakes the returned notifier.
     pub fn begin_wait(&self) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
-        self.slot.lock().waiting = Some(notify.clone());
+        self.slot.target.lock().waiting = Some(notify.clone());
         notify
     }
 
     pub fn end_wait(&self) {
-        self.slot.lock().waiting = None;
+        self.slot.target.lock().waiting = None;
+    }
+
+    pub fn info(&self) -> &Arc<ClientInfo> {
+        &self.slot.info
     }
 }
 

@@ -117,8 +117,8 @@ pub async fn handle_client(
         let logged_in = match login {
             Ok(Ok(Login::Session(logged_in))) => logged_in,
             Ok(Ok(Login::Admin)) => {
-                reader.set_max_message_bytes(pooler.config.max_message_bytes);
-                let _ = super::admin::serve(&pooler, reader, writer).await;
+                reader.set_max_message_bytes(pooler.config().max_message_bytes);
+                let _ = super::admin::serve(&pooler, reader, writer, &shutdown).await;
                 return;
             }
             Ok(Err(LoginEnd::Quiet)) => return,
@@ -144,10 +144,11 @@ pub async fn handle_client(
             }
         };
         tracing::debug!(user = %logged_in.user, database = %logged_in.database, "client logged in");
-        reader.set_max_message_bytes(pooler.config.max_message_bytes);
+        reader.set_max_message_bytes(pooler.config().max_message_bytes);
         let session = Session::new(
             pooler.clone(),
             client_id,
+            peer,
             logged_in,
             reader,
             writer,
@@ -171,7 +172,7 @@ async fn login(
     client_count: usize,
 ) -> Result<Login, LoginEnd> {
     let params = read_startup(pooler, reader, writer).await?;
-    if client_count > pooler.config.max_client_conn {
+    if client_count > pooler.config().max_client_conn {
         return Err(fatal(
             "53300",
             "sorry, too many clients already".into(),
@@ -188,7 +189,7 @@ async fn login(
     }
     let database = params.get("database").unwrap_or(&user).to_string();
     if super::admin::ADMIN_DATABASES.contains(&database.as_str()) {
-        if !pooler.config.admin_users.contains(&user) {
+        if !pooler.config().admin_users.contains(&user) {
             return Err(fatal(
                 "28000",
                 format!(
@@ -207,10 +208,17 @@ async fn login(
             "unknown_database",
         ));
     };
+    if pooler.is_disabled(&database) {
+        return Err(fatal(
+            "55000",
+            format!("database \"{database}\" is not currently accepting connections (DISABLE)"),
+            "database_disabled",
+        ));
+    }
     authenticate(pooler, &user, reader, writer).await?;
-    let pool = match pooler.existing_pool(db, &user) {
+    let pool = match pooler.existing_pool(&db, &user) {
         Some(pool) => pool,
-        None => create_pool(pooler, db, &user).await?,
+        None => create_pool(pooler, &db, &user).await?,
     };
     // The pool learned the server's ParameterStatus values from its first
     // login, which happened before the pool existed.
@@ -266,7 +274,7 @@ async fn authenticate(
     reader: &mut MessageReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
 ) -> Result<(), LoginEnd> {
-    let passed = match pooler.config.auth.auth_type {
+    let passed = match pooler.config().auth.auth_type {
         AuthType::Trust => true,
         AuthType::Md5 => md5_exchange(pooler, user, reader, writer).await?,
         AuthType::ScramSha256 => scram_exchange(pooler, user, reader, writer).await?,
@@ -310,7 +318,8 @@ async fn md5_exchange(
         .await?;
     let response = read_password(reader).await?;
     let response = response.strip_suffix(&[0]).unwrap_or(&response);
-    let stored = match pooler.users.get(user) {
+    let users = pooler.users();
+    let stored = match users.get(user) {
         Some(Secret::Plain(password)) => auth::md5_password_hash(user, password),
         Some(Secret::Md5(hash)) => hash.clone(),
         _ => return Ok(false),
@@ -328,7 +337,7 @@ async fn scram_exchange(
     // An unknown user still goes through the exchange against a random
     // secret, so a client cannot tell unknown users from wrong passwords.
     let secret = pooler
-        .users
+        .users()
         .scram_secret(user)
         .unwrap_or_else(|| Arc::new(ScramSecret::from_password(&random_password())));
     let mut server = ScramServer::new(secret);
@@ -387,8 +396,8 @@ async fn create_pool(
         return Ok(pool);
     }
     let target = pooler.target_for(db, user);
-    let timeout = pooler.config.server_connect_timeout;
-    let max_statements = pooler.config.max_prepared_statements;
+    let timeout = pooler.config().server_connect_timeout;
+    let max_statements = pooler.config().max_prepared_statements;
     match super::backend::ServerConn::connect(0, &target, timeout, max_statements).await {
         Ok(conn) => {
             let pool = pooler.pool_for(db, user);

@@ -7,6 +7,7 @@ mod backend;
 mod cancel;
 mod capture;
 mod frontend;
+mod manage;
 mod params;
 mod pending;
 mod pool;
@@ -16,9 +17,10 @@ mod session;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{BoxFuture, Component};
 use crate::config::{Config, PgConfig, PgDatabase};
+use crate::control::Control;
 use crate::logship::capture::Capture;
 use crate::logship::Shipper;
 
@@ -44,8 +47,10 @@ pub enum PoolerError {
 
 /// State shared by every client session.
 pub struct Pooler {
-    config: PgConfig,
-    users: UserList,
+    /// Replaced by a reload; read with `config()`.
+    config: ArcSwap<PgConfig>,
+    /// Replaced by a reload; read with `users()`.
+    users: ArcSwap<UserList>,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     cancels: Arc<CancelRegistry>,
     statements: Registry,
@@ -55,6 +60,12 @@ pub struct Pooler {
     capture: Option<Arc<capture::CaptureHook>>,
     /// Held while a new pool's first server login runs.
     pool_creation: tokio::sync::Mutex<()>,
+    /// Databases paused by the admin console.
+    pauses: Mutex<manage::PauseState>,
+    /// Databases DISABLE closed to new clients.
+    disabled: Mutex<std::collections::HashSet<String>>,
+    /// Reload, shutdown and the other jobs, for the admin console.
+    control: std::sync::OnceLock<Weak<Control>>,
 }
 
 impl Pooler {
@@ -78,8 +89,8 @@ impl Pooler {
             _ => None,
         };
         Ok(Arc::new(Pooler {
-            config,
-            users,
+            config: ArcSwap::from_pointee(config),
+            users: ArcSwap::from_pointee(users),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
             statements: Registry::default(),
@@ -87,6 +98,9 @@ impl Pooler {
             next_client_id: AtomicU64::new(1),
             capture,
             pool_creation: tokio::sync::Mutex::new(()),
+            pauses: Mutex::new(manage::PauseState::default()),
+            disabled: Mutex::new(std::collections::HashSet::new()),
+            control: std::sync::OnceLock::new(),
         }))
     }
 
@@ -116,7 +130,7 @@ impl Pooler {
         }
         drop(listener);
         tracker.close();
-        let drained = tokio::time::timeout(self.config.shutdown_timeout, tracker.wait()).await;
+        let drained = tokio::time::timeout(self.config().shutdown_timeout, tracker.wait()).await;
         if drained.is_err() {
             tracing::warn!(
                 clients = self.clients.load(Ordering::Relaxed),
@@ -140,8 +154,29 @@ impl Pooler {
         }
     }
 
-    fn database(&self, name: &str) -> Option<&PgDatabase> {
-        self.config.databases.iter().find(|db| db.name == name)
+    /// Gives the admin console access to process-wide actions.
+    pub fn set_control(&self, control: &Arc<Control>) {
+        let _ = self.control.set(Arc::downgrade(control));
+    }
+
+    fn control(&self) -> Option<Arc<Control>> {
+        self.control.get().and_then(Weak::upgrade)
+    }
+
+    fn config(&self) -> arc_swap::Guard<Arc<PgConfig>> {
+        self.config.load()
+    }
+
+    fn users(&self) -> arc_swap::Guard<Arc<UserList>> {
+        self.users.load()
+    }
+
+    fn database(&self, name: &str) -> Option<PgDatabase> {
+        self.config()
+            .databases
+            .iter()
+            .find(|db| db.name == name)
+            .cloned()
     }
 
     /// The pool for a (database, user), if one exists.
@@ -160,7 +195,8 @@ impl Pooler {
             password: db
                 .password
                 .clone()
-                .or_else(|| self.users.plain_password(user).map(str::to_string)),
+                .or_else(|| self.users().plain_password(user).map(str::to_string)),
+            generation: 0,
         }
     }
 
@@ -172,15 +208,11 @@ impl Pooler {
             return pool.clone();
         }
         let target = self.target_for(db, user);
-        let settings = PoolSettings {
-            size: self.config.pool_size(db),
-            connect_timeout: self.config.server_connect_timeout,
-            lifetime: self.config.server_lifetime,
-            idle_timeout: self.config.server_idle_timeout,
-            check_delay: self.config.server_check_delay,
-            max_prepared_statements: self.config.max_prepared_statements,
-        };
+        let settings = pool_settings(&self.config(), db);
         let pool = Arc::new(Pool::new(format!("{}/{}", db.name, user), target, settings));
+        if self.pauses.lock().covers(&db.name) {
+            pool.pause();
+        }
         pools.insert(key, pool.clone());
         pool
     }
@@ -192,6 +224,18 @@ impl Pooler {
     }
 }
 
+/// Pool settings of a database under a config.
+fn pool_settings(config: &PgConfig, db: &PgDatabase) -> PoolSettings {
+    PoolSettings {
+        size: config.pool_size(db),
+        connect_timeout: config.server_connect_timeout,
+        lifetime: config.server_lifetime,
+        idle_timeout: config.server_idle_timeout,
+        check_delay: config.server_check_delay,
+        max_prepared_statements: config.max_prepared_statements,
+    }
+}
+
 impl Component for Pooler {
     fn name(&self) -> &'static str {
         "postgres"
@@ -199,7 +243,7 @@ impl Component for Pooler {
 
     fn readiness(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            for db in &self.config.databases {
+            for db in &self.config().databases {
                 let addr = format!("{}:{}", db.host, db.port);
                 let connect = tokio::net::TcpStream::connect(&addr);
                 match tokio::time::timeout(Duration::from_secs(2), connect).await {
@@ -222,7 +266,7 @@ impl Component for Pooler {
                     "server_active": pool.active_count(),
                     "server_idle": pool.idle_count(),
                     "clients_waiting": pool.waiting_count(),
-                    "pool_size": pool.settings.size,
+                    "pool_size": pool.settings().size,
                 })
             })
             .collect();

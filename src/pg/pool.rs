@@ -6,18 +6,20 @@
 //! reconnect storms too. Waiters are served first come, first served.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{BackendError, ServerConn, ServerTarget};
+use super::cancel::ServerKey;
 
 /// Timeouts and limits of a pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSettings {
     pub size: usize,
     pub connect_timeout: Duration,
@@ -71,9 +73,17 @@ pub struct PoolStats {
 pub struct Pool {
     pub stats: PoolStats,
     pub name: String,
-    pub target: ServerTarget,
-    pub settings: PoolSettings,
+    /// Replaced by a reload or RECONNECT; see `ServerTarget::generation`.
+    target: ArcSwap<ServerTarget>,
+    /// Replaced by a reload.
+    settings: ArcSwap<PoolSettings>,
     permits: Arc<Semaphore>,
+    /// Permits to forget when they are released, because `pool_size`
+    /// shrank while they were in use.
+    permit_debt: AtomicUsize,
+    /// Set by the admin console's PAUSE and KILL: checkouts wait for RESUME.
+    paused: AtomicBool,
+    resumed: Notify,
     idle: Mutex<Vec<ServerConn>>,
     active: AtomicUsize,
     waiting: AtomicUsize,
@@ -110,9 +120,12 @@ impl Pool {
         Pool {
             stats: PoolStats::default(),
             permits: Arc::new(Semaphore::new(settings.size)),
+            permit_debt: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            resumed: Notify::new(),
             name,
-            target,
-            settings,
+            target: ArcSwap::from_pointee(target),
+            settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
             active: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -123,21 +136,139 @@ impl Pool {
     }
 
     /// Waits up to `wait` for a server connection, reusing an idle one when
-    /// it is still healthy and opening one otherwise.
+    /// it is still healthy and opening one otherwise. A paused pool makes
+    /// the wait last until RESUME, within the same `wait`.
     pub async fn checkout(&self, wait: Duration) -> Result<Checkout, CheckoutError> {
+        let deadline = tokio::time::Instant::now() + wait;
         let permit = match self.try_permit() {
             Some(permit) => permit,
-            None => self.wait_for_permit(wait).await?,
+            None => self.wait_for_permit(deadline, wait).await?,
         };
         self.checkout_with(permit).await
     }
 
-    /// A permit when one is free now. It never overtakes queued waiters:
-    /// tokio hands a released permit to the first waiter, not the pool.
+    /// A permit when one is free now and the pool is not paused. It never
+    /// overtakes queued waiters: tokio hands a released permit to the first
+    /// waiter, not the pool.
     pub fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        if self.paused.load(Ordering::Acquire) {
+            return None;
+        }
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         self.metrics.wait_seconds.record(0.0);
         Some(permit)
+    }
+
+    /// Gives a permit back, or forgets it while the pool is above a
+    /// shrunken `pool_size`; returns true when it was forgotten, so the
+    /// caller closes the connection that held it.
+    fn release_permit(&self, permit: OwnedSemaphorePermit) -> bool {
+        let owed = self
+            .permit_debt
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |debt| {
+                debt.checked_sub(1)
+            });
+        if owed.is_ok() {
+            permit.forget();
+            return true;
+        }
+        drop(permit);
+        false
+    }
+
+    /// The target new connections log in to.
+    pub fn target(&self) -> Arc<ServerTarget> {
+        self.target.load_full()
+    }
+
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
+    }
+
+    /// Applies reloaded settings and target. A changed target starts a new
+    /// generation: idle connections close now, busy ones when released.
+    pub fn apply(&self, settings: PoolSettings, mut target: ServerTarget) {
+        let current = self.target.load();
+        target.generation = current.generation;
+        let target_changed = !current.same_login(&target);
+        drop(current);
+        self.resize(settings.size);
+        self.settings.store(Arc::new(settings));
+        if target_changed {
+            target.generation += 1;
+            self.target.store(Arc::new(target));
+            self.close_idle();
+        }
+    }
+
+    /// Starts a new generation with the same target, as RECONNECT does.
+    pub fn reconnect(&self) {
+        let mut target = (*self.target.load_full()).clone();
+        target.generation += 1;
+        self.target.store(Arc::new(target));
+        self.close_idle();
+    }
+
+    /// Changes the number of permits. Permits in use above a smaller size
+    /// are forgotten as they come back.
+    fn resize(&self, size: usize) {
+        let old = self.settings.load().size;
+        if size > old {
+            let mut grow = size - old;
+            let repaid = self
+                .permit_debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |debt| {
+                    Some(debt - debt.min(grow))
+                })
+                .map(|before| before.min(grow))
+                .unwrap_or(0);
+            grow -= repaid;
+            self.permits.add_permits(grow);
+        } else if size < old {
+            let shrink = old - size;
+            let forgotten = self.permits.forget_permits(shrink);
+            self.permit_debt
+                .fetch_add(shrink - forgotten, Ordering::AcqRel);
+            let keep = size.saturating_sub(self.active_count());
+            let surplus: Vec<ServerConn> = {
+                let mut idle = self.idle.lock();
+                let excess = idle.len().saturating_sub(keep);
+                idle.drain(..excess).collect()
+            };
+            for conn in surplus {
+                tokio::spawn(conn.terminate());
+            }
+            self.update_gauges();
+        }
+    }
+
+    /// Makes new checkouts wait until `resume`.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+        self.resumed.notify_waiters();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Waits while the pool is paused, until `deadline`.
+    async fn wait_while_paused(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let resumed = self.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.is_paused() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, resumed).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Finishes a checkout once a permit is held.
@@ -154,11 +285,22 @@ impl Pool {
         Ok(Checkout { conn, permit })
     }
 
-    /// Queues for a permit behind earlier waiters, at most `wait`.
-    async fn wait_for_permit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, CheckoutError> {
+    /// Queues for a permit behind earlier waiters, until `deadline`.
+    async fn wait_for_permit(
+        &self,
+        deadline: tokio::time::Instant,
+        wait: Duration,
+    ) -> Result<OwnedSemaphorePermit, CheckoutError> {
         let started = Instant::now();
         self.set_waiting(1);
-        let acquired = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+        let acquired = async {
+            if !self.wait_while_paused(deadline).await {
+                return Err(());
+            }
+            let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned());
+            permit.await.map_err(|_| ())
+        }
+        .await;
         self.set_waiting(-1);
         let waited = started.elapsed();
         self.metrics.wait_seconds.record(waited.as_secs_f64());
@@ -170,7 +312,7 @@ impl Pool {
         match acquired {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(CheckoutError::Closed),
-            Err(_) => Err(CheckoutError::Timeout(wait)),
+            Err(()) => Err(CheckoutError::Timeout(wait)),
         }
     }
 
@@ -178,14 +320,16 @@ impl Pool {
         loop {
             let mut conn = self.idle.lock().pop()?;
             let now = Instant::now();
-            if now.duration_since(conn.created) >= self.settings.lifetime
+            let settings = self.settings.load();
+            if now.duration_since(conn.created) >= settings.lifetime
+                || conn.cancel_key.generation != self.target.load().generation
                 || conn.closed_while_idle()
             {
                 tracing::debug!(server = conn.id, "closing stale server connection");
                 continue;
             }
-            if now.duration_since(conn.last_used) >= self.settings.check_delay
-                && !conn.check(self.settings.connect_timeout).await
+            if now.duration_since(conn.last_used) >= settings.check_delay
+                && !conn.check(settings.connect_timeout).await
             {
                 tracing::debug!(server = conn.id, "server connection failed its check");
                 continue;
@@ -197,11 +341,12 @@ impl Pool {
     async fn open(&self) -> Result<ServerConn, CheckoutError> {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         self.metrics.connects.increment(1);
+        let settings = self.settings.load_full();
         let conn = ServerConn::connect(
             id,
-            &self.target,
-            self.settings.connect_timeout,
-            self.settings.max_prepared_statements,
+            &self.target.load_full(),
+            settings.connect_timeout,
+            settings.max_prepared_statements,
         )
         .await
         .inspect_err(|err| {
@@ -220,13 +365,16 @@ impl Pool {
     /// it when the pool is full.
     pub fn adopt(&self, mut conn: ServerConn) {
         conn.id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
+        let mut key = (*conn.cancel_key).clone();
+        key.server_id = conn.id;
+        conn.cancel_key = Arc::new(key);
         {
             let mut params = self.server_params.lock();
             if params.is_none() {
                 *params = Some(conn.login_params.clone());
             }
         }
-        match self.try_permit() {
+        match self.permits.clone().try_acquire_owned().ok() {
             Some(permit) => {
                 self.active.fetch_add(1, Ordering::Relaxed);
                 self.checkin(Checkout { conn, permit });
@@ -242,13 +390,23 @@ impl Pool {
         self.active.fetch_sub(1, Ordering::Relaxed);
         let conn = &mut checkout.conn;
         conn.last_used = Instant::now();
-        let expired = conn.created.elapsed() >= self.settings.lifetime;
+        let expired = conn.created.elapsed() >= self.settings.load().lifetime
+            || conn.cancel_key.generation != self.target.load().generation;
+        let Checkout { conn, permit } = checkout;
         if conn.tx_status == b'I' && !expired {
-            self.idle.lock().push(checkout.conn);
+            // Idle before the permit goes back, so the waiter it wakes
+            // finds this connection.
+            self.idle.lock().push(conn);
+            if self.release_permit(permit) {
+                // The pool shrank: one connection fewer.
+                if let Some(surplus) = self.idle.lock().pop() {
+                    tokio::spawn(surplus.terminate());
+                }
+            }
         } else {
-            tokio::spawn(checkout.conn.terminate());
+            tokio::spawn(conn.terminate());
+            self.release_permit(permit);
         }
-        drop(checkout.permit);
         self.update_gauges();
     }
 
@@ -256,17 +414,18 @@ impl Pool {
     pub fn discard(&self, checkout: Checkout) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         tokio::spawn(checkout.conn.terminate());
-        drop(checkout.permit);
+        self.release_permit(checkout.permit);
         self.update_gauges();
     }
 
     /// Drops a connection whose query is still running: sends the server a
     /// cancel request first and keeps the pool slot until the connection is
     /// closed, so the server process is gone before the slot is reused.
-    pub fn discard_running(&self, checkout: Checkout) {
+    pub fn discard_running(self: &Arc<Self>, checkout: Checkout) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.update_gauges();
         let Checkout { conn, permit } = checkout;
+        let pool = self.clone();
         tokio::spawn(async move {
             let key = conn.cancel_key.clone();
             super::cancel::send_cancel(&key).await;
@@ -274,7 +433,7 @@ impl Pool {
             // The server process exits once it sees the cancel and the
             // closed socket; give it a moment before the slot is reused.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            drop(permit);
+            pool.release_permit(permit);
         });
     }
 
@@ -282,14 +441,15 @@ impl Pool {
     /// `server_lifetime`.
     pub fn reap(&self) {
         let now = Instant::now();
+        let settings = self.settings.load_full();
         let mut closed = Vec::new();
         {
             let mut idle = self.idle.lock();
             let mut index = 0;
             while index < idle.len() {
                 let conn = &idle[index];
-                if now.duration_since(conn.last_used) >= self.settings.idle_timeout
-                    || now.duration_since(conn.created) >= self.settings.lifetime
+                if now.duration_since(conn.last_used) >= settings.idle_timeout
+                    || now.duration_since(conn.created) >= settings.lifetime
                 {
                     closed.push(idle.swap_remove(index));
                 } else {
@@ -346,6 +506,15 @@ impl Pool {
 
     pub fn active_count(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Keys and idle times of the idle connections, for SHOW SERVERS.
+    pub fn idle_servers(&self) -> Vec<(Arc<ServerKey>, Duration)> {
+        self.idle
+            .lock()
+            .iter()
+            .map(|conn| (conn.cancel_key.clone(), conn.last_used.elapsed()))
+            .collect()
     }
 
     pub fn idle_count(&self) -> usize {

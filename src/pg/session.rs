@@ -6,8 +6,9 @@ mod client;
 mod server;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -15,7 +16,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendError;
-use super::cancel::CancelHandle;
+use super::cancel::{CancelHandle, ClientInfo};
 use super::capture::SessionCapture;
 use super::frontend::LoggedIn;
 use super::params;
@@ -78,25 +79,42 @@ pub struct Session {
     /// The client ran SQL that may change session state without a command
     /// tag that shows it.
     session_state_changed: bool,
+    /// Shutdown began while a transaction was open; the session stops when
+    /// it ends.
+    stop_deferred: bool,
 }
 
 impl Session {
     pub fn new(
         pooler: Arc<Pooler>,
         id: u64,
+        peer: SocketAddr,
         logged_in: LoggedIn,
         reader: MessageReader<OwnedReadHalf>,
         writer: OwnedWriteHalf,
         shutdown: CancellationToken,
     ) -> Session {
-        let cancel = pooler.cancels.register();
+        let info = ClientInfo {
+            id,
+            peer,
+            user: logged_in.user.clone(),
+            database: logged_in.database.clone(),
+            application_name: logged_in
+                .params
+                .get("application_name")
+                .unwrap_or_default()
+                .to_string(),
+            connected_at: SystemTime::now(),
+            kill: CancellationToken::new(),
+        };
+        let cancel = pooler.cancels.register(Arc::new(info));
         let capture = pooler.capture.as_ref().map(|_| SessionCapture::default());
         Session {
             database: logged_in.database,
             capture,
             unsynced: false,
             session_state_changed: false,
-            mode: pooler.config.pool_mode,
+            mode: pooler.config().pool_mode,
             settings: params::startup_settings(&logged_in.params),
             startup_settings: params::startup_settings(&logged_in.params),
             pool: logged_in.pool,
@@ -110,7 +128,10 @@ impl Session {
             client_skipping: false,
             statements: HashMap::new(),
             cancel,
-            shutdown,
+            // A token of its own, so sessions do not contend on the
+            // listener's token each time they wait.
+            shutdown: shutdown.child_token(),
+            stop_deferred: false,
         }
     }
 
@@ -162,17 +183,34 @@ impl Session {
         let event = {
             let reader = &mut self.reader;
             let server = &mut self.server;
-            let shutdown = &self.shutdown;
             let server_read = async {
                 match server {
                     Some(checkout) => checkout.conn.read().await,
                     None => std::future::pending().await,
                 }
             };
+            // One branch serves shutdown and KILL: a shutdown waits for the
+            // open transaction to end, a KILL does not.
+            let kill = &self.cancel.info().kill;
+            let shutdown = &self.shutdown;
+            let deferred = self.stop_deferred;
+            let stop = async move {
+                if deferred && can_stop {
+                    return;
+                }
+                if deferred {
+                    kill.cancelled().await
+                } else {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = kill.cancelled() => {}
+                    }
+                }
+            };
             tokio::select! {
                 biased;
                 message = server_read => Event::Server(message),
-                _ = shutdown.cancelled(), if can_stop => Event::Shutdown,
+                _ = stop => Event::Shutdown,
                 message = reader.read() => Event::Client(message),
             }
         };
@@ -193,6 +231,18 @@ impl Session {
             Event::Client(Err(err)) => {
                 self.write_error(Severity::Fatal, "08P01", &err.to_string());
                 Ok(Flow::Close)
+            }
+            Event::Shutdown if self.cancel.info().kill.is_cancelled() => {
+                self.write_error(
+                    Severity::Fatal,
+                    "57P01",
+                    "terminating connection due to administrator command",
+                );
+                Ok(Flow::Close)
+            }
+            Event::Shutdown if !can_stop => {
+                self.stop_deferred = true;
+                Ok(Flow::Continue)
             }
             Event::Shutdown => {
                 self.write_error(
@@ -243,7 +293,7 @@ impl Session {
         let mut sql = String::new();
         if conn.dirty_by.is_some_and(|id| id != self.id) {
             // Another client changed session state here: reset it all.
-            sql = conn.take_reset_sql(&self.pooler.config.server_reset_query);
+            sql = conn.take_reset_sql(&self.pooler.config().server_reset_query);
         }
         if let Some(sync) = params::sync_sql(&conn.applied, &self.settings, false) {
             if !sql.is_empty() {
@@ -284,7 +334,7 @@ impl Session {
     /// Checks out a server connection; a cancel request from the client
     /// ends the wait, as it would end a running query.
     async fn wait_for_server(&mut self) -> Result<Checkout, Bytes> {
-        let wait = self.pooler.config.query_wait_timeout;
+        let wait = self.pooler.config().query_wait_timeout;
         let pool = self.pool.clone();
         if let Some(permit) = pool.try_permit() {
             return pool
@@ -342,6 +392,12 @@ impl Session {
             return;
         };
         self.cancel.detach().await;
+        if self.cancel.info().kill.is_cancelled() {
+            // KILL closes the server connection too, so nothing the client
+            // left running goes on.
+            self.pool.discard_running(checkout);
+            return;
+        }
         if self.pending.awaits_server() {
             // A query is still running: cancel it so the server process
             // ends before its pool slot is reused.
@@ -360,7 +416,7 @@ impl Session {
         }
         let cleanup = match (self.mode, conn.tx_status) {
             (PoolMode::Session, b'I') => {
-                Some(conn.take_reset_sql(&self.pooler.config.server_reset_query))
+                Some(conn.take_reset_sql(&self.pooler.config().server_reset_query))
             }
             (_, b'I') => None,
             _ => Some("ROLLBACK".to_string()),

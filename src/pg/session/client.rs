@@ -149,7 +149,7 @@ impl Session {
     }
 
     fn tracking(&self) -> bool {
-        self.pooler.config.max_prepared_statements > 0
+        self.pooler.config().max_prepared_statements > 0
     }
 
     async fn on_parse(&mut self, message: Message) -> Result<(), String> {

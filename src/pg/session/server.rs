@@ -117,7 +117,7 @@ impl Session {
             format!("unexpected message type {:?}", message.tag() as char)
         };
         let err = crate::pg::backend::BackendError::Protocol {
-            addr: self.pool.target.address(),
+            addr: self.pool.target().address(),
             source: crate::pg::protocol::ProtocolError::Io(std::io::Error::other(detail)),
         };
         self.server_lost(err).await

@@ -1,0 +1,191 @@
+//! Operator actions on a running pooler: the admin console's PAUSE, RESUME,
+//! KILL, RECONNECT, WAIT_CLOSE, DISABLE and ENABLE, and applying a reloaded
+//! `[postgres]` section.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::auth::UserList;
+use super::pool::Pool;
+use super::{pool_settings, Pooler, PoolerError};
+use crate::config::{Config, PgConfig};
+
+/// How often PAUSE and WAIT_CLOSE look at the pools again.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Databases whose checkouts wait for RESUME.
+#[derive(Debug, Default)]
+pub struct PauseState {
+    all: bool,
+    databases: HashSet<String>,
+}
+
+impl PauseState {
+    pub fn covers(&self, database: &str) -> bool {
+        self.all || self.databases.contains(database)
+    }
+}
+
+impl Pooler {
+    /// Pools of `database`, or all pools when it is `None`.
+    fn pools_of(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
+        let prefix = database.map(|db| format!("{db}/"));
+        self.all_pools()
+            .into_iter()
+            .filter(|pool| prefix.as_ref().is_none_or(|p| pool.name.starts_with(p)))
+            .collect()
+    }
+
+    /// Fails with the admin console's message when `database` is not
+    /// configured.
+    pub fn check_database(&self, database: Option<&str>) -> Result<(), String> {
+        match database {
+            Some(name) if self.database(name).is_none() => {
+                Err(format!("database \"{name}\" is not configured"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn mark_paused(&self, database: Option<&str>, paused: bool) {
+        let mut pauses = self.pauses.lock();
+        match (database, paused) {
+            (None, true) => pauses.all = true,
+            (None, false) => {
+                pauses.all = false;
+                pauses.databases.clear();
+            }
+            (Some(db), true) => {
+                pauses.databases.insert(db.to_string());
+            }
+            (Some(db), false) => {
+                pauses.databases.remove(db);
+            }
+        }
+        for pool in self.all_pools() {
+            let (pool_db, _) = pool.name.split_once('/').unwrap_or((&pool.name, ""));
+            if pauses.covers(pool_db) {
+                pool.pause();
+            } else {
+                pool.resume();
+            }
+        }
+    }
+
+    /// PAUSE: new checkouts wait; returns once every server connection of
+    /// the pools has been released, then closes them.
+    pub async fn pause(&self, database: Option<&str>) {
+        self.mark_paused(database, true);
+        loop {
+            let pools = self.pools_of(database);
+            if pools.iter().all(|pool| pool.active_count() == 0) {
+                for pool in &pools {
+                    pool.close_idle();
+                }
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// RESUME: waiting checkouts go on.
+    pub fn resume(&self, database: Option<&str>) {
+        self.mark_paused(database, false);
+    }
+
+    /// KILL: ends every client session of the database (or of all
+    /// databases) at once, closes their server connections, and pauses the
+    /// pools so new clients wait for RESUME. Returns the clients killed.
+    pub fn kill(&self, database: Option<&str>) -> usize {
+        self.mark_paused(database, true);
+        let killed = self
+            .cancels
+            .kill(|client| database.is_none_or(|db| client.database == db));
+        for pool in self.pools_of(database) {
+            pool.reconnect();
+        }
+        killed
+    }
+
+    /// KILL_CLIENT: ends one client's session; false when no client has
+    /// that id.
+    pub fn kill_client(&self, id: u64) -> bool {
+        self.cancels.kill(|client| client.id == id) > 0
+    }
+
+    /// RECONNECT: server connections close once released and new ones
+    /// are opened as needed.
+    pub fn reconnect(&self, database: Option<&str>) {
+        for pool in self.pools_of(database) {
+            pool.reconnect();
+        }
+    }
+
+    /// WAIT_CLOSE: returns once no client uses a server connection from
+    /// before the last RECONNECT or target change.
+    pub async fn wait_close(&self, database: Option<&str>) {
+        loop {
+            let pools = self.pools_of(database);
+            let stale = self.cancels.snapshot().into_iter().any(|client| {
+                let Some(server) = &client.server else {
+                    return false;
+                };
+                let name = format!("{}/{}", client.info.database, client.info.user);
+                pools
+                    .iter()
+                    .any(|pool| pool.name == name && server.generation != pool.target().generation)
+            });
+            if !stale {
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// DISABLE and ENABLE: whether new clients may log in to a database.
+    pub fn set_enabled(&self, database: &str, enabled: bool) {
+        let mut disabled = self.disabled.lock();
+        if enabled {
+            disabled.remove(database);
+        } else {
+            disabled.insert(database.to_string());
+        }
+    }
+
+    pub fn is_disabled(&self, database: &str) -> bool {
+        self.disabled.lock().contains(database)
+    }
+
+    /// Applies a reloaded `[postgres]` section: users, timeouts and pool
+    /// sizes at once, a changed server address or login for connections
+    /// opened from now on. Returns the changes that need a restart, which
+    /// are not applied.
+    pub fn reload(&self, config: PgConfig, root: &Config) -> Result<Vec<String>, PoolerError> {
+        let users = UserList::load(&config, root)?;
+        let mut needs_restart = Vec::new();
+        let mut config = config;
+        let current = self.config();
+        if config.listen != current.listen {
+            needs_restart.push(format!(
+                "postgres.listen stays {} until restart",
+                current.listen
+            ));
+            config.listen = current.listen.clone();
+        }
+        drop(current);
+        self.users.store(Arc::new(users));
+        self.config.store(Arc::new(config));
+        let config = self.config();
+        for pool in self.all_pools() {
+            let (database, user) = pool.name.split_once('/').unwrap_or((&pool.name, ""));
+            // A pool of a database that is no longer configured keeps
+            // serving its connected clients; new clients are rejected.
+            let Some(db) = config.databases.iter().find(|db| db.name == database) else {
+                continue;
+            };
+            pool.apply(pool_settings(&config, db), self.target_for(db, user));
+        }
+        Ok(needs_restart)
+    }
+}
