@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Component;
 use crate::config::Config;
+use crate::logship::Logship;
 use crate::pg::Pooler;
+use crate::redis::RedisRouter;
 
 /// Handles on the running jobs, and the config they run with.
 pub struct Control {
@@ -18,8 +20,8 @@ pub struct Control {
     /// The config in force; a reload replaces it only when it is valid.
     config: Mutex<Config>,
     pooler: Option<Arc<Pooler>>,
-    redis: Option<Arc<dyn Component>>,
-    logship: Option<Arc<dyn Component>>,
+    redis: Option<Arc<RedisRouter>>,
+    logship: Option<Arc<Logship>>,
     /// Cancelled by the admin console's SHUTDOWN.
     shutdown: CancellationToken,
     /// Serializes reloads from SIGHUP and RELOAD.
@@ -31,8 +33,8 @@ impl Control {
         config_path: PathBuf,
         config: Config,
         pooler: Option<Arc<Pooler>>,
-        redis: Option<Arc<dyn Component>>,
-        logship: Option<Arc<dyn Component>>,
+        redis: Option<Arc<RedisRouter>>,
+        logship: Option<Arc<Logship>>,
     ) -> Arc<Control> {
         Arc::new(Control {
             config_path,
@@ -52,29 +54,16 @@ impl Control {
         let _one_at_a_time = self.reloading.lock().await;
         let new = Config::load(&self.config_path).map_err(|err| err.to_string())?;
         crate::server::check(&new)?;
-        let mut notes = Vec::new();
-        {
-            let old = self.config.lock();
-            if old.admin.listen != new.admin.listen {
-                notes.push(format!(
-                    "admin.listen stays {} until restart",
-                    old.admin.listen
-                ));
-            }
-            let sections = [
-                ("postgres", old.postgres.is_some(), new.postgres.is_some()),
-                ("redis", old.redis.is_some(), new.redis.is_some()),
-                ("logship", old.logship.is_some(), new.logship.is_some()),
-            ];
-            for (name, was, is) in sections {
-                if was != is {
-                    notes.push(format!(
-                        "[{name}] was {} and is {}: starting or stopping a job needs a restart",
-                        if was { "present" } else { "absent" },
-                        if is { "present" } else { "absent" },
-                    ));
-                }
-            }
+        let mut notes = section_notes(&self.config.lock(), &new);
+        // The log shipper first: building its sink is the step most likely
+        // to fail, and nothing has changed yet when it does. The user list
+        // was loaded by the check above.
+        if let (Some(logship), Some(logship_config)) = (&self.logship, &new.logship) {
+            notes.extend(
+                logship
+                    .reload(logship_config, &new)
+                    .map_err(|err| err.to_string())?,
+            );
         }
         if let (Some(pooler), Some(pg)) = (&self.pooler, &new.postgres) {
             notes.extend(
@@ -83,16 +72,8 @@ impl Control {
                     .map_err(|err| err.to_string())?,
             );
         }
-        if self.redis.is_some() || self.logship.is_some() {
-            // NOTE: the Redis router and the log shipper keep the settings
-            // they started with; only [postgres] and [admin] are reloaded.
-            let old = self.config.lock();
-            if format!("{:?}", old.redis) != format!("{:?}", new.redis) {
-                notes.push("[redis] changes apply after a restart".to_string());
-            }
-            if format!("{:?}", old.logship) != format!("{:?}", new.logship) {
-                notes.push("[logship] changes apply after a restart".to_string());
-            }
+        if let (Some(redis), Some(redis_config)) = (&self.redis, &new.redis) {
+            notes.extend(redis.reload(redis_config));
         }
         *self.config.lock() = new;
         Ok(notes)
@@ -116,4 +97,31 @@ impl Control {
     pub fn logship_status(&self) -> Option<serde_json::Value> {
         self.logship.as_ref().map(|logship| logship.status())
     }
+}
+
+/// Notes on changes between `old` and `new` that no job can apply while
+/// running: the admin address, and a job section added or removed.
+fn section_notes(old: &Config, new: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    if old.admin.listen != new.admin.listen {
+        notes.push(format!(
+            "admin.listen stays {} until restart",
+            old.admin.listen
+        ));
+    }
+    let sections = [
+        ("postgres", old.postgres.is_some(), new.postgres.is_some()),
+        ("redis", old.redis.is_some(), new.redis.is_some()),
+        ("logship", old.logship.is_some(), new.logship.is_some()),
+    ];
+    for (name, was, is) in sections {
+        if was != is {
+            notes.push(format!(
+                "[{name}] was {} and is {}: starting or stopping a job needs a restart",
+                if was { "present" } else { "absent" },
+                if is { "present" } else { "absent" },
+            ));
+        }
+    }
+    notes
 }

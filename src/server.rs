@@ -76,7 +76,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     let mut components: Vec<Arc<dyn Component>> = Vec::new();
     let mut jobs = Vec::new();
     let mut pooler_handle = None;
-    let mut redis_handle: Option<Arc<dyn Component>> = None;
+    let mut redis_handle = None;
 
     // Before the pooler, so the capture can submit through its shipper.
     let mut logship = None;
@@ -118,14 +118,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
         admin_shutdown.clone(),
     ));
 
-    let logship_handle: Option<Arc<dyn Component>> =
-        logship.clone().map(|l| l as Arc<dyn Component>);
     let control = Control::new(
         config_path,
         config.clone(),
         pooler_handle.clone(),
         redis_handle,
-        logship_handle,
+        logship.clone(),
     );
     if let Some(pooler) = &pooler_handle {
         pooler.set_control(&control);

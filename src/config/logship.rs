@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::duration;
 
 /// `[logship]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogshipConfig {
     /// Directory of the durable spool. Default `./skiff-spool`.
@@ -57,7 +57,7 @@ pub struct LogshipConfig {
 }
 
 /// `[logship.sls]`. Its `Debug` output leaves out the secret and the token.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlsConfig {
     /// Region endpoint such as `cn-hangzhou.log.aliyuncs.com`, or a URL.
@@ -111,7 +111,7 @@ pub enum SignatureVersion {
 }
 
 /// `[logship.file]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSinkConfig {
     /// Directory of the NDJSON files. Default `./skiff-logs`.
@@ -133,7 +133,7 @@ impl Default for FileSinkConfig {
 }
 
 /// `[logship.ingest]`. Its `Debug` output leaves out the secret.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     /// HTTP listener address. Default `127.0.0.1:9931`.
@@ -193,7 +193,7 @@ impl std::fmt::Debug for IngestConfig {
 }
 
 /// `[[logship.capture]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
     /// Database name as clients connect to it.

@@ -28,7 +28,7 @@ pub enum ReadFrom {
 }
 
 /// `[redis]`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// Client listener address. Default `127.0.0.1:6379`.

@@ -8,6 +8,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -34,17 +35,23 @@ impl Backoff {
     }
 }
 
-/// The delivery loop's parts.
-pub struct Delivery {
-    pub spool: Arc<Spool>,
-    pub sink: Sink,
-    pub dead_letter: DeadLetter,
+/// Delivery settings a config reload may replace. The loop reads them for
+/// each request and each retry.
+pub struct DeliverySettings {
+    pub sink: Arc<Sink>,
     pub backoff: Backoff,
     /// A request waits until its oldest record is this old, unless it is
     /// full or `drain` fired.
     pub linger: Duration,
     pub max_batch_bytes: usize,
     pub max_batch_count: usize,
+}
+
+/// The delivery loop's parts.
+pub struct Delivery {
+    pub spool: Arc<Spool>,
+    pub dead_letter: DeadLetter,
+    pub settings: Arc<ArcSwap<DeliverySettings>>,
     /// Fired on shutdown: send what is spooled without waiting for linger.
     pub drain: CancellationToken,
 }
@@ -57,18 +64,19 @@ impl Delivery {
     // back batches of every other logstore until it recovers.
     pub async fn run(self, stop: CancellationToken) {
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
-        let max_count = self.max_batch_count.min(MAX_REQUEST_LOGS);
         loop {
+            let settings = self.settings.load_full();
+            let max_count = settings.max_batch_count.min(MAX_REQUEST_LOGS);
             let notified = self.spool.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let plan = self.spool.plan(self.max_batch_bytes as u64, max_count);
+            let plan = self.spool.plan(settings.max_batch_bytes as u64, max_count);
             let wait = match &plan {
                 None => None,
                 Some(plan) if plan.full || self.drain.is_cancelled() => Some(Duration::ZERO),
                 Some(plan) => {
                     let age = Duration::from_nanos(now_ns().saturating_sub(plan.oldest_ns));
-                    Some(self.linger.saturating_sub(age))
+                    Some(settings.linger.saturating_sub(age))
                 }
             };
             let Some(plan) = plan.filter(|_| wait == Some(Duration::ZERO)) else {
@@ -115,11 +123,12 @@ impl Delivery {
     /// `stop` fired first.
     async fn deliver(&self, batch: &SpooledBatch, seqs: &[u64], stop: &CancellationToken) -> bool {
         let key = &batch.header.key;
-        let sink = self.sink.name();
         let mut attempt = 0u32;
         loop {
+            let settings = self.settings.load_full();
+            let sink = settings.sink.name();
             let result = tokio::select! {
-                result = self.sink.send(batch) => result,
+                result = settings.sink.send(batch) => result,
                 _ = stop.cancelled() => return false,
             };
             match result {
@@ -146,7 +155,7 @@ impl Delivery {
                     if attempt == 1 || attempt % 10 == 0 {
                         tracing::warn!(logstore = %key.logstore, attempt, error = %reason, "batch not delivered; retrying");
                     }
-                    if !sleep_or_stop(self.backoff.delay(attempt), stop).await {
+                    if !sleep_or_stop(settings.backoff.delay(attempt), stop).await {
                         return false;
                     }
                 }
@@ -182,8 +191,8 @@ impl Delivery {
                 }
             }
         }
-        metrics::counter!("skiff_logship_batches_dead_lettered_total", "sink" => self.sink.name())
-            .increment(1);
+        let sink = self.settings.load().sink.name();
+        metrics::counter!("skiff_logship_batches_dead_lettered_total", "sink" => sink).increment(1);
         tracing::warn!(logstore = %key.logstore, records = batch.header.records, error = %reason,
             file = %self.dead_letter.path().display(), "batch rejected by sink; written to dead-letter file");
         self.remove(seqs, stop).await

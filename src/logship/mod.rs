@@ -12,6 +12,7 @@ pub mod deliver;
 pub mod ingest;
 pub mod proto;
 pub mod record;
+mod reload;
 pub mod sign;
 pub mod sink;
 pub mod spool;
@@ -21,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +53,10 @@ pub enum LogshipError {
 pub struct Logship {
     shipper: Shipper,
     spool: Arc<spool::Spool>,
-    sink_name: &'static str,
+    /// The section in force, which a reload compares against.
+    config: Mutex<LogshipConfig>,
+    delivery_settings: Arc<ArcSwap<deliver::DeliverySettings>>,
+    ingest_state: Option<Arc<ingest::IngestState>>,
     ingest_addr: Option<SocketAddr>,
     shutdown_timeout: Duration,
     ingest_shutdown: CancellationToken,
@@ -86,6 +91,13 @@ impl Logship {
         let spool = Arc::new(spool);
         let (sink, backoff) = build_sink(config, root)?;
         let sink_name = sink.name();
+        let delivery_settings = Arc::new(ArcSwap::from_pointee(deliver::DeliverySettings {
+            sink: Arc::new(sink),
+            backoff,
+            linger: config.linger,
+            max_batch_bytes: config.max_batch_bytes,
+            max_batch_count: config.max_batch_count,
+        }));
         let ingest_listener = match &config.ingest {
             Some(ingest) => Some(
                 tokio::net::TcpListener::bind(&ingest.listen)
@@ -117,19 +129,17 @@ impl Logship {
         );
         let delivery = deliver::Delivery {
             spool: spool.clone(),
-            sink,
             dead_letter: deadletter::DeadLetter::new(&spool_dir, config.max_dead_letter_bytes),
-            backoff,
-            linger: config.linger,
-            max_batch_bytes: config.max_batch_bytes,
-            max_batch_count: config.max_batch_count,
+            settings: delivery_settings.clone(),
             drain: drain.clone(),
         };
         let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone()));
+        let mut ingest_state = None;
         let ingest_task = match (ingest_listener, &config.ingest) {
             (Some(listener), Some(ingest_config)) => {
                 let state =
                     ingest::IngestState::new(ingest_config, config.sls.as_ref(), shipper.clone());
+                ingest_state = Some(state.clone());
                 tracing::info!(listen = %ingest_config.listen, "logship ingest listening");
                 Some(tokio::spawn(ingest::serve(
                     listener,
@@ -147,7 +157,9 @@ impl Logship {
         Ok(Arc::new(Logship {
             shipper,
             spool,
-            sink_name,
+            config: Mutex::new(config.clone()),
+            delivery_settings,
+            ingest_state,
             ingest_addr,
             shutdown_timeout: config.shutdown_timeout,
             ingest_shutdown,
@@ -255,7 +267,7 @@ impl Component for Logship {
     fn status(&self) -> serde_json::Value {
         let (bytes, batches, age) = self.spool.usage();
         serde_json::json!({
-            "sink": self.sink_name,
+            "sink": self.delivery_settings.load().sink.name(),
             "spool_bytes": bytes,
             "spool_max_bytes": self.spool.max_bytes(),
             "spool_batches": batches,

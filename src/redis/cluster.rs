@@ -104,7 +104,7 @@ pub async fn refresh_loop(
     let Some(cluster) = &router.cluster else {
         return;
     };
-    let interval = router.config.topology_refresh_interval;
+    let interval = router.config().topology_refresh_interval;
     let mut failing = false;
     loop {
         tokio::select! {
@@ -156,7 +156,7 @@ fn pick_node(
         let addr = list.get(client_id as usize % list.len().max(1))?;
         Some(((*addr).clone(), Role::Replica))
     };
-    match router.config.read_from {
+    match router.config().read_from {
         ReadFrom::Primary => Some(primary),
         ReadFrom::PreferReplica => replica(&up).or(Some(primary)),
         ReadFrom::Replica => replica(&up).or_else(|| {
@@ -310,7 +310,7 @@ pub async fn follow(
     let started = Instant::now();
     let mut origin = origin;
     let mut backoff = RETRY_BACKOFF;
-    for _ in 0..=router.config.max_redirects {
+    for _ in 0..=router.config().max_redirects {
         let reply = match result {
             Ok(reply) => reply,
             Err(err) if err.nothing_sent() => {

@@ -40,7 +40,7 @@ impl Session {
     }
 
     fn password_matches(&self, user: Option<&[u8]>, password: &[u8]) -> bool {
-        let config = &self.router.config;
+        let config = self.router.config();
         let user_known = match user {
             None => true,
             Some(user) => {
@@ -61,7 +61,7 @@ impl Session {
             3 => (Some(&args[1][..]), &args[2]),
             _ => return reply::error(&reply::wrong_arity("auth")),
         };
-        if user.is_none() && self.router.config.client_password.is_none() {
+        if user.is_none() && self.router.config().client_password.is_none() {
             return reply::error(reply::NOPASS_CONFIGURED);
         }
         if self.password_matches(user, password) {
@@ -225,7 +225,7 @@ impl Session {
         self.name = None;
         self.ctx.db = 0;
         self.ctx.protocol = Protocol::Resp2;
-        self.authenticated = self.router.config.client_password.is_none();
+        self.authenticated = self.router.config().client_password.is_none();
         reply::simple("RESET")
     }
 

@@ -11,6 +11,7 @@ mod inline;
 mod local;
 mod pool;
 mod pubsub;
+mod reload;
 pub mod reply;
 mod router;
 mod sentinel;
@@ -53,7 +54,7 @@ impl RedisRouter {
     }
 
     fn discovery_settings(&self) -> ConnSettings {
-        let config = &self.router.config;
+        let config = self.router.config();
         ConnSettings {
             protocol: Protocol::Resp2,
             db: 0,
@@ -69,21 +70,17 @@ impl RedisRouter {
     /// logged, not fatal: the upstream may come up after skiff.
     async fn load_upstream_state(&self) {
         let settings = self.discovery_settings();
-        let mut seed = self.router.config.nodes[0].clone();
+        let mut seed = self.router.config().nodes[0].clone();
         if let Some(cluster) = &self.router.cluster {
             match cluster.refresh(&settings).await {
                 Ok(()) => seed = cluster.map().primaries().first().cloned().unwrap_or(seed),
                 Err(reason) => tracing::warn!(error = %reason, "cluster discovery failed"),
             }
         }
-        if self.router.config.mode == RedisMode::Sentinel {
-            let sentinels = &self.router.config.nodes;
-            let name = self
-                .router
-                .config
-                .master_name
-                .as_deref()
-                .unwrap_or_default();
+        let config = self.router.config();
+        if config.mode == RedisMode::Sentinel {
+            let sentinels = &config.nodes;
+            let name = config.master_name.as_deref().unwrap_or_default();
             let sentinel_settings = sentinel::sentinel_settings(&settings);
             match sentinel::discover(sentinels, name, &sentinel_settings).await {
                 Ok(nodes) => {
@@ -129,7 +126,7 @@ impl RedisRouter {
         self.load_upstream_state().await;
         let settings = self.discovery_settings();
         let router = self.router.clone();
-        let refresh = match self.router.config.mode {
+        let refresh = match self.router.config().mode {
             RedisMode::Cluster => Some(tokio::spawn(cluster::refresh_loop(
                 router,
                 settings,
@@ -172,7 +169,7 @@ impl RedisRouter {
             };
             tokio::spawn(session.instrument(span));
         }
-        let all = self.router.config.max_clients as u32;
+        let all = self.router.config().max_clients as u32;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.clients.acquire_many(all)).await;
         if let Some(refresh) = refresh {
             refresh.abort();
@@ -212,7 +209,7 @@ impl Component for RedisRouter {
     }
 
     fn status(&self) -> serde_json::Value {
-        let config = &self.router.config;
+        let config = self.router.config();
         let clients = config.max_clients - self.clients.available_permits();
         let mut status = serde_json::json!({
             "mode": format!("{:?}", config.mode).to_lowercase(),

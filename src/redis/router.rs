@@ -17,6 +17,7 @@ use super::reply;
 use super::upstream::{ReplyReceiver, UpstreamError};
 use crate::admin::BoxFuture;
 use crate::config::{ReadFrom, RedisConfig, RedisMode};
+use arc_swap::ArcSwap;
 
 /// Per-client settings that routing depends on.
 #[derive(Debug, Clone, Copy)]
@@ -80,7 +81,9 @@ pub struct Nodes {
 
 /// Routes the commands of every client session.
 pub struct Router {
-    pub config: RedisConfig,
+    /// The settings in force; a reload replaces those that can change while
+    /// running. Read with `config()`.
+    config: ArcSwap<RedisConfig>,
     pub pool: Pool,
     commands: RwLock<Arc<CommandTable>>,
     pub(super) cluster: Option<Cluster>,
@@ -93,6 +96,16 @@ pub struct Router {
 }
 
 impl Router {
+    pub fn config(&self) -> arc_swap::Guard<Arc<RedisConfig>> {
+        self.config.load()
+    }
+
+    /// Replaces the settings in force; callers keep what cannot change
+    /// while running.
+    pub fn replace_config(&self, config: RedisConfig) {
+        self.config.store(Arc::new(config));
+    }
+
     /// Builds a router; no connection is made until [`Router::start`].
     pub fn new(config: RedisConfig) -> Result<Router, String> {
         let nodes = match config.mode {
@@ -114,7 +127,7 @@ impl Router {
         });
         let cluster = cluster_mode.then(|| Cluster::new(config.nodes.clone()));
         Ok(Router {
-            config,
+            config: ArcSwap::from_pointee(config),
             pool,
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
             cluster,
@@ -160,7 +173,8 @@ impl Router {
     pub fn primary(&self) -> Result<String, Bytes> {
         let nodes = self.nodes();
         if nodes.primary.is_empty() {
-            let name = self.config.master_name.as_deref().unwrap_or_default();
+            let config = self.config();
+            let name = config.master_name.as_deref().unwrap_or_default();
             let text = format!("ERR no primary known for {name}: no sentinel reported one yet");
             return Err(reply::error(&text));
         }
@@ -237,7 +251,7 @@ impl Router {
             .filter(|addr| self.pool.is_up(addr))
             .cloned()
             .collect();
-        let targets = match self.config.read_from {
+        let targets = match self.config().read_from {
             ReadFrom::Primary => vec![primary],
             ReadFrom::PreferReplica => {
                 let mut targets = rotate(&up);

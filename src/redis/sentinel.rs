@@ -116,9 +116,9 @@ fn healthy_replica(entry: Value) -> Option<String> {
 /// Keeps the router's primary and replicas current until shutdown.
 pub async fn watch(router: Arc<Router>, settings: ConnSettings, shutdown: CancellationToken) {
     let settings = sentinel_settings(&settings);
-    let name = router.config.master_name.clone().unwrap_or_default();
-    let sentinels = router.config.nodes.clone();
-    let interval = router.config.topology_refresh_interval;
+    let name = router.config().master_name.clone().unwrap_or_default();
+    let sentinels = router.config().nodes.clone();
+    let interval = router.config().topology_refresh_interval;
     let mut failing = false;
     loop {
         match discover(&sentinels, &name, &settings).await {

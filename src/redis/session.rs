@@ -118,7 +118,7 @@ pub async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let (queue, replies) = mpsc::channel(router.config.client_queue_depth);
+    let (queue, replies) = mpsc::channel(router.config().client_queue_depth);
     let writer = tokio::spawn(write_replies(write_half, replies, router.clone()));
     let client_id = router.next_client_id();
     let mut session = Session {
@@ -128,12 +128,12 @@ pub async fn run(
             client_id,
         },
         peer,
-        authenticated: router.config.client_password.is_none(),
+        authenticated: router.config().client_password.is_none(),
         name: None,
         reader: ClientReader {
             half: read_half,
             buf: BytesMut::new(),
-            max_request_bytes: router.config.max_request_bytes,
+            max_request_bytes: router.config().max_request_bytes,
         },
         queue,
         transaction: None,

@@ -87,7 +87,7 @@ impl Session {
             Err(error) => return self.reply(error).await,
         };
         let mut asking = false;
-        for _ in 0..=self.router.config.max_redirects {
+        for _ in 0..=self.router.config().max_redirects {
             let mut dedicated = match self.checkout(target).await {
                 Ok(dedicated) => dedicated,
                 Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
@@ -197,7 +197,7 @@ impl Session {
     ) -> Result<(Dedicated, Bytes), Bytes> {
         let mut target = self.pinned_target(request, name)?;
         let upstream_error = |err: UpstreamError| reply::error(&format!("ERR {err}"));
-        for _ in 0..=self.router.config.max_redirects {
+        for _ in 0..=self.router.config().max_redirects {
             let mut conn = self.checkout(target).await.map_err(upstream_error)?;
             for earlier in prelude {
                 conn.conn.call(&earlier.raw).await.map_err(upstream_error)?;

@@ -57,7 +57,7 @@ pub(super) fn verify_signature(
             .collect();
         for candidate in [&without_date, headers] {
             let text = sign::v1_string_to_sign(method, resource, &query, candidate);
-            let expected = sign::v1_signature(&state.access_key_secret, &text);
+            let expected = sign::v1_signature(&state.credentials().access_key_secret, &text);
             if sign::constant_time_eq(&expected, signature) {
                 return Ok(());
             }
@@ -106,7 +106,7 @@ pub(super) fn verify_signature(
             date_time,
             content_sha256,
         };
-        let expected = sign::v4_signature(&state.access_key_secret, &request);
+        let expected = sign::v4_signature(&state.credentials().access_key_secret, &request);
         if sign::constant_time_eq(&expected, signature) {
             return Ok(());
         }
@@ -122,7 +122,8 @@ pub(super) fn verify_signature(
 }
 
 fn check_key_id(state: &IngestState, key_id: &str) -> Result<(), SlsError> {
-    if state.access_key_id.is_empty() || key_id != state.access_key_id {
+    let credentials = state.credentials();
+    if credentials.access_key_id.is_empty() || key_id != credentials.access_key_id {
         return Err(unauthorized(
             "InvalidAccessKeyId",
             format!("AccessKeyId {key_id:?} is not accepted"),

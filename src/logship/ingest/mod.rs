@@ -10,6 +10,7 @@ mod listener;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -29,15 +30,50 @@ use crate::logship::sign;
 
 /// State shared by the handlers: credentials, limits and the shipper.
 pub struct IngestState {
-    access_key_id: String,
-    access_key_secret: String,
+    /// Replaced by a config reload.
+    credentials: ArcSwap<Credentials>,
     max_body_bytes: usize,
     shipper: Shipper,
     /// One permit per request in progress.
     permits: tokio::sync::Semaphore,
 }
 
+/// The AccessKey pair clients sign with.
+pub struct Credentials {
+    pub access_key_id: String,
+    pub access_key_secret: String,
+}
+
+impl Credentials {
+    /// Takes the pair from `[logship.ingest]` when set, else from
+    /// `[logship.sls]`.
+    fn from_config(config: &IngestConfig, sls: Option<&SlsConfig>) -> Credentials {
+        let (access_key_id, access_key_secret) =
+            match (&config.access_key_id, &config.access_key_secret) {
+                (Some(id), Some(secret)) => (id.clone(), secret.clone()),
+                _ => sls
+                    .map(|s| (s.access_key_id.clone(), s.access_key_secret.clone()))
+                    .unwrap_or_default(),
+            };
+        Credentials {
+            access_key_id,
+            access_key_secret,
+        }
+    }
+}
+
 impl IngestState {
+    /// Switches to the credentials of a reloaded config; requests already
+    /// checked are not affected.
+    pub fn reload_credentials(&self, config: &IngestConfig, sls: Option<&SlsConfig>) {
+        self.credentials
+            .store(Arc::new(Credentials::from_config(config, sls)));
+    }
+
+    pub fn credentials(&self) -> arc_swap::Guard<Arc<Credentials>> {
+        self.credentials.load()
+    }
+
     /// Creates the state with credentials from `[logship.ingest]` when set,
     /// else from `[logship.sls]`. Config validation ensures one of them is
     /// present.
@@ -46,16 +82,8 @@ impl IngestState {
         sls: Option<&SlsConfig>,
         shipper: Shipper,
     ) -> Arc<IngestState> {
-        let (access_key_id, access_key_secret) =
-            match (&config.access_key_id, &config.access_key_secret) {
-                (Some(id), Some(secret)) => (id.clone(), secret.clone()),
-                _ => sls
-                    .map(|s| (s.access_key_id.clone(), s.access_key_secret.clone()))
-                    .unwrap_or_default(),
-            };
         Arc::new(IngestState {
-            access_key_id,
-            access_key_secret,
+            credentials: ArcSwap::from_pointee(Credentials::from_config(config, sls)),
             max_body_bytes: config.max_body_bytes,
             shipper,
             permits: tokio::sync::Semaphore::new(config.max_concurrent_requests),

@@ -1,0 +1,83 @@
+//! Applying a reloaded `[redis]` section to the running router.
+
+use super::router::Nodes;
+use super::RedisRouter;
+use crate::config::{RedisConfig, RedisMode};
+
+impl RedisRouter {
+    /// Applies a reloaded `[redis]` section: `read_from`, `client_password`,
+    /// `max_redirects`, and a standalone primary and replica list apply at
+    /// once, the client limits to new clients. Returns the changes that need
+    /// a restart, which are not applied.
+    pub fn reload(&self, new: &RedisConfig) -> Vec<String> {
+        let current = self.router.config();
+        let (mut applied, notes) = split_reload(&current, new);
+        let standalone = current.mode == RedisMode::Standalone && new.mode == RedisMode::Standalone;
+        if standalone && current.nodes != new.nodes {
+            self.router.set_nodes(Nodes {
+                primary: new.nodes[0].clone(),
+                replicas: new.nodes[1..].to_vec(),
+            });
+            applied.nodes = new.nodes.clone();
+        }
+        drop(current);
+        self.router.replace_config(applied);
+        notes
+    }
+}
+
+/// Returns `new` with the settings only a restart applies kept from
+/// `current` (the node list too), and a note for each such change.
+fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut note = |name: &str, changed: bool| {
+        if changed {
+            notes.push(format!("redis {name} changes apply after a restart"));
+        }
+    };
+    note("listen", current.listen != new.listen);
+    note("mode", current.mode != new.mode);
+    note("master_name", current.master_name != new.master_name);
+    note(
+        "upstream username and password",
+        current.username != new.username || current.password != new.password,
+    );
+    note(
+        "connect_timeout",
+        current.connect_timeout != new.connect_timeout,
+    );
+    note(
+        "max_reply_bytes",
+        current.max_reply_bytes != new.max_reply_bytes,
+    );
+    note(
+        "upstream_connections",
+        current.upstream_connections != new.upstream_connections,
+    );
+    note(
+        "max_dedicated_connections",
+        current.max_dedicated_connections != new.max_dedicated_connections,
+    );
+    note("max_clients", current.max_clients != new.max_clients);
+    note(
+        "topology_refresh_interval",
+        current.topology_refresh_interval != new.topology_refresh_interval,
+    );
+    let standalone = current.mode == RedisMode::Standalone && new.mode == RedisMode::Standalone;
+    note("nodes", !standalone && current.nodes != new.nodes);
+
+    let mut applied = new.clone();
+    applied.listen = current.listen.clone();
+    applied.mode = current.mode;
+    applied.master_name = current.master_name.clone();
+    applied.username = current.username.clone();
+    applied.password = current.password.clone();
+    applied.connect_timeout = current.connect_timeout;
+    applied.max_reply_bytes = current.max_reply_bytes;
+    applied.upstream_connections = current.upstream_connections;
+    applied.max_dedicated_connections = current.max_dedicated_connections;
+    applied.max_clients = current.max_clients;
+    applied.topology_refresh_interval = current.topology_refresh_interval;
+    applied.nodes = current.nodes.clone();
+    (applied, notes)
+}
