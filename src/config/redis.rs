@@ -86,6 +86,10 @@ pub struct RedisConfig {
     /// MOVED and ASK redirects followed for one command. Default 5.
     #[serde(default = "default_max_redirects")]
     pub max_redirects: usize,
+    /// On shutdown, how long replies to requests already read may take
+    /// before their clients are disconnected. Default 10s.
+    #[serde(default = "default_shutdown_timeout", with = "super::duration")]
+    pub shutdown_timeout: Duration,
 }
 
 /// Prints the section with both passwords replaced by `<redacted>`, so a
@@ -111,6 +115,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("topology_refresh_interval", &self.topology_refresh_interval)
             .field("max_redirects", &self.max_redirects)
+            .field("shutdown_timeout", &self.shutdown_timeout)
             .finish()
     }
 }
@@ -179,6 +184,10 @@ fn default_refresh_interval() -> Duration {
 }
 fn default_max_redirects() -> usize {
     5
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[cfg(test)]

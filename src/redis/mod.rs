@@ -37,9 +37,6 @@ use frame::{encode_command, error_text, Protocol, Value};
 use router::Router;
 use upstream::{ConnSettings, RawConn};
 
-/// How long shutdown waits for client sessions to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The Redis job: a listener and the router behind it.
 pub struct RedisRouter {
     router: Arc<Router>,
@@ -170,7 +167,16 @@ impl RedisRouter {
             tokio::spawn(session.instrument(span));
         }
         let all = self.router.config().max_clients as u32;
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.clients.acquire_many(all)).await;
+        let drain = self.router.config().shutdown_timeout;
+        if tokio::time::timeout(drain, self.clients.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?drain,
+                "redis shutdown_timeout reached with replies still pending"
+            );
+        }
         if let Some(refresh) = refresh {
             refresh.abort();
         }
