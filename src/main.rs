@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use skiff::config::Config;
+use skiff::server::LogFormat;
 
 /// Data-tier sidecar: PostgreSQL pooler, Redis router and log shipper.
 #[derive(Parser)]
@@ -12,6 +13,9 @@ struct Cli {
     /// Path of the TOML config file.
     #[arg(long, short = 'c', global = true, default_value = "config/skiff.toml")]
     config: PathBuf,
+    /// Log line format: `human` or `json` (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -43,7 +47,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    skiff::server::init_tracing();
+    skiff::server::init_tracing(cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = std::env::var("SKIFF_WORKER_THREADS")
         .ok()
