@@ -6,6 +6,7 @@ pub mod auth;
 mod backend;
 mod cancel;
 mod capture;
+mod exporter;
 mod frontend;
 mod params;
 mod pending;
@@ -231,5 +232,9 @@ impl Component for Pooler {
             "prepared_statements": self.statements.len(),
             "pools": pools,
         })
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        exporter::render(self, out);
     }
 }
