@@ -6,5 +6,6 @@ pub mod admin;
 pub mod config;
 pub mod logship;
 pub mod pg;
+pub mod plan;
 pub mod redis;
 pub mod server;

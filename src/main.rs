@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// Validate the config file and exit: 0 when it is valid.
     Check,
+    /// Print pool sizes that keep all sidecars within each PostgreSQL
+    /// server's max_connections, as [[postgres.databases]] entries.
+    Plan(skiff::plan::PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Plan(args)) = &cli.command {
+        match skiff::plan::run(&config, args) {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(err) => {
+                eprintln!("skiff plan: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     if let Some(Command::Check) = cli.command {
         match skiff::server::check(&config) {
             Ok(()) => {

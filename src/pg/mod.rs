@@ -10,6 +10,7 @@ mod exporter;
 mod frontend;
 mod params;
 mod pending;
+pub mod plan;
 mod pool;
 mod prepared;
 pub mod protocol;
