@@ -7,5 +7,6 @@ pub mod config;
 pub mod control;
 pub mod logship;
 pub mod pg;
+pub mod plan;
 pub mod redis;
 pub mod server;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use skiff::config::Config;
+use skiff::server::LogFormat;
 
 /// Data-tier sidecar: PostgreSQL pooler, Redis router and log shipper.
 #[derive(Parser)]
@@ -12,6 +13,9 @@ struct Cli {
     /// Path of the TOML config file.
     #[arg(long, short = 'c', global = true, default_value = "config/skiff.toml")]
     config: PathBuf,
+    /// Log line format: `human` or `json` (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -20,6 +24,9 @@ struct Cli {
 enum Command {
     /// Validate the config file and exit: 0 when it is valid.
     Check,
+    /// Print pool sizes that keep all sidecars within each PostgreSQL
+    /// server's max_connections, as [[postgres.databases]] entries.
+    Plan(skiff::plan::PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +38,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Plan(args)) = &cli.command {
+        match skiff::plan::run(&config, args) {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(err) => {
+                eprintln!("skiff plan: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     if let Some(Command::Check) = cli.command {
         match skiff::server::check(&config) {
             Ok(()) => {
@@ -43,7 +62,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    skiff::server::init_tracing();
+    skiff::server::init_tracing(cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = std::env::var("SKIFF_WORKER_THREADS")
         .ok()

@@ -29,15 +29,40 @@ pub enum ServerError {
     Signal(std::io::Error),
 }
 
+/// Format of the log lines written to standard output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event, with the spans it happened in.
+    #[default]
+    Human,
+    /// One JSON object per line: `timestamp`, `level`, `message`, the
+    /// event's fields, and the current span (such as the client
+    /// connection with its `peer` address) under `span`.
+    Json,
+}
+
 /// Sets up logging from `SKIFF_LOG` (or `RUST_LOG`), default `info`.
-pub fn init_tracing() {
+pub fn init_tracing(format: LogFormat) {
     let filter = std::env::var("SKIFF_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_string());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    // Colours only on a terminal: container runtimes and log collectors
+    // store the escape codes as they are.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_target(false)
-        .try_init();
+        .with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// Checks what `skiff check` can check beyond parsing: files the config

@@ -32,6 +32,9 @@ pub trait Component: Send + Sync {
     fn readiness(&self) -> BoxFuture<'_, Result<(), String>>;
     /// JSON summary for `/status`.
     fn status(&self) -> serde_json::Value;
+    /// Appends metrics in Prometheus text format that are computed at
+    /// scrape time instead of recorded as they happen.
+    fn render_metrics(&self, _out: &mut String) {}
 }
 
 /// Installs the global Prometheus recorder, once per process.
@@ -84,10 +87,14 @@ pub async fn serve(
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        state.prometheus.render(),
-    )
+    let mut body = state.prometheus.render();
+    if !body.is_empty() && !body.ends_with('\n') {
+        body.push('\n');
+    }
+    for component in state.components.iter() {
+        component.render_metrics(&mut body);
+    }
+    ([("content-type", "text/plain; version=0.0.4")], body)
 }
 
 async fn healthz() -> &'static str {

@@ -104,58 +104,13 @@ pub async fn handle_client(
     shutdown: CancellationToken,
 ) {
     let client_id = pooler.next_client_id.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::debug_span!("client", id = client_id, peer = %peer);
+    // At info level, so warnings and errors about this client name its
+    // address.
+    let span = tracing::info_span!("client", id = client_id, peer = %peer);
     let serve = async move {
-        let (slot, count) = ClientSlot::new(pooler.clone());
-        let (read, mut writer) = stream.into_split();
-        let mut reader = MessageReader::new(read, MAX_LOGIN_MESSAGE);
-        let login = tokio::time::timeout(
-            LOGIN_TIMEOUT,
-            login(&pooler, &mut reader, &mut writer, count),
-        )
-        .await;
-        let logged_in = match login {
-            Ok(Ok(Login::Session(logged_in))) => logged_in,
-            Ok(Ok(Login::Admin)) => {
-                reader.set_max_message_bytes(pooler.config().max_message_bytes);
-                let _ = super::admin::serve(&pooler, reader, writer, &shutdown).await;
-                return;
-            }
-            Ok(Err(LoginEnd::Quiet)) => return,
-            Ok(Err(LoginEnd::Fatal {
-                code,
-                message,
-                kind,
-            })) => {
-                counter!("skiff_pg_errors_total", "kind" => kind).increment(1);
-                tracing::debug!(code, %message, "login rejected");
-                let error = protocol::error_response(Severity::Fatal, code, &message);
-                let _ = writer.write_all(&error).await;
-                return;
-            }
-            Err(_) => {
-                let error = protocol::error_response(
-                    Severity::Fatal,
-                    "08P01",
-                    "login timed out: startup and authentication took longer than 60s",
-                );
-                let _ = writer.write_all(&error).await;
-                return;
-            }
-        };
-        tracing::debug!(user = %logged_in.user, database = %logged_in.database, "client logged in");
-        reader.set_max_message_bytes(pooler.config().max_message_bytes);
-        let session = Session::new(
-            pooler.clone(),
-            client_id,
-            peer,
-            logged_in,
-            reader,
-            writer,
-            shutdown,
-        );
-        session.run().await;
-        drop(slot);
+        tracing::debug!("client connected");
+        serve_client(pooler, stream, client_id, peer, shutdown).await;
+        tracing::debug!("client disconnected");
     };
     // A disabled span still costs a dispatch on every poll.
     if span.is_disabled() {
@@ -163,6 +118,65 @@ pub async fn handle_client(
     } else {
         serve.instrument(span).await
     }
+}
+
+async fn serve_client(
+    pooler: Arc<Pooler>,
+    stream: TcpStream,
+    client_id: u64,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let (slot, count) = ClientSlot::new(pooler.clone());
+    let (read, mut writer) = stream.into_split();
+    let mut reader = MessageReader::new(read, MAX_LOGIN_MESSAGE);
+    let login = tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        login(&pooler, &mut reader, &mut writer, count),
+    )
+    .await;
+    let logged_in = match login {
+        Ok(Ok(Login::Session(logged_in))) => logged_in,
+        Ok(Ok(Login::Admin)) => {
+            reader.set_max_message_bytes(pooler.config().max_message_bytes);
+            let _ = super::admin::serve(&pooler, reader, writer, &shutdown).await;
+            return;
+        }
+        Ok(Err(LoginEnd::Quiet)) => return,
+        Ok(Err(LoginEnd::Fatal {
+            code,
+            message,
+            kind,
+        })) => {
+            counter!("skiff_pg_errors_total", "kind" => kind).increment(1);
+            tracing::debug!(code, %message, "login rejected");
+            let error = protocol::error_response(Severity::Fatal, code, &message);
+            let _ = writer.write_all(&error).await;
+            return;
+        }
+        Err(_) => {
+            let error = protocol::error_response(
+                Severity::Fatal,
+                "08P01",
+                "login timed out: startup and authentication took longer than 60s",
+            );
+            let _ = writer.write_all(&error).await;
+            return;
+        }
+    };
+    tracing::debug!(user = %logged_in.user, database = %logged_in.database, "client logged in");
+    reader.set_max_message_bytes(pooler.config().max_message_bytes);
+    let session = Session::new(
+        pooler.clone(),
+        client_id,
+        peer,
+        logged_in,
+        reader,
+        writer,
+        shutdown,
+    );
+    session.run().await;
+    drop(slot);
 }
 
 async fn login(

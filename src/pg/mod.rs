@@ -6,10 +6,12 @@ pub mod auth;
 mod backend;
 mod cancel;
 mod capture;
+mod exporter;
 mod frontend;
 mod manage;
 mod params;
 mod pending;
+pub mod plan;
 mod pool;
 mod prepared;
 pub mod protocol;
@@ -275,5 +277,9 @@ impl Component for Pooler {
             "prepared_statements": self.statements.len(),
             "pools": pools,
         })
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        exporter::render(self, out);
     }
 }

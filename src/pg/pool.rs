@@ -5,7 +5,7 @@
 //! when it returns to the pool or is closed, so the bound holds during
 //! reconnect storms too. Waiters are served first come, first served.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,7 +59,8 @@ struct PoolMetrics {
     transactions: Counter,
 }
 
-/// Running totals of one pool, for the admin console's SHOW commands.
+/// Running totals of one pool, for the admin console's SHOW commands and
+/// the PgBouncer-compatible metrics.
 #[derive(Default)]
 pub struct PoolStats {
     pub clients: AtomicUsize,
@@ -67,6 +68,62 @@ pub struct PoolStats {
     pub transactions: AtomicU64,
     pub wait_us: AtomicU64,
     pub max_wait_us: AtomicU64,
+    /// Bytes read from this pool's clients.
+    pub received_bytes: AtomicU64,
+    /// Bytes written to this pool's clients.
+    pub sent_bytes: AtomicU64,
+    /// Time servers spent on requests, from the first request sent to the
+    /// ReadyForQuery after the last one.
+    pub query_us: AtomicU64,
+    /// Time from the first request of a transaction to its end.
+    pub transaction_us: AtomicU64,
+    /// Server connections logging in now.
+    pub logins: AtomicUsize,
+    /// When each client waiting for a server connection started waiting, by
+    /// ticket; at most one entry per waiting client.
+    waiting_since: Mutex<BTreeMap<u64, Instant>>,
+}
+
+/// One count in a gauge of things in progress, taken back on drop, so a
+/// dropped future does not leave it behind.
+struct InProgress<'a>(&'a AtomicUsize);
+
+impl<'a> InProgress<'a> {
+    fn start(count: &'a AtomicUsize) -> InProgress<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        InProgress(count)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+static NEXT_WAIT_TICKET: AtomicU64 = AtomicU64::new(1);
+
+/// One client's wait for a permit. Dropping it ends the wait, also when
+/// the client gives up and the waiting future is dropped.
+struct Waiter<'a> {
+    pool: &'a Pool,
+    ticket: u64,
+}
+
+impl<'a> Waiter<'a> {
+    fn start(pool: &'a Pool, now: Instant) -> Waiter<'a> {
+        let ticket = NEXT_WAIT_TICKET.fetch_add(1, Ordering::Relaxed);
+        pool.stats.waiting_since.lock().insert(ticket, now);
+        pool.set_waiting(1);
+        Waiter { pool, ticket }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.pool.stats.waiting_since.lock().remove(&self.ticket);
+        self.pool.set_waiting(-1);
+    }
 }
 
 /// Server connections for one (database, user).
@@ -292,7 +349,7 @@ impl Pool {
         wait: Duration,
     ) -> Result<OwnedSemaphorePermit, CheckoutError> {
         let started = Instant::now();
-        self.set_waiting(1);
+        let waiter = Waiter::start(self, started);
         let acquired = async {
             if !self.wait_while_paused(deadline).await {
                 return Err(());
@@ -301,7 +358,7 @@ impl Pool {
             permit.await.map_err(|_| ())
         }
         .await;
-        self.set_waiting(-1);
+        drop(waiter);
         let waited = started.elapsed();
         self.metrics.wait_seconds.record(waited.as_secs_f64());
         let waited_us = waited.as_micros() as u64;
@@ -342,14 +399,16 @@ impl Pool {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         self.metrics.connects.increment(1);
         let settings = self.settings.load_full();
+        let login = InProgress::start(&self.stats.logins);
         let conn = ServerConn::connect(
             id,
             &self.target.load_full(),
             settings.connect_timeout,
             settings.max_prepared_statements,
         )
-        .await
-        .inspect_err(|err| {
+        .await;
+        drop(login);
+        let conn = conn.inspect_err(|err| {
             counter!("skiff_pg_errors_total", "kind" => "server_connect").increment(1);
             tracing::warn!(pool = %self.name, error = %err, "server login failed");
         })?;
@@ -523,6 +582,28 @@ impl Pool {
 
     pub fn waiting_count(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Counts idle connections unused for longer than `server_check_delay`,
+    /// which are checked before they are handed out again.
+    pub fn idle_unchecked_count(&self) -> usize {
+        let now = Instant::now();
+        self.idle
+            .lock()
+            .iter()
+            .filter(|conn| now.duration_since(conn.last_used) >= self.settings.load().check_delay)
+            .count()
+    }
+
+    /// Returns how long the longest-waiting client has waited so far, or
+    /// zero when no client waits.
+    pub fn oldest_wait(&self) -> Duration {
+        self.stats
+            .waiting_since
+            .lock()
+            .first_key_value()
+            .map(|(_, since)| since.elapsed())
+            .unwrap_or_default()
     }
 
     fn set_waiting(&self, delta: isize) {

@@ -7,8 +7,9 @@ mod server;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -82,6 +83,13 @@ pub struct Session {
     /// Shutdown began while a transaction was open; the session stops when
     /// it ends.
     stop_deferred: bool,
+    /// Bytes read from the client and not yet added to the pool's stats.
+    received_bytes: u64,
+    /// When the first request sent since the server's last ReadyForQuery
+    /// went out.
+    query_started: Option<Instant>,
+    /// When the current transaction's first request went to the server.
+    transaction_started: Option<Instant>,
 }
 
 impl Session {
@@ -114,6 +122,9 @@ impl Session {
             capture,
             unsynced: false,
             session_state_changed: false,
+            received_bytes: 0,
+            query_started: None,
+            transaction_started: None,
             mode: pooler.config().pool_mode,
             settings: params::startup_settings(&logged_in.params),
             startup_settings: params::startup_settings(&logged_in.params),
@@ -216,7 +227,10 @@ impl Session {
         };
         match &event {
             Event::Server(Ok(m)) => tracing::trace!(tag = %(m.tag() as char), "server message"),
-            Event::Client(Ok(m)) => tracing::trace!(tag = %(m.tag() as char), "client message"),
+            Event::Client(Ok(m)) => {
+                self.received_bytes += m.raw.len() as u64;
+                tracing::trace!(tag = %(m.tag() as char), "client message")
+            }
             _ => {}
         }
         match event {
@@ -273,6 +287,8 @@ impl Session {
             self.pool.discard(checkout);
         }
         self.pending.clear();
+        self.query_started = None;
+        self.transaction_started = None;
         self.write_error(
             Severity::Fatal,
             "08006",
@@ -440,6 +456,11 @@ impl Session {
             if !request.ends_with_ready() {
                 self.unsynced = true;
             }
+            if self.query_started.is_none() {
+                let now = Instant::now();
+                self.query_started = Some(now);
+                self.transaction_started.get_or_insert(now);
+            }
         }
         self.pending.push(expected);
         self.emit_due_replies();
@@ -464,9 +485,18 @@ impl Session {
     }
 
     async fn flush_client(&mut self) -> std::io::Result<()> {
+        if self.received_bytes > 0 {
+            let received = std::mem::take(&mut self.received_bytes);
+            let stats = &self.pool.stats;
+            stats.received_bytes.fetch_add(received, Ordering::Relaxed);
+        }
         if self.out.is_empty() {
             return Ok(());
         }
+        let stats = &self.pool.stats;
+        stats
+            .sent_bytes
+            .fetch_add(self.out.len() as u64, Ordering::Relaxed);
         let result = self.writer.write_all(&self.out).await;
         self.out.clear();
         result

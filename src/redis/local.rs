@@ -68,7 +68,7 @@ impl Session {
             self.authenticated = true;
             reply::ok()
         } else {
-            tracing::debug!(client.addr = %self.peer, "client AUTH failed");
+            tracing::info!("client AUTH failed");
             reply::error(reply::WRONGPASS)
         }
     }

@@ -157,7 +157,9 @@ impl RedisRouter {
             };
             let router = self.router.clone();
             let shutdown = shutdown.clone();
-            let span = tracing::debug_span!("redis_client", client.addr = %peer);
+            // At info level, so warnings and errors about this client name its
+            // address.
+            let span = tracing::info_span!("redis_client", peer = %peer);
             let session = async move {
                 tracing::debug!("client connected");
                 session::run(router, stream, peer, shutdown).await;

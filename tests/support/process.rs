@@ -15,6 +15,17 @@ impl SkiffProcess {
     /// Writes `config` to a file and starts skiff on it, waiting until
     /// `wait_port` accepts connections.
     pub fn start(config: &str, wait_port: u16) -> SkiffProcess {
+        SkiffProcess::start_with(config, wait_port, &[], "debug")
+    }
+
+    /// Like `start`, with extra command-line arguments and `SKIFF_LOG` set
+    /// to `log_level`.
+    pub fn start_with(
+        config: &str,
+        wait_port: u16,
+        args: &[&str],
+        log_level: &str,
+    ) -> SkiffProcess {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("skiff.toml");
         std::fs::File::create(&config_path)
@@ -25,7 +36,8 @@ impl SkiffProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_skiff"))
             .arg("--config")
             .arg(&config_path)
-            .env("SKIFF_LOG", "debug")
+            .args(args)
+            .env("SKIFF_LOG", log_level)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())

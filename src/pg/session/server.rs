@@ -1,6 +1,8 @@
 //! Messages from the server: passed to the client, dropped when they answer
 //! skiff's own requests, and watched for state skiff must track.
 
+use std::sync::atomic::Ordering;
+
 use super::{Flow, Session, FLUSH_THRESHOLD};
 use crate::config::PoolMode;
 use crate::pg::params;
@@ -198,8 +200,22 @@ impl Session {
             return;
         };
         checkout.conn.tx_status = status;
+        if !self.pending.awaits_server() {
+            if let Some(started) = self.query_started.take() {
+                let elapsed = started.elapsed().as_micros() as u64;
+                self.pool
+                    .stats
+                    .query_us
+                    .fetch_add(elapsed, Ordering::Relaxed);
+            }
+        }
         if status != b'I' || self.pending.awaits_server() || self.pending.skipping_to_sync {
             return;
+        }
+        if let Some(started) = self.transaction_started.take() {
+            let elapsed = started.elapsed().as_micros() as u64;
+            let stats = &self.pool.stats;
+            stats.transaction_us.fetch_add(elapsed, Ordering::Relaxed);
         }
         self.pool.count_transaction();
         if self.mode == PoolMode::Transaction {
