@@ -191,6 +191,13 @@ fn pause_waits_for_transactions_and_resume_releases() {
         // One client idle, one waiting, no server connection.
         let pools = skiff.admin_text("SHOW POOLS");
         assert!(pools.contains("adm_pause|postgres|1|1|0|0|"), "{pools}");
+        let row = &rows(&pools)[0];
+        let waited_us: u64 =
+            row[8].parse::<u64>().unwrap() * 1_000_000 + row[9].parse::<u64>().unwrap();
+        assert!(
+            waited_us >= 200_000,
+            "maxwait counts the queued client: {row:?}"
+        );
         let resumed_at = Instant::now();
         skiff.admin_text("RESUME");
         let finished = waiting.await.unwrap().expect("query succeeds after RESUME");

@@ -14,7 +14,9 @@ pub fn show_pools(pooler: &Pooler) -> Table {
         .iter()
         .map(|pool| {
             let (database, user) = split_pool_name(&pool.name);
-            let max_wait_us = pool.stats.max_wait_us.load(Ordering::Relaxed);
+            // As in PgBouncer: how long the oldest client in the queue has
+            // waited so far.
+            let max_wait_us = pool.oldest_wait().as_micros() as u64;
             vec![
                 text(database),
                 text(user),
@@ -27,6 +29,8 @@ pub fn show_pools(pooler: &Pooler) -> Table {
                 text(pool.waiting_count()),
                 text(pool.active_count()),
                 text(pool.idle_count()),
+                text(pool.idle_unchecked_count()),
+                text(pool.stats.logins.load(Ordering::Relaxed)),
                 text(max_wait_us / 1_000_000),
                 text(max_wait_us % 1_000_000),
                 text(mode_name(pooler.config().pool_mode)),
@@ -41,6 +45,8 @@ pub fn show_pools(pooler: &Pooler) -> Table {
             "cl_waiting",
             "sv_active",
             "sv_idle",
+            "sv_used",
+            "sv_login",
             "maxwait",
             "maxwait_us",
             "pool_mode",
