@@ -8,3 +8,4 @@ pub mod logship;
 pub mod pg;
 pub mod redis;
 pub mod server;
+pub mod tls;

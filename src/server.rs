@@ -44,6 +44,8 @@ pub fn init_tracing() {
 pub fn check(config: &Config) -> Result<(), String> {
     if let Some(pg_config) = &config.postgres {
         pg::auth::UserList::load(pg_config, config).map_err(|err| err.to_string())?;
+        pg::server_tls_settings(pg_config, config).map_err(|err| err.to_string())?;
+        pg::client_tls_settings(pg_config, config).map_err(|err| err.to_string())?;
     }
     Ok(())
 }

@@ -5,12 +5,11 @@
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::protocol::{self, frontend, read_cstr_lossy, MessageReader, Severity};
 use super::Pooler;
 use crate::config::PoolMode;
+use crate::tls::{ReadHalf, WriteHalf};
 
 /// Database names that open the admin console.
 pub const ADMIN_DATABASES: &[&str] = &["skiff", "pgbouncer"];
@@ -24,8 +23,8 @@ struct Table {
 /// Serves admin commands until the client leaves.
 pub async fn serve(
     pooler: &Pooler,
-    mut reader: MessageReader<OwnedReadHalf>,
-    mut writer: OwnedWriteHalf,
+    mut reader: MessageReader<ReadHalf>,
+    mut writer: WriteHalf,
 ) -> std::io::Result<()> {
     let mut greeting = BytesMut::new();
     greeting.extend_from_slice(&protocol::authentication(0, &[]));
@@ -44,7 +43,7 @@ pub async fn serve(
     }
     greeting.extend_from_slice(&protocol::backend_key_data(0, 0));
     greeting.extend_from_slice(&protocol::ready_for_query(b'I'));
-    writer.write_all(&greeting).await?;
+    writer.send(&greeting).await?;
     loop {
         let Ok(message) = reader.read().await else {
             return Ok(());
@@ -65,7 +64,7 @@ pub async fn serve(
             )),
         }
         out.extend_from_slice(&protocol::ready_for_query(b'I'));
-        writer.write_all(&out).await?;
+        writer.send(&out).await?;
     }
 }
 
@@ -288,6 +287,11 @@ fn show_config(pooler: &Pooler) -> Table {
         ),
         ("shutdown_timeout", format!("{:?}", config.shutdown_timeout)),
         ("max_message_bytes", config.max_message_bytes.to_string()),
+        ("server_tls_sslmode", config.server_tls_sslmode.to_string()),
+        (
+            "client_tls_sslmode",
+            format!("{:?}", config.client_tls_sslmode).to_lowercase(),
+        ),
     ];
     Table {
         columns: &["key", "value", "changeable"],

@@ -10,8 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendError;
@@ -25,6 +23,7 @@ use super::prepared::Statement;
 use super::protocol::{self, Message, MessageReader, ProtocolError, Severity};
 use super::Pooler;
 use crate::config::PoolMode;
+use crate::tls::{ReadHalf, WriteHalf};
 
 /// Output is written once this many bytes are buffered, even mid-batch.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
@@ -52,8 +51,8 @@ pub struct Session {
     id: u64,
     pool: Arc<Pool>,
     mode: PoolMode,
-    reader: MessageReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: MessageReader<ReadHalf>,
+    writer: WriteHalf,
     out: BytesMut,
     server: Option<Checkout>,
     pending: Pending,
@@ -85,8 +84,8 @@ impl Session {
         pooler: Arc<Pooler>,
         id: u64,
         logged_in: LoggedIn,
-        reader: MessageReader<OwnedReadHalf>,
-        writer: OwnedWriteHalf,
+        reader: MessageReader<ReadHalf>,
+        writer: WriteHalf,
         shutdown: CancellationToken,
     ) -> Session {
         let cancel = pooler.cancels.register();
@@ -411,7 +410,7 @@ impl Session {
         if self.out.is_empty() {
             return Ok(());
         }
-        let result = self.writer.write_all(&self.out).await;
+        let result = self.writer.send(&self.out).await;
         self.out.clear();
         result
     }
