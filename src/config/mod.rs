@@ -105,6 +105,9 @@ impl Config {
             message: describe_toml_error(&expanded, &err),
         })?;
         config.base_dir = PathBuf::from(".");
+        if let Some(redis) = &mut config.redis {
+            redis.normalize_nodes().map_err(ConfigError::Invalid)?;
+        }
         config.validate()?;
         Ok(config)
     }

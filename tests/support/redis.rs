@@ -78,11 +78,17 @@ impl RedisServer {
     /// Starts a sentinel that monitors the primary on `primary_port` as
     /// `name`, with a quorum of one.
     pub fn start_sentinel(primary_port: u16, name: &str) -> RedisServer {
+        RedisServer::start_sentinel_with(primary_port, name, "")
+    }
+
+    /// Starts a sentinel as [`RedisServer::start_sentinel`] does, with
+    /// `extra` lines in its config file (such as TLS settings).
+    pub fn start_sentinel_with(primary_port: u16, name: &str, extra: &str) -> RedisServer {
         let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("sentinel.conf");
         let text = format!(
-            "port {port}\nbind 127.0.0.1\ndir {}\n\
+            "port {port}\nbind 127.0.0.1\ndir {}\n{extra}\n\
              sentinel monitor {name} 127.0.0.1 {primary_port} 1\n\
              sentinel down-after-milliseconds {name} 1000\n\
              sentinel failover-timeout {name} 10000\n",
