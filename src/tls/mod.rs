@@ -29,7 +29,7 @@ pub enum TlsError {
         path: String,
         reason: String,
     },
-    #[error("{what} {path} holds no PEM {kind}")]
+    #[error("{what} {path} contains no PEM {kind}")]
     Empty {
         what: &'static str,
         path: String,
@@ -304,5 +304,61 @@ impl ServerCertVerifier for NoCheck {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_from_hosts() {
+        assert!(matches!(
+            server_name("db.example.com").unwrap(),
+            ServerName::DnsName(_)
+        ));
+        assert!(matches!(
+            server_name("10.0.0.1").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name("[::1]").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        let err = server_name("not a host").unwrap_err().to_string();
+        assert!(
+            err.contains("neither a DNS name nor an IP address"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = load_roots(Some(&missing)).unwrap_err().to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificates here\n").unwrap();
+        let err = load_roots(Some(&empty)).unwrap_err().to_string();
+        assert!(err.contains("contains no PEM certificate"), "{err}");
+
+        let roots = load_roots(None).unwrap();
+        assert!(!roots.is_empty(), "the built-in roots are loaded");
+    }
+
+    #[test]
+    fn key_file_without_key_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, "").unwrap();
+        std::fs::write(&key, "").unwrap();
+        let err = server_config(&cert, &key).unwrap_err().to_string();
+        assert!(
+            err.contains("cert.pem contains no PEM certificate"),
+            "{err}"
+        );
     }
 }
