@@ -6,6 +6,7 @@
 # against require on an ssl = on server).
 #
 # Usage: benches/tls_compare.sh BASE_BINARY NEW_BINARY [rounds, default 3]
+# PG_SECONDS (default 8) and REDIS_REQUESTS (default 100000) size each run.
 # Needs root (PostgreSQL runs as the postgres user), postgresql-15,
 # pgbench, redis-server, redis-benchmark, openssl and python3. Everything
 # listens on 127.0.0.1 only.
@@ -13,7 +14,8 @@ set -euo pipefail
 BASE=$(realpath "$1")
 NEW=$(realpath "$2")
 ROUNDS=${3:-3}
-SECONDS_PER_RUN=8
+SECONDS_PER_RUN=${PG_SECONDS:-8}
+REDIS_REQUESTS=${REDIS_REQUESTS:-100000}
 CLIENTS=50
 WORK=$(mktemp -d /tmp/skiff-tls-bench-XXXXXX)
 chown postgres:postgres "$WORK"
@@ -101,14 +103,19 @@ pg_run() {
     echo "$before $after $transactions" | awk '{printf "%.1f", ($2 - $1) * 10000 / $3}'
 }
 
-redis_rps() {
-    local pipeline=$1
+# Prints redis-benchmark's GET requests per second at a pipeline depth,
+# and skiff's CPU ticks per 100,000 requests.
+redis_run() {
+    local pipeline=$1 before after
+    before=$(cpu_ticks)
     redis-benchmark -h 127.0.0.1 -p "$REDIS_LISTEN" -t get -c "$CLIENTS" -r 100000 \
-        -n 100000 -P "$pipeline" -q 2>/dev/null | tr '\r' '\n' \
-        | awk '/requests per second/ {printf "%d", $2}'
+        -n "$REDIS_REQUESTS" -P "$pipeline" -q 2>/dev/null | tr '\r' '\n' \
+        | awk '/requests per second/ {printf "%d ", $2}'
+    after=$(cpu_ticks)
+    echo $(((after - before) * 100000 / REDIS_REQUESTS))
 }
 
-echo "round binary pgbench_tps skiff_ticks_per_10k redis_get_rps_p1 redis_get_rps_p16"
+echo "round binary pgbench_tps ticks_per_10k get_rps_p1 ticks_per_100k get_rps_p16 ticks_per_100k"
 for round in $(seq "$ROUNDS"); do
     # Odd rounds run the base binary first, even rounds the new one, so
     # neither always runs on a machine warmed by the other.
@@ -116,7 +123,7 @@ for round in $(seq "$ROUNDS"); do
     for name in $order; do
         # The base binary predates the sslmode setting, and never uses TLS.
         if [ "$name" = base ]; then start_skiff "$BASE" ''; else start_skiff "$NEW" 'sslmode = "disable"'; fi
-        echo "$round $name $(pg_run) $(redis_rps 1) $(redis_rps 16)"
+        echo "$round $name $(pg_run) $(redis_run 1) $(redis_run 16)"
         stop_skiff
     done
 done

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use redis_support::{free_port, RedisServer, Skiff};
+use redis_support::{free_port, Cluster, RedisServer, Skiff};
 use skiff::redis::frame::Protocol;
 use tls_support::TestCa;
 
@@ -49,10 +49,18 @@ fn files() -> &'static TlsFiles {
 /// server and its TLS port.
 fn start_tls_server(cert: &(PathBuf, PathBuf), extra: &[&str]) -> (RedisServer, u16) {
     let tls_port = free_port();
-    let port = tls_port.to_string();
-    let mut args = vec![
+    let mut args = tls_args(cert, tls_port);
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (RedisServer::start(&args), tls_port)
+}
+
+/// Arguments that add a TLS port serving `cert`, without client
+/// certificates.
+fn tls_args(cert: &(PathBuf, PathBuf), tls_port: u16) -> Vec<String> {
+    [
         "--tls-port",
-        &port,
+        &tls_port.to_string(),
         "--tls-cert-file",
         cert.0.to_str().unwrap(),
         "--tls-key-file",
@@ -61,9 +69,9 @@ fn start_tls_server(cert: &(PathBuf, PathBuf), extra: &[&str]) -> (RedisServer, 
         files().ca.to_str().unwrap(),
         "--tls-auth-clients",
         "no",
-    ];
-    args.extend_from_slice(extra);
-    (RedisServer::start(&args), tls_port)
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn ca_line(path: &std::path::Path) -> String {
@@ -199,4 +207,42 @@ async fn sentinel_and_primary_over_tls() {
     let mut raw = skiff.raw().await;
     assert_eq!(raw.call(&["SET", "tls:sentinel", "y"]).await, "+OK\r\n");
     assert_eq!(primary.cli(&["GET", "tls:sentinel"]).trim(), "y");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_over_tls() {
+    // With tls-cluster, nodes announce their TLS ports to TLS clients, and
+    // the cluster bus runs on the TLS port + 10000.
+    let tls_ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+    let ca = files().ca.to_str().unwrap().to_string();
+    let cluster = Cluster::start_custom(
+        5000,
+        |i| {
+            let mut args = tls_args(&files().ip_cert, tls_ports[i]);
+            args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+            args
+        },
+        &["--tls", "--cacert", &ca],
+        |i, _| format!("127.0.0.1:{}", tls_ports[i]),
+    );
+    let body = format!(
+        "mode = \"cluster\"\nnodes = [\"rediss://127.0.0.1:{}\"]\n{}",
+        tls_ports[0],
+        ca_line(&files().ca)
+    );
+    let skiff = Skiff::start(&body).await;
+    let mut raw = skiff.raw().await;
+    // Keys in different slots: MSET is split across the primaries.
+    let keys: Vec<String> = (0..20).map(|i| format!("tls:cluster:{i}")).collect();
+    let mut mset = vec!["MSET"];
+    for key in &keys {
+        mset.extend([key.as_str(), "v"]);
+    }
+    assert_eq!(raw.call(&mset).await, "+OK\r\n");
+    for key in &keys {
+        assert_eq!(raw.call(&["GET", key]).await, "$1\r\nv\r\n", "{key}");
+        let slot = skiff::redis::slot::key_slot(key.as_bytes());
+        let owner = cluster.primary_for_slot(slot);
+        assert_eq!(owner.cli(&["GET", key]).trim(), "v", "{key} on its primary");
+    }
 }

@@ -232,21 +232,43 @@ impl Cluster {
     /// Starts a cluster whose nodes declare a silent peer failed after
     /// `milliseconds`, which also bounds how soon a replica takes over.
     pub fn start_with_node_timeout(milliseconds: u32) -> Cluster {
+        Cluster::start_custom(milliseconds, |_| Vec::new(), &[], |_, node| node.addr())
+    }
+
+    /// Starts a cluster whose node `i` gets the extra arguments `extra(i)`,
+    /// created by `redis-cli CLI_ARGS --cluster create` with the addresses
+    /// `address(i, node)` (such as TLS ports).
+    pub fn start_custom(
+        milliseconds: u32,
+        extra: impl Fn(usize) -> Vec<String>,
+        cli_args: &[&str],
+        address: impl Fn(usize, &RedisServer) -> String,
+    ) -> Cluster {
         let timeout = milliseconds.to_string();
         let nodes: Vec<RedisServer> = (0..6)
-            .map(|_| {
-                RedisServer::start(&[
+            .map(|i| {
+                let mut args: Vec<String> = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
                     &timeout,
-                ])
+                ]
+                .map(String::from)
+                .to_vec();
+                args.extend(extra(i));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start(&args)
             })
             .collect();
-        let addrs: Vec<String> = nodes.iter().map(RedisServer::addr).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| address(i, node))
+            .collect();
         let output = Command::new("redis-cli")
+            .args(cli_args)
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])

@@ -46,14 +46,21 @@ impl TestCa {
         path
     }
 
-    /// Issues a server certificate for `names` (DNS names or IP addresses).
+    /// Issues a server certificate for `names` (DNS names or IP addresses),
+    /// also usable as a client certificate.
     pub fn server_cert(&self, names: &[&str]) -> ServerCert {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).unwrap();
         params
             .distinguished_name
             .push(DnType::CommonName, names[0].as_str());
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // Client use too: Redis 7.0 cluster nodes present their certificate
+        // to each other on the cluster bus, which checks it even with
+        // tls-auth-clients no.
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
