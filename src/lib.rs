@@ -10,3 +10,4 @@ pub mod pg;
 pub mod plan;
 pub mod redis;
 pub mod server;
+pub mod tls;

@@ -70,8 +70,26 @@ pub fn init_tracing(format: LogFormat) {
 pub fn check(config: &Config) -> Result<(), String> {
     if let Some(pg_config) = &config.postgres {
         pg::auth::UserList::load(pg_config, config).map_err(|err| err.to_string())?;
+        pg::server_tls_settings(pg_config, config).map_err(|err| err.to_string())?;
+        pg::client_tls_settings(pg_config, config).map_err(|err| err.to_string())?;
+    }
+    if let Some(redis_config) = &config.redis {
+        RedisRouter::new(redis_config_for(config, redis_config))?;
     }
     Ok(())
+}
+
+/// Returns the `[redis]` section with its file paths resolved against the config
+/// file's directory.
+fn redis_config_for(
+    config: &Config,
+    redis: &crate::config::RedisConfig,
+) -> crate::config::RedisConfig {
+    let mut redis = redis.clone();
+    if let Some(file) = &redis.tls_ca_file {
+        redis.tls_ca_file = Some(config.resolve_path(file).display().to_string());
+    }
+    redis
 }
 
 /// Binds a TCP listener, naming the address on failure.
@@ -125,7 +143,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     }
 
     if let Some(redis_config) = &config.redis {
-        let router = RedisRouter::new(redis_config.clone()).map_err(ServerError::Setup)?;
+        let router = RedisRouter::new(redis_config_for(&config, redis_config))
+            .map_err(ServerError::Setup)?;
         let listener = bind(&redis_config.listen).await?;
         tracing::info!(listen = %redis_config.listen, "redis router listening");
         components.push(router.clone());

@@ -15,7 +15,10 @@ use serde::Deserialize;
 pub use logship::{
     CaptureConfig, FileSinkConfig, IngestConfig, LogshipConfig, OnFull, SignatureVersion, SlsConfig,
 };
-pub use postgres::{AuthType, PgAuthConfig, PgConfig, PgDatabase, PoolMode};
+pub use postgres::{
+    AuthType, ClientSslMode, PgAuthConfig, PgConfig, PgDatabase, PoolMode, ServerTlsSettings,
+    SslMode,
+};
 pub use redis::{ReadFrom, RedisConfig, RedisMode};
 
 /// Failure to load or validate a config file.
@@ -102,6 +105,9 @@ impl Config {
             message: describe_toml_error(&expanded, &err),
         })?;
         config.base_dir = PathBuf::from(".");
+        if let Some(redis) = &mut config.redis {
+            redis.normalize_nodes().map_err(ConfigError::Invalid)?;
+        }
         config.validate()?;
         Ok(config)
     }

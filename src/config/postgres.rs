@@ -28,6 +28,52 @@ pub enum AuthType {
     ScramSha256,
 }
 
+/// TLS to a PostgreSQL server, with libpq's `sslmode` names and meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Never TLS: no SSLRequest is sent.
+    Disable,
+    /// TLS when the server supports it, plain otherwise; the certificate is
+    /// not checked. A failed handshake or a login refused over TLS is
+    /// retried once without TLS, as libpq does.
+    Prefer,
+    /// TLS or no connection. The certificate is not checked, unless a CA
+    /// file is given: then it must chain to that CA, as in `verify-ca`.
+    Require,
+    /// TLS, and the certificate must chain to a trusted CA.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the configured `host`
+    /// (a DNS name, or an IP address in its IP SANs).
+    VerifyFull,
+}
+
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// TLS from clients to skiff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientSslMode {
+    /// skiff responds 'N' to SSLRequest, so clients stay plain.
+    Disable,
+    /// Clients may use TLS or not (same as `prefer`).
+    Allow,
+    /// Clients may use TLS or not (same as `allow`).
+    Prefer,
+    /// Clients must use TLS; a plain login is refused.
+    Require,
+}
+
 /// `[postgres]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +129,26 @@ pub struct PgConfig {
     /// largest value PostgreSQL itself accepts.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// TLS to the servers: `disable`, `prefer`, `require`, `verify-ca` or
+    /// `verify-full`, with libpq's meanings. Default `prefer`. A database's
+    /// `sslmode` overrides it.
+    #[serde(default = "default_server_sslmode")]
+    pub server_tls_sslmode: SslMode,
+    /// PEM file of the CA certificates that server certificates must chain
+    /// to. Without it, `verify-ca` and `verify-full` trust the Mozilla root
+    /// set built into skiff. A database's `sslrootcert` overrides it.
+    /// Relative paths are relative to the config file.
+    pub server_tls_ca_file: Option<String>,
+    /// TLS from clients: `disable` (skiff responds 'N' to SSLRequest), `allow` or
+    /// `prefer` (both: TLS when the client asks), `require` (plain logins
+    /// are refused). Default `disable`.
+    #[serde(default = "default_client_sslmode")]
+    pub client_tls_sslmode: ClientSslMode,
+    /// PEM certificate chain skiff presents to clients; needed unless
+    /// `client_tls_sslmode` is `disable`.
+    pub client_tls_cert_file: Option<String>,
+    /// PEM private key of `client_tls_cert_file`.
+    pub client_tls_key_file: Option<String>,
     /// Client authentication settings.
     #[serde(default)]
     pub auth: PgAuthConfig,
@@ -136,6 +202,10 @@ pub struct PgDatabase {
     pub password: Option<String>,
     /// Overrides `default_pool_size` for this database.
     pub pool_size: Option<usize>,
+    /// Overrides `server_tls_sslmode` for this database.
+    pub sslmode: Option<SslMode>,
+    /// Overrides `server_tls_ca_file` for this database.
+    pub sslrootcert: Option<String>,
 }
 
 impl PgDatabase {
@@ -143,6 +213,13 @@ impl PgDatabase {
     pub fn server_dbname(&self) -> &str {
         self.dbname.as_deref().unwrap_or(&self.name)
     }
+}
+
+/// The TLS settings that apply to one database's server connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsSettings {
+    pub mode: SslMode,
+    pub ca_file: Option<String>,
 }
 
 impl PgConfig {
@@ -175,6 +252,20 @@ impl PgConfig {
         if self.max_client_conn == 0 {
             return Err("[postgres] max_client_conn must be at least 1".into());
         }
+        if self.client_tls_sslmode != ClientSslMode::Disable
+            && (self.client_tls_cert_file.is_none() || self.client_tls_key_file.is_none())
+        {
+            return Err(
+                "[postgres] client_tls_sslmode other than \"disable\" needs client_tls_cert_file \
+                 and client_tls_key_file"
+                    .into(),
+            );
+        }
+        if self.client_tls_cert_file.is_some() != self.client_tls_key_file.is_some() {
+            return Err(
+                "[postgres] client_tls_cert_file and client_tls_key_file go together".into(),
+            );
+        }
         if self.auth.auth_type != AuthType::Trust
             && self.auth.users.is_empty()
             && self.auth.auth_file.is_none()
@@ -185,6 +276,18 @@ impl PgConfig {
             ));
         }
         Ok(())
+    }
+
+    /// TLS mode and CA file of a database's server connections, its own
+    /// settings taking precedence.
+    pub fn server_tls(&self, db: &PgDatabase) -> ServerTlsSettings {
+        ServerTlsSettings {
+            mode: db.sslmode.unwrap_or(self.server_tls_sslmode),
+            ca_file: db
+                .sslrootcert
+                .clone()
+                .or_else(|| self.server_tls_ca_file.clone()),
+        }
     }
 
     /// Pool size of a database, falling back to `default_pool_size`.
@@ -233,6 +336,12 @@ fn default_shutdown_timeout() -> Duration {
 }
 fn default_max_message_bytes() -> usize {
     1 << 30
+}
+fn default_server_sslmode() -> SslMode {
+    SslMode::Prefer
+}
+fn default_client_sslmode() -> ClientSslMode {
+    ClientSslMode::Disable
 }
 fn default_auth_type() -> AuthType {
     AuthType::Trust

@@ -38,6 +38,8 @@ pub struct RedisConfig {
     #[serde(default = "default_mode")]
     pub mode: RedisMode,
     /// Upstream addresses, `host:port`; their meaning depends on `mode`.
+    /// `rediss://host:port` means the same address over TLS and turns `tls`
+    /// on; `redis://host:port` is accepted as plain `host:port`.
     pub nodes: Vec<String>,
     /// Sentinel group name, required in sentinel mode.
     pub master_name: Option<String>,
@@ -90,6 +92,20 @@ pub struct RedisConfig {
     /// before their clients are disconnected. Default 10s.
     #[serde(default = "default_shutdown_timeout", with = "super::duration")]
     pub shutdown_timeout: Duration,
+    /// TLS to every upstream: the nodes, the sentinels, and
+    /// the nodes that sentinels and cluster topology announce. Default
+    /// false. The server's certificate is always checked, against
+    /// `tls_ca_file` and against the node's host (or `tls_server_name`).
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of the CA certificates upstream certificates must chain to.
+    /// Without it, the Mozilla root set built into skiff is trusted.
+    /// Relative paths are relative to the config file.
+    pub tls_ca_file: Option<String>,
+    /// Name checked in every upstream certificate (and sent as SNI) in
+    /// place of the node's host, for nodes known by IP address whose
+    /// certificates name a host.
+    pub tls_server_name: Option<String>,
 }
 
 /// Prints the section with both passwords replaced by `<redacted>`, so a
@@ -116,11 +132,54 @@ impl std::fmt::Debug for RedisConfig {
             .field("topology_refresh_interval", &self.topology_refresh_interval)
             .field("max_redirects", &self.max_redirects)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_server_name", &self.tls_server_name)
             .finish()
     }
 }
 
 impl RedisConfig {
+    /// Strips `redis://` and `rediss://` from node addresses. `rediss://`
+    /// turns `tls` on; a group cannot mix the two.
+    pub(super) fn normalize_nodes(&mut self) -> Result<(), String> {
+        let mut any_tls = false;
+        let mut any_plain = false;
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            let address = if let Some(rest) = node.strip_prefix("rediss://") {
+                any_tls = true;
+                rest
+            } else if let Some(rest) = node.strip_prefix("redis://") {
+                any_plain = true;
+                rest
+            } else {
+                continue;
+            };
+            let address = address.strip_suffix('/').unwrap_or(address);
+            if address.contains(['@', '/', '?']) {
+                // The address is not printed: it may contain a password.
+                return Err(format!(
+                    "[redis] nodes[{index}] has credentials, a database or options in its URL, \
+                     which skiff does not read; write rediss://host:port and set username \
+                     and password"
+                ));
+            }
+            *node = address.to_string();
+        }
+        if any_tls && any_plain {
+            return Err(
+                "[redis] nodes mix redis:// and rediss:// addresses; TLS applies to all \
+                 upstreams or to none"
+                    .into(),
+            );
+        }
+        if any_plain && self.tls {
+            return Err("[redis] nodes: redis:// addresses contradict tls = true".into());
+        }
+        self.tls |= any_tls;
+        Ok(())
+    }
+
     pub(super) fn validate(&self) -> Result<(), String> {
         if self.nodes.is_empty() {
             return Err("[redis] nodes must list at least one host:port".into());
@@ -132,6 +191,12 @@ impl RedisConfig {
                     "[redis] nodes: invalid address {node:?}, expected host:port"
                 ));
             }
+        }
+        if !self.tls && (self.tls_ca_file.is_some() || self.tls_server_name.is_some()) {
+            return Err(
+                "[redis] tls_ca_file and tls_server_name need tls = true (or rediss:// nodes)"
+                    .into(),
+            );
         }
         if self.mode == RedisMode::Sentinel && self.master_name.is_none() {
             return Err("[redis] mode \"sentinel\" needs master_name".into());
@@ -222,5 +287,38 @@ mod tests {
             err.contains("client_queue_depth must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rediss_nodes_turn_tls_on() {
+        let text = "[redis]\nnodes = [\"rediss://10.0.0.1:6380\", \"rediss://10.0.0.2:6380/\"]\n";
+        let config = Config::parse(text).unwrap().redis.unwrap();
+        assert!(config.tls);
+        assert_eq!(config.nodes, ["10.0.0.1:6380", "10.0.0.2:6380"]);
+
+        let text = "[redis]\nnodes = [\"redis://10.0.0.1:6379\"]\n";
+        let config = Config::parse(text).unwrap().redis.unwrap();
+        assert!(!config.tls);
+        assert_eq!(config.nodes, ["10.0.0.1:6379"]);
+    }
+
+    #[test]
+    fn mixed_or_credentialed_node_urls_are_rejected() {
+        let text = "[redis]\nnodes = [\"rediss://a:6380\", \"redis://b:6379\"]\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("mix redis:// and rediss://"), "{err}");
+
+        let text = "[redis]\nnodes = [\"rediss://user:secret@a:6380\"]\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("nodes[0] has credentials"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+
+        let text = "[redis]\nnodes = [\"redis://a:6379\"]\ntls = true\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("contradict tls = true"), "{err}");
+
+        let text = "[redis]\nnodes = [\"a:6379\"]\ntls_ca_file = \"ca.pem\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("need tls = true"), "{err}");
     }
 }

@@ -2,32 +2,56 @@
 //! skiff tracks per connection (prepared statements, applied settings).
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::auth;
 use super::cancel::ServerKey;
 use super::prepared::ServerStatements;
 use super::protocol::{self, backend, ErrorFields, Message, MessageReader, ProtocolError};
+use crate::config::SslMode;
+use crate::tls::{self, ReadHalf, Stream, TlsConnector, WriteHalf};
 
-/// Server address, database and login of a pool.
+/// Server address, database, login and TLS settings of a pool.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
     pub host: String,
     pub port: u16,
+    /// The database name clients use, for messages.
+    pub database: String,
     pub dbname: String,
     pub user: String,
     pub password: Option<String>,
     /// Raised by RECONNECT and by a reload that changes the target, so
     /// connections opened before are closed once released.
     pub generation: u64,
+    /// None when `sslmode` is `disable`.
+    pub tls: Option<ServerTls>,
+}
+
+/// TLS settings of a pool's server connections, cheap to clone.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Any mode but `disable`.
+    pub mode: SslMode,
+    pub connector: TlsConnector,
+    /// The name the certificate is checked against, and the SNI sent.
+    pub server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mode", &self.mode)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
 }
 
 impl ServerTarget {
@@ -69,6 +93,36 @@ pub enum BackendError {
     Protocol { addr: String, source: ProtocolError },
     #[error("server {addr}: SCRAM exchange failed: {reason}")]
     Scram { addr: String, reason: String },
+    #[error("server {addr} for database \"{database}\": TLS handshake failed: {reason}")]
+    Tls {
+        addr: String,
+        database: String,
+        reason: String,
+    },
+    #[error(
+        "server {addr} for database \"{database}\" does not support SSL, and sslmode is {mode}"
+    )]
+    TlsUnsupported {
+        addr: String,
+        database: String,
+        mode: SslMode,
+    },
+}
+
+/// A failed connection attempt, and whether it had got as far as TLS;
+/// with `sslmode` `prefer` such a failure is retried without TLS.
+struct Attempt {
+    error: BackendError,
+    encrypted: bool,
+}
+
+impl Attempt {
+    fn plain(error: BackendError) -> Attempt {
+        Attempt {
+            error,
+            encrypted: false,
+        }
+    }
 }
 
 /// Largest message accepted from a server; a single row may be this large.
@@ -77,9 +131,11 @@ const MAX_SERVER_MESSAGE: usize = 1 << 30;
 /// One logged-in connection to PostgreSQL.
 pub struct ServerConn {
     pub id: u64,
-    reader: MessageReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: MessageReader<ReadHalf>,
+    writer: WriteHalf,
     out: BytesMut,
+    /// The connection is encrypted.
+    pub tls: bool,
     pub process_id: i32,
     pub secret_key: i32,
     pub address: String,
@@ -125,14 +181,43 @@ impl ServerConn {
         target: &ServerTarget,
         max_statements: usize,
     ) -> Result<ServerConn, BackendError> {
+        let tls = target.tls.as_ref();
+        match Self::attempt(id, target, max_statements, tls).await {
+            Ok(conn) => Ok(conn),
+            Err(failed) if failed.encrypted && tls.map(|t| t.mode) == Some(SslMode::Prefer) => {
+                tracing::debug!(
+                    server = %target.address(),
+                    error = %failed.error,
+                    "connecting over TLS failed; trying without TLS (sslmode prefer)"
+                );
+                Self::attempt(id, target, max_statements, None)
+                    .await
+                    .map_err(|failed| failed.error)
+            }
+            Err(failed) => Err(failed.error),
+        }
+    }
+
+    /// Connects, negotiates TLS when `tls` is given, and logs in.
+    async fn attempt(
+        id: u64,
+        target: &ServerTarget,
+        max_statements: usize,
+        tls: Option<&ServerTls>,
+    ) -> Result<ServerConn, Attempt> {
         let addr = target.address();
-        let stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| BackendError::Connect {
+        let tcp = TcpStream::connect(&addr).await.map_err(|source| {
+            Attempt::plain(BackendError::Connect {
                 addr: addr.clone(),
                 source,
-            })?;
-        let _ = stream.set_nodelay(true);
+            })
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match tls {
+            Some(tls) => negotiate_tls(tcp, target, tls).await?,
+            None => Stream::Plain(tcp),
+        };
+        let encrypted = stream.is_tls();
         let (read, write) = stream.into_split();
         let now = Instant::now();
         let mut conn = ServerConn {
@@ -140,6 +225,7 @@ impl ServerConn {
             reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
             writer: write,
             out: BytesMut::with_capacity(8192),
+            tls: encrypted,
             process_id: 0,
             secret_key: 0,
             cancel_key: Arc::new(ServerKey {
@@ -149,6 +235,7 @@ impl ServerConn {
                 server_id: id,
                 connected_at: SystemTime::now(),
                 generation: target.generation,
+                tls: None,
             }),
             address: addr,
             login_params: Vec::new(),
@@ -161,7 +248,10 @@ impl ServerConn {
             needs_close: HashSet::new(),
             sql_prepared: false,
         };
-        conn.login(target).await?;
+        let tls_for_cancel = tls.filter(|_| encrypted).cloned();
+        conn.login(target, tls_for_cancel)
+            .await
+            .map_err(|error| Attempt { error, encrypted })?;
         Ok(conn)
     }
 
@@ -172,7 +262,13 @@ impl ServerConn {
         }
     }
 
-    async fn login(&mut self, target: &ServerTarget) -> Result<(), BackendError> {
+    /// Logs in; `tls` is kept in the cancel key, so a cancel request for
+    /// this connection is encrypted as the connection is.
+    async fn login(
+        &mut self,
+        target: &ServerTarget,
+        tls: Option<ServerTls>,
+    ) -> Result<(), BackendError> {
         let startup =
             protocol::startup_message(&[("user", &target.user), ("database", &target.dbname)]);
         self.write_now(&startup).await?;
@@ -203,6 +299,7 @@ impl ServerConn {
                         server_id: self.id,
                         connected_at: self.cancel_key.connected_at,
                         generation: target.generation,
+                        tls,
                     });
                     return Ok(());
                 }
@@ -333,7 +430,7 @@ impl ServerConn {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        let result = self.writer.write_all(&out).await;
+        let result = self.writer.send(&out).await;
         self.out = out;
         self.out.clear();
         result.map_err(|err| self.protocol_error(ProtocolError::Io(err)))
@@ -346,23 +443,8 @@ impl ServerConn {
 
     /// True when the server sent something or closed while idle in the
     /// pool: an idle server sends nothing unless it is shutting down.
-    pub fn closed_while_idle(&self) -> bool {
-        if !self.reader.buffered_is_empty() {
-            return true;
-        }
-        // Ask the reactor first: a socket with no readiness event has
-        // nothing to read, and this costs no system call.
-        let socket = self.reader.get_ref();
-        let readable = std::pin::pin!(socket.readable());
-        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-        if readable.poll(&mut context).is_pending() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        match socket.try_read(&mut probe) {
-            Ok(_) => true,
-            Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
-        }
+    pub fn closed_while_idle(&mut self) -> bool {
+        !self.reader.buffered_is_empty() || !self.reader.get_mut().is_idle()
     }
 
     /// Builds the SQL that resets this connection's session state for the
@@ -421,5 +503,58 @@ impl ServerConn {
             self.write_now(&protocol::terminate()),
         )
         .await;
+    }
+}
+
+/// Sends SSLRequest and, when the server agrees, runs the TLS handshake.
+/// A server that declines gets a plain connection only with `prefer`.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    target: &ServerTarget,
+    tls: &ServerTls,
+) -> Result<Stream, Attempt> {
+    let addr = target.address();
+    let io_error = |err: std::io::Error| {
+        Attempt::plain(BackendError::Protocol {
+            addr: addr.clone(),
+            source: ProtocolError::Io(err),
+        })
+    };
+    tcp.write_all(&protocol::ssl_request())
+        .await
+        .map_err(io_error)?;
+    // One byte exactly: anything the server sent after it belongs to the
+    // TLS handshake and is checked there, never taken as protocol data.
+    let answer = match tcp.read_u8().await {
+        Ok(answer) => answer,
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(Attempt::plain(BackendError::Protocol {
+                addr,
+                source: ProtocolError::Closed,
+            }))
+        }
+        Err(err) => return Err(io_error(err)),
+    };
+    match answer {
+        b'S' => Stream::connect_tls(tcp, &tls.connector, tls.server_name.clone())
+            .await
+            .map_err(|err| Attempt {
+                error: BackendError::Tls {
+                    addr: addr.clone(),
+                    database: target.database.clone(),
+                    reason: tls::describe_handshake_error(&err, &tls.server_name),
+                },
+                encrypted: true,
+            }),
+        b'N' if tls.mode == SslMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(Attempt::plain(BackendError::TlsUnsupported {
+            addr,
+            database: target.database.clone(),
+            mode: tls.mode,
+        })),
+        _ => Err(Attempt::plain(BackendError::Protocol {
+            addr,
+            source: ProtocolError::Malformed("SSLRequest response"),
+        })),
     }
 }

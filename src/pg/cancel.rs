@@ -15,7 +15,10 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::backend::ServerTls;
 use super::protocol;
+use crate::config::SslMode;
+use crate::tls::Stream;
 
 /// The server process a client is attached to.
 #[derive(Debug, Clone)]
@@ -29,6 +32,9 @@ pub struct ServerKey {
     /// Pool target generation the connection logged in with; a connection
     /// of an older generation is closed when it is released.
     pub generation: u64,
+    /// Set when the server connection is encrypted: its cancel request is
+    /// sent over TLS too, so the key never crosses the network in clear.
+    pub tls: Option<ServerTls>,
 }
 
 /// What the admin console shows of a client, fixed at login.
@@ -209,11 +215,23 @@ impl CancelRegistry {
 pub async fn send_cancel(target: &ServerKey) {
     let request = protocol::cancel_request(target.process_id, target.secret_key);
     let send = async {
-        let mut stream = TcpStream::connect(&target.address).await?;
-        stream.write_all(&request).await?;
+        let tcp = TcpStream::connect(&target.address).await?;
+        let mut stream = match &target.tls {
+            Some(tls) => encrypt(tcp, tls).await?,
+            None => Stream::Plain(tcp),
+        };
+        stream.send(&request).await?;
         let mut rest = [0u8; 64];
-        while stream.read(&mut rest).await? > 0 {}
-        Ok::<(), std::io::Error>(())
+        loop {
+            match stream.read(&mut rest).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                // A TLS server may close without a close_notify alert; the
+                // request was written by then.
+                Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(err) => return Err(err),
+            }
+        }
     };
     match tokio::time::timeout(std::time::Duration::from_secs(2), send).await {
         Ok(Ok(())) => {}
@@ -221,6 +239,20 @@ pub async fn send_cancel(target: &ServerKey) {
             tracing::warn!(server = %target.address, error = %err, "cannot send cancel request");
         }
         Err(_) => tracing::warn!(server = %target.address, "timed out sending cancel request"),
+    }
+}
+
+/// Sends SSLRequest on a new cancel connection and runs the handshake. A
+/// server that now declines TLS gets the request in clear only when the
+/// `sslmode` (`prefer`) allowed a plain server connection in the first place.
+async fn encrypt(mut tcp: TcpStream, tls: &ServerTls) -> std::io::Result<Stream> {
+    tcp.write_all(&protocol::ssl_request()).await?;
+    match tcp.read_u8().await? {
+        b'S' => Stream::connect_tls(tcp, &tls.connector, tls.server_name.clone()).await,
+        b'N' if tls.mode == SslMode::Prefer => Ok(Stream::Plain(tcp)),
+        _ => Err(std::io::Error::other(
+            "the server declined SSL for the cancel request",
+        )),
     }
 }
 

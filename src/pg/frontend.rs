@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use metrics::{counter, gauge};
 use rand::RngCore;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -23,7 +23,8 @@ use super::protocol::{
 };
 use super::session::Session;
 use super::Pooler;
-use crate::config::AuthType;
+use crate::config::{AuthType, ClientSslMode};
+use crate::tls::{ReadHalf, Stream, WriteHalf};
 
 /// Largest message accepted before login completes; PostgreSQL caps
 /// password packets at 65535 bytes as well.
@@ -82,6 +83,36 @@ impl Drop for ClientSlot {
     }
 }
 
+impl LoginEnd {
+    /// Sends the client the FATAL error, if any, and counts it.
+    async fn report<W: AsyncWrite + Unpin>(self, writer: &mut W) {
+        if let LoginEnd::Fatal {
+            code,
+            message,
+            kind,
+        } = self
+        {
+            counter!("skiff_pg_errors_total", "kind" => kind).increment(1);
+            tracing::debug!(code, %message, "login rejected");
+            let error = protocol::error_response(Severity::Fatal, code, &message);
+            if writer.write_all(&error).await.is_ok() {
+                let _ = writer.flush().await;
+            }
+        }
+    }
+}
+
+/// Outcome of one packet of the startup phase.
+enum Negotiation {
+    /// The client sent its StartupMessage.
+    Startup(StartupParams),
+    /// The client requested TLS, and skiff sent 'S'.
+    StartTls,
+    /// The client requested an encryption skiff does not offer, and skiff
+    /// sent 'N'.
+    Declined,
+}
+
 /// Outcome of a successful login.
 enum Login {
     Session(LoggedIn),
@@ -128,11 +159,15 @@ async fn serve_client(
     shutdown: CancellationToken,
 ) {
     let (slot, count) = ClientSlot::new(pooler.clone());
+    let deadline = Instant::now() + LOGIN_TIMEOUT;
+    let Some((stream, buffered, params)) = negotiate(&pooler, stream, deadline).await else {
+        return;
+    };
     let (read, mut writer) = stream.into_split();
-    let mut reader = MessageReader::new(read, MAX_LOGIN_MESSAGE);
-    let login = tokio::time::timeout(
-        LOGIN_TIMEOUT,
-        login(&pooler, &mut reader, &mut writer, count),
+    let mut reader = MessageReader::with_buffered(read, buffered, MAX_LOGIN_MESSAGE);
+    let login = tokio::time::timeout_at(
+        deadline,
+        login(&pooler, params, &mut reader, &mut writer, count),
     )
     .await;
     let logged_in = match login {
@@ -142,25 +177,12 @@ async fn serve_client(
             let _ = super::admin::serve(&pooler, reader, writer, &shutdown).await;
             return;
         }
-        Ok(Err(LoginEnd::Quiet)) => return,
-        Ok(Err(LoginEnd::Fatal {
-            code,
-            message,
-            kind,
-        })) => {
-            counter!("skiff_pg_errors_total", "kind" => kind).increment(1);
-            tracing::debug!(code, %message, "login rejected");
-            let error = protocol::error_response(Severity::Fatal, code, &message);
-            let _ = writer.write_all(&error).await;
+        Ok(Err(end)) => {
+            end.report(&mut writer).await;
             return;
         }
         Err(_) => {
-            let error = protocol::error_response(
-                Severity::Fatal,
-                "08P01",
-                "login timed out: startup and authentication took longer than 60s",
-            );
-            let _ = writer.write_all(&error).await;
+            let _ = writer.send(&login_timed_out()).await;
             return;
         }
     };
@@ -179,13 +201,124 @@ async fn serve_client(
     drop(slot);
 }
 
+fn login_timed_out() -> bytes::Bytes {
+    protocol::error_response(
+        Severity::Fatal,
+        "08P01",
+        "login timed out: startup and authentication took longer than 60s",
+    )
+}
+
+/// Reads startup packets until the StartupMessage, responding to SSLRequest
+/// and GSSENCRequest and forwarding a cancel request, and switches to TLS
+/// when the client asks and TLS is configured. Returns the connection, the
+/// bytes read after the StartupMessage, and its parameters; None when the
+/// connection ends here.
+async fn negotiate(
+    pooler: &Pooler,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Option<(Stream, bytes::BytesMut, StartupParams)> {
+    let mut reader = MessageReader::new(Stream::Plain(tcp), MAX_LOGIN_MESSAGE);
+    for _ in 0..3 {
+        let step = tokio::time::timeout_at(deadline, negotiate_step(pooler, &mut reader)).await;
+        match step {
+            Ok(Ok(Negotiation::Startup(params))) => {
+                let (stream, buffered) = reader.into_parts();
+                return Some((stream, buffered, params));
+            }
+            Ok(Ok(Negotiation::Declined)) => {}
+            Ok(Ok(Negotiation::StartTls)) => {
+                let acceptor = pooler.client_tls.as_ref()?;
+                let (stream, _) = reader.into_parts();
+                let tcp = stream.into_plain()?;
+                let handshake =
+                    tokio::time::timeout_at(deadline, Stream::accept_tls(tcp, acceptor)).await;
+                match handshake {
+                    Ok(Ok(stream)) => reader = MessageReader::new(stream, MAX_LOGIN_MESSAGE),
+                    Ok(Err(err)) => {
+                        counter!("skiff_pg_errors_total", "kind" => "client_tls").increment(1);
+                        tracing::debug!(error = %err, "client TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+            Ok(Err(end)) => {
+                end.report(reader.get_mut()).await;
+                return None;
+            }
+            Err(_) => {
+                let _ = reader.get_mut().send(&login_timed_out()).await;
+                return None;
+            }
+        }
+    }
+    fatal("08P01", "too many encryption requests".into(), "protocol")
+        .report(reader.get_mut())
+        .await;
+    None
+}
+
+/// Reads one startup-phase packet and responds to it.
+async fn negotiate_step(
+    pooler: &Pooler,
+    reader: &mut MessageReader<Stream>,
+) -> Result<Negotiation, LoginEnd> {
+    let packet = reader.read_startup().await?;
+    let encrypted = reader.get_ref().is_tls();
+    match parse_startup(&packet) {
+        Ok(StartupPacket::SslRequest) if encrypted => Err(fatal(
+            "08P01",
+            "SSLRequest received on a connection that is already encrypted".into(),
+            "protocol",
+        )),
+        Ok(StartupPacket::SslRequest) if pooler.client_tls.is_some() => {
+            // Bytes that came after the SSLRequest were sent before TLS
+            // started, so nothing vouches for them: taking them as the
+            // first encrypted messages would let a third party inject them.
+            if !reader.buffered_is_empty() {
+                return Err(fatal(
+                    "08P01",
+                    "received unencrypted data after SSL request".into(),
+                    "protocol",
+                ));
+            }
+            reader.get_mut().send(b"S").await?;
+            Ok(Negotiation::StartTls)
+        }
+        Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+            reader.get_mut().send(b"N").await?;
+            Ok(Negotiation::Declined)
+        }
+        Ok(StartupPacket::Cancel {
+            process_id,
+            secret_key,
+        }) => {
+            pooler.cancels.cancel(process_id, secret_key).await;
+            Err(LoginEnd::Quiet)
+        }
+        Ok(StartupPacket::Startup(_))
+            if !encrypted && pooler.config().client_tls_sslmode == ClientSslMode::Require =>
+        {
+            Err(fatal(
+                "28000",
+                "SSL required: this server accepts only encrypted connections".into(),
+                "client_tls_required",
+            ))
+        }
+        Ok(StartupPacket::Startup(params)) => Ok(Negotiation::Startup(params)),
+        Err(err) => Err(fatal("08P01", err.to_string(), "protocol")),
+    }
+}
+
 async fn login(
     pooler: &Pooler,
-    reader: &mut MessageReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
+    params: StartupParams,
+    reader: &mut MessageReader<ReadHalf>,
+    writer: &mut WriteHalf,
     client_count: usize,
 ) -> Result<Login, LoginEnd> {
-    let params = read_startup(pooler, reader, writer).await?;
     if client_count > pooler.config().max_client_conn {
         return Err(fatal(
             "53300",
@@ -242,7 +375,7 @@ async fn login(
     for (name, value) in params::client_visible(&server_params, &params) {
         greeting.extend_from_slice(&protocol::parameter_status(&name, &value));
     }
-    writer.write_all(&greeting).await?;
+    writer.send(&greeting).await?;
     Ok(Login::Session(LoggedIn {
         user,
         database,
@@ -251,42 +384,11 @@ async fn login(
     }))
 }
 
-/// Reads the startup packet. SSL and GSS requests get 'N', and a cancel
-/// request is forwarded.
-async fn read_startup(
-    pooler: &Pooler,
-    reader: &mut MessageReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
-) -> Result<StartupParams, LoginEnd> {
-    for _ in 0..3 {
-        let packet = reader.read_startup().await?;
-        match parse_startup(&packet) {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
-                writer.write_all(b"N").await?;
-            }
-            Ok(StartupPacket::Cancel {
-                process_id,
-                secret_key,
-            }) => {
-                pooler.cancels.cancel(process_id, secret_key).await;
-                return Err(LoginEnd::Quiet);
-            }
-            Ok(StartupPacket::Startup(params)) => return Ok(params),
-            Err(err) => return Err(fatal("08P01", err.to_string(), "protocol")),
-        }
-    }
-    Err(fatal(
-        "08P01",
-        "too many encryption requests".into(),
-        "protocol",
-    ))
-}
-
 async fn authenticate(
     pooler: &Pooler,
     user: &str,
-    reader: &mut MessageReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
+    reader: &mut MessageReader<ReadHalf>,
+    writer: &mut WriteHalf,
 ) -> Result<(), LoginEnd> {
     let passed = match pooler.config().auth.auth_type {
         AuthType::Trust => true,
@@ -304,7 +406,7 @@ async fn authenticate(
     ))
 }
 
-async fn read_password(reader: &mut MessageReader<OwnedReadHalf>) -> Result<Vec<u8>, LoginEnd> {
+async fn read_password(reader: &mut MessageReader<ReadHalf>) -> Result<Vec<u8>, LoginEnd> {
     let message = reader.read().await?;
     if message.tag() != frontend::PASSWORD {
         return Err(fatal(
@@ -322,14 +424,12 @@ async fn read_password(reader: &mut MessageReader<OwnedReadHalf>) -> Result<Vec<
 async fn md5_exchange(
     pooler: &Pooler,
     user: &str,
-    reader: &mut MessageReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
+    reader: &mut MessageReader<ReadHalf>,
+    writer: &mut WriteHalf,
 ) -> Result<bool, LoginEnd> {
     let mut salt = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut salt);
-    writer
-        .write_all(&protocol::authentication(5, &salt))
-        .await?;
+    writer.send(&protocol::authentication(5, &salt)).await?;
     let response = read_password(reader).await?;
     let response = response.strip_suffix(&[0]).unwrap_or(&response);
     let users = pooler.users();
@@ -345,8 +445,8 @@ async fn md5_exchange(
 async fn scram_exchange(
     pooler: &Pooler,
     user: &str,
-    reader: &mut MessageReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
+    reader: &mut MessageReader<ReadHalf>,
+    writer: &mut WriteHalf,
 ) -> Result<bool, LoginEnd> {
     // An unknown user still goes through the exchange against a random
     // secret, so a client cannot tell unknown users from wrong passwords.
@@ -356,7 +456,7 @@ async fn scram_exchange(
         .unwrap_or_else(|| Arc::new(ScramSecret::from_password(&random_password())));
     let mut server = ScramServer::new(secret);
     writer
-        .write_all(&protocol::authentication(10, b"SCRAM-SHA-256\0\0"))
+        .send(&protocol::authentication(10, b"SCRAM-SHA-256\0\0"))
         .await?;
     let initial = read_password(reader).await?;
     let mut body = &initial[..];
@@ -373,7 +473,7 @@ async fn scram_exchange(
         .server_first(client_first)
         .map_err(|reason| fatal("08P01", reason.into(), "protocol"))?;
     writer
-        .write_all(&protocol::authentication(11, server_first.as_bytes()))
+        .send(&protocol::authentication(11, server_first.as_bytes()))
         .await?;
     let client_final = read_password(reader).await?;
     let verdict = server
@@ -382,7 +482,7 @@ async fn scram_exchange(
     match verdict {
         Some(server_final) => {
             writer
-                .write_all(&protocol::authentication(12, server_final.as_bytes()))
+                .send(&protocol::authentication(12, server_final.as_bytes()))
                 .await?;
             Ok(true)
         }

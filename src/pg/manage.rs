@@ -163,16 +163,17 @@ impl Pooler {
     /// are not applied.
     pub fn reload(&self, config: PgConfig, root: &Config) -> Result<Vec<String>, PoolerError> {
         let users = UserList::load(&config, root)?;
-        let mut needs_restart = Vec::new();
+        let mut notes = Vec::new();
         let mut config = config;
         let current = self.config();
         if config.listen != current.listen {
-            needs_restart.push(format!(
+            notes.push(format!(
                 "postgres.listen stays {} until restart",
                 current.listen
             ));
             config.listen = current.listen.clone();
         }
+        notes.extend(tls_notes(&current, &config));
         drop(current);
         self.users.store(Arc::new(users));
         self.config.store(Arc::new(config));
@@ -186,6 +187,29 @@ impl Pooler {
             };
             pool.apply(pool_settings(&config, db), self.target_for(db, user));
         }
-        Ok(needs_restart)
+        Ok(notes)
     }
+}
+
+/// Notes on databases whose server TLS settings changed: the TLS settings
+/// are built once at start.
+fn tls_notes(current: &PgConfig, new: &PgConfig) -> Vec<String> {
+    new.databases
+        .iter()
+        .filter(|db| {
+            let old = current.databases.iter().find(|old| old.name == db.name);
+            let old_tls = old.map(|old| current.server_tls(old));
+            let new_tls = new.server_tls(db);
+            match old_tls {
+                Some(old_tls) => old_tls != new_tls,
+                None => new_tls.mode != crate::config::SslMode::Disable,
+            }
+        })
+        .map(|db| {
+            format!(
+                "postgres TLS settings of database {} apply after a restart",
+                db.name
+            )
+        })
+        .collect()
 }

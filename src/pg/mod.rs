@@ -29,13 +29,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{BoxFuture, Component};
-use crate::config::{Config, PgConfig, PgDatabase};
+use crate::config::{ClientSslMode, Config, PgConfig, PgDatabase, SslMode};
 use crate::control::Control;
 use crate::logship::capture::Capture;
 use crate::logship::Shipper;
+use crate::tls::{self, TlsAcceptor, TlsConnector, Verify};
 
 use self::auth::UserList;
-use self::backend::ServerTarget;
+use self::backend::{ServerTarget, ServerTls};
 use self::cancel::CancelRegistry;
 use self::pool::{Pool, PoolSettings};
 use self::prepared::Registry;
@@ -45,6 +46,13 @@ use self::prepared::Registry;
 pub enum PoolerError {
     #[error(transparent)]
     Users(#[from] auth::UserListError),
+    #[error("[postgres] TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("database {database:?}: {source}")]
+    DatabaseTls {
+        database: String,
+        source: crate::tls::TlsError,
+    },
 }
 
 /// State shared by every client session.
@@ -68,6 +76,11 @@ pub struct Pooler {
     disabled: Mutex<std::collections::HashSet<String>>,
     /// Reload, shutdown and the other jobs, for the admin console.
     control: std::sync::OnceLock<Weak<Control>>,
+    /// TLS of each database's server connections, by database name; absent
+    /// for `sslmode` `disable`.
+    server_tls: HashMap<String, ServerTls>,
+    /// TLS for clients, unless `client_tls_sslmode` is `disable`.
+    client_tls: Option<TlsAcceptor>,
 }
 
 impl Pooler {
@@ -78,6 +91,8 @@ impl Pooler {
         shipper: Option<Shipper>,
     ) -> Result<Arc<Pooler>, PoolerError> {
         let users = UserList::load(&config, root)?;
+        let server_tls = server_tls_settings(&config, root)?;
+        let client_tls = client_tls_settings(&config, root)?;
         let captures = root
             .logship
             .as_ref()
@@ -103,6 +118,8 @@ impl Pooler {
             pauses: Mutex::new(manage::PauseState::default()),
             disabled: Mutex::new(std::collections::HashSet::new()),
             control: std::sync::OnceLock::new(),
+            server_tls,
+            client_tls,
         }))
     }
 
@@ -192,6 +209,8 @@ impl Pooler {
         ServerTarget {
             host: db.host.clone(),
             port: db.port,
+            database: db.name.clone(),
+            tls: self.server_tls.get(&db.name).cloned(),
             dbname: db.server_dbname().to_string(),
             user: db.user.clone().unwrap_or_else(|| user.to_string()),
             password: db
@@ -236,6 +255,82 @@ fn pool_settings(config: &PgConfig, db: &PgDatabase) -> PoolSettings {
         check_delay: config.server_check_delay,
         max_prepared_statements: config.max_prepared_statements,
     }
+}
+
+/// Builds the TLS settings of each database's server connections, loading
+/// each CA file once.
+pub fn server_tls_settings(
+    config: &PgConfig,
+    root: &Config,
+) -> Result<HashMap<String, ServerTls>, PoolerError> {
+    let mut connectors: HashMap<(Verify, Option<String>), TlsConnector> = HashMap::new();
+    let mut settings = HashMap::new();
+    for db in &config.databases {
+        let requested = config.server_tls(db);
+        let verify = match requested.mode {
+            SslMode::Disable => continue,
+            SslMode::Prefer => Verify::Nothing,
+            // libpq: a root certificate makes `require` check the chain.
+            SslMode::Require if requested.ca_file.is_some() => Verify::Chain,
+            SslMode::Require => Verify::Nothing,
+            SslMode::VerifyCa => Verify::Chain,
+            SslMode::VerifyFull => Verify::ChainAndName,
+        };
+        let in_database = |source| PoolerError::DatabaseTls {
+            database: db.name.clone(),
+            source,
+        };
+        let server_name = match tls::server_name(&db.host) {
+            Ok(name) => name,
+            Err(err) if verify == Verify::ChainAndName => return Err(in_database(err)),
+            // Only SNI uses the name when the certificate's name is not
+            // checked.
+            Err(_) => tls::server_name("localhost").map_err(in_database)?,
+        };
+        let key = (verify, requested.ca_file.clone());
+        let connector = match connectors.get(&key) {
+            Some(connector) => connector.clone(),
+            None => {
+                let roots = match (&requested.ca_file, verify) {
+                    (_, Verify::Nothing) => Arc::new(rustls::RootCertStore::empty()),
+                    (Some(file), _) => {
+                        tls::load_roots(Some(&root.resolve_path(file))).map_err(in_database)?
+                    }
+                    (None, _) => tls::load_roots(None).map_err(in_database)?,
+                };
+                let client = tls::client_config(verify, roots).map_err(in_database)?;
+                let connector = TlsConnector::from(client);
+                connectors.insert(key, connector.clone());
+                connector
+            }
+        };
+        settings.insert(
+            db.name.clone(),
+            ServerTls {
+                mode: requested.mode,
+                connector,
+                server_name,
+            },
+        );
+    }
+    Ok(settings)
+}
+
+/// Loads the certificate and key skiff presents to clients, unless client
+/// TLS is off.
+pub fn client_tls_settings(
+    config: &PgConfig,
+    root: &Config,
+) -> Result<Option<TlsAcceptor>, PoolerError> {
+    if config.client_tls_sslmode == ClientSslMode::Disable {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&config.client_tls_cert_file, &config.client_tls_key_file)
+    else {
+        return Ok(None);
+    };
+    let server = tls::server_config(&root.resolve_path(cert), &root.resolve_path(key))?;
+    Ok(Some(TlsAcceptor::from(server)))
 }
 
 impl Component for Pooler {

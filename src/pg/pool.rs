@@ -412,7 +412,7 @@ impl Pool {
             counter!("skiff_pg_errors_total", "kind" => "server_connect").increment(1);
             tracing::warn!(pool = %self.name, error = %err, "server login failed");
         })?;
-        tracing::debug!(pool = %self.name, server = id, "server connection opened");
+        tracing::debug!(pool = %self.name, server = id, tls = conn.tls, "server connection opened");
         let mut params = self.server_params.lock();
         if params.is_none() {
             *params = Some(conn.login_params.clone());

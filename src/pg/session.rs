@@ -12,8 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendError;
@@ -27,6 +25,7 @@ use super::prepared::Statement;
 use super::protocol::{self, Message, MessageReader, ProtocolError, Severity};
 use super::Pooler;
 use crate::config::PoolMode;
+use crate::tls::{ReadHalf, WriteHalf};
 
 /// Output is written once this many bytes are buffered, even mid-batch.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
@@ -54,8 +53,8 @@ pub struct Session {
     id: u64,
     pool: Arc<Pool>,
     mode: PoolMode,
-    reader: MessageReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: MessageReader<ReadHalf>,
+    writer: WriteHalf,
     out: BytesMut,
     server: Option<Checkout>,
     pending: Pending,
@@ -98,8 +97,8 @@ impl Session {
         id: u64,
         peer: SocketAddr,
         logged_in: LoggedIn,
-        reader: MessageReader<OwnedReadHalf>,
-        writer: OwnedWriteHalf,
+        reader: MessageReader<ReadHalf>,
+        writer: WriteHalf,
         shutdown: CancellationToken,
     ) -> Session {
         let info = ClientInfo {
@@ -497,7 +496,7 @@ impl Session {
         stats
             .sent_bytes
             .fetch_add(self.out.len() as u64, Ordering::Relaxed);
-        let result = self.writer.write_all(&self.out).await;
+        let result = self.writer.send(&self.out).await;
         self.out.clear();
         result
     }

@@ -60,6 +60,7 @@ impl RedisRouter {
             password: config.password.clone(),
             connect_timeout: config.connect_timeout,
             max_reply_bytes: config.max_reply_bytes,
+            tls: self.router.pool.tls(),
         }
     }
 

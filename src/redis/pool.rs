@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::frame::Protocol;
-use super::upstream::{ConnSettings, Pipelined, RawConn, UpstreamError};
+use super::upstream::{ConnSettings, Pipelined, RawConn, UpstreamError, UpstreamTls};
 
 /// Idle dedicated connections kept per node, RESP version and database.
 const MAX_IDLE_DEDICATED: usize = 8;
@@ -39,6 +39,7 @@ pub struct PoolSettings {
     pub password: Option<String>,
     pub connect_timeout: Duration,
     pub max_reply_bytes: usize,
+    pub tls: Option<UpstreamTls>,
 }
 
 /// A dedicated connection and its share of the dedicated-connection limit.
@@ -76,7 +77,13 @@ impl Pool {
             password: self.settings.password.clone(),
             connect_timeout: self.settings.connect_timeout,
             max_reply_bytes: self.settings.max_reply_bytes,
+            tls: self.settings.tls.clone(),
         }
+    }
+
+    /// TLS settings of upstream connections; None for plain TCP.
+    pub fn tls(&self) -> Option<UpstreamTls> {
+        self.settings.tls.clone()
     }
 
     /// Opens a connection, recording whether the node is reachable.
@@ -87,7 +94,12 @@ impl Pool {
                 Ok(conn)
             }
             Err(err) => {
-                if !matches!(err, UpstreamError::Handshake { .. }) {
+                // A rejected login or certificate is a setup error, not
+                // a node that is down.
+                if !matches!(
+                    err,
+                    UpstreamError::Handshake { .. } | UpstreamError::Tls { .. }
+                ) {
                     self.mark_down(&key.addr);
                 }
                 Err(err)
@@ -158,7 +170,7 @@ impl Pool {
     fn take_idle(&self, key: &ConnKey) -> Option<RawConn> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
-        while let Some(conn) = list.pop() {
+        while let Some(mut conn) = list.pop() {
             if conn.is_reusable() {
                 return Some(conn);
             }
@@ -168,7 +180,7 @@ impl Pool {
 
     /// Returns a dedicated connection whose session state is clean (no
     /// transaction, subscription or blocked command) for reuse.
-    pub fn checkin(&self, dedicated: Dedicated) {
+    pub fn checkin(&self, mut dedicated: Dedicated) {
         if !dedicated.conn.is_reusable() {
             return;
         }

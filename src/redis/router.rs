@@ -14,7 +14,7 @@ use super::command::CommandTable;
 use super::frame::{error_text, Protocol, Request};
 use super::pool::{ConnKey, Pool, PoolSettings};
 use super::reply;
-use super::upstream::{ReplyReceiver, UpstreamError};
+use super::upstream::{ReplyReceiver, UpstreamError, UpstreamTls};
 use crate::admin::BoxFuture;
 use crate::config::{ReadFrom, RedisConfig, RedisMode};
 use arc_swap::ArcSwap;
@@ -116,6 +116,13 @@ impl Router {
             RedisMode::Sentinel | RedisMode::Cluster => Nodes::default(),
         };
         let cluster_mode = config.mode == RedisMode::Cluster;
+        let tls = match config.tls {
+            true => Some(UpstreamTls::new(
+                config.tls_ca_file.as_deref().map(std::path::Path::new),
+                config.tls_server_name.as_deref(),
+            )?),
+            false => None,
+        };
         let pool = Pool::new(PoolSettings {
             shared_per_node: config.upstream_connections,
             max_dedicated: config.max_dedicated_connections,
@@ -124,6 +131,7 @@ impl Router {
             password: config.password.clone(),
             connect_timeout: config.connect_timeout,
             max_reply_bytes: config.max_reply_bytes,
+            tls,
         });
         let cluster = cluster_mode.then(|| Cluster::new(config.nodes.clone()));
         Ok(Router {

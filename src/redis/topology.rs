@@ -89,7 +89,8 @@ impl ClusterMap {
     }
 
     /// Parses a `CLUSTER SHARDS` reply. `origin_host` replaces an empty host.
-    pub fn from_shards_reply(reply: Value, origin_host: &str) -> Option<ClusterMap> {
+    /// With `tls`, a node's `tls-port` is used before its plaintext `port`.
+    pub fn from_shards_reply(reply: Value, origin_host: &str, tls: bool) -> Option<ClusterMap> {
         let mut map = ClusterMap::empty();
         for shard in reply.into_items()? {
             let fields = pairs(shard)?;
@@ -102,7 +103,7 @@ impl ClusterMap {
             let mut replicas = Vec::new();
             for node in field(&fields, "nodes")?.clone().into_items()? {
                 let node = pairs(node)?;
-                let addr = shard_node_addr(&node, origin_host)?;
+                let addr = shard_node_addr(&node, origin_host, tls)?;
                 let online = text(field(&node, "health")?) == "online";
                 match text(field(&node, "role")?).as_str() {
                     "master" => primary = Some(addr),
@@ -200,12 +201,17 @@ pub fn host_port(host: &str, port: impl std::fmt::Display) -> String {
     }
 }
 
-fn shard_node_addr(node: &[(String, Value)], origin_host: &str) -> Option<String> {
+fn shard_node_addr(node: &[(String, Value)], origin_host: &str, tls: bool) -> Option<String> {
     let host = field(node, "endpoint")
         .or_else(|| field(node, "ip"))
         .map(text)?;
-    let port = field(node, "port")
-        .or_else(|| field(node, "tls-port"))?
+    // A node that serves both plain and TLS clients lists both ports.
+    let (first, second) = match tls {
+        true => ("tls-port", "port"),
+        false => ("port", "tls-port"),
+    };
+    let port = field(node, first)
+        .or_else(|| field(node, second))?
         .as_int()?;
     join_addr(&host, port, origin_host)
 }
@@ -241,7 +247,8 @@ async fn discover_from(addr: &str, settings: &ConnSettings) -> Result<ClusterMap
     let shards = call(&mut conn, &["CLUSTER", "SHARDS"]).await?;
     if error_text(&shards).is_none() {
         let value = Value::decode(&shards, Protocol::Resp2);
-        if let Some(map) = value.and_then(|v| ClusterMap::from_shards_reply(v, origin_host)) {
+        let tls = settings.tls.is_some();
+        if let Some(map) = value.and_then(|v| ClusterMap::from_shards_reply(v, origin_host, tls)) {
             return Ok(map);
         }
     }
@@ -318,11 +325,37 @@ mod tests {
                 node(7004, "replica", "failed"),
             ]),
         ]);
-        let map = ClusterMap::from_shards_reply(Value::Array(vec![shard]), "x").unwrap();
+        let map = ClusterMap::from_shards_reply(Value::Array(vec![shard]), "x", false).unwrap();
         let shard = map.shard(250).unwrap();
         assert_eq!(shard.primary, "127.0.0.1:7000");
         assert_eq!(shard.replicas, vec!["127.0.0.1:7003".to_string()]);
         assert!(map.shard(150).is_none());
+    }
+
+    #[test]
+    fn shards_reply_tls_port_over_tls() {
+        let shard = Value::Array(vec![
+            s("slots"),
+            Value::Array(vec![Value::Int(0), Value::Int(16383)]),
+            s("nodes"),
+            Value::Array(vec![Value::Array(vec![
+                s("endpoint"),
+                s("10.0.0.1"),
+                s("port"),
+                Value::Int(6379),
+                s("tls-port"),
+                Value::Int(6380),
+                s("role"),
+                s("master"),
+                s("health"),
+                s("online"),
+            ])]),
+        ]);
+        let reply = Value::Array(vec![shard]);
+        let plain = ClusterMap::from_shards_reply(reply.clone(), "x", false).unwrap();
+        assert_eq!(plain.shard(0).unwrap().primary, "10.0.0.1:6379");
+        let tls = ClusterMap::from_shards_reply(reply, "x", true).unwrap();
+        assert_eq!(tls.shard(0).unwrap().primary, "10.0.0.1:6380");
     }
 
     #[test]

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::frame::{encode_command, error_text, parse_reply, FrameError, Protocol, ReplyKind};
+use crate::tls::{self, ReadHalf, Stream, TlsConnector, WriteHalf};
 
 /// Batches waiting to be written on one pipelined connection.
 const WRITE_QUEUE_DEPTH: usize = 1024;
@@ -30,6 +31,8 @@ pub enum UpstreamError {
     ConnectTimeout { addr: String },
     #[error("upstream {addr}: handshake rejected: {message}")]
     Handshake { addr: String, message: String },
+    #[error("upstream {addr}: TLS handshake failed: {message}")]
+    Tls { addr: String, message: String },
     #[error("upstream {addr}: connection closed")]
     Closed { addr: String },
     /// The connection closed before the request was queued for writing.
@@ -48,6 +51,7 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
                 | UpstreamError::ConnectTimeout { .. }
                 | UpstreamError::Handshake { .. }
+                | UpstreamError::Tls { .. }
                 | UpstreamError::NotSent { .. }
         )
     }
@@ -64,30 +68,86 @@ pub struct ConnSettings {
     pub password: Option<String>,
     pub connect_timeout: Duration,
     pub max_reply_bytes: usize,
+    /// None for plain TCP.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS settings of upstream connections, cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub connector: TlsConnector,
+    /// Name checked in every certificate in place of the node's host.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl UpstreamTls {
+    /// Builds the settings from `[redis]`: certificates are checked against
+    /// `ca_file` (or the built-in roots) and the node's name.
+    pub fn new(
+        ca_file: Option<&std::path::Path>,
+        server_name: Option<&str>,
+    ) -> Result<Self, String> {
+        let roots = tls::load_roots(ca_file).map_err(|err| format!("[redis] {err}"))?;
+        let config = tls::client_config(tls::Verify::ChainAndName, roots)
+            .map_err(|err| format!("[redis] {err}"))?;
+        let server_name = server_name
+            .map(tls::server_name)
+            .transpose()
+            .map_err(|err| format!("[redis] tls_server_name: {err}"))?;
+        Ok(UpstreamTls {
+            connector: TlsConnector::from(config),
+            server_name,
+        })
+    }
+
+    /// Runs the TLS handshake with the node at `addr` (`host:port`).
+    async fn connect(&self, tcp: TcpStream, addr: &str) -> Result<Stream, UpstreamError> {
+        let tls_error = |message: String| UpstreamError::Tls {
+            addr: addr.to_string(),
+            message,
+        };
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => {
+                let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+                tls::server_name(host).map_err(|err| tls_error(err.to_string()))?
+            }
+        };
+        Stream::connect_tls(tcp, &self.connector, name.clone())
+            .await
+            .map_err(|err| tls_error(tls::describe_handshake_error(&err, &name)))
+    }
 }
 
 /// One upstream connection used directly: a request, then its reply.
 pub struct RawConn {
     pub addr: String,
     gauge: ConnGauge,
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     protocol: Protocol,
     max_reply_bytes: usize,
 }
 
 impl RawConn {
-    /// Connects to `addr` and runs HELLO/AUTH, SELECT and READONLY.
+    /// Connects to `addr`, runs the TLS handshake when TLS is configured,
+    /// and runs HELLO/AUTH, SELECT and READONLY.
     pub async fn connect(addr: &str, settings: &ConnSettings) -> Result<RawConn, UpstreamError> {
         let connect = TcpStream::connect(addr);
-        let stream = tokio::time::timeout(settings.connect_timeout, connect)
+        let tcp = tokio::time::timeout(settings.connect_timeout, connect)
             .await
             .map_err(|_| UpstreamError::ConnectTimeout { addr: addr.into() })?
             .map_err(|err| UpstreamError::Connect {
                 addr: addr.into(),
                 message: err.to_string(),
             })?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream = match &settings.tls {
+            Some(tls) => tokio::time::timeout(settings.connect_timeout, tls.connect(tcp, addr))
+                .await
+                .map_err(|_| UpstreamError::ConnectTimeout { addr: addr.into() })??,
+            None => Stream::Plain(tcp),
+        };
         let mut conn = RawConn {
             addr: addr.to_string(),
             gauge: ConnGauge::new(addr),
@@ -145,19 +205,14 @@ impl RawConn {
     /// and the server has neither sent data nor closed it. Checked before an
     /// idle connection is reused, because servers with a `timeout` setting
     /// close idle clients.
-    pub fn is_reusable(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let idle = matches!(
-            self.stream.try_read(&mut probe),
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock
-        );
-        idle && self.buf.is_empty()
+    pub fn is_reusable(&mut self) -> bool {
+        self.buf.is_empty() && self.stream.is_idle()
     }
 
     /// Writes raw request bytes.
     pub async fn send(&mut self, raw: &[u8]) -> Result<(), UpstreamError> {
         self.stream
-            .write_all(raw)
+            .send(raw)
             .await
             .map_err(|err| UpstreamError::Io {
                 addr: self.addr.clone(),
@@ -331,7 +386,7 @@ async fn run_pipelined(conn: RawConn, batches: mpsc::Receiver<Batch>, alive: Arc
 }
 
 async fn read_replies(
-    mut reader: OwnedReadHalf,
+    mut reader: ReadHalf,
     mut buf: BytesMut,
     protocol: Protocol,
     max_bytes: usize,
@@ -359,7 +414,7 @@ async fn read_replies(
 }
 
 async fn write_requests(
-    mut writer: OwnedWriteHalf,
+    mut writer: WriteHalf,
     mut batches: mpsc::Receiver<Batch>,
     addr: &str,
     pending: &Mutex<VecDeque<ReplySender>>,
@@ -374,7 +429,7 @@ async fn write_requests(
                 next = batches.try_recv().ok();
             }
         }
-        if let Err(err) = writer.write_all(&out).await {
+        if let Err(err) = writer.send(&out).await {
             return UpstreamError::Io {
                 addr: addr.to_string(),
                 message: err.to_string(),

@@ -6,3 +6,4 @@ pub mod postgres;
 pub mod process;
 pub mod raw;
 pub mod skiff;
+pub mod tls;

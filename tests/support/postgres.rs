@@ -27,6 +27,18 @@ pub struct PgServer {
     pub dir: PathBuf,
 }
 
+/// How a server differs from the default one.
+#[derive(Default)]
+pub struct PgOptions {
+    /// Lines appended to postgresql.conf.
+    pub conf: String,
+    /// TCP lines of pg_hba.conf, replacing the default ones.
+    pub hba: Option<String>,
+    /// Files written into the data directory, owned by the server's user,
+    /// as (name, contents, mode).
+    pub files: Vec<(String, String, u32)>,
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -85,6 +97,11 @@ extern "C" fn stop_all_servers() {
 impl PgServer {
     /// Creates, configures and starts a new server.
     pub fn start() -> PgServer {
+        PgServer::start_with(&PgOptions::default())
+    }
+
+    /// Creates, configures and starts a new server with `options`.
+    pub fn start_with(options: &PgOptions) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("skiff-pg-")
             .tempdir()
@@ -120,11 +137,25 @@ impl PgServer {
             dir.display()
         );
         append(&data.join("postgresql.conf"), &conf);
-        let hba = format!(
-            "host all {} 127.0.0.1/32 md5\nhost all {} 127.0.0.1/32 scram-sha-256\n\
-             host all {} 127.0.0.1/32 password\nhost all all 127.0.0.1/32 trust\n",
-            MD5_USER.0, SCRAM_USER.0, CLEAR_USER.0
-        );
+        append(&data.join("postgresql.conf"), &options.conf);
+        let hba = options.hba.clone().unwrap_or_else(|| {
+            format!(
+                "host all {} 127.0.0.1/32 md5\nhost all {} 127.0.0.1/32 scram-sha-256\n\
+                 host all {} 127.0.0.1/32 password\nhost all all 127.0.0.1/32 trust\n",
+                MD5_USER.0, SCRAM_USER.0, CLEAR_USER.0
+            )
+        });
+        for (name, contents, mode) in &options.files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data.join(name);
+            std::fs::write(&path, contents).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).unwrap();
+            if is_root() {
+                let mut chown = Command::new("chown");
+                chown.args(["postgres:postgres", &path.to_string_lossy()]);
+                run(chown, "chown");
+            }
+        }
         std::fs::write(
             data.join("pg_hba.conf"),
             format!("local all all trust\n{hba}"),

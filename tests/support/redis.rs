@@ -78,11 +78,17 @@ impl RedisServer {
     /// Starts a sentinel that monitors the primary on `primary_port` as
     /// `name`, with a quorum of one.
     pub fn start_sentinel(primary_port: u16, name: &str) -> RedisServer {
+        RedisServer::start_sentinel_with(primary_port, name, "")
+    }
+
+    /// Starts a sentinel as [`RedisServer::start_sentinel`] does, with
+    /// `extra` lines in its config file (such as TLS settings).
+    pub fn start_sentinel_with(primary_port: u16, name: &str, extra: &str) -> RedisServer {
         let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("sentinel.conf");
         let text = format!(
-            "port {port}\nbind 127.0.0.1\ndir {}\n\
+            "port {port}\nbind 127.0.0.1\ndir {}\n{extra}\n\
              sentinel monitor {name} 127.0.0.1 {primary_port} 1\n\
              sentinel down-after-milliseconds {name} 1000\n\
              sentinel failover-timeout {name} 10000\n",
@@ -226,21 +232,43 @@ impl Cluster {
     /// Starts a cluster whose nodes declare a silent peer failed after
     /// `milliseconds`, which also bounds how soon a replica takes over.
     pub fn start_with_node_timeout(milliseconds: u32) -> Cluster {
+        Cluster::start_custom(milliseconds, |_| Vec::new(), &[], |_, node| node.addr())
+    }
+
+    /// Starts a cluster whose node `i` gets the extra arguments `extra(i)`,
+    /// created by `redis-cli CLI_ARGS --cluster create` with the addresses
+    /// `address(i, node)` (such as TLS ports).
+    pub fn start_custom(
+        milliseconds: u32,
+        extra: impl Fn(usize) -> Vec<String>,
+        cli_args: &[&str],
+        address: impl Fn(usize, &RedisServer) -> String,
+    ) -> Cluster {
         let timeout = milliseconds.to_string();
         let nodes: Vec<RedisServer> = (0..6)
-            .map(|_| {
-                RedisServer::start(&[
+            .map(|i| {
+                let mut args: Vec<String> = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
                     &timeout,
-                ])
+                ]
+                .map(String::from)
+                .to_vec();
+                args.extend(extra(i));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start(&args)
             })
             .collect();
-        let addrs: Vec<String> = nodes.iter().map(RedisServer::addr).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| address(i, node))
+            .collect();
         let output = Command::new("redis-cli")
+            .args(cli_args)
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])

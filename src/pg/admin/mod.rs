@@ -5,13 +5,12 @@
 mod show;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, frontend, read_cstr_lossy, MessageReader, Severity};
 use super::Pooler;
 use crate::config::PoolMode;
+use crate::tls::{ReadHalf, WriteHalf};
 
 /// Database names that open the admin console.
 pub const ADMIN_DATABASES: &[&str] = &["skiff", "pgbouncer"];
@@ -25,8 +24,8 @@ struct Table {
 /// Serves admin commands until the client leaves.
 pub async fn serve(
     pooler: &Pooler,
-    mut reader: MessageReader<OwnedReadHalf>,
-    mut writer: OwnedWriteHalf,
+    mut reader: MessageReader<ReadHalf>,
+    mut writer: WriteHalf,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
     let mut greeting = BytesMut::new();
@@ -46,7 +45,7 @@ pub async fn serve(
     }
     greeting.extend_from_slice(&protocol::backend_key_data(0, 0));
     greeting.extend_from_slice(&protocol::ready_for_query(b'I'));
-    writer.write_all(&greeting).await?;
+    writer.send(&greeting).await?;
     loop {
         // An admin session does not hold up shutdown.
         let message = tokio::select! {
@@ -72,7 +71,7 @@ pub async fn serve(
             )),
         }
         out.extend_from_slice(&protocol::ready_for_query(b'I'));
-        writer.write_all(&out).await?;
+        writer.send(&out).await?;
     }
 }
 

@@ -171,6 +171,11 @@ pub fn show_config(pooler: &Pooler) -> Table {
         ),
         ("shutdown_timeout", format!("{:?}", config.shutdown_timeout)),
         ("max_message_bytes", config.max_message_bytes.to_string()),
+        ("server_tls_sslmode", config.server_tls_sslmode.to_string()),
+        (
+            "client_tls_sslmode",
+            format!("{:?}", config.client_tls_sslmode).to_lowercase(),
+        ),
     ];
     Table {
         columns: &["key", "value", "changeable"],

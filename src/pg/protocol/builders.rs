@@ -191,6 +191,14 @@ pub fn cancel_request(process_id: i32, secret_key: i32) -> Bytes {
     out.freeze()
 }
 
+/// SSLRequest: asks the server whether it will talk TLS.
+pub fn ssl_request() -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&8u32.to_be_bytes());
+    out[4..].copy_from_slice(&super::SSL_REQUEST_CODE.to_be_bytes());
+    out
+}
+
 /// Fields of an ErrorResponse or NoticeResponse body.
 #[derive(Debug, Default, Clone)]
 pub struct ErrorFields {

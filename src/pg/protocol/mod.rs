@@ -100,7 +100,13 @@ pub trait WaitReadable {
     fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
 }
 
-impl WaitReadable for tokio::net::tcp::OwnedReadHalf {
+impl WaitReadable for crate::tls::ReadHalf {
+    async fn wait_readable(&self) -> std::io::Result<()> {
+        self.readable().await
+    }
+}
+
+impl WaitReadable for crate::tls::Stream {
     async fn wait_readable(&self) -> std::io::Result<()> {
         self.readable().await
     }
@@ -134,6 +140,22 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
             max_message_bytes,
             read_size: MIN_READ,
         }
+    }
+
+    /// A reader whose first bytes are `buffered`, read earlier from the
+    /// same connection.
+    pub fn with_buffered(inner: R, buffered: BytesMut, max_message_bytes: usize) -> Self {
+        MessageReader {
+            inner,
+            buffer: buffered,
+            max_message_bytes,
+            read_size: MIN_READ,
+        }
+    }
+
+    /// The source and the bytes read from it but not returned yet.
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.inner, self.buffer)
     }
 
     /// Changes the largest message accepted from now on.
@@ -217,6 +239,10 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
 
     pub fn get_ref(&self) -> &R {
         &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
     }
 }
 
