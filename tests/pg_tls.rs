@@ -392,6 +392,52 @@ async fn client_prefer_accepts_both() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_encrypted_on_both_sides() {
+    // TLS from the clients and to the server, with more clients than
+    // server connections, in both query protocols.
+    env().server.create_database("bench");
+    let init = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &env().server.port.to_string()])
+        .args(["-U", "postgres", "-i", "-q", "-s", "1", "bench"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let extra = format!(
+        "{}\nserver_tls_sslmode = \"verify-full\"\n{}\ndefault_pool_size = 4",
+        client_tls_lines("require"),
+        ca_line(&env().ca_file)
+    );
+    let skiff = Skiff::start(&config("127.0.0.1", "bench", &extra, "")).await;
+    let port = skiff.port.to_string();
+    let ca = env().ca_file.display().to_string();
+    for mode in ["simple", "prepared"] {
+        let (port, ca) = (port.clone(), ca.clone());
+        let run = tokio::task::spawn_blocking(move || {
+            Command::new("pgbench")
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+                .args(["-c", "8", "-j", "2", "-t", "50", "-M", mode, "db"])
+                .env("PGSSLMODE", "verify-full")
+                .env("PGSSLROOTCERT", &ca)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "-M {mode}: {stdout}{stderr}");
+        assert!(
+            stdout.contains("number of transactions actually processed: 400/400"),
+            "-M {mode}: {stdout}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unencrypted_bytes_after_ssl_request_are_refused() {
     let skiff = Skiff::start(&config(
         "127.0.0.1",
