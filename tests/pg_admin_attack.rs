@@ -1,6 +1,6 @@
 //! The admin console used the way an operator misuses it: commands racing
 //! each other, clients waiting on paused pools, drivers that speak the
-//! extended protocol to the console, shutdown while clients wait. Run on
+//! extended protocol to the console, reloads that drop a database. Run on
 //! the skiff binary with psql and tokio-postgres against a real PostgreSQL.
 
 mod support;
@@ -358,5 +358,41 @@ fn login_of_a_new_user_waits_while_paused() {
         finished(late, "the new user's query after RESUME")
             .await
             .expect("runs after RESUME");
+    });
+}
+
+/// A reload that drops a database leaves its connected clients served,
+/// but the idle server connections of its pools close at once instead of
+/// outliving it until server_idle_timeout.
+#[test]
+fn reload_closes_idle_servers_of_a_dropped_database() {
+    let skiff = start(&["atk_drop_old", "atk_drop_new"], "");
+    runtime().block_on(async {
+        let stays = skiff::connect(&skiff.url("atk_drop_old")).await;
+        stays.simple_query("SELECT 1").await.unwrap();
+        assert_eq!(pg().client_backends("atk_drop_old"), 1);
+
+        let path = &skiff.skiff.config_path;
+        let text = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, text.replace(&database_entry("atk_drop_old"), "")).unwrap();
+        skiff.admin_text("RELOAD");
+        let err = skiff::try_connect(&skiff.url("atk_drop_old"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.as_db_error().map(|e| e.code().code()),
+            Some("3D000"),
+            "{err}"
+        );
+        let deadline = tokio::time::Instant::now() + PROMPTLY;
+        while pg().client_backends("atk_drop_old") > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the dropped database's idle server connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The client that was connected goes on, on a new connection.
+        stays.simple_query("SELECT 1").await.unwrap();
     });
 }

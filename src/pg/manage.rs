@@ -229,7 +229,21 @@ impl Pooler {
             ));
             config.listen = current.listen.clone();
         }
+        // Pools of a database the new config drops keep serving the clients
+        // still connected, on new server connections: idle ones close now
+        // and busy ones when released, so none lingers until idle timeout.
+        let dropped: Vec<String> = current
+            .databases
+            .iter()
+            .filter(|old| !config.databases.iter().any(|db| db.name == old.name))
+            .map(|old| format!("{}/", old.name))
+            .collect();
         drop(current);
+        for pool in self.all_pools() {
+            if dropped.iter().any(|prefix| pool.name.starts_with(prefix)) {
+                pool.reconnect();
+            }
+        }
         self.users.store(Arc::new(users));
         self.config.store(Arc::new(config));
         let config = self.config();
