@@ -3,11 +3,12 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::admin_console::{admin_text, psql, rows, runtime};
 use support::postgres::{free_port, PgServer};
 use support::process::SkiffProcess;
 use support::skiff;
@@ -60,13 +61,7 @@ impl Running {
     }
 
     fn admin_text(&self, sql: &str) -> String {
-        let output = self.admin(sql);
-        assert!(
-            output.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).to_string()
+        admin_text(self.port, sql)
     }
 
     /// Rewrites the pool size in the config file.
@@ -81,30 +76,6 @@ impl Running {
         }
         std::fs::write(path, lines.join("\n") + "\n").unwrap();
     }
-}
-
-fn psql(port: u16, db: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(["-d", db, "-XAtq", "-c", sql])
-        .output()
-        .expect("psql runs")
-}
-
-/// Rows of unaligned psql output, split into columns.
-fn rows(text: &str) -> Vec<Vec<String>> {
-    text.lines()
-        .filter(|line| !line.is_empty())
-        .map(|line| line.split('|').map(str::to_string).collect())
-        .collect()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

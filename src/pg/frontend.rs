@@ -173,7 +173,7 @@ async fn serve_client(
     let logged_in = match login {
         Ok(Ok(Login::Session(logged_in))) => logged_in,
         Ok(Ok(Login::Admin)) => {
-            reader.set_max_message_bytes(pooler.config().max_message_bytes);
+            reader.set_max_message_bytes(super::admin::MAX_ADMIN_MESSAGE);
             let _ = super::admin::serve(&pooler, reader, writer, &shutdown).await;
             return;
         }
@@ -505,6 +505,15 @@ async fn create_pool(
     db: &crate::config::PgDatabase,
     user: &str,
 ) -> Result<Arc<Pool>, LoginEnd> {
+    // A paused database gets no new server connection, so the login that
+    // would open the pool's first one waits for RESUME, as queries do.
+    // NOTE: LOGIN_TIMEOUT bounds the whole login, this wait included, so a
+    // query_wait_timeout above 60 s does not lengthen it.
+    let deadline = tokio::time::Instant::now() + pooler.config().query_wait_timeout;
+    pooler
+        .wait_until_unpaused(&db.name, deadline)
+        .await
+        .map_err(|message| fatal("57P03", message, "paused"))?;
     let _one_at_a_time = pooler.pool_creation.lock().await;
     if let Some(pool) = pooler.existing_pool(db, user) {
         return Ok(pool);

@@ -19,11 +19,13 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub struct PauseState {
     all: bool,
     databases: HashSet<String>,
+    /// Databases `RESUME db` let go while every database is paused.
+    resumed: HashSet<String>,
 }
 
 impl PauseState {
     pub fn covers(&self, database: &str) -> bool {
-        self.all || self.databases.contains(database)
+        (self.all && !self.resumed.contains(database)) || self.databases.contains(database)
     }
 }
 
@@ -51,16 +53,24 @@ impl Pooler {
     fn mark_paused(&self, database: Option<&str>, paused: bool) {
         let mut pauses = self.pauses.lock();
         match (database, paused) {
-            (None, true) => pauses.all = true,
+            (None, true) => {
+                pauses.all = true;
+                pauses.resumed.clear();
+            }
             (None, false) => {
                 pauses.all = false;
                 pauses.databases.clear();
+                pauses.resumed.clear();
             }
             (Some(db), true) => {
                 pauses.databases.insert(db.to_string());
+                pauses.resumed.remove(db);
             }
             (Some(db), false) => {
                 pauses.databases.remove(db);
+                if pauses.all {
+                    pauses.resumed.insert(db.to_string());
+                }
             }
         }
         for pool in self.all_pools() {
@@ -71,22 +81,68 @@ impl Pooler {
                 pool.resume();
             }
         }
+        if !paused {
+            self.pause_lifted.notify_waiters();
+        }
     }
 
     /// PAUSE: new checkouts wait; returns once every server connection of
-    /// the pools has been released, then closes them.
-    pub async fn pause(&self, database: Option<&str>) {
+    /// the pools has been released, then closes them. Fails when a RESUME
+    /// lifts the pause first, since the connections are then in use again.
+    pub async fn pause(&self, database: Option<&str>) -> Result<(), String> {
         self.mark_paused(database, true);
         loop {
             let pools = self.pools_of(database);
+            if let Some(resumed) = pools.iter().find(|pool| !pool.is_paused()) {
+                return Err(format!(
+                    "PAUSE did not complete: a RESUME let pool {} go on first",
+                    resumed.name
+                ));
+            }
             if pools.iter().all(|pool| pool.active_count() == 0) {
                 for pool in &pools {
                     pool.close_idle();
                 }
-                return;
+                return Ok(());
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// Waits while `database` is paused, for a login that would open the
+    /// first server connection of a new pool: a paused database gets no
+    /// new server connections. Fails at `deadline` or when shutdown begins.
+    pub async fn wait_until_unpaused(
+        &self,
+        database: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        loop {
+            let lifted = self.pause_lifted.notified();
+            tokio::pin!(lifted);
+            lifted.as_mut().enable();
+            if !self.pauses.lock().covers(database) {
+                return Ok(());
+            }
+            if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                return Err("skiff is shutting down and the database is paused".into());
+            }
+            if tokio::time::timeout_at(deadline, lifted).await.is_err() {
+                return Err(format!(
+                    "timed out waiting for RESUME of database \"{database}\" (query_wait_timeout)"
+                ));
+            }
+        }
+    }
+
+    /// Ends every wait for RESUME, as shutdown begins.
+    pub fn stop_pause_waits(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        for pool in self.all_pools() {
+            pool.stop_waiting();
+        }
+        self.pause_lifted.notify_waiters();
     }
 
     /// RESUME: waiting checkouts go on.
@@ -174,7 +230,21 @@ impl Pooler {
             config.listen = current.listen.clone();
         }
         notes.extend(tls_notes(&current, &config));
+        // Pools of a database the new config drops keep serving the clients
+        // still connected, on new server connections: idle ones close now
+        // and busy ones when released, so none lingers until idle timeout.
+        let dropped: Vec<String> = current
+            .databases
+            .iter()
+            .filter(|old| !config.databases.iter().any(|db| db.name == old.name))
+            .map(|old| format!("{}/", old.name))
+            .collect();
         drop(current);
+        for pool in self.all_pools() {
+            if dropped.iter().any(|prefix| pool.name.starts_with(prefix)) {
+                pool.reconnect();
+            }
+        }
         self.users.store(Arc::new(users));
         self.config.store(Arc::new(config));
         let config = self.config();

@@ -72,6 +72,10 @@ pub struct Pooler {
     pool_creation: tokio::sync::Mutex<()>,
     /// Databases paused by the admin console.
     pauses: Mutex<manage::PauseState>,
+    /// Woken when a RESUME lifts a pause, and when shutdown begins.
+    pause_lifted: tokio::sync::Notify,
+    /// Set when shutdown begins; new pools then end their waits for RESUME.
+    stopping: std::sync::atomic::AtomicBool,
     /// Databases DISABLE closed to new clients.
     disabled: Mutex<std::collections::HashSet<String>>,
     /// Reload, shutdown and the other jobs, for the admin console.
@@ -116,6 +120,8 @@ impl Pooler {
             capture,
             pool_creation: tokio::sync::Mutex::new(()),
             pauses: Mutex::new(manage::PauseState::default()),
+            pause_lifted: tokio::sync::Notify::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             disabled: Mutex::new(std::collections::HashSet::new()),
             control: std::sync::OnceLock::new(),
             server_tls,
@@ -148,6 +154,9 @@ impl Pooler {
             }
         }
         drop(listener);
+        // No RESUME can come now: clients waiting on a paused pool are in
+        // no transaction, so they end instead of holding up the drain.
+        self.stop_pause_waits();
         tracker.close();
         let drained = tokio::time::timeout(self.config().shutdown_timeout, tracker.wait()).await;
         if drained.is_err() {
@@ -233,6 +242,9 @@ impl Pooler {
         let pool = Arc::new(Pool::new(format!("{}/{}", db.name, user), target, settings));
         if self.pauses.lock().covers(&db.name) {
             pool.pause();
+        }
+        if self.stopping.load(Ordering::Acquire) {
+            pool.stop_waiting();
         }
         pools.insert(key, pool.clone());
         pool

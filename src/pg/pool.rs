@@ -38,6 +38,8 @@ pub enum CheckoutError {
     Backend(#[from] BackendError),
     #[error("pool is closed")]
     Closed,
+    #[error("skiff is shutting down and the database is paused")]
+    ShuttingDown,
 }
 
 /// A server connection lent to one client, with the permit that counts it.
@@ -140,6 +142,9 @@ pub struct Pool {
     permit_debt: AtomicUsize,
     /// Set by the admin console's PAUSE and KILL: checkouts wait for RESUME.
     paused: AtomicBool,
+    /// Set when shutdown begins. A wait for RESUME then ends, because no
+    /// RESUME can come any more.
+    stopping: AtomicBool,
     resumed: Notify,
     idle: Mutex<Vec<ServerConn>>,
     active: AtomicUsize,
@@ -179,6 +184,7 @@ impl Pool {
             permits: Arc::new(Semaphore::new(settings.size)),
             permit_debt: AtomicUsize::new(0),
             paused: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             resumed: Notify::new(),
             name,
             target: ArcSwap::from_pointee(target),
@@ -313,17 +319,27 @@ impl Pool {
         self.paused.load(Ordering::Acquire)
     }
 
-    /// Waits while the pool is paused, until `deadline`.
-    async fn wait_while_paused(&self, deadline: tokio::time::Instant) -> bool {
+    /// Ends the waits for RESUME, for shutdown: a client waiting on a
+    /// paused pool is in no transaction and would only hold up the drain.
+    pub fn stop_waiting(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.resumed.notify_waiters();
+    }
+
+    /// Waits while the pool is paused, until `deadline` or shutdown.
+    async fn wait_while_paused(&self, deadline: tokio::time::Instant) -> Result<(), CheckoutError> {
         loop {
             let resumed = self.resumed.notified();
             tokio::pin!(resumed);
             resumed.as_mut().enable();
             if !self.is_paused() {
-                return true;
+                return Ok(());
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return Err(CheckoutError::ShuttingDown);
             }
             if tokio::time::timeout_at(deadline, resumed).await.is_err() {
-                return false;
+                return Err(CheckoutError::Timeout(Duration::ZERO));
             }
         }
     }
@@ -342,7 +358,9 @@ impl Pool {
         Ok(Checkout { conn, permit })
     }
 
-    /// Queues for a permit behind earlier waiters, until `deadline`.
+    /// Queues for a permit behind earlier waiters, until `deadline`. The
+    /// wait may be dropped midway (a cancel request or KILL ends it), so
+    /// the waiting count is kept by a guard.
     async fn wait_for_permit(
         &self,
         deadline: tokio::time::Instant,
@@ -351,11 +369,18 @@ impl Pool {
         let started = Instant::now();
         let waiter = Waiter::start(self, started);
         let acquired = async {
-            if !self.wait_while_paused(deadline).await {
-                return Err(());
-            }
+            self.wait_while_paused(deadline)
+                .await
+                .map_err(|err| match err {
+                    CheckoutError::Timeout(_) => CheckoutError::Timeout(wait),
+                    other => other,
+                })?;
             let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned());
-            permit.await.map_err(|_| ())
+            match permit.await {
+                Ok(Ok(permit)) => Ok(permit),
+                Ok(Err(_)) => Err(CheckoutError::Closed),
+                Err(_) => Err(CheckoutError::Timeout(wait)),
+            }
         }
         .await;
         drop(waiter);
@@ -366,11 +391,7 @@ impl Pool {
         self.stats
             .max_wait_us
             .fetch_max(waited_us, Ordering::Relaxed);
-        match acquired {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(CheckoutError::Closed),
-            Err(()) => Err(CheckoutError::Timeout(wait)),
-        }
+        acquired
     }
 
     async fn take_idle(&self) -> Option<ServerConn> {

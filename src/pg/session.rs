@@ -34,6 +34,12 @@ const FLUSH_THRESHOLD: usize = 64 * 1024;
 /// transaction before it closes the server connection instead.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The FATAL message of a session ended by KILL or KILL_CLIENT.
+const KILLED: &str = "terminating connection due to administrator command";
+
+/// The FATAL message of a session ended by shutdown.
+const SHUTTING_DOWN: &str = "terminating connection because skiff is shutting down";
+
 /// Whether the session goes on after a message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -89,6 +95,8 @@ pub struct Session {
     query_started: Option<Instant>,
     /// When the current transaction's first request went to the server.
     transaction_started: Option<Instant>,
+    /// The client already got the FATAL error that ends the session.
+    fatal_sent: bool,
 }
 
 impl Session {
@@ -142,6 +150,7 @@ impl Session {
             // listener's token each time they wait.
             shutdown: shutdown.child_token(),
             stop_deferred: false,
+            fatal_sent: false,
         }
     }
 
@@ -246,11 +255,9 @@ impl Session {
                 Ok(Flow::Close)
             }
             Event::Shutdown if self.cancel.info().kill.is_cancelled() => {
-                self.write_error(
-                    Severity::Fatal,
-                    "57P01",
-                    "terminating connection due to administrator command",
-                );
+                if !self.fatal_sent {
+                    self.write_error(Severity::Fatal, "57P01", KILLED);
+                }
                 Ok(Flow::Close)
             }
             Event::Shutdown if !can_stop => {
@@ -258,11 +265,9 @@ impl Session {
                 Ok(Flow::Continue)
             }
             Event::Shutdown => {
-                self.write_error(
-                    Severity::Fatal,
-                    "57P01",
-                    "terminating connection because skiff is shutting down",
-                );
+                if !self.fatal_sent {
+                    self.write_error(Severity::Fatal, "57P01", SHUTTING_DOWN);
+                }
                 Ok(Flow::Close)
             }
         }
@@ -347,7 +352,8 @@ impl Session {
     }
 
     /// Checks out a server connection; a cancel request from the client
-    /// ends the wait, as it would end a running query.
+    /// ends the wait, as it would end a running query, and a KILL ends it
+    /// before the request reaches a server.
     async fn wait_for_server(&mut self) -> Result<Checkout, Bytes> {
         let wait = self.pooler.config().query_wait_timeout;
         let pool = self.pool.clone();
@@ -358,15 +364,21 @@ impl Session {
                 .map_err(|err| self.checkout_error(err));
         }
         let cancelled = self.cancel.begin_wait();
+        let kill = self.cancel.info().kill.clone();
         let result = tokio::select! {
-            result = pool.checkout(wait) => Some(result),
-            _ = cancelled.notified() => None,
+            result = pool.checkout(wait) => Ok(result),
+            _ = cancelled.notified() => Err(false),
+            _ = kill.cancelled() => Err(true),
         };
         self.cancel.end_wait();
         match result {
-            Some(Ok(checkout)) => Ok(checkout),
-            Some(Err(err)) => Err(self.checkout_error(err)),
-            None => Err(protocol::error_response(
+            Ok(Ok(checkout)) => Ok(checkout),
+            Ok(Err(err)) => Err(self.checkout_error(err)),
+            Err(true) => {
+                self.fatal_sent = true;
+                Err(protocol::error_response(Severity::Fatal, "57P01", KILLED))
+            }
+            Err(false) => Err(protocol::error_response(
                 Severity::Error,
                 "57014",
                 "canceling statement due to user request",
@@ -374,7 +386,11 @@ impl Session {
         }
     }
 
-    fn checkout_error(&self, err: CheckoutError) -> Bytes {
+    fn checkout_error(&mut self, err: CheckoutError) -> Bytes {
+        if let CheckoutError::ShuttingDown = err {
+            self.fatal_sent = true;
+            return protocol::error_response(Severity::Fatal, "57P01", SHUTTING_DOWN);
+        }
         let (kind, code) = match &err {
             CheckoutError::Timeout(_) => ("query_wait_timeout", "53400"),
             CheckoutError::Backend(BackendError::Login { .. }) => ("server_login", "08004"),

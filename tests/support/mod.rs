@@ -2,6 +2,7 @@
 //! skiff with.
 #![allow(dead_code)]
 
+pub mod admin_console;
 pub mod postgres;
 pub mod process;
 pub mod raw;

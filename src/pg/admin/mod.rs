@@ -7,13 +7,21 @@ mod show;
 use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{self, frontend, read_cstr_lossy, MessageReader, Severity};
+use super::protocol::{
+    self, backend, frontend, read_cstr_lossy, MessageReader, ProtocolError, Severity,
+};
 use super::Pooler;
 use crate::config::PoolMode;
 use crate::tls::{ReadHalf, WriteHalf};
 
 /// Database names that open the admin console.
 pub const ADMIN_DATABASES: &[&str] = &["skiff", "pgbouncer"];
+
+/// Maximum message size the admin console reads. Its commands are short.
+pub const MAX_ADMIN_MESSAGE: usize = 64 * 1024;
+
+/// Characters of an unknown command quoted back in the error.
+const MAX_QUOTED: usize = 100;
 
 /// A result set: column names and rows of text values.
 struct Table {
@@ -46,37 +54,58 @@ pub async fn serve(
     greeting.extend_from_slice(&protocol::backend_key_data(0, 0));
     greeting.extend_from_slice(&protocol::ready_for_query(b'I'));
     writer.send(&greeting).await?;
+    // After an extended-protocol message is refused, the rest up to Sync
+    // is dropped and Sync alone gets ReadyForQuery, as PostgreSQL does.
+    let mut skipping = false;
     loop {
         // An admin session does not hold up shutdown.
         let message = tokio::select! {
             message = reader.read() => message,
             _ = shutdown.cancelled() => return Ok(()),
         };
-        let Ok(message) = message else {
-            return Ok(());
+        let message = match message {
+            Ok(message) => message,
+            Err(err @ ProtocolError::TooLarge { .. }) => {
+                let error = protocol::error_response(Severity::Fatal, "54000", &err.to_string());
+                writer.send(&error).await?;
+                return Ok(());
+            }
+            Err(_) => return Ok(()),
         };
         let mut out = BytesMut::new();
         match message.tag() {
+            frontend::TERMINATE => return Ok(()),
+            frontend::SYNC => {
+                skipping = false;
+                out.extend_from_slice(&protocol::ready_for_query(b'I'));
+            }
+            _ if skipping => {}
             frontend::QUERY => {
                 let mut body = message.body();
                 let sql = read_cstr_lossy(&mut body).unwrap_or_default();
                 run_command(pooler, &sql, &mut out).await;
+                out.extend_from_slice(&protocol::ready_for_query(b'I'));
             }
-            frontend::TERMINATE => return Ok(()),
-            frontend::SYNC => {}
-            _ => out.extend_from_slice(&protocol::error_response(
-                Severity::Error,
-                "08P01",
-                "the admin console supports only the simple query protocol",
-            )),
+            frontend::FLUSH => {}
+            _ => {
+                skipping = true;
+                out.extend_from_slice(&protocol::error_response(
+                    Severity::Error,
+                    "08P01",
+                    "the admin console supports only the simple query protocol",
+                ));
+            }
         }
-        out.extend_from_slice(&protocol::ready_for_query(b'I'));
         writer.send(&out).await?;
     }
 }
 
 /// Runs one command, possibly several separated by `;`.
 async fn run_command(pooler: &Pooler, sql: &str, out: &mut BytesMut) {
+    if sql.trim().trim_matches(';').trim().is_empty() {
+        out.extend_from_slice(&protocol::empty_message(backend::EMPTY_QUERY_RESPONSE));
+        return;
+    }
     for command in sql.split(';').map(str::trim).filter(|c| !c.is_empty()) {
         let words: Vec<String> = command.split_whitespace().map(str::to_uppercase).collect();
         let words: Vec<&str> = words.iter().map(String::as_str).collect();
@@ -111,10 +140,16 @@ struct AdminError {
 }
 
 fn unknown(command: &str) -> AdminError {
+    let quoted: String = command.chars().take(MAX_QUOTED).collect();
+    let more = if quoted.len() < command.len() {
+        "..."
+    } else {
+        ""
+    };
     AdminError {
         code: "42601",
         message: format!(
-            "unknown or unsupported admin command {command:?}; SHOW HELP lists the commands"
+            "unknown or unsupported admin command {quoted:?}{more}; SHOW HELP lists the commands"
         ),
     }
 }
@@ -166,7 +201,10 @@ async fn act(
     match verb {
         "PAUSE" => {
             configured(pooler)?;
-            pooler.pause(database).await;
+            pooler.pause(database).await.map_err(|message| AdminError {
+                code: "55000",
+                message,
+            })?;
             Ok(Reply::Done("PAUSE"))
         }
         "RESUME" => {
