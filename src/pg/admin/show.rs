@@ -181,7 +181,13 @@ pub fn show_config(pooler: &Pooler) -> Table {
         columns: &["key", "value", "changeable"],
         rows: entries
             .into_iter()
-            .map(|(key, value)| vec![text(key), text(value), text("no")])
+            .map(|(key, value)| {
+                // RELOAD applies every setting here except these, which are
+                // fixed at start.
+                let fixed = matches!(key, "listen" | "server_tls_sslmode" | "client_tls_sslmode");
+                let changeable = if fixed { "no" } else { "yes" };
+                vec![text(key), text(value), text(changeable)]
+            })
             .collect(),
     }
 }
