@@ -16,7 +16,7 @@ pub use logship::{
     CaptureConfig, FileSinkConfig, IngestConfig, LogshipConfig, OnFull, SignatureVersion, SlsConfig,
 };
 pub use postgres::{AuthType, PgAuthConfig, PgConfig, PgDatabase, PoolMode};
-pub use redis::{ReadFrom, RedisConfig, RedisMode};
+pub use redis::{CacheRule, ReadFrom, RedisConfig, RedisMode};
 
 /// Failure to load or validate a config file.
 #[derive(Debug, thiserror::Error)]

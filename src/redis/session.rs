@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::cache::ClientTracking;
 use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
 use super::reply;
@@ -29,6 +30,9 @@ const MIN_READ_BYTES: usize = 16 * 1024;
 /// An item for the session's writer, queued in request order.
 pub enum Outgoing {
     Reply(Pending),
+    /// From here on, count replies and interleave the client's
+    /// invalidation pushes (`CLIENT TRACKING ON`).
+    Track(Arc<ClientTracking>),
     /// Fired once every earlier reply has been written.
     Barrier(oneshot::Sender<()>),
     /// Flush and close the connection.
@@ -105,6 +109,8 @@ pub struct Session {
     pub(super) reader: ClientReader,
     pub(super) queue: mpsc::Sender<Outgoing>,
     pub(super) transaction: Option<Transaction>,
+    /// Set while the client has `CLIENT TRACKING` on.
+    pub(super) tracking: Option<Arc<ClientTracking>>,
     /// Cancelled when skiff shuts down; blocked and subscribed sessions end.
     pub(super) shutdown: CancellationToken,
 }
@@ -137,10 +143,12 @@ pub async fn run(
         },
         queue,
         transaction: None,
+        tracking: None,
         shutdown,
         router,
     };
     session.read_loop().await;
+    session.stop_tracking();
     let _ = session.queue.send(Outgoing::Close).await;
     drop(session);
     let _ = writer.await;
@@ -176,6 +184,9 @@ impl Session {
 
     pub(super) async fn handle(&mut self, request: Request) -> Flow {
         let name = request.name();
+        if let Some(tracking) = &self.tracking {
+            tracking.begin_request();
+        }
         if self.transaction.is_some() {
             return self.handle_in_transaction(request, &name).await;
         }
@@ -196,6 +207,7 @@ impl Session {
             Pinning::Subscribe => self.run_subscribed(request, &name).await,
             Pinning::Transaction => self.start_transaction(request, &name).await,
             Pinning::None => {
+                self.note_reads(&request, &name);
                 let pending = self.router.submit(request, &name, self.ctx).await;
                 self.send(Outgoing::Reply(pending)).await
             }
@@ -207,11 +219,44 @@ impl Session {
         self.send(Outgoing::Reply(Pending::Ready(bytes))).await
     }
 
-    async fn send(&self, item: Outgoing) -> Flow {
+    pub(super) async fn send(&self, item: Outgoing) -> Flow {
+        let is_reply = matches!(item, Outgoing::Reply(_));
         match self.queue.send(item).await {
-            Ok(()) => Flow::Continue,
+            Ok(()) => {
+                if let (true, Some(tracking)) = (is_reply, &self.tracking) {
+                    tracking.reply_queued();
+                }
+                Flow::Continue
+            }
             // The writer stopped: the client is gone.
             Err(_) => Flow::Close,
+        }
+    }
+
+    /// Records the keys of a read for a client with tracking on.
+    pub(super) fn note_reads(&self, request: &Request, name: &str) {
+        let Some(tracking) = &self.tracking else {
+            return;
+        };
+        let table = self.router.commands();
+        if !table.is_readonly(name, request) {
+            return;
+        }
+        let keys: Vec<Bytes> = table
+            .key_positions(name, request)
+            .into_iter()
+            .filter_map(|position| request.args.get(position))
+            .map(|key| Bytes::copy_from_slice(key))
+            .collect();
+        if !keys.is_empty() {
+            self.router.cache.client_reads(tracking.id, keys);
+        }
+    }
+
+    /// Turns `CLIENT TRACKING` off, if it was on.
+    pub(super) fn stop_tracking(&mut self) {
+        if let Some(tracking) = self.tracking.take() {
+            self.router.cache.untrack_client(tracking.id);
         }
     }
 
@@ -235,11 +280,35 @@ async fn write_replies(
     router: Arc<Router>,
 ) {
     let mut out = BytesMut::new();
-    while let Some(item) = replies.recv().await {
+    // Set once the client turns on tracking; `written` counts the replies
+    // written since, to place its invalidation pushes.
+    let mut tracking: Option<Arc<ClientTracking>> = None;
+    let mut written: u64 = 0;
+    loop {
+        let item = match &tracking {
+            None => replies.recv().await,
+            Some(pushes) => tokio::select! {
+                biased;
+                item = replies.recv() => item,
+                _ = pushes.notified() => {
+                    pushes.take_due(written, &mut out);
+                    if replies.is_empty() && !out.is_empty() {
+                        if writer.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(item) = item else {
+            break;
+        };
         match item {
             Outgoing::Reply(pending) => {
                 let bytes = pending.resolve(&router).await;
-                if out.is_empty() && bytes.len() >= MAX_WRITE_BYTES {
+                if out.is_empty() && bytes.len() >= MAX_WRITE_BYTES && tracking.is_none() {
                     // A large reply goes out as it is, without a copy.
                     if writer.write_all(&bytes).await.is_err() {
                         return;
@@ -247,6 +316,15 @@ async fn write_replies(
                     continue;
                 }
                 out.extend_from_slice(&bytes);
+                if let Some(pushes) = &tracking {
+                    written += 1;
+                    pushes.take_due(written, &mut out);
+                }
+            }
+            Outgoing::Track(pushes) => {
+                tracking = Some(pushes);
+                written = 0;
+                continue;
             }
             Outgoing::Barrier(done) => {
                 if writer.write_all(&out).await.is_err() {

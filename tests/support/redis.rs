@@ -353,6 +353,7 @@ fn toml_list(items: &[String]) -> String {
 /// skiff's Redis router running on the current tokio runtime.
 pub struct Skiff {
     pub addr: SocketAddr,
+    pub router: std::sync::Arc<RedisRouter>,
     shutdown: CancellationToken,
 }
 
@@ -366,8 +367,17 @@ impl Skiff {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(router.serve(listener, shutdown.clone()));
-        Skiff { addr, shutdown }
+        tokio::spawn(router.clone().serve(listener, shutdown.clone()));
+        Skiff {
+            addr,
+            router,
+            shutdown,
+        }
+    }
+
+    /// Returns the router's `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        skiff::admin::Component::status(self.router.as_ref())
     }
 
     pub fn url(&self, protocol: Protocol) -> String {
