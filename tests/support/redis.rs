@@ -213,6 +213,38 @@ impl Standalone {
     }
 }
 
+/// A primary with two replicas and a sentinel that monitors them as one
+/// group, started once the sentinel sees both replicas as healthy.
+pub fn start_sentinel_group(name: &str) -> (Standalone, RedisServer) {
+    let servers = Standalone::start();
+    let sentinel = RedisServer::start_sentinel(servers.primary.port, name);
+    sentinel.wait_for(
+        || {
+            // Each replica's "flags" field is "slave" alone once the
+            // sentinel is connected to it and considers it up.
+            let replicas = sentinel.cli(&["SENTINEL", "replicas", name]);
+            let lines: Vec<&str> = replicas.lines().collect();
+            let healthy = lines
+                .windows(2)
+                .filter(|pair| pair[0] == "flags" && pair[1] == "slave")
+                .count();
+            healthy == 2
+        },
+        "sentinel sees both replicas",
+    );
+    (servers, sentinel)
+}
+
+/// Returns the port of the primary the sentinel reports for `name`, or 0.
+pub fn reported_primary_port(sentinel: &RedisServer, name: &str) -> u16 {
+    let reply = sentinel.cli(&["SENTINEL", "get-master-addr-by-name", name]);
+    reply
+        .lines()
+        .nth(1)
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A cluster of three primaries with one replica each.
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,

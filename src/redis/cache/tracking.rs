@@ -487,12 +487,21 @@ fn refuses_resp3(message: &str) -> bool {
     message.starts_with("NOPROTO") || message.contains("unknown command")
 }
 
-/// Sends `CLIENT TRACKING ON BCAST`, with the prefixes and a redirect.
+/// Name of tracking connections in `CLIENT LIST`.
+pub const CONNECTION_NAME: &str = "skiff-cache-tracking";
+
+/// Names the connection and sends `CLIENT TRACKING ON BCAST`, with the
+/// prefixes and a redirect.
 async fn enable(
     conn: &mut RawConn,
     prefixes: &[String],
     redirect: Option<i64>,
 ) -> Result<(), String> {
+    call_ok(
+        conn,
+        &encode_command(&["CLIENT", "SETNAME", CONNECTION_NAME]),
+    )
+    .await?;
     let mut args: Vec<String> = ["CLIENT", "TRACKING", "ON", "BCAST"]
         .map(String::from)
         .into();
