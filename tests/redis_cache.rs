@@ -304,6 +304,41 @@ async fn writes_through_skiff_are_read_back() {
 }
 
 #[tokio::test]
+async fn pipeline_of_hits_and_misses_keeps_order() {
+    let skiff = skiff("").await;
+    let server = server();
+    server.cli(&["SET", "cache:order", "hot"]);
+    let mut client = skiff.raw().await;
+    read_until_cached(&mut client, server, "cache:order").await;
+    // One write of many requests: cache hits, replies skiff makes itself,
+    // and replies from Redis, interleaved.
+    let mut batch = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..300 {
+        let value = i.to_string();
+        let (command, reply): (Vec<&str>, String) = match i % 4 {
+            0 => (vec!["GET", "cache:order"], "$3\r\nhot\r\n".into()),
+            1 => (
+                vec!["ECHO", &value],
+                format!("${}\r\n{value}\r\n", value.len()),
+            ),
+            2 => (vec!["SET", "plain:order", &value], "+OK\r\n".into()),
+            _ => (
+                vec!["GET", "plain:order"],
+                format!("${}\r\n{}\r\n", (i - 1).to_string().len(), i - 1),
+            ),
+        };
+        batch.extend_from_slice(&skiff::redis::frame::encode_command(&command));
+        expected.push(reply);
+    }
+    client.send_bytes(&batch).await;
+    for (i, reply) in expected.iter().enumerate() {
+        let got = client.read().await;
+        assert_eq!(String::from_utf8_lossy(&got), *reply, "reply {i}");
+    }
+}
+
+#[tokio::test]
 async fn mget_and_exists_answer_key_by_key() {
     let skiff = skiff("").await;
     let server = server();
