@@ -8,17 +8,23 @@
 #  2. with Redis behind 1 ms of added latency: Redis runs in a network
 #     namespace `skiff-bench`, skiff and redis-benchmark in another,
 #     `skiff-bench-app`, joined by a veth pair with 10.203.0.1 and
-#     10.203.0.2. The delay comes from `tc netem` on the app side of the
-#     pair; on a kernel without netem, from examples/latency_proxy.rs run in
-#     Redis's namespace instead (requests delayed, replies not).
+#     10.203.0.2. `tc netem` on the app side of the pair adds the delay.
+#     A kernel without netem gets examples/latency_proxy.rs in Redis's
+#     namespace instead. Both delay requests and not replies.
 #
-# Usage: benches/redis_cache_compare.sh [requests per run, default 200000]
+# With 50 clients at depth 1, uncached throughput across the delay is
+# bounded by 50 requests per round trip; the delayed runs are therefore
+# also made with 10 clients.
+#
+# Usage: benches/redis_cache_compare.sh [requests per loopback run, default
+# 200000] [requests per delayed run, default 50000]
 # Must run as root (namespaces). Needs redis-server, redis-tools, iproute2.
 # Everything it creates is removed at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=${1:-200000}
+DELAYED_REQUESTS=${2:-50000}
 KEYS=1000
 DELAY_MICROS=1000
 WORK=$(mktemp -d /tmp/skiff-cache-bench-XXXXXX)
@@ -50,7 +56,7 @@ wait_port() { # host port [netns]
         "${run[@]}" redis-cli -h "$1" -p "$2" ping >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    echo "nothing answers on $1:$2" >&2
+    echo "no Redis server replies to PING on $1:$2" >&2
     exit 1
 }
 
@@ -77,12 +83,13 @@ fill_keys() { # redis-cli arguments...
         "$@" >/dev/null
 }
 
-# Prints requests per second of one GET run. run_get host port depth [netns]
+# Prints requests per second of one GET run.
+# run_get host port depth [clients requests netns]
 run_get() {
     local run=()
-    [ -n "${4:-}" ] && run=(ip netns exec "$4")
-    "${run[@]}" timeout 300 redis-benchmark -h "$1" -p "$2" -t get -c 50 -r "$KEYS" -n "$REQUESTS" \
-        -P "$3" --csv 2>/dev/null |
+    [ -n "${6:-}" ] && run=(ip netns exec "$6")
+    "${run[@]}" timeout 300 redis-benchmark -h "$1" -p "$2" -t get -c "${4:-50}" -r "$KEYS" \
+        -n "${5:-$REQUESTS}" -P "$3" --csv 2>/dev/null |
         python3 -c 'import csv, sys
 rows = {r[0]: r[1] for r in csv.reader(sys.stdin) if len(r) > 1}
 print(rows.get("GET", "0"))'
@@ -176,13 +183,16 @@ for _ in range(200):
     t = time.perf_counter(); s.sendall(b'PING\r\n'); s.recv(64); samples.append(time.perf_counter() - t)
 samples.sort(); print(f'{samples[len(samples) // 2] * 1000:.3f}')")
 echo "median PING round trip to Redis from skiff's namespace: $ping_ms ms"
-run_get 127.0.0.1 7001 16 "$NS_APP" >/dev/null
+run_get 127.0.0.1 7001 16 50 "$REQUESTS" "$NS_APP" >/dev/null
 
-printf "%-6s %12s %12s %12s %10s\n" depth direct uncached cached cached/unc
-for depth in 1 16; do
-    direct=$(run_get "$UP_HOST" "$UP_PORT" "$depth" "$NS_APP")
-    uncached=$(run_get 127.0.0.1 7002 "$depth" "$NS_APP")
-    cached=$(run_get 127.0.0.1 7001 "$depth" "$NS_APP")
-    printf "%-6s %12s %12s %12s %10s\n" "$depth" "$direct" "$uncached" "$cached" "$(ratio "$cached" "$uncached")"
+printf "%-8s %-6s %12s %12s %12s %10s\n" clients depth direct uncached cached cached/unc
+for clients in 50 10; do
+    for depth in 1 16; do
+        direct=$(run_get "$UP_HOST" "$UP_PORT" "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")
+        uncached=$(run_get 127.0.0.1 7002 "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")
+        cached=$(run_get 127.0.0.1 7001 "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")
+        printf "%-8s %-6s %12s %12s %12s %10s\n" "$clients" "$depth" "$direct" "$uncached" "$cached" \
+            "$(ratio "$cached" "$uncached")"
+    done
 done
 echo "(requests/s; $(nproc) cores shared by Redis, skiff, the proxy if any and redis-benchmark)"

@@ -21,7 +21,8 @@ use redis_support::{Cluster, RawClient, RedisServer, Skiff};
 use skiff::redis::frame::Protocol;
 use skiff::redis::slot::key_slot;
 
-/// The standalone server most tests share; each test uses keys of its own.
+/// Returns the standalone server most tests share. Each test uses keys of
+/// its own.
 fn server() -> &'static RedisServer {
     static SERVER: OnceLock<RedisServer> = OnceLock::new();
     SERVER.get_or_init(|| RedisServer::start(&[]))
@@ -59,7 +60,7 @@ async fn wait_for_tracking(skiff: &Skiff, nodes: usize) {
     }
 }
 
-/// Reads `key` until a read is answered from the cache, which Redis does
+/// Reads `key` until a read is served from the cache, which Redis does
 /// not see, and returns that reply. The invalidation of a write made just
 /// before can still be on its way, and a read that races with it is not
 /// stored.
@@ -275,7 +276,8 @@ async fn writes_through_skiff_are_read_back() {
         assert_eq!(reader.call(&["GET", "cache:ryw"]).await, expected);
     }
 
-    // Pipelined on one connection: the read queued behind the write sees it.
+    // Pipelined on one connection: the read queued behind the write returns
+    // its value.
     writer.send(&["GET", "cache:ryw"]).await;
     writer.send(&["SET", "cache:ryw", "piped"]).await;
     writer.send(&["GET", "cache:ryw"]).await;
@@ -594,7 +596,7 @@ async fn redis_py_client_cache_sees_invalidations() {
     );
     let skiff_port = skiff.addr.port().to_string();
     let redis_port = server().port.to_string();
-    // One key the near cache holds too, one it does not.
+    // One key under a near cache prefix, one outside.
     let output = tokio::process::Command::new("python3")
         .args([script, &skiff_port, &redis_port, "cache:csc", "csc:plain"])
         .output()
@@ -616,7 +618,7 @@ async fn redis_py_client_cache_sees_invalidations() {
         eprintln!("redis-py through skiff, {key}: new value after {stale:.2} ms");
     }
 
-    // RESP2 clients are told why tracking is refused.
+    // A RESP2 client gets an error that says why tracking is rejected.
     let mut client = skiff.raw().await;
     let refused = client.call(&["CLIENT", "TRACKING", "ON"]).await;
     assert!(

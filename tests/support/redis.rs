@@ -213,8 +213,8 @@ impl Standalone {
     }
 }
 
-/// A primary with two replicas and a sentinel that monitors them as one
-/// group, started once the sentinel sees both replicas as healthy.
+/// Starts a primary with two replicas and a sentinel that monitors them as
+/// one group, and returns once the sentinel reports both replicas healthy.
 pub fn start_sentinel_group(name: &str) -> (Standalone, RedisServer) {
     let servers = Standalone::start();
     let sentinel = RedisServer::start_sentinel(servers.primary.port, name);

@@ -5,7 +5,7 @@ Redis.
 Usage: redis_py_client_cache.py SKIFF_PORT REDIS_PORT KEY...
 
 For each key it prints, as one JSON object: how many of 50 repeated reads
-reached Redis (0 when redis-py answered them from its own cache), and how
+reached Redis (0 when redis-py served them from its own cache), and how
 many milliseconds passed after the direct write until redis-py returned
 the new value. It exits non-zero when a key still reads stale after 5 s.
 """
@@ -18,10 +18,10 @@ import redis
 from redis.cache import CacheConfig
 from redis.connection import CacheProxyConnection
 
-# redis-py enables its cache only when HELLO reports Redis 7.4 or later;
+# redis-py enables its cache only when HELLO reports Redis 7.4 or later.
 # skiff reports the upstream's version, and the Redis these tests start may
-# be older. CLIENT TRACKING itself is served by skiff, so the floor is
-# lowered to the version that introduced it.
+# be older. skiff serves CLIENT TRACKING itself, so the floor is lowered to
+# Redis 6.0, which introduced it.
 CacheProxyConnection.MIN_ALLOWED_VERSION = "6.0.0"
 
 skiff_port, redis_port = int(sys.argv[1]), int(sys.argv[2])
@@ -41,8 +41,8 @@ result = {}
 for key in keys:
     direct.set(key, "v1")
     assert cached.get(key) == b"v1"
-    # skiff tells new tracking clients to drop everything once its own
-    # tracking connections are up; let that happen before counting.
+    # skiff sends new tracking clients a push to drop everything once its
+    # own tracking connections are up, so that happens before counting.
     time.sleep(0.3)
     assert cached.get(key) == b"v1"
     before = get_calls()

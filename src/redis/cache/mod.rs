@@ -1,7 +1,7 @@
-//! Near cache: reads of keys under the `[[redis.cache]]` prefixes are
-//! answered by skiff from a bounded in-process store, and Redis itself
-//! tells skiff when a cached key changes (see `tracking.rs` for how, and
-//! `store.rs` for why a reply that raced with a change is never stored).
+//! Near cache: skiff serves reads of keys under the `[[redis.cache]]`
+//! prefixes from a bounded in-process store, and Redis itself reports when
+//! a cached key changes. `tracking.rs` explains how; `store.rs` explains
+//! why a reply that raced with a change is never stored.
 //!
 //! The same invalidations serve clients that turn on `CLIENT TRACKING`
 //! themselves (`clients.rs`): skiff forwards the pushes they are owed for
@@ -76,13 +76,13 @@ impl Cache {
             max_reply_bytes: config.max_reply_bytes,
             prefixes: tracking::broadcast_prefixes(&prefixes),
         };
-        let wants_prefixes = store.is_some();
+        let prefixes_enabled = store.is_some();
         Arc::new_cyclic(|weak: &Weak<Cache>| {
             let events: Weak<dyn TrackerEvents> = weak.clone();
             Cache {
                 rules,
                 store,
-                trackers: Trackers::new(settings, wants_prefixes, events),
+                trackers: Trackers::new(settings, prefixes_enabled, events),
                 clients: ClientTable::default(),
             }
         })
@@ -107,8 +107,8 @@ impl Cache {
         self.store.is_some() || self.clients.active()
     }
 
-    /// Invalidates what the write `request` touches, before it is sent, so
-    /// no read queued behind it is answered with the value from before it.
+    /// Invalidates the keys the write `request` touches before it is sent,
+    /// so no read queued behind it is served the value from before it.
     /// Returns what to invalidate again once its reply arrives.
     pub fn before_write(
         &self,
@@ -148,7 +148,8 @@ impl Cache {
     }
 
     /// Applies a write's invalidation once its reply arrived: the cache
-    /// drops the keys again, and tracking clients that read them are told.
+    /// drops the keys again, and tracking clients that read them get an
+    /// invalidation push.
     pub fn after_write(&self, invalidation: &Invalidation) {
         self.drop_cached(invalidation);
         if invalidation.flush {
@@ -232,7 +233,7 @@ impl Cache {
     /// Registers a client that turned on `CLIENT TRACKING`.
     pub fn track_client(&self, tracking: Arc<ClientTracking>) {
         self.clients.register(tracking);
-        self.trackers.want_all();
+        self.trackers.enable_all_scope();
     }
 
     pub fn untrack_client(&self, id: u64) {

@@ -1,4 +1,4 @@
-//! The near cache's read path: a hit is answered at once; a miss is sent to
+//! The near cache's read path. A hit is served at once. A miss is sent to
 //! the node the router picks, followed by `PTTL` of the key in the same
 //! write, and the reply is stored if nothing invalidated the key meanwhile.
 
@@ -17,7 +17,7 @@ use crate::redis::reply;
 use crate::redis::router::{record_command, Pending, Router, SessionCtx};
 use crate::redis::upstream::UpstreamError;
 
-/// What of a fetched reply is cached.
+/// The part of a fetched reply that is cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
     /// The whole reply.
@@ -35,7 +35,8 @@ impl Part {
     }
 }
 
-/// Answers a cacheable read. Only called when the near cache is enabled.
+/// Serves a cacheable read from the near cache or from Redis. Called only
+/// when the near cache is enabled.
 pub async fn read(
     router: &Arc<Router>,
     request: Request,
@@ -97,6 +98,7 @@ async fn fill(
         store.metrics.skipped(Skip::Untracked);
         return router.route(request, command, ctx).await;
     };
+
     let pttl = encode_command(&[&b"PTTL"[..], &key[..]]);
     let mut batch = BytesMut::with_capacity(request.raw.len() + pttl.len());
     batch.extend_from_slice(&request.raw);
@@ -109,6 +111,7 @@ async fn fill(
     };
     let ttl_receiver = receivers.pop().expect("two receivers");
     let value_receiver = receivers.pop().expect("two receivers");
+
     let router = router.clone();
     Pending::Future(Box::pin(async move {
         let closed = || Err(UpstreamError::Closed { addr: addr.clone() });
@@ -195,8 +198,8 @@ fn deadline(
     let cap = sent_at + max_ttl;
     match pttl {
         Some(-1) => Ok(cap),
-        // No key: only a reply that says so may be cached. A value read
-        // just before the key expired or was deleted is not.
+        // No key: only a reply that reports nothing found may be cached,
+        // not a value read just before the key expired or was deleted.
         Some(-2) if commands::is_absent_reply(value) => Ok(cap),
         Some(millis) if millis > 0 => Ok(cap.min(sent_at + Duration::from_millis(millis as u64))),
         _ => Err(Skip::Expiring),

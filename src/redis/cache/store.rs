@@ -39,8 +39,8 @@ const REPLY_OVERHEAD: usize = 96;
 const MAX_SHAPES_PER_KEY: usize = 32;
 const MAX_SHARDS: usize = 16;
 
-/// What a cached reply answers: the command and its arguments after the
-/// key, for one database and RESP version.
+/// The request a cached reply belongs to: the command and its arguments
+/// after the key, for one database and RESP version.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape<'a> {
     pub db: u32,
@@ -161,8 +161,8 @@ impl Shard {
 
     /// Evicts keys by CLOCK until the shard is within its limits.
     fn evict(&mut self, max_bytes: usize, max_entries: usize, removed: &mut Removed) {
-        // Each live key is passed over at most once with its bit set, so
-        // two rounds of the queue always free enough.
+        // Every live key has one queue slot, and a key whose bit is set is
+        // passed over once, so two rounds of the queue evict enough.
         let mut budget = self.clock.len() * 2 + 2;
         while (self.bytes > max_bytes || self.entries > max_entries) && budget > 0 {
             budget -= 1;
@@ -310,6 +310,7 @@ impl Store {
         if size + key.len() + KEY_OVERHEAD > self.shard_max_bytes / 4 {
             return Err(Skip::TooLarge);
         }
+
         let mut shard = self.shards[stamp.shard].lock();
         let unchanged = shard.versions[stamp.bucket] == stamp.version
             && shard.epoch == stamp.epoch
@@ -333,6 +334,7 @@ impl Store {
             slot_generation: stamp.slot_generation,
             size,
         };
+
         let mut removed = Removed::default();
         // The same shape stored by an earlier read is replaced.
         shard.remove_replies(key, |c| c.matches(shape), &mut removed);
@@ -368,6 +370,7 @@ impl Store {
         }
         shard.entries += added_entries;
         shard.bytes += added_bytes;
+
         let evicted_before = removed.entries;
         shard.evict(self.shard_max_bytes, self.shard_max_entries, &mut removed);
         shard.compact_clock();

@@ -2,13 +2,13 @@
 //! runs `CLIENT TRACKING ON BCAST`, so Redis sends skiff the name of every
 //! key written on that node that matches a prefix.
 //!
-//! Why broadcast mode on a connection of its own, rather than tracking on
-//! the shared connections that carry the reads: in broadcast mode Redis
-//! keeps no per-read state, so reads need no bookkeeping on either side,
+//! Broadcast mode on a connection of its own is used rather than tracking
+//! on the shared connections that carry the reads. In broadcast mode Redis
+//! keeps no per-read state, so reads need no bookkeeping on either side.
 //! RESP2 and RESP3 client connections are covered alike, and a key stays
-//! covered when a slot moves to another node that skiff also tracks. The
-//! price is an invalidation for every write under a cached prefix, cached
-//! or not. Redis sends the broadcast once per event loop iteration, in the
+//! covered when its slot moves to another node that skiff also tracks. The
+//! cost is an invalidation for every write under a cached prefix, cached or
+//! not. Redis sends the broadcast once per event loop iteration, in the
 //! same pass that sends the writer its reply.
 //!
 //! The safety argument: a reply is stored only when the node's tracking
@@ -47,7 +47,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Pub/Sub channel that carries invalidations to a RESP2 connection.
 const INVALIDATE_CHANNEL: &str = "__redis__:invalidate";
 
-/// Which keys a tracking connection covers.
+/// Key range a tracking connection covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// The configured cache prefixes.
@@ -96,13 +96,17 @@ impl Tracker {
     }
 }
 
-/// What a tracking connection reports.
+/// Receiver of what tracking connections report.
 pub trait TrackerEvents: Send + Sync {
+    /// Handles a connection that came up.
     fn tracker_up(&self, tracker: &Tracker);
-    /// Called after the epoch changed, so no read stamped before is stored.
+    /// Handles a lost connection. Called after the epoch changed, so no
+    /// read stamped before is stored.
     fn tracker_down(&self, tracker: &Tracker);
+    /// Handles an invalidation of `keys`.
     fn keys_invalidated(&self, tracker: &Tracker, keys: Vec<Bytes>);
-    /// The node's data was flushed (`FLUSHALL`, `FLUSHDB`, a full resync).
+    /// Handles a flush of the node's data (`FLUSHALL`, `FLUSHDB`, a full
+    /// resync).
     fn node_flushed(&self, tracker: &Tracker);
 }
 
@@ -137,8 +141,8 @@ struct Registry {
     /// Nodes of the current topology.
     known: Vec<String>,
     trackers: HashMap<(String, Scope), Arc<Tracker>>,
-    prefixes_wanted: bool,
-    all_wanted: bool,
+    prefixes_enabled: bool,
+    all_enabled: bool,
 }
 
 /// Every tracking connection, started and stopped with the topology.
@@ -154,14 +158,14 @@ pub struct Trackers {
 impl Trackers {
     pub fn new(
         settings: TrackerSettings,
-        prefixes_wanted: bool,
+        prefixes_enabled: bool,
         events: Weak<dyn TrackerEvents>,
     ) -> Trackers {
         Trackers {
             settings,
             events,
             registry: Mutex::new(Registry {
-                prefixes_wanted,
+                prefixes_enabled,
                 ..Registry::default()
             }),
             all_ready: AtomicBool::new(false),
@@ -223,10 +227,10 @@ impl Trackers {
             keep
         });
         for node in nodes {
-            if registry.prefixes_wanted {
+            if registry.prefixes_enabled {
                 self.ensure(&mut registry, node, Scope::Prefixes);
             }
-            if registry.all_wanted {
+            if registry.all_enabled {
                 self.ensure(&mut registry, node, Scope::All);
             }
         }
@@ -235,12 +239,12 @@ impl Trackers {
 
     /// Starts `All` connections on every known node, once a client turned
     /// on tracking.
-    pub fn want_all(&self) {
+    pub fn enable_all_scope(&self) {
         let mut registry = self.registry.lock();
-        if registry.all_wanted {
+        if registry.all_enabled {
             return;
         }
-        registry.all_wanted = true;
+        registry.all_enabled = true;
         for node in registry.known.clone() {
             self.ensure(&mut registry, &node, Scope::All);
         }
@@ -259,7 +263,7 @@ impl Trackers {
     }
 
     fn update_all_ready(&self, registry: &Registry) {
-        let ready = registry.all_wanted
+        let ready = registry.all_enabled
             && !registry.known.is_empty()
             && registry.known.iter().all(|addr| {
                 registry
@@ -397,8 +401,8 @@ enum Invalidation {
 enum Channel {
     /// Invalidations arrive as RESP3 pushes on the tracking connection.
     Resp3(RawConn),
-    /// Invalidations arrive as Pub/Sub messages on `messages`; `tracking`
-    /// holds the `CLIENT TRACKING ... REDIRECT` state and only has to stay
+    /// Invalidations arrive as Pub/Sub messages on `messages`. `tracking`
+    /// carries the `CLIENT TRACKING ... REDIRECT` state and only has to stay
     /// open.
     Resp2 {
         messages: RawConn,
@@ -417,7 +421,7 @@ impl Channel {
                 enable(&mut conn, prefixes, None).await?;
                 Ok(Channel::Resp3(conn))
             }
-            Err(UpstreamError::Handshake { message, .. }) if refuses_resp3(&message) => {
+            Err(UpstreamError::Handshake { message, .. }) if rejects_resp3(&message) => {
                 Channel::open_resp2(addr, settings, prefixes).await
             }
             Err(err) => Err(err.to_string()),
@@ -483,7 +487,7 @@ impl Channel {
 }
 
 /// True when a HELLO 3 rejection means the server has no RESP3.
-fn refuses_resp3(message: &str) -> bool {
+fn rejects_resp3(message: &str) -> bool {
     message.starts_with("NOPROTO") || message.contains("unknown command")
 }
 
