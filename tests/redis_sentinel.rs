@@ -6,7 +6,7 @@ mod redis_support;
 
 use std::time::{Duration, Instant};
 
-use redis_support::{RedisServer, Skiff, Standalone};
+use redis_support::{RedisServer, Skiff};
 
 const NAME: &str = "skiffgroup";
 
@@ -18,39 +18,16 @@ fn sentinel_body(sentinel: &RedisServer, name: &str) -> String {
     )
 }
 
-/// Returns the port of the primary the sentinel reports.
 fn reported_primary_port(sentinel: &RedisServer) -> u16 {
-    let reply = sentinel.cli(&["SENTINEL", "get-master-addr-by-name", NAME]);
-    reply
-        .lines()
-        .nth(1)
-        .and_then(|port| port.trim().parse().ok())
-        .unwrap_or(0)
+    redis_support::reported_primary_port(sentinel, NAME)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_follow_sentinel_failover() {
-    let (servers, sentinel) = tokio::task::spawn_blocking(|| {
-        let servers = Standalone::start();
-        let sentinel = RedisServer::start_sentinel(servers.primary.port, NAME);
-        sentinel.wait_for(
-            || {
-                // Each replica's "flags" field is "slave" alone once the
-                // sentinel is connected to it and considers it up.
-                let replicas = sentinel.cli(&["SENTINEL", "replicas", NAME]);
-                let lines: Vec<&str> = replicas.lines().collect();
-                let healthy = lines
-                    .windows(2)
-                    .filter(|pair| pair[0] == "flags" && pair[1] == "slave")
-                    .count();
-                healthy == 2
-            },
-            "sentinel sees both replicas",
-        );
-        (servers, sentinel)
-    })
-    .await
-    .unwrap();
+    let (servers, sentinel) =
+        tokio::task::spawn_blocking(|| redis_support::start_sentinel_group(NAME))
+            .await
+            .unwrap();
     let skiff = Skiff::start(&sentinel_body(&sentinel, NAME)).await;
     let mut client = skiff.raw().await;
     assert_eq!(client.call(&["SET", "sentinel:a", "1"]).await, "+OK\r\n");

@@ -19,7 +19,7 @@ pub use postgres::{
     AuthType, ClientSslMode, PgAuthConfig, PgConfig, PgDatabase, PoolMode, ServerTlsSettings,
     SslMode,
 };
-pub use redis::{ReadFrom, RedisConfig, RedisMode};
+pub use redis::{CacheRule, ReadFrom, RedisConfig, RedisMode};
 
 /// Failure to load or validate a config file.
 #[derive(Debug, thiserror::Error)]

@@ -106,6 +106,31 @@ pub struct RedisConfig {
     /// place of the node's host, for nodes known by IP address whose
     /// certificates name a host.
     pub tls_server_name: Option<String>,
+    /// Largest size of the near cache, in bytes: cached replies, their keys
+    /// and an estimate of the bookkeeping per entry. Default 64 MiB. Used
+    /// only when `[[redis.cache]]` lists a prefix. In TOML it goes before
+    /// the first `[[redis.cache]]` header.
+    #[serde(default = "default_cache_max_bytes")]
+    pub cache_max_bytes: usize,
+    /// Largest number of replies the near cache holds. Default 100000.
+    #[serde(default = "default_cache_max_entries")]
+    pub cache_max_entries: usize,
+    /// `[[redis.cache]]`: key prefixes whose reads skiff answers from its
+    /// near cache. Empty (the default) turns the near cache off.
+    #[serde(default)]
+    pub cache: Vec<CacheRule>,
+}
+
+/// `[[redis.cache]]`: one key prefix whose reads the near cache serves.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// Key prefix, matched against the raw key bytes; `""` matches every key.
+    pub prefix: String,
+    /// Longest time a cached reply is served before skiff reads the key from
+    /// Redis again, whatever the key's own TTL. Default 60s.
+    #[serde(default = "default_cache_max_ttl", with = "super::duration")]
+    pub max_ttl: Duration,
 }
 
 /// Prints the section with both passwords replaced by `<redacted>`, so a
@@ -135,6 +160,9 @@ impl std::fmt::Debug for RedisConfig {
             .field("tls", &self.tls)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_server_name", &self.tls_server_name)
+            .field("cache_max_bytes", &self.cache_max_bytes)
+            .field("cache_max_entries", &self.cache_max_entries)
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -208,9 +236,30 @@ impl RedisConfig {
             ("max_clients", self.max_clients),
             ("upstream_connections", self.upstream_connections),
             ("max_dedicated_connections", self.max_dedicated_connections),
+            ("cache_max_bytes", self.cache_max_bytes),
+            ("cache_max_entries", self.cache_max_entries),
         ] {
             if value == 0 {
                 return Err(format!("[redis] {name} must be at least 1"));
+            }
+        }
+        self.validate_cache()
+    }
+
+    fn validate_cache(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for rule in &self.cache {
+            if !seen.insert(rule.prefix.as_str()) {
+                return Err(format!(
+                    "[[redis.cache]] prefix {:?} is listed twice",
+                    rule.prefix
+                ));
+            }
+            if rule.max_ttl < Duration::from_millis(1) {
+                return Err(format!(
+                    "[[redis.cache]] prefix {:?}: max_ttl must be at least 1ms",
+                    rule.prefix
+                ));
             }
         }
         Ok(())
@@ -250,6 +299,15 @@ fn default_refresh_interval() -> Duration {
 fn default_max_redirects() -> usize {
     5
 }
+fn default_cache_max_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_cache_max_entries() -> usize {
+    100_000
+}
+fn default_cache_max_ttl() -> Duration {
+    Duration::from_secs(60)
+}
 
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
@@ -277,6 +335,36 @@ mod tests {
         let text = "[redis]\nnodes = [\"127.0.0.1\"]\n";
         let err = Config::parse(text).unwrap_err().to_string();
         assert!(err.contains("invalid address \"127.0.0.1\""), "{err}");
+    }
+
+    #[test]
+    fn cache_rules_and_limits() {
+        let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\ncache_max_bytes = 1048576\n\
+                    [[redis.cache]]\nprefix = \"plugin:\"\nmax_ttl = \"5s\"\n\
+                    [[redis.cache]]\nprefix = \"session:\"\n";
+        let config = Config::parse(text).unwrap().redis.unwrap();
+        assert_eq!(config.cache_max_bytes, 1024 * 1024);
+        assert_eq!(config.cache_max_entries, 100_000);
+        assert_eq!(config.cache.len(), 2);
+        assert_eq!(config.cache[0].prefix, "plugin:");
+        assert_eq!(config.cache[0].max_ttl, std::time::Duration::from_secs(5));
+        assert_eq!(config.cache[1].max_ttl, std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn duplicate_cache_prefix_is_rejected() {
+        let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\n\
+                    [[redis.cache]]\nprefix = \"a:\"\n[[redis.cache]]\nprefix = \"a:\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("prefix \"a:\" is listed twice"), "{err}");
+    }
+
+    #[test]
+    fn zero_max_ttl_is_rejected() {
+        let text = "[redis]\nnodes = [\"127.0.0.1:7000\"]\n\
+                    [[redis.cache]]\nprefix = \"a:\"\nmax_ttl = \"0s\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("max_ttl must be at least 1ms"), "{err}");
     }
 
     #[test]

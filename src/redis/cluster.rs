@@ -10,6 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::cache::Cache;
 use super::command::CommandTable;
 use super::fanout;
 use super::frame::{encode_command, error_text, Request};
@@ -35,15 +36,18 @@ pub struct Cluster {
     map: RwLock<Arc<ClusterMap>>,
     refresh: Notify,
     last_refresh: Mutex<Option<Instant>>,
+    /// Told of every slot map change, to drop cached replies of moved slots.
+    cache: Arc<Cache>,
 }
 
 impl Cluster {
-    pub fn new(seeds: Vec<String>) -> Cluster {
+    pub fn new(seeds: Vec<String>, cache: Arc<Cache>) -> Cluster {
         Cluster {
             map: RwLock::new(Arc::new(ClusterMap::empty())),
             seeds,
             refresh: Notify::new(),
             last_refresh: Mutex::new(None),
+            cache,
         }
     }
 
@@ -76,8 +80,12 @@ impl Cluster {
     }
 
     fn apply_moved(&self, slot: u16, addr: &str) {
-        let mut map = self.map.write();
-        *map = Arc::new(map.with_moved(slot, addr));
+        let moved = {
+            let mut map = self.map.write();
+            *map = Arc::new(map.with_moved(slot, addr));
+            map.clone()
+        };
+        self.cache.slot_moved(slot, &moved);
     }
 
     /// Reloads the slot map from the known nodes, then the seeds.
@@ -86,9 +94,10 @@ impl Cluster {
         let mut candidates = self.map().nodes();
         candidates.extend(self.seeds.iter().cloned());
         candidates.dedup();
-        let map = topology::discover(&candidates, settings).await?;
+        let map = Arc::new(topology::discover(&candidates, settings).await?);
         metrics::counter!("skiff_redis_topology_refreshes_total").increment(1);
-        *self.map.write() = Arc::new(map);
+        let old = std::mem::replace(&mut *self.map.write(), map.clone());
+        self.cache.cluster_map_changed(&old, &map);
         Ok(())
     }
 }
@@ -135,7 +144,7 @@ pub async fn refresh_loop(
 }
 
 /// Picks the node for `slot` by the read policy.
-fn pick_node(
+pub(super) fn pick_node(
     router: &Router,
     map: &ClusterMap,
     slot: u16,

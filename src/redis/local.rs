@@ -4,10 +4,11 @@
 
 use bytes::{Bytes, BytesMut};
 
+use super::cache::ClientTracking;
 use super::frame::{Protocol, Request};
 use super::pool::ConnKey;
 use super::reply;
-use super::session::{Flow, Session};
+use super::session::{Flow, Outgoing, Session};
 use super::upstream::UpstreamError;
 
 impl Session {
@@ -27,6 +28,9 @@ impl Session {
                 return Some(Flow::Close);
             }
             "SELECT" => self.select(args).await,
+            "CLIENT" if request.arg_upper(1).as_deref() == Some("TRACKING") => {
+                return Some(self.client_tracking(request).await);
+            }
             "CLIENT" => self.client(request),
             "RESET" => self.reset(),
             "READONLY" | "READWRITE" | "ASKING" => reply::ok(),
@@ -98,6 +102,10 @@ impl Session {
             self.name = (!name.is_empty()).then_some(name);
         }
         self.ctx.protocol = hello.protocol;
+        if hello.protocol == Protocol::Resp2 {
+            // RESP2 has no push frames to carry invalidations.
+            self.stop_tracking();
+        }
         self.hello_reply()
     }
 
@@ -193,6 +201,12 @@ impl Session {
                 )),
             },
             ("INFO", 2) => reply::bulk(self.client_info().as_bytes()),
+            ("TRACKINGINFO", 2) => self.tracking_info(),
+            ("GETREDIR", 2) => reply::integer(if self.tracking.is_some() { 0 } else { -1 }),
+            ("CACHING", 3) => reply::error(
+                "ERR CLIENT CACHING can be called only when the client is in tracking mode \
+                 with OPTIN or OPTOUT mode enabled",
+            ),
             ("LIST", 2) => reply::bulk(self.client_info().as_bytes()),
             ("NO-EVICT", 3) | ("NO-TOUCH", 3) => reply::ok(),
             _ => reply::error(&format!(
@@ -219,8 +233,76 @@ impl Session {
         )
     }
 
+    /// Handles `CLIENT TRACKING ON|OFF [NOLOOP]`. Tracking is offered in
+    /// its default mode over RESP3, which is what client-side caches such
+    /// as redis-py's use; the other options are rejected.
+    async fn client_tracking(&mut self, request: &Request) -> Flow {
+        let args = &request.args;
+        let Some(mode) = request.arg_upper(2) else {
+            return self
+                .reply(reply::error(&reply::wrong_arity("client|tracking")))
+                .await;
+        };
+        for index in 3..args.len() {
+            match request.arg_upper(index).as_deref() {
+                // Skipping invalidations of the client's own writes is an
+                // optimisation; sending them as well is still correct.
+                Some("NOLOOP") => {}
+                Some(option @ ("REDIRECT" | "BCAST" | "PREFIX" | "OPTIN" | "OPTOUT")) => {
+                    let text = format!(
+                        "ERR CLIENT TRACKING {option} is not supported through skiff; \
+                         use CLIENT TRACKING ON over RESP3"
+                    );
+                    return self.reply(reply::error(&text)).await;
+                }
+                _ => return self.reply(reply::error(reply::SYNTAX)).await,
+            }
+        }
+        match mode.as_str() {
+            "ON" if self.ctx.protocol == Protocol::Resp2 => {
+                let text = "ERR CLIENT TRACKING through skiff needs RESP3: send HELLO 3 first, \
+                            because skiff delivers invalidations as push messages";
+                self.reply(reply::error(text)).await
+            }
+            "ON" => {
+                if self.tracking.is_none() {
+                    let tracking = ClientTracking::new(self.ctx.client_id);
+                    if self.send(Outgoing::Track(tracking.clone())).await == Flow::Close {
+                        return Flow::Close;
+                    }
+                    self.router.cache.track_client(tracking.clone());
+                    self.tracking = Some(tracking);
+                }
+                self.reply(reply::ok()).await
+            }
+            "OFF" => {
+                self.stop_tracking();
+                self.reply(reply::ok()).await
+            }
+            _ => self.reply(reply::error(reply::SYNTAX)).await,
+        }
+    }
+
+    fn tracking_info(&self) -> Bytes {
+        let protocol = self.ctx.protocol;
+        let (flag, redirect) = match self.tracking {
+            Some(_) => ("on", 0),
+            None => ("off", -1),
+        };
+        let mut out = BytesMut::new();
+        reply::put_map_header(&mut out, protocol, 3);
+        out.extend_from_slice(&reply::bulk(b"flags"));
+        out.extend_from_slice(&reply::array(&[reply::bulk(flag.as_bytes())]));
+        out.extend_from_slice(&reply::bulk(b"redirect"));
+        out.extend_from_slice(&reply::integer(redirect));
+        out.extend_from_slice(&reply::bulk(b"prefixes"));
+        out.extend_from_slice(&reply::array(&[]));
+        out.freeze()
+    }
+
     /// Returns the session to its state right after connecting.
     pub(super) fn reset(&mut self) -> Bytes {
+        self.stop_tracking();
         self.transaction = None;
         self.name = None;
         self.ctx.db = 0;

@@ -3,6 +3,7 @@
 //! and its replicas or to the nodes of a Redis Cluster.
 
 mod builtin;
+mod cache;
 mod cluster;
 pub mod command;
 mod fanout;
@@ -122,6 +123,7 @@ impl RedisRouter {
     /// waits for sessions to finish.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         self.load_upstream_state().await;
+        self.router.cache.set_topology(&self.router.known_nodes());
         let settings = self.discovery_settings();
         let router = self.router.clone();
         let refresh = match self.router.config().mode {
@@ -183,6 +185,7 @@ impl RedisRouter {
         if let Some(refresh) = refresh {
             refresh.abort();
         }
+        self.router.cache.stop();
     }
 }
 
@@ -231,6 +234,10 @@ impl Component for RedisRouter {
             let nodes = self.router.nodes();
             status["primary"] = nodes.primary.clone().into();
             status["replicas"] = nodes.replicas.clone().into();
+        }
+        let cache = self.router.cache.status();
+        if !cache.is_null() {
+            status["cache"] = cache;
         }
         status
     }

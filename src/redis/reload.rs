@@ -63,6 +63,18 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
         "topology_refresh_interval",
         current.topology_refresh_interval != new.topology_refresh_interval,
     );
+    note(
+        "near cache ([[redis.cache]], cache_max_bytes, cache_max_entries)",
+        current.cache != new.cache
+            || current.cache_max_bytes != new.cache_max_bytes
+            || current.cache_max_entries != new.cache_max_entries,
+    );
+    note(
+        "tls, tls_ca_file and tls_server_name",
+        current.tls != new.tls
+            || current.tls_ca_file != new.tls_ca_file
+            || current.tls_server_name != new.tls_server_name,
+    );
     let standalone = current.mode == RedisMode::Standalone && new.mode == RedisMode::Standalone;
     note("nodes", !standalone && current.nodes != new.nodes);
 
@@ -79,5 +91,11 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     applied.max_clients = current.max_clients;
     applied.topology_refresh_interval = current.topology_refresh_interval;
     applied.nodes = current.nodes.clone();
+    applied.cache = current.cache.clone();
+    applied.cache_max_bytes = current.cache_max_bytes;
+    applied.cache_max_entries = current.cache_max_entries;
+    applied.tls = current.tls;
+    applied.tls_ca_file = current.tls_ca_file.clone();
+    applied.tls_server_name = current.tls_server_name.clone();
     (applied, notes)
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::RwLock;
 
+use super::cache::{self, Cache};
 use super::cluster::{self, Cluster};
 use super::command::CommandTable;
 use super::frame::{error_text, Protocol, Request};
@@ -87,6 +88,8 @@ pub struct Router {
     pub pool: Pool,
     commands: RwLock<Arc<CommandTable>>,
     pub(super) cluster: Option<Cluster>,
+    /// Near cache and `CLIENT TRACKING` support.
+    pub(super) cache: Arc<Cache>,
     nodes: RwLock<Arc<Nodes>>,
     /// Wakes sentinel discovery after a failure that may mean a failover.
     pub(super) sentinel_refresh: tokio::sync::Notify,
@@ -133,12 +136,14 @@ impl Router {
             max_reply_bytes: config.max_reply_bytes,
             tls,
         });
-        let cluster = cluster_mode.then(|| Cluster::new(config.nodes.clone()));
+        let cache = Cache::new(&config, pool.tls());
+        let cluster = cluster_mode.then(|| Cluster::new(config.nodes.clone(), cache.clone()));
         Ok(Router {
             config: ArcSwap::from_pointee(config),
             pool,
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
             cluster,
+            cache,
             nodes: RwLock::new(Arc::new(nodes)),
             sentinel_refresh: tokio::sync::Notify::new(),
             next_client_id: AtomicU64::new(1),
@@ -167,13 +172,28 @@ impl Router {
         self.nodes.read().clone()
     }
 
+    /// Returns every upstream node of the current topology.
+    pub fn known_nodes(&self) -> Vec<String> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.map().nodes();
+        }
+        let nodes = self.nodes();
+        let mut all = vec![nodes.primary.clone()];
+        all.extend(nodes.replicas.iter().cloned());
+        all.retain(|addr| !addr.is_empty());
+        all
+    }
+
     /// Replaces the primary and replicas after sentinel discovery.
     pub fn set_nodes(&self, nodes: Nodes) {
         let mut current = self.nodes.write();
         if **current != nodes {
             tracing::info!(primary = %nodes.primary, replicas = ?nodes.replicas,
                 "redis primary and replicas updated");
-            *current = Arc::new(nodes);
+            let new = Arc::new(nodes);
+            let old = std::mem::replace(&mut *current, new.clone());
+            drop(current);
+            self.cache.nodes_changed(&old, &new);
         }
     }
 
@@ -189,17 +209,47 @@ impl Router {
         Ok(nodes.primary.clone())
     }
 
-    /// Sends `request` towards its node and returns the pending reply.
+    /// Sends `request` towards its node, or answers it from the near
+    /// cache, and returns the pending reply.
     pub async fn submit(
         self: &Arc<Self>,
         request: Request,
         name: &str,
         ctx: SessionCtx,
     ) -> Pending {
+        if self.cache.is_enabled() {
+            if let Some(kind) = cache::classify(name, request.args.len()) {
+                return cache::read(self, request, name, kind, ctx).await;
+            }
+        }
         let table = self.commands();
         let readonly = table.is_readonly(name, &request);
+        if !readonly && self.cache.watches_writes() {
+            if let Some(invalidation) = self.cache.before_write(name, &request, &table) {
+                let pending = self.route_with(request, name, ctx, &table, readonly).await;
+                return invalidation.after(pending, self.clone());
+            }
+        }
+        self.route_with(request, name, ctx, &table, readonly).await
+    }
+
+    /// Sends `request` towards its node, bypassing the near cache.
+    pub async fn route(self: &Arc<Self>, request: Request, name: &str, ctx: SessionCtx) -> Pending {
+        let table = self.commands();
+        let readonly = table.is_readonly(name, &request);
+        self.route_with(request, name, ctx, &table, readonly).await
+    }
+
+    async fn route_with(
+        self: &Arc<Self>,
+        request: Request,
+        name: &str,
+        ctx: SessionCtx,
+        table: &CommandTable,
+        readonly: bool,
+    ) -> Pending {
         if self.cluster.is_some() {
-            return cluster::submit(self, request, name, ctx, &table, readonly).await;
+            return cluster::submit(self, request, name, ctx, table, readonly).await;
         }
         let targets = match self.standalone_targets(readonly, ctx.client_id) {
             Ok(targets) => targets,
@@ -228,6 +278,24 @@ impl Router {
             role,
             started: Instant::now(),
             retry: None,
+        }
+    }
+
+    /// Returns the node a read of `key` goes to by the read policy, its
+    /// role, and the key's slot (0 outside cluster mode).
+    pub(super) fn read_target(&self, key: &[u8], ctx: SessionCtx) -> Option<(String, Role, u16)> {
+        match &self.cluster {
+            Some(cluster) => {
+                let slot = super::slot::key_slot(key);
+                let map = cluster.map();
+                let (addr, role) = cluster::pick_node(self, &map, slot, true, ctx.client_id)?;
+                Some((addr, role, slot))
+            }
+            None => {
+                let targets = self.standalone_targets(true, ctx.client_id).ok()?;
+                let (addr, role) = targets.into_iter().next()?;
+                Some((addr, role, 0))
+            }
         }
     }
 
@@ -286,25 +354,37 @@ impl Router {
         request: &Request,
         ctx: SessionCtx,
     ) -> Result<ReplyReceiver, UpstreamError> {
+        let receivers = self.send_batch(addr, request.raw.clone(), 1, ctx).await?;
+        Ok(receivers
+            .into_iter()
+            .next()
+            .expect("one receiver per request"))
+    }
+
+    /// Writes `count` requests encoded back to back in `bytes` on the
+    /// client's shared connection to `addr`, in one write.
+    pub(super) async fn send_batch(
+        &self,
+        addr: &str,
+        bytes: Bytes,
+        count: usize,
+        ctx: SessionCtx,
+    ) -> Result<Vec<ReplyReceiver>, UpstreamError> {
         let key = ConnKey {
             addr: addr.to_string(),
             protocol: ctx.protocol,
             db: ctx.db,
         };
         let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
-        let receivers = match conn.send(request.raw.clone(), 1).await {
+        match conn.send(bytes.clone(), count).await {
             // The connection died since the pool handed it out: the pool
             // replaces it, and nothing was written, so one retry is safe.
             Err(UpstreamError::NotSent { .. }) => {
                 let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
-                conn.send(request.raw.clone(), 1).await?
+                conn.send(bytes, count).await
             }
-            result => result?,
-        };
-        Ok(receivers
-            .into_iter()
-            .next()
-            .expect("one receiver per request"))
+            result => result,
+        }
     }
 
     /// Waits for the reply of `in_flight`, following cluster redirects.

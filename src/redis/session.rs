@@ -2,6 +2,7 @@
 //! replies back in request order through a bounded queue.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -11,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::cache::ClientTracking;
 use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
 use super::reply;
@@ -19,6 +21,9 @@ use super::transaction::Transaction;
 
 /// Bytes gathered before the writer flushes to the client.
 const MAX_WRITE_BYTES: usize = 64 * 1024;
+/// Bytes of ready replies a session gathers before queueing them for its
+/// writer as one item.
+const MAX_BATCH_BYTES: usize = 16 * 1024;
 /// Read buffer space for an idle client; kept small because thousands of
 /// idle clients each hold one.
 const IDLE_READ_BYTES: usize = 4 * 1024;
@@ -29,6 +34,9 @@ const MIN_READ_BYTES: usize = 16 * 1024;
 /// An item for the session's writer, queued in request order.
 pub enum Outgoing {
     Reply(Pending),
+    /// From here on, count replies and interleave the client's
+    /// invalidation pushes (`CLIENT TRACKING ON`).
+    Track(Arc<ClientTracking>),
     /// Fired once every earlier reply has been written.
     Barrier(oneshot::Sender<()>),
     /// Flush and close the connection.
@@ -54,15 +62,29 @@ impl ClientReader {
     /// bytes read before cancellation stay buffered.
     pub async fn next(&mut self) -> Result<Option<Request>, FrameError> {
         loop {
-            if let Some(request) = parse_request(&mut self.buf, self.max_request_bytes)? {
+            if let Some(request) = self.parse_buffered()? {
                 return Ok(Some(request));
             }
-            self.reserve();
-            match self.half.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Ok(None),
-                Ok(_) => {}
+            if !self.read_more().await {
+                return Ok(None);
             }
         }
+    }
+
+    /// Returns the next request already buffered, without reading.
+    fn parse_buffered(&mut self) -> Result<Option<Request>, FrameError> {
+        parse_request(&mut self.buf, self.max_request_bytes)
+    }
+
+    /// Reads more bytes; false at end of stream. Cancel-safe.
+    async fn read_more(&mut self) -> bool {
+        self.reserve();
+        matches!(self.half.read_buf(&mut self.buf).await, Ok(read) if read > 0)
+    }
+
+    /// True when bytes of a further request are buffered.
+    fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
     }
 
     fn reserve(&mut self) {
@@ -105,6 +127,17 @@ pub struct Session {
     pub(super) reader: ClientReader,
     pub(super) queue: mpsc::Sender<Outgoing>,
     pub(super) transaction: Option<Transaction>,
+    /// Ready replies not yet queued for the writer. While the client has
+    /// more requests buffered, their replies are gathered here and queued
+    /// as one item, which saves a queue handoff and often a write per
+    /// request for pipelining clients.
+    batch: parking_lot::Mutex<BytesMut>,
+    /// True while replies may be gathered: set for each request the read
+    /// loop handles, cleared by [`Session::drain`] before a pinned
+    /// connection relays replies outside the read loop.
+    batching: std::sync::atomic::AtomicBool,
+    /// Set while the client has `CLIENT TRACKING` on.
+    pub(super) tracking: Option<Arc<ClientTracking>>,
     /// Cancelled when skiff shuts down; blocked and subscribed sessions end.
     pub(super) shutdown: CancellationToken,
 }
@@ -137,10 +170,15 @@ pub async fn run(
         },
         queue,
         transaction: None,
+        batch: parking_lot::Mutex::new(BytesMut::new()),
+        batching: std::sync::atomic::AtomicBool::new(false),
+        tracking: None,
         shutdown,
         router,
     };
     session.read_loop().await;
+    session.stop_tracking();
+    session.flush_batch().await;
     let _ = session.queue.send(Outgoing::Close).await;
     drop(session);
     let _ = writer.await;
@@ -149,13 +187,23 @@ pub async fn run(
 impl Session {
     async fn read_loop(&mut self) {
         loop {
-            let next = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                next = self.reader.next() => next,
-            };
-            let request = match next {
+            let request = match self.reader.parse_buffered() {
                 Ok(Some(request)) => request,
-                Ok(None) => return,
+                Ok(None) => {
+                    // Nothing more buffered: what was gathered goes out
+                    // before waiting for the client.
+                    if self.flush_batch().await == Flow::Close {
+                        return;
+                    }
+                    let more = tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        more = self.reader.read_more() => more,
+                    };
+                    if !more {
+                        return;
+                    }
+                    continue;
+                }
                 Err(err) => {
                     tracing::debug!(client.addr = %self.peer, error = %err, "invalid request");
                     let text = match err {
@@ -168,6 +216,7 @@ impl Session {
                     return;
                 }
             };
+            self.batching.store(true, Ordering::Relaxed);
             if self.handle(request).await == Flow::Close {
                 return;
             }
@@ -176,6 +225,9 @@ impl Session {
 
     pub(super) async fn handle(&mut self, request: Request) -> Flow {
         let name = request.name();
+        if let Some(tracking) = &self.tracking {
+            tracking.begin_request();
+        }
         if self.transaction.is_some() {
             return self.handle_in_transaction(request, &name).await;
         }
@@ -196,6 +248,7 @@ impl Session {
             Pinning::Subscribe => self.run_subscribed(request, &name).await,
             Pinning::Transaction => self.start_transaction(request, &name).await,
             Pinning::None => {
+                self.note_reads(&request, &name);
                 let pending = self.router.submit(request, &name, self.ctx).await;
                 self.send(Outgoing::Reply(pending)).await
             }
@@ -207,17 +260,95 @@ impl Session {
         self.send(Outgoing::Reply(Pending::Ready(bytes))).await
     }
 
-    async fn send(&self, item: Outgoing) -> Flow {
+    pub(super) async fn send(&self, item: Outgoing) -> Flow {
+        if let Outgoing::Reply(Pending::Ready(bytes)) = &item {
+            if self.gather(bytes) {
+                return Flow::Continue;
+            }
+        }
+        if self.flush_batch().await == Flow::Close {
+            return Flow::Close;
+        }
+        let is_reply = matches!(item, Outgoing::Reply(_));
         match self.queue.send(item).await {
-            Ok(()) => Flow::Continue,
+            Ok(()) => {
+                if let (true, Some(tracking)) = (is_reply, &self.tracking) {
+                    tracking.reply_queued();
+                }
+                Flow::Continue
+            }
             // The writer stopped: the client is gone.
             Err(_) => Flow::Close,
+        }
+    }
+
+    /// Adds a ready reply to the batch when the client has more requests
+    /// buffered; false when it must be queued now.
+    fn gather(&self, reply: &Bytes) -> bool {
+        let allowed = self.batching.load(Ordering::Relaxed)
+            && self.tracking.is_none()
+            && self.reader.has_buffered();
+        if !allowed {
+            return false;
+        }
+        let mut batch = self.batch.lock();
+        if batch.len() + reply.len() > MAX_BATCH_BYTES {
+            return false;
+        }
+        batch.extend_from_slice(reply);
+        true
+    }
+
+    /// Queues the gathered replies for the writer.
+    pub(super) async fn flush_batch(&self) -> Flow {
+        let batch = {
+            let mut batch = self.batch.lock();
+            if batch.is_empty() {
+                return Flow::Continue;
+            }
+            batch.split().freeze()
+        };
+        match self
+            .queue
+            .send(Outgoing::Reply(Pending::Ready(batch)))
+            .await
+        {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+
+    /// Records the keys of a read for a client with tracking on.
+    pub(super) fn note_reads(&self, request: &Request, name: &str) {
+        let Some(tracking) = &self.tracking else {
+            return;
+        };
+        let table = self.router.commands();
+        if !table.is_readonly(name, request) {
+            return;
+        }
+        let keys: Vec<Bytes> = table
+            .key_positions(name, request)
+            .into_iter()
+            .filter_map(|position| request.args.get(position))
+            .map(|key| Bytes::copy_from_slice(key))
+            .collect();
+        if !keys.is_empty() {
+            self.router.cache.client_reads(tracking.id, keys);
+        }
+    }
+
+    /// Turns `CLIENT TRACKING` off, if it was on.
+    pub(super) fn stop_tracking(&mut self) {
+        if let Some(tracking) = self.tracking.take() {
+            self.router.cache.untrack_client(tracking.id);
         }
     }
 
     /// Waits until every earlier reply has been written, so every earlier
     /// request has run before a pinned connection takes over.
     pub(super) async fn drain(&self) -> Flow {
+        self.batching.store(false, Ordering::Relaxed);
         let (done, written) = oneshot::channel();
         if self.send(Outgoing::Barrier(done)).await == Flow::Close {
             return Flow::Close;
@@ -235,18 +366,53 @@ async fn write_replies(
     router: Arc<Router>,
 ) {
     let mut out = BytesMut::new();
-    while let Some(item) = replies.recv().await {
+    // Set once the client turns on tracking; `written` counts the replies
+    // written since, to place its invalidation pushes.
+    let mut tracking: Option<Arc<ClientTracking>> = None;
+    let mut written: u64 = 0;
+    loop {
+        let item = match &tracking {
+            None => replies.recv().await,
+            Some(pushes) => tokio::select! {
+                biased;
+                item = replies.recv() => item,
+                _ = pushes.notified() => {
+                    pushes.take_due(written, &mut out);
+                    if replies.is_empty() && !out.is_empty() {
+                        if writer.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(item) = item else {
+            break;
+        };
         match item {
             Outgoing::Reply(pending) => {
                 let bytes = pending.resolve(&router).await;
-                if out.is_empty() && bytes.len() >= MAX_WRITE_BYTES {
-                    // A large reply goes out as it is, without a copy.
+                let alone = bytes.len() >= MAX_WRITE_BYTES || replies.is_empty();
+                if out.is_empty() && alone && tracking.is_none() {
+                    // A large reply, or one with nothing queued behind it,
+                    // goes out as it is, without a copy.
                     if writer.write_all(&bytes).await.is_err() {
                         return;
                     }
                     continue;
                 }
                 out.extend_from_slice(&bytes);
+                if let Some(pushes) = &tracking {
+                    written += 1;
+                    pushes.take_due(written, &mut out);
+                }
+            }
+            Outgoing::Track(pushes) => {
+                tracking = Some(pushes);
+                written = 0;
+                continue;
             }
             Outgoing::Barrier(done) => {
                 if writer.write_all(&out).await.is_err() {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::cache::Invalidation;
 use super::frame::{encode_command, error_text, Request};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
@@ -25,9 +26,46 @@ pub struct Transaction {
     in_multi: bool,
     /// Keyless commands queued before the node was known.
     deferred: Vec<Request>,
+    /// Keys written by the commands queued since MULTI, invalidated again
+    /// once EXEC returns.
+    written: Option<Invalidation>,
+}
+
+impl Transaction {
+    fn remember(&mut self, invalidation: Option<Invalidation>) {
+        let Some(invalidation) = invalidation else {
+            return;
+        };
+        match &mut self.written {
+            Some(written) => written.merge(invalidation),
+            None => self.written = Some(invalidation),
+        }
+    }
 }
 
 impl Session {
+    /// Invalidates the keys the write `request` touches before it is sent
+    /// on a pinned connection; the result is applied again after its reply.
+    fn write_invalidation(&self, request: &Request, name: &str) -> Option<Invalidation> {
+        let cache = &self.router.cache;
+        if !cache.watches_writes()
+            || matches!(name, "WATCH" | "UNWATCH" | "MULTI" | "EXEC" | "DISCARD")
+        {
+            return None;
+        }
+        let table = self.router.commands();
+        if table.is_readonly(name, request) {
+            return None;
+        }
+        cache.before_write(name, request, &table)
+    }
+
+    fn apply_invalidation(&self, invalidation: Option<Invalidation>) {
+        if let Some(invalidation) = invalidation {
+            self.router.cache.after_write(&invalidation);
+        }
+    }
+
     /// Returns the primary that serves every key of `request`, or the error
     /// reply for the client.
     pub(super) fn pinned_target(&self, request: &Request, name: &str) -> Result<String, Bytes> {
@@ -82,10 +120,18 @@ impl Session {
         if self.drain().await == Flow::Close {
             return Flow::Close;
         }
-        let mut target = match self.pinned_target(&request, name) {
+        let target = match self.pinned_target(&request, name) {
             Ok(addr) => addr,
             Err(error) => return self.reply(error).await,
         };
+        let invalidation = self.write_invalidation(&request, name);
+        self.note_reads(&request, name);
+        let flow = self.run_blocking_on(request, target).await;
+        self.apply_invalidation(invalidation);
+        flow
+    }
+
+    async fn run_blocking_on(&mut self, request: Request, mut target: String) -> Flow {
         let mut asking = false;
         for _ in 0..=self.router.config().max_redirects {
             let mut dedicated = match self.checkout(target).await {
@@ -165,6 +211,7 @@ impl Session {
                 conn: None,
                 in_multi: true,
                 deferred: Vec::new(),
+                written: None,
             });
             return self.reply(reply::ok()).await;
         }
@@ -179,6 +226,7 @@ impl Session {
                 conn: Some(conn),
                 in_multi: name == "MULTI",
                 deferred: Vec::new(),
+                written: None,
             });
         }
         let reply = self.unroutable_redirect(reply);
@@ -250,6 +298,8 @@ impl Session {
     /// Sends a request on the transaction's connection and ends the
     /// transaction after EXEC, DISCARD or UNWATCH.
     async fn forward_pinned(&mut self, request: Request, name: &str) -> Flow {
+        let invalidation = self.write_invalidation(&request, name);
+        self.note_reads(&request, name);
         let transaction = self.transaction.as_mut().expect("transaction in progress");
         let in_multi = transaction.in_multi;
         let conn = transaction.conn.as_mut().expect("pinned connection");
@@ -258,11 +308,25 @@ impl Session {
         let reply = match result {
             Ok(reply) => reply,
             Err(err) => {
-                self.transaction = None;
+                // EXEC may have run before the connection failed.
+                let written = self.transaction.take().and_then(|t| t.written);
+                self.apply_invalidation(written);
+                self.apply_invalidation(invalidation);
                 return self.reply(reply::error(&format!("ERR {err}"))).await;
             }
         };
         record_command(Role::Primary, &reply, started);
+        if in_multi && !matches!(name, "EXEC" | "DISCARD") {
+            // Queued: it runs at EXEC.
+            transaction.remember(invalidation);
+        } else {
+            self.apply_invalidation(invalidation);
+        }
+        if in_multi && name == "EXEC" {
+            let written = self.transaction.as_mut().and_then(|t| t.written.take());
+            self.apply_invalidation(written);
+        }
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
 
         let failed = error_text(&reply).is_some();
         let finished = match name {
@@ -289,7 +353,9 @@ impl Session {
 
     /// Cluster MULTI before any key has named the node.
     async fn handle_deferred(&mut self, request: Request, name: &str) -> Flow {
+        let invalidation = self.write_invalidation(&request, name);
         let transaction = self.transaction.as_mut().expect("transaction in progress");
+        transaction.remember(invalidation);
         match name {
             "MULTI" => {
                 return self
@@ -330,7 +396,8 @@ impl Session {
             Ok((conn, reply)) => {
                 let finished = name == "EXEC";
                 if finished {
-                    self.transaction = None;
+                    let written = self.transaction.take().and_then(|t| t.written);
+                    self.apply_invalidation(written);
                     self.router.pool.checkin(conn);
                 } else if let Some(transaction) = self.transaction.as_mut() {
                     transaction.conn = Some(conn);
@@ -339,7 +406,8 @@ impl Session {
                 self.reply(reply).await
             }
             Err(error) => {
-                self.transaction = None;
+                let written = self.transaction.take().and_then(|t| t.written);
+                self.apply_invalidation(written);
                 self.reply(error).await
             }
         }

@@ -219,6 +219,38 @@ impl Standalone {
     }
 }
 
+/// Starts a primary with two replicas and a sentinel that monitors them as
+/// one group, and returns once the sentinel reports both replicas healthy.
+pub fn start_sentinel_group(name: &str) -> (Standalone, RedisServer) {
+    let servers = Standalone::start();
+    let sentinel = RedisServer::start_sentinel(servers.primary.port, name);
+    sentinel.wait_for(
+        || {
+            // Each replica's "flags" field is "slave" alone once the
+            // sentinel is connected to it and considers it up.
+            let replicas = sentinel.cli(&["SENTINEL", "replicas", name]);
+            let lines: Vec<&str> = replicas.lines().collect();
+            let healthy = lines
+                .windows(2)
+                .filter(|pair| pair[0] == "flags" && pair[1] == "slave")
+                .count();
+            healthy == 2
+        },
+        "sentinel sees both replicas",
+    );
+    (servers, sentinel)
+}
+
+/// Returns the port of the primary the sentinel reports for `name`, or 0.
+pub fn reported_primary_port(sentinel: &RedisServer, name: &str) -> u16 {
+    let reply = sentinel.cli(&["SENTINEL", "get-master-addr-by-name", name]);
+    reply
+        .lines()
+        .nth(1)
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A cluster of three primaries with one replica each.
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,
@@ -381,6 +413,7 @@ fn toml_list(items: &[String]) -> String {
 /// skiff's Redis router running on the current tokio runtime.
 pub struct Skiff {
     pub addr: SocketAddr,
+    pub router: std::sync::Arc<RedisRouter>,
     shutdown: CancellationToken,
 }
 
@@ -394,8 +427,17 @@ impl Skiff {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(router.serve(listener, shutdown.clone()));
-        Skiff { addr, shutdown }
+        tokio::spawn(router.clone().serve(listener, shutdown.clone()));
+        Skiff {
+            addr,
+            router,
+            shutdown,
+        }
+    }
+
+    /// Returns the router's `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        skiff::admin::Component::status(self.router.as_ref())
     }
 
     pub fn url(&self, protocol: Protocol) -> String {
