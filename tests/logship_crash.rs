@@ -56,15 +56,15 @@ async fn wait_for_listener(addr: SocketAddr) {
     }
 }
 
-fn spooled_batches(dir: &std::path::Path) -> usize {
+/// Spool files holding batches: segments, and batch files of the older
+/// one-file-per-batch format.
+fn spool_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()
         .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".batch")
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".seg") || name.ends_with(".batch")
         })
         .count()
 }
@@ -106,7 +106,7 @@ async fn spool_survives_sigkill() {
         let response = put_logs(&request, &log_group(&format!("r{round}"), 4)).await;
         assert_eq!(response.status(), 200, "{:?}", response.text().await);
     }
-    assert!(spooled_batches(&spool) >= 1);
+    assert!(spool_files(&spool) >= 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     // Kill only after skiff has had a request fail and logged its retry.
     while !std::fs::read_to_string(&log).unwrap().contains("retrying") {
@@ -133,7 +133,7 @@ async fn spool_survives_sigkill() {
     assert_eq!(ids.len(), 20, "every acknowledged record arrives: {ids:?}");
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    while spooled_batches(&spool) > 0 {
+    while spool_files(&spool) > 0 {
         assert!(
             Instant::now() < deadline,
             "spool not emptied after delivery"
