@@ -1,6 +1,8 @@
+use super::legacy::LEGACY_MAGIC;
 use super::*;
 use crate::logship::proto::{encode_log_field, Log, LogGroup, LogTag};
 use prost::Message;
+use std::fs::OpenOptions;
 
 fn open(dir: &Path, max_bytes: u64) -> Arc<Spool> {
     Arc::new(Spool::open(dir, max_bytes).unwrap())
