@@ -58,7 +58,8 @@ fn main() {
         .build()
         .expect("tokio runtime");
     // `cargo bench` passes `--bench`; any other argument names the phases
-    // to run (capture, ingest, outage), for profiling one of them.
+    // to run (capture, capture-100, capture-1, ingest, outage), for
+    // profiling one of them.
     let selected: Vec<String> = std::env::args()
         .skip(1)
         .filter(|arg| !arg.starts_with("--"))
@@ -67,8 +68,10 @@ fn main() {
     let sampler = RssSampler::start();
     let mock = LeanMock::start();
     let mut rows = Vec::new();
-    if runs("capture") {
-        for (submitters, per_submit) in CAPTURE_RUNS {
+    for (submitters, per_submit) in CAPTURE_RUNS {
+        // `capture` runs both shapes; `capture-1` or `capture-100` one of
+        // them, by records per call.
+        if runs("capture") || runs(&format!("capture-{per_submit}")) {
             let label = format!("capture, {submitters} submitters x {per_submit} records");
             let phase = capture_phase(&mock, &sampler, label, submitters, per_submit);
             rows.push(runtime.block_on(phase));

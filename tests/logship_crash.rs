@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use client::{log_group, put_logs, PutLogs};
 use mock_sls::{Fault, MockSls, MockSlsConfig};
+use skiff::logship::proto::LogGroup;
 
 struct Skiff(Child);
 
@@ -56,15 +57,15 @@ async fn wait_for_listener(addr: SocketAddr) {
     }
 }
 
-fn spooled_batches(dir: &std::path::Path) -> usize {
+/// Spool files that contain batches: segments, and batch files of the older
+/// one-file-per-batch format.
+fn spool_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()
         .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".batch")
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".seg") || name.ends_with(".batch")
         })
         .count()
 }
@@ -106,7 +107,7 @@ async fn spool_survives_sigkill() {
         let response = put_logs(&request, &log_group(&format!("r{round}"), 4)).await;
         assert_eq!(response.status(), 200, "{:?}", response.text().await);
     }
-    assert!(spooled_batches(&spool) >= 1);
+    assert!(spool_files(&spool) >= 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     // Kill only after skiff has had a request fail and logged its retry.
     while !std::fs::read_to_string(&log).unwrap().contains("retrying") {
@@ -133,7 +134,7 @@ async fn spool_survives_sigkill() {
     assert_eq!(ids.len(), 20, "every acknowledged record arrives: {ids:?}");
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    while spooled_batches(&spool) > 0 {
+    while spool_files(&spool) > 0 {
         assert!(
             Instant::now() < deadline,
             "spool not emptied after delivery"
@@ -170,6 +171,118 @@ async fn spool_survives_sigkill() {
     assert!(
         !log_text.contains("sts-token-value"),
         "security token in the log"
+    );
+}
+
+/// Writes the config of a skiff with only an ingest endpoint and a spool
+/// of `max_spool_bytes`, and returns the ingest address.
+fn write_ingest_config(
+    config: &std::path::Path,
+    spool: &std::path::Path,
+    endpoint: &str,
+    max_spool_bytes: u64,
+) -> SocketAddr {
+    let ingest: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let text = format!(
+        "[logship]\nspool_dir = \"{spool}\"\nlinger = \"30ms\"\n\
+         max_spool_bytes = {max_spool_bytes}\n\
+         [logship.sls]\nendpoint = \"{endpoint}\"\nproject = \"dify-logs\"\n\
+         access_key_id = \"test-ak\"\naccess_key_secret = \"test-secret\"\n\
+         retry_initial_backoff = \"20ms\"\nretry_max_backoff = \"100ms\"\n\
+         [logship.ingest]\nlisten = \"{ingest}\"\n",
+        spool = spool.display(),
+    );
+    std::fs::write(config, text).unwrap();
+    ingest
+}
+
+/// Builds a log group of `count` logs with ids `{prefix}-{i}` and a 200-byte
+/// message each, so a few hundred requests fill several spool segments.
+fn large_log_group(prefix: &str, count: usize) -> LogGroup {
+    let mut group = log_group(prefix, count);
+    for log in &mut group.logs {
+        log.contents[1].value = "x".repeat(200);
+    }
+    group
+}
+
+#[tokio::test]
+async fn sigkill_during_writes_loses_nothing() {
+    let mock = MockSls::start(MockSlsConfig {
+        project: "dify-logs".into(),
+        access_key_id: "test-ak".into(),
+        access_key_secret: "test-secret".into(),
+        security_token: None,
+    })
+    .await;
+    mock.fail_all(Some(Fault::Status(503, "ServerBusy", "unavailable")));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let config = dir.path().join("skiff.toml");
+    let log = dir.path().join("skiff.log");
+    // 32 MiB gives preallocated segments of 2 MiB.
+    let ingest = write_ingest_config(&config, &spool, &mock.endpoint(), 32 << 20);
+
+    let mut first = spawn_skiff(&config, &log);
+    wait_for_listener(ingest).await;
+    // Four clients send until skiff is killed under them. Only requests
+    // that get 200 count as accepted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for client in 0..4 {
+        let (stop, accepted) = (stop.clone(), accepted.clone());
+        clients.push(tokio::spawn(async move {
+            let request = PutLogs::new(ingest, "workflow_node_execution");
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let prefix = format!("c{client}-r{round}");
+                let group = large_log_group(&prefix, 50);
+                let response = client::try_put_logs(&request, &group).await;
+                if response.is_ok_and(|response| response.status() == 200) {
+                    let mut accepted = accepted.lock().unwrap();
+                    accepted.extend((0..50).map(|i| format!("{prefix}-{i}")));
+                }
+                round += 1;
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.lock().unwrap().len() < 20_000 {
+        assert!(Instant::now() < deadline, "skiff accepted too little");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        mock.logs().is_empty(),
+        "SLS failed every request before the kill"
+    );
+    assert!(spool_files(&spool) > 1, "the records span several segments");
+
+    mock.fail_all(None);
+    let _second = spawn_skiff(&config, &log);
+    let logs = mock
+        .wait_for_logs(accepted.len(), Duration::from_secs(60))
+        .await;
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+    let delivered: std::collections::HashSet<&str> =
+        logs.iter().map(|(_, log)| log.get("id").unwrap()).collect();
+    let missing: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !delivered.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} accepted records missing, such as {:?}",
+        missing.len(),
+        accepted.len(),
+        missing.first()
     );
 }
 

@@ -502,3 +502,58 @@ async fn captured_rows_reach_sls_intact() {
     assert_eq!(log.time, 1_714_557_600);
     logship.shutdown().await;
 }
+
+/// Writes a batch file as versions before the segment log did: the magic
+/// `SKIFFSP1`, a 4-byte big-endian header length, the JSON header, then
+/// the encoded `LogGroup`.
+fn write_one_file_batch(spool: &std::path::Path, seq: u64, records: &[skiff::logship::Record]) {
+    use prost::Message;
+    let key = records[0].group_key();
+    let group = skiff::logship::proto::LogGroup {
+        logs: records.iter().map(|r| r.clone().into_log()).collect(),
+        reserved: None,
+        topic: Some(key.topic.clone()),
+        source: Some(key.source.clone()),
+        log_tags: vec![],
+    };
+    let header = skiff::logship::spool::BatchHeader {
+        key,
+        records: records.len(),
+        created_ns: 1_700_000_000_000_000_000,
+    };
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut data = b"SKIFFSP1".to_vec();
+    data.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    data.extend_from_slice(&header);
+    data.extend_from_slice(&group.encode_to_vec());
+    std::fs::write(spool.join(format!("{seq:016x}.batch")), data).unwrap();
+}
+
+#[tokio::test]
+async fn spool_of_older_format_delivered() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let records: Vec<_> = (0..5).map(|i| node_record("nodes", i)).collect();
+    write_one_file_batch(&spool, 7, &records[..3]);
+    write_one_file_batch(&spool, 9, &records[3..]);
+
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), "", "")).await;
+    assert_eq!(logship_spool_batches(&logship), 2);
+    logship
+        .shipper()
+        .submit(vec![node_record("nodes", 5)])
+        .await
+        .unwrap();
+    let logs = mock.wait_for_logs(6, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&logs), expected_ids(0..6));
+    logship.shutdown().await;
+    assert_eq!(logship_spool_batches(&logship), 0);
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".batch"))
+        .collect();
+    assert!(left.is_empty(), "batch files left: {left:?}");
+}

@@ -18,19 +18,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::proto::{encode_log_field, framed_len, LogGroup};
 use super::record::{validate_logstore, GroupKey, Record, MAX_REQUEST_BYTES, MAX_REQUEST_LOGS};
-use super::spool::Spool;
+use super::spool::{NewBatch, Spool};
 use crate::config::OnFull;
 
 /// Submissions waiting for the batcher; a full queue makes `submit` wait.
 const QUEUE_CAPACITY: usize = 1024;
-/// Open log groups held in memory at once; past this the oldest is flushed.
+/// Open log groups held in memory at once; past this the oldest is sealed.
 const MAX_OPEN_GROUPS: usize = 256;
-/// Bytes of open log groups held in memory at once (or two batches, if
-/// larger); past this the largest group is flushed early.
+/// Bytes of open and sealed batches held in memory at once (or two
+/// batches, if larger); past this they are all written early.
 const MAX_OPEN_BYTES: usize = 32 * 1024 * 1024;
 /// Minimum time between two "spool full" warnings.
 const FULL_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-/// Submissions taken into one group commit at most.
+/// Submissions received into one group commit at most.
 const MAX_SUBMISSIONS_PER_COMMIT: usize = 1024;
 /// Room left in a request for the group's topic, source and tags.
 const GROUP_OVERHEAD_BYTES: usize = 64 * 1024;
@@ -116,7 +116,8 @@ impl Shipper {
         let batcher = Batcher {
             last_full_warning: None,
             open: HashMap::new(),
-            open_bytes: 0,
+            sealed: Vec::new(),
+            held_bytes: 0,
             spool: spool.clone(),
             limits: limits.clone(),
             abandon,
@@ -183,7 +184,7 @@ impl Shipper {
     }
 }
 
-/// Records of one group waiting to be flushed.
+/// Records of one group waiting to be sealed.
 struct OpenBatch {
     /// The records, each encoded as a `logs` field of a `LogGroup`.
     logs: Vec<u8>,
@@ -191,16 +192,33 @@ struct OpenBatch {
     count: usize,
     started: Instant,
     acks: Vec<Arc<Ack>>,
-    written: bool,
 }
 
+/// A finished batch waiting for the round's spool write.
+struct Sealed {
+    key: GroupKey,
+    /// The encoded `LogGroup`: `logs_len` bytes of `logs` fields, then the
+    /// group's own fields.
+    encoded: Vec<u8>,
+    logs_len: usize,
+    records: usize,
+    acks: Vec<Arc<Ack>>,
+}
+
+/// Submissions whose records were dropped before being written fail.
 impl Drop for OpenBatch {
     fn drop(&mut self) {
-        if !self.written {
-            for ack in &self.acks {
-                ack.fail(SubmitError::Closed);
-            }
-        }
+        self.acks
+            .iter()
+            .for_each(|ack| ack.fail(SubmitError::Closed));
+    }
+}
+
+impl Drop for Sealed {
+    fn drop(&mut self) {
+        self.acks
+            .iter()
+            .for_each(|ack| ack.fail(SubmitError::Closed));
     }
 }
 
@@ -208,8 +226,10 @@ struct Batcher {
     /// When the last "spool full" warning was logged.
     last_full_warning: Option<Instant>,
     open: HashMap<GroupKey, OpenBatch>,
-    /// Sum of the encoded sizes of the batches in `open`.
-    open_bytes: usize,
+    /// Batches sealed since the last spool write.
+    sealed: Vec<Sealed>,
+    /// Sum of the encoded sizes of the batches in `open` and `sealed`.
+    held_bytes: usize,
     spool: Arc<Spool>,
     limits: BatchLimits,
     abandon: CancellationToken,
@@ -227,54 +247,63 @@ impl Batcher {
             };
             self.add(submission).await;
             // Group commit: whatever queued up during the last write joins
-            // this one, so one fsync acknowledges many submissions.
-            for _ in 0..MAX_SUBMISSIONS_PER_COMMIT {
-                match receiver.try_recv() {
-                    Ok(submission) => self.add(submission).await,
-                    Err(_) => break,
+            // this one, so one fdatasync acknowledges many submissions.
+            // Yielding lets the sources that the last write woke submit
+            // again and join too, until a yield brings no more.
+            let mut received = 1;
+            while received < MAX_SUBMISSIONS_PER_COMMIT {
+                tokio::task::yield_now().await;
+                let before = received;
+                while received < MAX_SUBMISSIONS_PER_COMMIT {
+                    match receiver.try_recv() {
+                        Ok(submission) => self.add(submission).await,
+                        Err(_) => break,
+                    }
+                    received += 1;
+                }
+                if received == before {
+                    break;
                 }
             }
-            self.flush_all().await;
+            self.commit_all().await;
         }
         receiver.close();
         while let Some(submission) = receiver.recv().await {
             self.add(submission).await;
         }
-        self.flush_all().await;
+        self.commit_all().await;
     }
 
-    async fn flush_all(&mut self) {
+    /// Seals every open batch and writes all sealed ones to the spool.
+    async fn commit_all(&mut self) {
         let keys: Vec<GroupKey> = self.open.keys().cloned().collect();
         for key in keys {
-            self.flush(&key).await;
+            self.seal(&key);
         }
+        self.commit().await;
     }
 
     async fn add(&mut self, submission: Submission) {
         let Submission { runs, ack } = submission;
         let max_bytes = self.limits.max_batch_bytes;
         let max_count = self.limits.max_batch_count.min(MAX_REQUEST_LOGS);
-        let max_open_bytes = MAX_OPEN_BYTES.max(2 * max_bytes);
+        let max_held_bytes = MAX_OPEN_BYTES.max(2 * max_bytes);
         for Run { key, logs } in runs {
             let mut logs = logs.into_iter().peekable();
             while let Some(first) = logs.next() {
-                if let Some(batch) = self.open.get(&key) {
-                    let over_bytes = batch.logs.len() + first.len() > max_bytes;
-                    let over_count = batch.count + 1 > max_count;
-                    if over_bytes || over_count {
-                        self.flush(&key).await;
-                    }
-                }
-                if !self.open.contains_key(&key) {
+                let fits = |batch: &OpenBatch| {
+                    batch.logs.len() + first.len() <= max_bytes && batch.count < max_count
+                };
+                if !self.open.get(&key).is_some_and(fits) {
+                    self.seal(&key);
                     if self.open.len() >= MAX_OPEN_GROUPS {
-                        self.flush_oldest().await;
+                        self.seal_oldest();
                     }
                     let batch = OpenBatch {
                         logs: Vec::new(),
                         count: 0,
                         started: Instant::now(),
                         acks: Vec::new(),
-                        written: false,
                     };
                     self.open.insert(key.clone(), batch);
                 }
@@ -290,18 +319,18 @@ impl Batcher {
                     batch.acks.push(ack.clone());
                 }
                 // The following records of the run go into the same batch
-                // without another lookup while no flush would be due.
+                // without another lookup while no seal would be due.
                 let mut next = Some(first);
                 while let Some(log) = next.take() {
                     batch.logs.extend_from_slice(&log);
                     batch.count += 1;
-                    self.open_bytes += log.len();
+                    self.held_bytes += log.len();
                     let full = batch.logs.len() >= max_bytes || batch.count >= max_count;
                     let fits = |log: &&Vec<u8>| {
                         !full
                             && batch.logs.len() + log.len() <= max_bytes
                             && batch.count < max_count
-                            && self.open_bytes + log.len() <= max_open_bytes
+                            && self.held_bytes + log.len() <= max_held_bytes
                     };
                     if logs.peek().is_some_and(|log| fits(&log)) {
                         next = logs.next();
@@ -309,34 +338,23 @@ impl Batcher {
                 }
                 let full = batch.logs.len() >= max_bytes || batch.count >= max_count;
                 if full {
-                    self.flush(&key).await;
+                    self.seal(&key);
                 }
-                while self.open_bytes > max_open_bytes {
-                    self.flush_largest().await;
+                if self.held_bytes > max_held_bytes {
+                    self.commit_all().await;
                 }
             }
         }
     }
 
-    async fn flush_largest(&mut self) {
-        let largest = self
-            .open
-            .iter()
-            .max_by_key(|(_, b)| b.logs.len())
-            .map(|(k, _)| k.clone());
-        if let Some(key) = largest {
-            self.flush(&key).await;
-        }
-    }
-
-    async fn flush_oldest(&mut self) {
+    fn seal_oldest(&mut self) {
         let oldest = self
             .open
             .iter()
             .min_by_key(|(_, b)| b.started)
             .map(|(k, _)| k.clone());
         if let Some(key) = oldest {
-            self.flush(&key).await;
+            self.seal(&key);
         }
     }
 
@@ -361,13 +379,11 @@ impl Batcher {
         );
     }
 
-    /// Writes one group's batch to the spool and completes its acks.
-    async fn flush(&mut self, key: &GroupKey) {
-        let Some(mut batch) = self.open.remove(key) else {
+    /// Finishes one group's open batch and queues it for the next write.
+    fn seal(&mut self, key: &GroupKey) {
+        let Some((key, mut batch)) = self.open.remove_entry(key) else {
             return;
         };
-        self.open_bytes -= batch.logs.len();
-        let records = batch.count;
         // The logs fields come first, as prost would write them, then the
         // group's own fields.
         let group_fields = LogGroup {
@@ -378,54 +394,106 @@ impl Batcher {
             log_tags: key.log_tags(),
         };
         let mut encoded = std::mem::take(&mut batch.logs);
-        encoded.extend_from_slice(&group_fields.encode_to_vec());
-        let size = encoded.len() as u64;
-        match self.limits.on_full {
-            OnFull::Reject if !self.spool.has_room(size) => {
-                self.warn_spool_full(&key.logstore, "rejecting new records");
-                metrics::counter!("skiff_logship_batches_rejected_total").increment(1);
-                let max_bytes = self.spool.max_bytes();
-                batch
-                    .acks
-                    .iter()
-                    .for_each(|a| a.fail(SubmitError::SpoolFull { max_bytes }));
-                return;
-            }
-            OnFull::Block if !self.spool.has_room(size) => {
-                self.warn_spool_full(&key.logstore, "sources wait for room");
-                tokio::select! {
-                    _ = self.spool.wait_for_room(size) => {}
-                    _ = self.abandon.cancelled() => return,
+        let logs_len = encoded.len();
+        group_fields.encode(&mut encoded).expect("a Vec grows");
+        self.held_bytes += encoded.len() - logs_len;
+        self.sealed.push(Sealed {
+            key,
+            encoded,
+            logs_len,
+            records: batch.count,
+            acks: std::mem::take(&mut batch.acks),
+        });
+    }
+
+    /// Writes the sealed batches to the spool, as few writes as the bound
+    /// allows, and completes their acks. A batch that does not fit waits
+    /// (`block`) or fails (`reject`); batches before it are written first.
+    async fn commit(&mut self) {
+        let sealed = std::mem::take(&mut self.sealed);
+        self.held_bytes -= sealed.iter().map(|b| b.encoded.len()).sum::<usize>();
+        let mut chunk: Vec<Sealed> = Vec::new();
+        let mut chunk_bytes = 0u64;
+        for batch in sealed {
+            let size = batch.encoded.len() as u64;
+            if !self.spool.has_room_for(chunk_bytes + size, chunk.len() + 1) {
+                if !chunk.is_empty() {
+                    self.write(std::mem::take(&mut chunk)).await;
+                    chunk_bytes = 0;
+                }
+                match self.limits.on_full {
+                    OnFull::Reject if !self.spool.has_room(size) => {
+                        self.warn_spool_full(&batch.key.logstore, "rejecting new records");
+                        metrics::counter!("skiff_logship_batches_rejected_total").increment(1);
+                        let max_bytes = self.spool.max_bytes();
+                        batch
+                            .acks
+                            .iter()
+                            .for_each(|a| a.fail(SubmitError::SpoolFull { max_bytes }));
+                        continue;
+                    }
+                    OnFull::Block if !self.spool.has_room(size) => {
+                        self.warn_spool_full(&batch.key.logstore, "sources wait for room");
+                        tokio::select! {
+                            _ = self.spool.wait_for_room(size) => {}
+                            // Dropping the rest fails their submissions.
+                            _ = self.abandon.cancelled() => return,
+                        }
+                    }
+                    OnFull::Reject | OnFull::Block => {}
                 }
             }
-            OnFull::Reject | OnFull::Block => {}
+            chunk_bytes += size;
+            chunk.push(batch);
         }
+        if !chunk.is_empty() {
+            self.write(chunk).await;
+        }
+    }
+
+    /// Writes batches with one spool write and completes their acks.
+    async fn write(&mut self, mut chunk: Vec<Sealed>) {
+        let acks: Vec<Vec<Arc<Ack>>> = chunk
+            .iter_mut()
+            .map(|batch| std::mem::take(&mut batch.acks))
+            .collect();
         let spool = self.spool.clone();
-        let write_key = key.clone();
-        let written =
-            tokio::task::spawn_blocking(move || spool.write(&write_key, records, &encoded)).await;
-        match written {
-            Ok(Ok(_seq)) => {
-                batch.written = true;
-                let labels = [("logstore", key.logstore.clone())];
-                metrics::counter!("skiff_logship_records_in_total", &labels)
-                    .increment(records as u64);
-                metrics::counter!("skiff_logship_bytes_in_total", &labels).increment(size);
+        let written = tokio::task::spawn_blocking(move || {
+            let batches: Vec<NewBatch<'_>> = chunk
+                .iter()
+                .map(|batch| NewBatch {
+                    key: &batch.key,
+                    records: batch.records,
+                    log_group: &batch.encoded,
+                    logs_len: batch.logs_len,
+                })
+                .collect();
+            let result = spool.write_batches(&batches).map(|_| ());
+            (chunk, result)
+        })
+        .await;
+        let error = match written {
+            Ok((chunk, Ok(()))) => {
+                for batch in &chunk {
+                    let labels = [("logstore", batch.key.logstore.clone())];
+                    metrics::counter!("skiff_logship_records_in_total", &labels)
+                        .increment(batch.records as u64);
+                    metrics::counter!("skiff_logship_bytes_in_total", &labels)
+                        .increment(batch.encoded.len() as u64);
+                }
+                return;
             }
-            Ok(Err(err)) => {
-                tracing::error!(logstore = %key.logstore, error = %err, "spool write failed");
-                batch
-                    .acks
-                    .iter()
-                    .for_each(|a| a.fail(SubmitError::Spool(err.to_string())));
+            Ok((_, Err(err))) => {
+                tracing::error!(error = %err, "spool write failed");
+                err.to_string()
             }
             Err(err) => {
-                tracing::error!(logstore = %key.logstore, error = %err, "spool write task failed");
-                batch
-                    .acks
-                    .iter()
-                    .for_each(|a| a.fail(SubmitError::Spool(err.to_string())));
+                tracing::error!(error = %err, "spool write task failed");
+                err.to_string()
             }
+        };
+        for ack in acks.iter().flatten() {
+            ack.fail(SubmitError::Spool(error.clone()));
         }
     }
 }

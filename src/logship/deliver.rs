@@ -79,13 +79,31 @@ impl Delivery {
                     Some(settings.linger.saturating_sub(age))
                 }
             };
+            let waiting_for_linger = plan.is_some();
             let Some(plan) = plan.filter(|_| wait == Some(Duration::ZERO)) else {
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = sleep_some(wait) => {}
-                    _ = gauges.tick() => self.spool.update_gauges(),
-                    _ = self.drain.cancelled(), if !self.drain.is_cancelled() => {}
-                    _ = stop.cancelled() => return,
+                let deadline = wait.map(|wait| tokio::time::Instant::now() + wait);
+                loop {
+                    tokio::select! {
+                        _ = &mut notified => {
+                            // While the oldest batch lingers, a write matters only
+                            // if the spool now holds a full request's worth.
+                            let may_fill = |spool: &Spool| {
+                                spool.holds_at_least(settings.max_batch_bytes as u64, max_count)
+                            };
+                            if !waiting_for_linger || may_fill(&self.spool) {
+                                break;
+                            }
+                            notified.set(self.spool.notified());
+                            notified.as_mut().enable();
+                            if may_fill(&self.spool) {
+                                break;
+                            }
+                        }
+                        _ = sleep_until_some(deadline) => break,
+                        _ = gauges.tick() => self.spool.update_gauges(),
+                        _ = self.drain.cancelled(), if !self.drain.is_cancelled() => break,
+                        _ = stop.cancelled() => return,
+                    }
                 }
                 continue;
             };
@@ -199,17 +217,8 @@ impl Delivery {
     }
 
     async fn remove(&self, seqs: &[u64], stop: &CancellationToken) -> bool {
-        for &seq in seqs {
-            if !self.remove_one(seq, stop).await {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn remove_one(&self, seq: u64, stop: &CancellationToken) -> bool {
         loop {
-            match self.spool.remove(seq) {
+            match self.spool.remove(seqs) {
                 Ok(()) => return true,
                 Err(err) => {
                     tracing::error!(error = %err, "cannot remove delivered batch from spool");
@@ -222,9 +231,9 @@ impl Delivery {
     }
 }
 
-async fn sleep_some(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }

@@ -1,14 +1,43 @@
-//! Durable spool: one file per batch in `spool_dir`, written to a temporary
-//! name, fsynced and renamed before its records count as accepted, and
-//! removed only after a sink acknowledges the batch.
+//! Durable spool: an append-only log of segment files in `spool_dir`.
 //!
-//! File layout: the magic `SKIFFSP1`, a 4-byte big-endian header length, the
-//! JSON [`BatchHeader`], then the encoded `LogGroup`.
+//! Each group commit appends its batches to the open segment with one
+//! write and one `fdatasync`, and a batch counts as accepted only after that
+//! returns. A segment is closed at a size (a sixteenth of `max_spool_bytes`,
+//! 4 KiB to 64 MiB) and deleted once a sink has acknowledged every batch in
+//! it. Acknowledgements of batches whose segment stays are appended as
+//! small frames without a sync, so a restart resends few delivered batches.
+//! Segments of 1 MiB or more are preallocated: a background thread writes
+//! the next one full of zeros and syncs it before it is needed, so syncing
+//! frames written over the zeros records no change of size or allocation.
+//!
+//! Segment file `{id:016x}.seg`: the magic `SKIFFSG1`, then frames. A frame
+//! is a 4-byte little-endian body length, a CRC-32 (IEEE) of those 4 bytes
+//! and the body, then the body. The body's first byte is its kind:
+//!
+//! - batch: `seq` u64, `created_ns` u64, `records` u32, `logs_len` u32, key
+//!   length u32, the JSON [`GroupKey`], then the encoded `LogGroup`, whose
+//!   first `logs_len` bytes are its `logs` fields;
+//! - acknowledgement: a count u32, then that many `seq` u64.
+//!
+//! On start every segment is scanned, and zeros after the last frame are
+//! the unwritten part of a preallocated segment. The newest segment may end
+//! in a write that a crash interrupted. It is cut off at the first frame
+//! that does not check, because no source was told that frame was
+//! accepted. In an older segment, which was synced in full before the next
+//! one was created, such a frame is damage: the rest of the file is copied
+//! to `corrupt/` and the frames before it are kept.
+//!
+//! Spools written by earlier versions hold one file per batch,
+//! `{seq:016x}.batch`: the magic `SKIFFSP1`, a 4-byte big-endian header
+//! length, the JSON [`BatchHeader`], then the encoded `LogGroup`. Such files
+//! are read, delivered and deleted as before, and new batches go to segments.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -18,16 +47,33 @@ use tokio::sync::Notify;
 use super::proto::split_log_fields;
 use super::record::{now_ns, GroupKey};
 
-const MAGIC: &[u8; 8] = b"SKIFFSP1";
+mod frame;
+mod legacy;
+mod recovery;
+mod segment;
+
+use frame::{check_frame, encode_batch_frame, parse_batch_body, FRAME_HEADER_BYTES, KIND_BATCH};
+use legacy::parse_legacy;
+use recovery::copy_range;
+
+const SEGMENT_MAGIC: &[u8; 8] = b"SKIFFSG1";
+const SEGMENT_SUFFIX: &str = ".seg";
 const BATCH_SUFFIX: &str = ".batch";
 const TEMP_SUFFIX: &str = ".tmp";
-/// Room counted for a batch file's magic and header on top of its log
-/// group. A header with long tags can exceed it by the length of the tags.
-pub const FILE_OVERHEAD_BYTES: u64 = 1024;
-/// Headers are small; a larger length means a damaged file.
-const MAX_HEADER_BYTES: u32 = 1 << 20;
+/// Room counted for a batch's frame header and group key on top of its
+/// log group, and for a new segment's magic. A key with long tags can
+/// exceed it by the length of the tags.
+pub const BATCH_OVERHEAD_BYTES: u64 = 1024;
+/// Bounds of a segment's size.
+const MIN_SEGMENT_BYTES: u64 = 4096;
+const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+/// Segments this large or larger are preallocated.
+const PREALLOCATE_MIN_SEGMENT_BYTES: u64 = 1 << 20;
+/// Name of the spare segment while it is preallocated and waits for use;
+/// the `.tmp` suffix makes a start after a crash delete it.
+const SPARE_NAME: &str = "next-segment.tmp";
 
-/// Metadata of a batch file: the log group's key, record count and time.
+/// Metadata of a spooled batch: the log group's key, record count and time.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchHeader {
     pub key: GroupKey,
@@ -45,16 +91,61 @@ pub struct SpooledBatch {
     pub log_group: Bytes,
 }
 
+/// A batch to write: its group, record count and encoded `LogGroup`, whose
+/// first `logs_len` bytes are the `logs` fields.
+pub struct NewBatch<'a> {
+    pub key: &'a GroupKey,
+    pub records: usize,
+    pub log_group: &'a [u8],
+    pub logs_len: usize,
+}
+
+/// Storage of a batch: a segment frame or a file of the older format.
+#[derive(Clone, Copy)]
+enum Location {
+    /// A frame of segment `segment` at `offset`, `len` bytes with its header.
+    Frame { segment: u64, offset: u64, len: u32 },
+    /// A file of the one-file-per-batch format.
+    Legacy { bytes: u64 },
+}
+
 struct Entry {
-    /// Size of the file.
-    bytes: u64,
-    /// Size of the encoded log group in the file.
+    location: Location,
+    /// Size of the encoded log group.
     payload_bytes: u64,
     records: usize,
     created_ns: u64,
     /// `None` when the header cannot be read; reading the batch then fails
-    /// and delivery moves the file aside.
+    /// and delivery moves it aside.
     key: Option<GroupKey>,
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Bytes written to the file.
+    len: u64,
+    /// Bytes the file takes on disk: `len`, or more while a preallocated
+    /// tail of zeros is not yet written.
+    disk: u64,
+    /// Batches in it that are not acknowledged, counting those being written.
+    live: usize,
+}
+
+impl Segment {
+    /// Records `bytes` more written; returns how much the file grew on disk.
+    fn grow(&mut self, bytes: u64) -> u64 {
+        self.len += bytes;
+        let grown = self.len.saturating_sub(self.disk);
+        self.disk += grown;
+        grown
+    }
+}
+
+/// The next segment, preallocated by a background thread.
+enum Spare {
+    None,
+    Preparing,
+    Ready(File),
 }
 
 /// Spooled batches of one log group that delivery can send as one request.
@@ -73,14 +164,69 @@ pub struct SendPlan {
 struct State {
     next_seq: u64,
     entries: BTreeMap<u64, Entry>,
+    segments: BTreeMap<u64, Segment>,
+    /// The segment new frames go to; `None` makes the next write open one.
+    active: Option<u64>,
+    /// Bytes of every segment and batch file in the spool, and of the
+    /// spare segment while it is prepared or ready.
     total_bytes: u64,
+    /// Log group bytes and records of the batches in `entries`.
+    entry_payload_bytes: u64,
+    entry_records: usize,
+}
+
+impl State {
+    fn insert_entry(&mut self, seq: u64, entry: Entry) -> bool {
+        self.entry_payload_bytes += entry.payload_bytes;
+        self.entry_records += entry.records;
+        match self.entries.insert(seq, entry) {
+            Some(old) => {
+                self.entry_payload_bytes -= old.payload_bytes;
+                self.entry_records -= old.records;
+                false
+            }
+            None => true,
+        }
+    }
+
+    fn remove_entry(&mut self, seq: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&seq)?;
+        self.entry_payload_bytes -= entry.payload_bytes;
+        self.entry_records -= entry.records;
+        Some(entry)
+    }
+
+    /// Counts one acknowledged batch of `segment`; returns the segment when
+    /// that was its last live batch, after taking it out of the spool.
+    fn release(&mut self, segment: u64) -> Option<Segment> {
+        let seg = self.segments.get_mut(&segment)?;
+        seg.live = seg.live.saturating_sub(1);
+        if seg.live > 0 {
+            return None;
+        }
+        let seg = self.segments.remove(&segment)?;
+        self.total_bytes -= seg.disk;
+        if self.active == Some(segment) {
+            self.active = None;
+        }
+        Some(seg)
+    }
 }
 
 /// The spool directory and an index of the batches in it.
 pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
+    segment_bytes: u64,
+    /// Whether new segments are preallocated: written full of zeros and
+    /// synced ahead of need, so a later `fdatasync` of frames written over
+    /// the zeros has no file size or block allocation to record.
+    preallocate: bool,
+    spare: Mutex<Spare>,
     state: Mutex<State>,
+    /// Held by a batch write from start to end, so writes (and segment
+    /// changes) happen one at a time.
+    writer: Mutex<()>,
     changed: Notify,
 }
 
@@ -89,47 +235,9 @@ impl Spool {
     /// left by an earlier run. Temporary files are partial writes that no
     /// source received an acknowledgement for, so they are deleted.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
-        fs::create_dir_all(dir).map_err(|err| with_path(err, "create spool directory", dir))?;
-        let mut state = State::default();
-        for item in fs::read_dir(dir).map_err(|err| with_path(err, "read spool directory", dir))? {
-            let path = item?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(TEMP_SUFFIX) {
-                fs::remove_file(&path)?;
-                continue;
-            }
-            let Some(seq) = parse_batch_name(name) else {
-                continue;
-            };
-            let bytes = fs::metadata(&path)?.len();
-            let entry = match read_header(&path) {
-                Ok((header, header_bytes)) => Entry {
-                    bytes,
-                    payload_bytes: bytes.saturating_sub(header_bytes),
-                    records: header.records,
-                    created_ns: header.created_ns,
-                    key: Some(header.key),
-                },
-                Err(_) => Entry {
-                    bytes,
-                    payload_bytes: bytes,
-                    records: 0,
-                    created_ns: now_ns(),
-                    key: None,
-                },
-            };
-            state.entries.insert(seq, entry);
-            state.total_bytes += bytes;
-            state.next_seq = state.next_seq.max(seq + 1);
-        }
-        let spool = Spool {
-            dir: dir.to_path_buf(),
-            max_bytes,
-            state: Mutex::new(state),
-            changed: Notify::new(),
-        };
-        spool.update_gauges();
-        Ok(spool)
+        let segment_bytes = (max_bytes / 16).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
+        let preallocate = segment_bytes >= PREALLOCATE_MIN_SEGMENT_BYTES;
+        Spool::open_with(dir, max_bytes, segment_bytes, preallocate)
     }
 
     /// Returns the directory of the spool.
@@ -142,11 +250,16 @@ impl Spool {
         self.max_bytes
     }
 
-    /// Checks whether a batch whose log group has `bytes` fits under the bound now,
-    /// counting [`FILE_OVERHEAD_BYTES`] for its file's header.
-    pub fn has_room(&self, bytes: u64) -> bool {
+    /// Checks whether `batches` batches whose log groups have `bytes` in all
+    /// fit under the bound now, counting [`BATCH_OVERHEAD_BYTES`] for each.
+    pub fn has_room_for(&self, bytes: u64, batches: usize) -> bool {
         let state = self.state.lock();
-        state.total_bytes + bytes + FILE_OVERHEAD_BYTES <= self.max_bytes
+        state.total_bytes + bytes + BATCH_OVERHEAD_BYTES * batches as u64 <= self.max_bytes
+    }
+
+    /// Checks whether one batch whose log group has `bytes` fits now.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.has_room_for(bytes, 1)
     }
 
     /// Waits until a batch of `bytes` fits under the bound.
@@ -162,47 +275,80 @@ impl Spool {
         }
     }
 
-    /// Writes a batch durably and returns its sequence number. Blocking: it
-    /// fsyncs the file and the directory.
-    pub fn write(&self, key: &GroupKey, records: usize, log_group: &[u8]) -> io::Result<u64> {
-        let seq = {
+    /// Writes one batch durably and returns its sequence number. Blocking.
+    pub fn write(
+        self: &Arc<Self>,
+        key: &GroupKey,
+        records: usize,
+        log_group: &[u8],
+    ) -> io::Result<u64> {
+        let batch = NewBatch {
+            key,
+            records,
+            log_group,
+            logs_len: 0,
+        };
+        Ok(self.write_batches(&[batch])?[0])
+    }
+
+    /// Writes batches durably with one write and one `fdatasync`, and
+    /// returns their sequence numbers. Blocking. On error none of them
+    /// counts as written.
+    pub fn write_batches(self: &Arc<Self>, batches: &[NewBatch<'_>]) -> io::Result<Vec<u64>> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _writer = self.writer.lock();
+        let created_ns = now_ns();
+        let first_seq = {
             let mut state = self.state.lock();
-            state.next_seq += 1;
-            state.next_seq - 1
+            state.next_seq += batches.len() as u64;
+            state.next_seq - batches.len() as u64
         };
-        let header = BatchHeader {
-            key: key.clone(),
-            records,
-            created_ns: now_ns(),
-        };
-        let header_json = serde_json::to_vec(&header).map_err(io::Error::other)?;
-        let temp = self.dir.join(format!("{seq:016x}{TEMP_SUFFIX}"));
-        let path = self.batch_path(seq);
-        let mut file = File::create(&temp).map_err(|err| with_path(err, "create", &temp))?;
-        file.write_all(MAGIC)?;
-        file.write_all(&(header_json.len() as u32).to_be_bytes())?;
-        file.write_all(&header_json)?;
-        file.write_all(log_group)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temp, &path).map_err(|err| with_path(err, "rename", &temp))?;
-        File::open(&self.dir)?.sync_all()?;
-        let bytes = (MAGIC.len() + 4 + header_json.len() + log_group.len()) as u64;
-        let entry = Entry {
-            bytes,
-            payload_bytes: log_group.len() as u64,
-            records,
-            created_ns: header.created_ns,
-            key: Some(header.key),
-        };
+        let mut frames = Vec::new();
+        let mut spans = Vec::with_capacity(batches.len());
+        for (i, batch) in batches.iter().enumerate() {
+            let start = frames.len();
+            encode_batch_frame(&mut frames, first_seq + i as u64, created_ns, batch)?;
+            spans.push((start as u64, (frames.len() - start) as u32));
+        }
+        let (segment, offset, file) = self.append(&frames, batches.len())?;
+        if let Err(err) = file.sync_data() {
+            // What the failed sync left on disk is unknown: nothing more
+            // goes to this segment, and these batches do not count.
+            self.abandon_frames(segment, batches.len());
+            return Err(with_path(err, "sync", &self.segment_path(segment)));
+        }
         {
             let mut state = self.state.lock();
-            state.entries.insert(seq, entry);
-            state.total_bytes += bytes;
+            for (i, (batch, (start, len))) in batches.iter().zip(spans).enumerate() {
+                state.insert_entry(
+                    first_seq + i as u64,
+                    Entry {
+                        location: Location::Frame {
+                            segment,
+                            offset: offset + start,
+                            len,
+                        },
+                        payload_bytes: batch.log_group.len() as u64,
+                        records: batch.records,
+                        created_ns,
+                        key: Some(batch.key.clone()),
+                    },
+                );
+            }
         }
         self.changed.notify_waiters();
         self.update_gauges();
-        Ok(seq)
+        Ok((first_seq..first_seq + batches.len() as u64).collect())
+    }
+
+    /// Checks whether the spooled batches hold at least `bytes` of log
+    /// groups or `records` records in all, which one log group needs to
+    /// fill a request.
+    pub fn holds_at_least(&self, bytes: u64, records: usize) -> bool {
+        let state = self.state.lock();
+        state.entry_payload_bytes >= bytes || state.entry_records >= records
     }
 
     /// Returns the oldest batch's sequence number, if any.
@@ -254,33 +400,20 @@ impl Spool {
     /// batch. On failure it returns the sequence number that failed.
     pub fn read_merged(&self, seqs: &[u64]) -> Result<SpooledBatch, (u64, io::Error)> {
         let first_seq = *seqs.first().expect("a plan has at least one batch");
-        let first = self.read(first_seq).map_err(|err| (first_seq, err))?;
+        let (first, first_logs_len) = self.read_parts(first_seq).map_err(|e| (first_seq, e))?;
         if seqs.len() == 1 {
             return Ok(first);
         }
         // Splices the encoded logs without decoding them: the logs fields of
         // every batch in order, then the first batch's group fields (topic,
         // source, tags), which all batches of one group share.
-        let split =
-            |seq: u64, batch: &SpooledBatch, logs: &mut Vec<u8>, rest: Option<&mut Vec<u8>>| {
-                split_log_fields(&batch.log_group, logs, rest).map_err(|err| {
-                    (
-                        seq,
-                        with_path(
-                            io::Error::new(io::ErrorKind::InvalidData, err),
-                            "decode",
-                            &self.batch_path(seq),
-                        ),
-                    )
-                })
-            };
         let mut logs = Vec::new();
         let mut group_fields = Vec::new();
-        split(first_seq, &first, &mut logs, Some(&mut group_fields))?;
+        self.split(&first, first_logs_len, &mut logs, Some(&mut group_fields))?;
         let mut records = first.header.records;
         for &seq in &seqs[1..] {
-            let batch = self.read(seq).map_err(|err| (seq, err))?;
-            split(seq, &batch, &mut logs, None)?;
+            let (batch, logs_len) = self.read_parts(seq).map_err(|err| (seq, err))?;
+            self.split(&batch, logs_len, &mut logs, None)?;
             records += batch.header.records;
         }
         logs.extend_from_slice(&group_fields);
@@ -295,48 +428,173 @@ impl Spool {
         })
     }
 
-    /// Reads a batch back. A damaged file gives `InvalidData`.
-    pub fn read(&self, seq: u64) -> io::Result<SpooledBatch> {
-        let path = self.batch_path(seq);
-        let data = fs::read(&path).map_err(|err| with_path(err, "read", &path))?;
-        let (header, body_start) = parse_file(&data)
-            .ok_or_else(|| with_path(io::ErrorKind::InvalidData.into(), "parse", &path))?;
-        Ok(SpooledBatch {
-            seq,
-            header,
-            log_group: Bytes::from(data).slice(body_start..),
+    /// Appends the `logs` fields of `batch` to `logs`, and its other fields
+    /// to `rest` when given. A known `logs_len` saves walking the fields.
+    fn split(
+        &self,
+        batch: &SpooledBatch,
+        logs_len: Option<usize>,
+        logs: &mut Vec<u8>,
+        rest: Option<&mut Vec<u8>>,
+    ) -> Result<(), (u64, io::Error)> {
+        if let Some(len) = logs_len {
+            logs.extend_from_slice(&batch.log_group[..len]);
+            if let Some(rest) = rest {
+                rest.extend_from_slice(&batch.log_group[len..]);
+            }
+            return Ok(());
+        }
+        split_log_fields(&batch.log_group, logs, rest).map_err(|err| {
+            let err = io::Error::new(io::ErrorKind::InvalidData, err);
+            (batch.seq, with_seq(err, "decode", batch.seq))
         })
     }
 
-    /// Removes an acknowledged (or dead-lettered) batch and wakes sources
-    /// that wait for room.
-    pub fn remove(&self, seq: u64) -> io::Result<()> {
-        let path = self.batch_path(seq);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(with_path(err, "remove", &path)),
+    /// Reads a batch back. A damaged batch gives `InvalidData`.
+    pub fn read(&self, seq: u64) -> io::Result<SpooledBatch> {
+        self.read_parts(seq).map(|(batch, _)| batch)
+    }
+
+    /// Reads a batch and, when the format records it, the length of its
+    /// `logs` fields.
+    fn read_parts(&self, seq: u64) -> io::Result<(SpooledBatch, Option<usize>)> {
+        let (location, file) = {
+            let state = self.state.lock();
+            let entry = state
+                .entries
+                .get(&seq)
+                .ok_or_else(|| with_seq(io::ErrorKind::NotFound.into(), "read", seq))?;
+            let file = match entry.location {
+                Location::Frame { segment, .. } => {
+                    state.segments.get(&segment).map(|seg| seg.file.clone())
+                }
+                Location::Legacy { .. } => None,
+            };
+            (entry.location, file)
+        };
+        match (location, file) {
+            (Location::Frame { offset, len, .. }, Some(file)) => {
+                let mut frame = vec![0u8; len as usize];
+                file.read_exact_at(&mut frame, offset)
+                    .map_err(|err| with_seq(err, "read", seq))?;
+                let invalid = || with_seq(io::ErrorKind::InvalidData.into(), "check", seq);
+                let body_len = check_frame(&frame).ok_or_else(invalid)?;
+                if body_len as usize + FRAME_HEADER_BYTES != frame.len() {
+                    return Err(invalid());
+                }
+                let body = Bytes::from(frame).slice(FRAME_HEADER_BYTES..);
+                let (found_seq, header) = parse_batch_body(&body);
+                let key = header
+                    .key
+                    .filter(|_| found_seq == seq && body[0] == KIND_BATCH);
+                let key = key.ok_or_else(invalid)?;
+                let log_group = body.slice(body.len() - header.log_group_len..);
+                let batch = SpooledBatch {
+                    seq,
+                    header: BatchHeader {
+                        key,
+                        records: header.records,
+                        created_ns: header.created_ns,
+                    },
+                    log_group,
+                };
+                Ok((batch, header.logs_len))
+            }
+            (Location::Frame { .. }, None) => {
+                Err(with_seq(io::ErrorKind::NotFound.into(), "read", seq))
+            }
+            (Location::Legacy { .. }, _) => {
+                let path = self.batch_path(seq);
+                let data = fs::read(&path).map_err(|err| with_path(err, "read", &path))?;
+                let (header, body_start) = parse_legacy(&data)
+                    .ok_or_else(|| with_path(io::ErrorKind::InvalidData.into(), "parse", &path))?;
+                let batch = SpooledBatch {
+                    seq,
+                    header,
+                    log_group: Bytes::from(data).slice(body_start..),
+                };
+                Ok((batch, None))
+            }
         }
+    }
+
+    /// Removes acknowledged (or dead-lettered) batches and wakes sources
+    /// that wait for room. A segment is deleted once all its batches are
+    /// removed. Removals from segments that stay are appended to the active
+    /// segment without a sync, so after a crash some may be sent again.
+    pub fn remove(&self, seqs: &[u64]) -> io::Result<()> {
+        let mut legacy = Vec::new();
+        let mut deleted = Vec::new();
         {
             let mut state = self.state.lock();
-            if let Some(entry) = state.entries.remove(&seq) {
-                state.total_bytes -= entry.bytes;
+            let mut acks = Vec::new();
+            for &seq in seqs {
+                let Some(entry) = state.remove_entry(seq) else {
+                    continue;
+                };
+                match entry.location {
+                    Location::Legacy { bytes } => {
+                        state.total_bytes -= bytes;
+                        legacy.push(seq);
+                    }
+                    Location::Frame { segment, .. } => match state.release(segment) {
+                        Some(_) => deleted.push(segment),
+                        None => acks.push((segment, seq)),
+                    },
+                }
+            }
+            acks.retain(|(segment, _)| !deleted.contains(segment));
+            if !acks.is_empty() {
+                self.append_acks(&mut state, acks.iter().map(|(_, seq)| *seq));
+            }
+        }
+        for &segment in &deleted {
+            self.delete_segment(segment);
+        }
+        let mut result = Ok(());
+        for seq in legacy {
+            let path = self.batch_path(seq);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => result = Err(with_path(err, "remove", &path)),
             }
         }
         self.changed.notify_waiters();
         self.update_gauges();
-        Ok(())
+        result
     }
 
-    /// Moves a batch file that cannot be parsed to `corrupt/` under the
-    /// spool directory, so an operator can look at it, and drops it from
-    /// the index.
+    /// Moves a batch that cannot be parsed to `corrupt/` under the spool
+    /// directory, so an operator can look at it, and drops it from the
+    /// index. A batch in a segment is copied out as its frame.
     pub fn quarantine(&self, seq: u64) -> io::Result<PathBuf> {
-        let corrupt_dir = self.dir.join("corrupt");
-        fs::create_dir_all(&corrupt_dir)?;
-        let target = corrupt_dir.join(format!("{seq:016x}{BATCH_SUFFIX}"));
-        fs::rename(self.batch_path(seq), &target)?;
-        self.remove(seq)?;
+        let location = self.state.lock().entries.get(&seq).map(|e| e.location);
+        let target = match location {
+            Some(Location::Frame {
+                segment,
+                offset,
+                len,
+            }) => {
+                let target = self.corrupt_path(&format!("{seq:016x}.frame"))?;
+                let file = self
+                    .state
+                    .lock()
+                    .segments
+                    .get(&segment)
+                    .map(|seg| seg.file.clone());
+                if let Some(file) = file {
+                    copy_range(&file, offset, u64::from(len), &target)?;
+                }
+                target
+            }
+            _ => {
+                let target = self.corrupt_path(&format!("{seq:016x}{BATCH_SUFFIX}"))?;
+                fs::rename(self.batch_path(seq), &target)?;
+                target
+            }
+        };
+        self.remove(&[seq])?;
         Ok(target)
     }
 
@@ -363,200 +621,38 @@ impl Spool {
     fn batch_path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:016x}{BATCH_SUFFIX}"))
     }
+
+    fn segment_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}{SEGMENT_SUFFIX}"))
+    }
+
+    /// Returns `corrupt/{name}` under the spool directory, creating the
+    /// directory.
+    fn corrupt_path(&self, name: &str) -> io::Result<PathBuf> {
+        let dir = self.dir.join("corrupt");
+        fs::create_dir_all(&dir).map_err(|err| with_path(err, "create", &dir))?;
+        Ok(dir.join(name))
+    }
 }
 
-fn parse_batch_name(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(BATCH_SUFFIX)?;
+fn parse_name(name: &str, suffix: &str) -> Option<u64> {
+    let hex = name.strip_suffix(suffix)?;
     if hex.len() != 16 {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn parse_file(data: &[u8]) -> Option<(BatchHeader, usize)> {
-    let rest = data.strip_prefix(MAGIC.as_slice())?;
-    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-    if len > MAX_HEADER_BYTES {
-        return None;
-    }
-    let header_end = 4 + len as usize;
-    let header = serde_json::from_slice(rest.get(4..header_end)?).ok()?;
-    Some((header, MAGIC.len() + header_end))
-}
-
-/// Reads a batch file's header and returns it with the bytes before the
-/// log group.
-fn read_header(path: &Path) -> io::Result<(BatchHeader, u64)> {
-    let mut file = OpenOptions::new().read(true).open(path)?;
-    let mut prefix = [0u8; 12];
-    file.read_exact(&mut prefix)?;
-    let len = u32::from_be_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]);
-    if &prefix[..8] != MAGIC || len > MAX_HEADER_BYTES {
-        return Err(io::ErrorKind::InvalidData.into());
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)?;
-    let header = serde_json::from_slice(&header).map_err(io::Error::other)?;
-    Ok((header, 12 + u64::from(len)))
-}
-
 fn with_path(err: io::Error, action: &str, path: &Path) -> io::Error {
     io::Error::new(err.kind(), format!("{action} {}: {err}", path.display()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::logship::proto::{Log, LogGroup, LogTag};
-    use prost::Message;
-
-    fn key(logstore: &str) -> GroupKey {
-        GroupKey {
-            project: None,
-            logstore: logstore.into(),
-            topic: String::new(),
-            source: String::new(),
-            tags: vec![],
-        }
-    }
-
-    #[test]
-    fn write_read_remove() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let seq = spool.write(&key("ls"), 2, b"payload").unwrap();
-        let batch = spool.read(seq).unwrap();
-        assert_eq!(batch.header.key.logstore, "ls");
-        assert_eq!(batch.header.records, 2);
-        assert_eq!(&batch.log_group[..], b"payload");
-        assert!(spool.usage().0 > 7);
-        spool.remove(seq).unwrap();
-        assert_eq!(spool.usage().0, 0);
-        assert_eq!(spool.first(), None);
-    }
-
-    #[test]
-    fn reopen_finds_batches_and_drops_temp_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let first = spool.write(&key("a1"), 1, b"one").unwrap();
-        let second = spool.write(&key("b1"), 1, b"two").unwrap();
-        drop(spool);
-        fs::write(dir.path().join("0000000000000009.tmp"), b"partial").unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(spool.first(), Some(first));
-        assert_eq!(spool.usage().1, 2);
-        assert!(!dir.path().join("0000000000000009.tmp").exists());
-        let third = spool.write(&key("c1"), 1, b"three").unwrap();
-        assert!(third > second);
-    }
-
-    #[test]
-    fn damaged_file_reads_as_invalid_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let seq = spool.write(&key("ls"), 1, b"x").unwrap();
-        fs::write(spool.batch_path(seq), b"garbage").unwrap();
-        let err = spool.read(seq).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        let moved = spool.quarantine(seq).unwrap();
-        assert!(moved.exists());
-        assert_eq!(spool.first(), None);
-    }
-
-    #[test]
-    fn room_follows_the_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 4000).unwrap();
-        assert!(spool.has_room(4000 - FILE_OVERHEAD_BYTES));
-        assert!(!spool.has_room(4001 - FILE_OVERHEAD_BYTES));
-        spool.write(&key("ls"), 1, &[0u8; 100]).unwrap();
-        let used = spool.usage().0;
-        assert!(used > 100);
-        assert!(spool.has_room(4000 - used - FILE_OVERHEAD_BYTES));
-        assert!(!spool.has_room(4001 - used - FILE_OVERHEAD_BYTES));
-    }
-
-    fn encoded(ids: &[u32]) -> Vec<u8> {
-        let logs = ids
-            .iter()
-            .map(|id| Log {
-                time: *id,
-                contents: vec![],
-                time_ns: None,
-            })
-            .collect();
-        LogGroup {
-            logs,
-            topic: Some(String::new()),
-            ..LogGroup::default()
-        }
-        .encode_to_vec()
-    }
-
-    #[test]
-    fn plan_merges_one_group_within_limits() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let a1 = spool.write(&key("aa"), 2, &encoded(&[1, 2])).unwrap();
-        let b1 = spool.write(&key("bb"), 1, &encoded(&[3])).unwrap();
-        let a2 = spool.write(&key("aa"), 1, &encoded(&[4])).unwrap();
-        let a3 = spool.write(&key("aa"), 2, &encoded(&[5, 6])).unwrap();
-
-        let plan = spool.plan(1 << 20, 3).unwrap();
-        assert_eq!(plan.seqs, vec![a1, a2], "a3 would pass 3 records");
-        assert!(plan.full);
-        let merged = spool.read_merged(&plan.seqs).unwrap();
-        assert_eq!(merged.header.records, 3);
-        let times: Vec<u32> = LogGroup::decode(merged.log_group)
-            .unwrap()
-            .logs
-            .iter()
-            .map(|log| log.time)
-            .collect();
-        assert_eq!(times, vec![1, 2, 4]);
-
-        let roomy = spool.plan(1 << 20, 100).unwrap();
-        assert_eq!(roomy.seqs, vec![a1, a2, a3]);
-        assert!(!roomy.full);
-        spool.remove(a1).unwrap();
-        spool.remove(a2).unwrap();
-        spool.remove(a3).unwrap();
-        assert_eq!(spool.plan(1 << 20, 100).unwrap().seqs, vec![b1]);
-    }
-
-    #[test]
-    fn merged_batch_encodes_like_one_group() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let group = |ids: &[u32]| LogGroup {
-            logs: ids
-                .iter()
-                .map(|id| Log {
-                    time: *id,
-                    contents: vec![],
-                    time_ns: Some(*id),
-                })
-                .collect(),
-            reserved: None,
-            topic: Some("topic".into()),
-            source: Some("10.0.0.1".into()),
-            log_tags: vec![LogTag {
-                key: "tenant".into(),
-                value: "t1".into(),
-            }],
-        };
-        let first = spool
-            .write(&key("aa"), 2, &group(&[1, 2]).encode_to_vec())
-            .unwrap();
-        let second = spool
-            .write(&key("aa"), 1, &group(&[3]).encode_to_vec())
-            .unwrap();
-        let merged = spool.read_merged(&[first, second]).unwrap();
-        assert_eq!(merged.header.records, 3);
-        assert_eq!(
-            merged.log_group.as_ref(),
-            group(&[1, 2, 3]).encode_to_vec().as_slice()
-        );
-    }
+fn with_seq(err: io::Error, action: &str, seq: u64) -> io::Error {
+    io::Error::new(
+        err.kind(),
+        format!("{action} spooled batch {seq:016x}: {err}"),
+    )
 }
+
+#[cfg(test)]
+mod tests;

@@ -86,8 +86,20 @@ pub async fn put_logs(request: &PutLogs<'_>, group: &LogGroup) -> reqwest::Respo
     send_raw(request, &raw).await
 }
 
+/// Sends `group` as a PutLogs request; a connection failure is an `Err`.
+pub async fn try_put_logs(
+    request: &PutLogs<'_>,
+    group: &LogGroup,
+) -> reqwest::Result<reqwest::Response> {
+    try_send_raw(request, &group.encode_to_vec()).await
+}
+
 /// Sends `raw` (an encoded LogGroup, or anything else) as a PutLogs body.
 pub async fn send_raw(request: &PutLogs<'_>, raw: &[u8]) -> reqwest::Response {
+    try_send_raw(request, raw).await.unwrap()
+}
+
+async fn try_send_raw(request: &PutLogs<'_>, raw: &[u8]) -> reqwest::Result<reqwest::Response> {
     let path = format!("/logstores/{}/shards/lb", request.logstore);
     let (body, compress_type) = match request.compression {
         Compression::Lz4 => (lz4_flex::block::compress(raw), Some("lz4")),
@@ -145,5 +157,5 @@ pub async fn send_raw(request: &PutLogs<'_>, raw: &[u8]) -> reqwest::Response {
     for (name, value) in &headers {
         builder = builder.header(name.as_str(), value.as_str());
     }
-    builder.body(body).send().await.unwrap()
+    builder.body(body).send().await
 }
