@@ -10,7 +10,7 @@ use super::frame::{FrameError, Request};
 
 /// Maximum number of arguments in one request, Redis's multibulk limit.
 pub const MAX_ARGS: usize = 1024 * 1024;
-/// Longest number in a `*` or `$` line: a sign and 19 digits.
+/// Maximum length of the number in a `*` or `$` line: a sign and 19 digits.
 const MAX_NUMBER_BYTES: usize = 20;
 
 const INVALID_COUNT: &str = "invalid multibulk length";

@@ -33,7 +33,7 @@ const KEY_OVERHEAD: usize = 112;
 /// Estimated heap bytes per cached reply beyond its reply and argument
 /// bytes: the reply record and the argument list.
 const REPLY_OVERHEAD: usize = 96;
-/// Most shapes (command and arguments) cached for one key. A new shape
+/// Maximum number of shapes (command and arguments) cached for one key. A new shape
 /// beyond this replaces the oldest, so a hash read field by field does not
 /// make lookups of its key scan a long list.
 const MAX_SHAPES_PER_KEY: usize = 32;
