@@ -33,9 +33,9 @@ const KEY_OVERHEAD: usize = 112;
 /// Estimated heap bytes per cached reply beyond its reply and argument
 /// bytes: the reply record and the argument list.
 const REPLY_OVERHEAD: usize = 96;
-/// Maximum number of shapes (command and arguments) cached for one key. A new shape
-/// beyond this replaces the oldest, so a hash read field by field does not
-/// make lookups of its key scan a long list.
+/// Maximum number of shapes (command and arguments) cached for one key. A
+/// new shape beyond this replaces the oldest, so a hash read field by field
+/// does not make lookups of its key scan a long list.
 const MAX_SHAPES_PER_KEY: usize = 32;
 const MAX_SHARDS: usize = 16;
 /// Smallest byte budget of a shard when the cache is split.
