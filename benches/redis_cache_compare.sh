@@ -16,8 +16,11 @@
 # bounded by 50 requests per round trip; the delayed runs are therefore
 # also made with 10 clients.
 #
+# Each figure is the median of ROUNDS runs, the compared targets taking
+# turns so that background load hits them alike; the range follows it.
+#
 # Usage: benches/redis_cache_compare.sh [requests per loopback run, default
-# 200000] [requests per delayed run, default 50000]
+# 200000] [requests per delayed run, default 50000] [rounds, default 3]
 # Must run as root (namespaces). Needs redis-server, redis-tools, iproute2.
 # Everything it creates is removed at exit.
 set -euo pipefail
@@ -25,6 +28,7 @@ cd "$(dirname "$0")/.."
 
 REQUESTS=${1:-200000}
 DELAYED_REQUESTS=${2:-50000}
+ROUNDS=${3:-3}
 KEYS=1000
 DELAY_MICROS=1000
 WORK=$(mktemp -d /tmp/skiff-cache-bench-XXXXXX)
@@ -99,9 +103,14 @@ commands_processed() { # redis-cli arguments...
     "$@" info stats | tr -d '\r' | awk -F: '/^total_commands_processed:/ {print $2}'
 }
 
+# Prints "median (min-max)" of the numbers given.
+summary() { python3 -c "import statistics, sys; v = sorted(float(x) for x in sys.argv[1:]); print(f'{statistics.median(v):.0f} ({v[0]:.0f}-{v[-1]:.0f})')" "$@"; }
+median() { python3 -c "import statistics, sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
+
 ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'n/a')" "$1" "$2"; }
 
 echo "== loopback: redis-benchmark -t get -c 50 -r $KEYS -n $REQUESTS =="
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 REDIS=$(free_port)
 mkdir -p "$WORK/redis"
 redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no \
@@ -109,27 +118,48 @@ redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no \
 PIDS+=($!)
 wait_port 127.0.0.1 "$REDIS"
 fill_keys redis-cli -p "$REDIS"
-CACHED=$(free_port); UNCACHED=$(free_port)
+CACHED=$(free_port); CACHED_ONE=$(free_port); UNCACHED=$(free_port)
 skiff_config cached "127.0.0.1:$CACHED" "127.0.0.1:$REDIS" yes
+skiff_config cached-one "127.0.0.1:$CACHED_ONE" "127.0.0.1:$REDIS" yes
 skiff_config uncached "127.0.0.1:$UNCACHED" "127.0.0.1:$REDIS" no
 SKIFF_LOG=warn target/release/skiff --config "$WORK/cached.toml" >"$WORK/cached.log" 2>&1 &
 PIDS+=($!)
+# The same with one runtime thread: redis-benchmark keeps one of the
+# machine's cores busy, and Redis itself runs on one.
+SKIFF_WORKER_THREADS=1 SKIFF_LOG=warn target/release/skiff --config "$WORK/cached-one.toml" \
+    >"$WORK/cached-one.log" 2>&1 &
+PIDS+=($!)
 SKIFF_LOG=warn target/release/skiff --config "$WORK/uncached.toml" >"$WORK/uncached.log" 2>&1 &
 PIDS+=($!)
-wait_port 127.0.0.1 "$CACHED"; wait_port 127.0.0.1 "$UNCACHED"
-# Warm the cache: every key read once.
+wait_port 127.0.0.1 "$CACHED"; wait_port 127.0.0.1 "$CACHED_ONE"; wait_port 127.0.0.1 "$UNCACHED"
+# Warm the caches: every key read once.
 run_get 127.0.0.1 "$CACHED" 16 >/dev/null
+run_get 127.0.0.1 "$CACHED_ONE" 16 >/dev/null
 
-printf "%-6s %12s %12s %12s %10s %10s %16s\n" depth direct uncached cached cached/dir cached/unc "upstream cmds/req"
+echo "cached: default runtime threads ($(nproc)); cached-1t: SKIFF_WORKER_THREADS=1"
+echo "requests/s, median of $ROUNDS runs (min-max); ratios of medians"
 for depth in 1 16; do
-    direct=$(run_get 127.0.0.1 "$REDIS" "$depth")
-    uncached=$(run_get 127.0.0.1 "$UNCACHED" "$depth")
-    before=$(commands_processed redis-cli -p "$REDIS")
-    cached=$(run_get 127.0.0.1 "$CACHED" "$depth")
-    after=$(commands_processed redis-cli -p "$REDIS")
-    per_request=$(python3 -c "print(f'{($after - $before) / $REQUESTS:.4f}')")
-    printf "%-6s %12s %12s %12s %10s %10s %16s\n" "$depth" "$direct" "$uncached" "$cached" \
-        "$(ratio "$cached" "$direct")" "$(ratio "$cached" "$uncached")" "$per_request"
+    direct=(); uncached=(); cached=(); cached_one=(); upstream=()
+    for _ in $(seq "$ROUNDS"); do
+        direct+=("$(run_get 127.0.0.1 "$REDIS" "$depth")")
+        uncached+=("$(run_get 127.0.0.1 "$UNCACHED" "$depth")")
+        before=$(commands_processed redis-cli -p "$REDIS")
+        cached+=("$(run_get 127.0.0.1 "$CACHED" "$depth")")
+        cached_one+=("$(run_get 127.0.0.1 "$CACHED_ONE" "$depth")")
+        after=$(commands_processed redis-cli -p "$REDIS")
+        upstream+=($((after - before)))
+    done
+    total_upstream=$(python3 -c "import sys; print(sum(int(x) for x in sys.argv[1:]))" "${upstream[@]}")
+    per_request=$(python3 -c "print(f'{$total_upstream / (2 * $ROUNDS * $REQUESTS):.5f}')")
+    d=$(median "${direct[@]}"); u=$(median "${uncached[@]}")
+    c=$(median "${cached[@]}"); c1=$(median "${cached_one[@]}")
+    echo "depth $depth:"
+    echo "  direct     $(summary "${direct[@]}")"
+    echo "  uncached   $(summary "${uncached[@]}")"
+    echo "  cached     $(summary "${cached[@]}")"
+    echo "  cached-1t  $(summary "${cached_one[@]}")"
+    echo "  cached/direct $(ratio "$c" "$d")  cached-1t/direct $(ratio "$c1" "$d")  cached/uncached $(ratio "$c" "$u")"
+    echo "  upstream commands per request served with the cache on: $per_request ($total_upstream in all)"
 done
 
 echo
@@ -185,14 +215,21 @@ samples.sort(); print(f'{samples[len(samples) // 2] * 1000:.3f}')")
 echo "median PING round trip to Redis from skiff's namespace: $ping_ms ms"
 run_get 127.0.0.1 7001 16 50 "$REQUESTS" "$NS_APP" >/dev/null
 
-printf "%-8s %-6s %12s %12s %12s %10s\n" clients depth direct uncached cached cached/unc
+echo "requests/s, median of $ROUNDS runs (min-max); ratio of medians"
 for clients in 50 10; do
     for depth in 1 16; do
-        direct=$(run_get "$UP_HOST" "$UP_PORT" "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")
-        uncached=$(run_get 127.0.0.1 7002 "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")
-        cached=$(run_get 127.0.0.1 7001 "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")
-        printf "%-8s %-6s %12s %12s %12s %10s\n" "$clients" "$depth" "$direct" "$uncached" "$cached" \
-            "$(ratio "$cached" "$uncached")"
+        direct=(); uncached=(); cached=()
+        for _ in $(seq "$ROUNDS"); do
+            direct+=("$(run_get "$UP_HOST" "$UP_PORT" "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")")
+            uncached+=("$(run_get 127.0.0.1 7002 "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")")
+            cached+=("$(run_get 127.0.0.1 7001 "$depth" "$clients" "$DELAYED_REQUESTS" "$NS_APP")")
+        done
+        echo "$clients clients, depth $depth:"
+        echo "  direct     $(summary "${direct[@]}")"
+        echo "  uncached   $(summary "${uncached[@]}")"
+        echo "  cached     $(summary "${cached[@]}")"
+        echo "  cached/uncached $(ratio "$(median "${cached[@]}")" "$(median "${uncached[@]}")")"
     done
 done
-echo "(requests/s; $(nproc) cores shared by Redis, skiff, the proxy if any and redis-benchmark)"
+echo "($(nproc) cores shared by Redis, skiff, the proxy if any and redis-benchmark;"
+echo " load average after: $(cut -d' ' -f1-3 /proc/loadavg))"

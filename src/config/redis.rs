@@ -109,7 +109,9 @@ pub struct RedisConfig {
     /// Largest size of the near cache, in bytes: cached replies, their keys
     /// and an estimate of the bookkeeping per entry. Default 64 MiB. Used
     /// only when `[[redis.cache]]` lists a prefix. In TOML it goes before
-    /// the first `[[redis.cache]]` header.
+    /// the first `[[redis.cache]]` header. The bytes are split evenly over
+    /// up to 16 shards, and a reply larger than a quarter of a shard's
+    /// bytes (1 MiB with the defaults) is not cached.
     #[serde(default = "default_cache_max_bytes")]
     pub cache_max_bytes: usize,
     /// Largest number of replies the near cache holds. Default 100000.

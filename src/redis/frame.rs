@@ -9,8 +9,6 @@ use redis_protocol::resp3::types::BytesFrame as Resp3Frame;
 
 /// Maximum length of an inline (non-RESP) request line, as in Redis.
 const MAX_INLINE_BYTES: usize = 64 * 1024;
-/// Maximum number of arguments in one request, Redis's multibulk limit.
-const MAX_ARGS: usize = 1024 * 1024;
 
 /// RESP version a client or upstream connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,7 +61,7 @@ pub fn parse_request(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Requ
     loop {
         match buf.first() {
             None => return Ok(None),
-            Some(b'*') => match parse_array_request(buf, max_bytes)? {
+            Some(b'*') => match super::multibulk::parse(buf, max_bytes)? {
                 // Redis ignores an empty array without replying, so it must
                 // never reach a shared connection, where replies are
                 // matched to requests by count.
@@ -77,59 +75,6 @@ pub fn parse_request(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Requ
                 None => return Ok(None),
             },
         }
-    }
-}
-
-fn parse_array_request(
-    buf: &mut BytesMut,
-    max_bytes: usize,
-) -> Result<Option<Request>, FrameError> {
-    check_array_header(buf)?;
-    let decoded = resp2::decode_bytes_mut(buf)
-        .map_err(|err| FrameError::Invalid(format!("invalid request: {}", err.details())))?;
-    let Some((frame, _, raw)) = decoded else {
-        if buf.len() > max_bytes {
-            return Err(FrameError::TooLarge { limit: max_bytes });
-        }
-        return Ok(None);
-    };
-    if raw.len() > max_bytes {
-        return Err(FrameError::TooLarge { limit: max_bytes });
-    }
-    let items = match frame {
-        Resp2Frame::Array(items) => items,
-        // `*-1`, a null array, is ignored like an empty one.
-        Resp2Frame::Null => Vec::new(),
-        _ => {
-            let text = "expected '*', got something else";
-            return Err(FrameError::Invalid(text.into()));
-        }
-    };
-    let mut args = Vec::with_capacity(items.len());
-    for item in items {
-        match item {
-            Resp2Frame::BulkString(data) => args.push(data),
-            _ => {
-                return Err(FrameError::Invalid(
-                    "expected '$', got something else".into(),
-                ))
-            }
-        }
-    }
-    Ok(Some(Request { args, raw }))
-}
-
-/// Rejects an absurd argument count before buffering the request.
-fn check_array_header(buf: &[u8]) -> Result<(), FrameError> {
-    let Some(end) = buf.iter().position(|&b| b == b'\r') else {
-        return Ok(());
-    };
-    let count = std::str::from_utf8(&buf[1..end])
-        .ok()
-        .and_then(|text| text.parse::<i64>().ok());
-    match count {
-        Some(count) if count <= MAX_ARGS as i64 => Ok(()),
-        _ => Err(FrameError::Invalid("invalid multibulk length".into())),
     }
 }
 

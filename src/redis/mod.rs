@@ -10,6 +10,7 @@ mod fanout;
 pub mod frame;
 mod inline;
 mod local;
+mod multibulk;
 mod pool;
 mod pubsub;
 mod reload;

@@ -69,7 +69,7 @@ async fn read_single(
         args: &request.args[2..],
     };
     if let Some(reply) = store.get(&request.args[1], &shape, Instant::now()) {
-        store.metrics.hits.increment(1);
+        store.metrics.hit();
         return Pending::Ready(reply);
     }
     store.metrics.misses.increment(1);
@@ -243,7 +243,7 @@ async fn read_per_key(
         let one = || Request::from_args(vec![request.args[0].clone(), key.clone()]);
         let pending = match cached {
             Some((_, Some(hit))) => {
-                store.metrics.hits.increment(1);
+                store.metrics.hit();
                 parts.push((Pending::Ready(hit), true));
                 continue;
             }

@@ -33,11 +33,23 @@ const KEY_OVERHEAD: usize = 112;
 /// Estimated heap bytes per cached reply beyond its reply and argument
 /// bytes: the reply record and the argument list.
 const REPLY_OVERHEAD: usize = 96;
-/// Most shapes (command and arguments) cached for one key. A new shape
-/// beyond this replaces the oldest, so a hash read field by field does not
-/// make lookups of its key scan a long list.
+/// Maximum number of shapes (command and arguments) cached for one key. A
+/// new shape beyond this replaces the oldest, so a hash read field by field
+/// does not make lookups of its key scan a long list.
 const MAX_SHAPES_PER_KEY: usize = 32;
 const MAX_SHARDS: usize = 16;
+/// Smallest byte budget of a shard when the cache is split.
+const MIN_SHARD_BYTES: usize = 256 * 1024;
+/// Replies up to this size are copied out of the cache on a hit; larger
+/// ones share their buffer. Sharing costs two atomic reference count
+/// updates on a cache line that every worker thread touches for a hot
+/// key, which costs more than copying a small reply.
+const COPY_OUT_BYTES: usize = 512;
+
+/// A shard on cache lines of its own, so threads working on neighbouring
+/// shards do not contend for one line.
+#[repr(align(128))]
+struct Padded(Mutex<Shard>);
 
 /// The request a cached reply belongs to: the command and its arguments
 /// after the key, for one database and RESP version.
@@ -82,9 +94,13 @@ struct Cached {
 
 impl Cached {
     fn matches(&self, shape: &Shape<'_>) -> bool {
+        // Command names are the same static strings, so the pointer
+        // comparison usually settles it.
+        let same_command =
+            std::ptr::eq(self.command, shape.command) || self.command == shape.command;
         self.db == shape.db
             && self.protocol == shape.protocol
-            && self.command == shape.command
+            && same_command
             && *self.args == *shape.args
     }
 }
@@ -198,7 +214,7 @@ impl Shard {
 
 /// The sharded store with its limits.
 pub struct Store {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Padded]>,
     hasher: RandomState,
     slot_generations: Box<[AtomicU32]>,
     shard_max_bytes: usize,
@@ -212,13 +228,15 @@ impl Store {
     /// Splits `max_bytes` and `max_entries` evenly over the shards, so the
     /// totals never exceed them.
     pub fn new(max_bytes: usize, max_entries: usize) -> Store {
-        let count = (max_entries / 64).clamp(1, MAX_SHARDS);
+        let count = (max_entries / 64)
+            .min(max_bytes / MIN_SHARD_BYTES)
+            .clamp(1, MAX_SHARDS);
         let shards = (0..count)
             .map(|_| {
-                Mutex::new(Shard {
+                Padded(Mutex::new(Shard {
                     versions: vec![0; VERSIONS_PER_SHARD],
                     ..Shard::default()
-                })
+                }))
             })
             .collect();
         let slot_generations = (0..SLOT_COUNT).map(|_| AtomicU32::new(0)).collect();
@@ -249,13 +267,21 @@ impl Store {
     /// expired or its slot moved since it was stored.
     pub fn get(&self, key: &[u8], shape: &Shape<'_>, now: Instant) -> Option<Bytes> {
         let (index, _) = self.locate(key);
-        let mut shard = self.shards[index].lock();
+        let mut shard = self.shards[index].0.lock();
         let entry = shard.map.get_mut(key)?;
         let position = entry.replies.iter().position(|c| c.matches(shape))?;
         let cached = &entry.replies[position];
         if cached.deadline > now && cached.slot_generation == self.slot_generation(entry.slot) {
-            entry.referenced = true;
-            return Some(cached.reply.clone());
+            // Written only when it changes, so hits on a hot key leave its
+            // cache line shared between threads.
+            if !entry.referenced {
+                entry.referenced = true;
+            }
+            let reply = &cached.reply;
+            if reply.len() <= COPY_OUT_BYTES {
+                return Some(Bytes::copy_from_slice(reply));
+            }
+            return Some(reply.clone());
         }
         let mut removed = Removed::default();
         let mut index = 0;
@@ -281,7 +307,7 @@ impl Store {
     pub fn stamp(&self, key: &[u8], slot: u16, tracker: &Arc<Tracker>) -> Option<Stamp> {
         let tracker_epoch = tracker.epoch_if_up()?;
         let (index, bucket) = self.locate(key);
-        let shard = self.shards[index].lock();
+        let shard = self.shards[index].0.lock();
         Some(Stamp {
             shard: index,
             bucket,
@@ -311,7 +337,7 @@ impl Store {
             return Err(Skip::TooLarge);
         }
 
-        let mut shard = self.shards[stamp.shard].lock();
+        let mut shard = self.shards[stamp.shard].0.lock();
         let unchanged = shard.versions[stamp.bucket] == stamp.version
             && shard.epoch == stamp.epoch
             && self.slot_generation(stamp.slot) == stamp.slot_generation
@@ -387,7 +413,7 @@ impl Store {
         let (index, bucket) = self.locate(key);
         let mut removed = Removed::default();
         {
-            let mut shard = self.shards[index].lock();
+            let mut shard = self.shards[index].0.lock();
             shard.versions[bucket] += 1;
             shard.remove_key(key, &mut removed);
         }
@@ -399,7 +425,7 @@ impl Store {
     pub fn flush_all(&self) {
         let mut removed = Removed::default();
         for shard in self.shards.iter() {
-            let mut shard = shard.lock();
+            let mut shard = shard.0.lock();
             shard.epoch += 1;
             removed.entries += shard.entries;
             removed.bytes += shard.bytes;
@@ -417,7 +443,7 @@ impl Store {
     pub fn flush_node(&self, node: u32) {
         let mut removed = Removed::default();
         for shard in self.shards.iter() {
-            let mut shard = shard.lock();
+            let mut shard = shard.0.lock();
             let keys: Vec<Bytes> = shard
                 .map
                 .iter()
