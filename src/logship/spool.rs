@@ -3,7 +3,7 @@
 //! Each group commit appends its batches to the open segment with one
 //! write and one `fdatasync`, and a batch counts as accepted only after that
 //! returns. A segment is closed at a size (a sixteenth of `max_spool_bytes`,
-//! 4 KiB to 64 MiB) and deleted once a sink has acknowledged every batch in
+//! 4 KiB to 16 MiB) and deleted once a sink has acknowledged every batch in
 //! it. Acknowledgements of batches whose segment stays are appended as
 //! small frames without a sync, so a restart resends few delivered batches.
 //! Segments of 1 MiB or more are preallocated: when the open segment is
@@ -71,7 +71,7 @@ const TEMP_SUFFIX: &str = ".tmp";
 pub const BATCH_OVERHEAD_BYTES: u64 = 1024;
 /// Bounds of a segment's size.
 const MIN_SEGMENT_BYTES: u64 = 4096;
-const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+const MAX_SEGMENT_BYTES: u64 = 16 << 20;
 /// Segments this large or larger are preallocated.
 const PREALLOCATE_MIN_SEGMENT_BYTES: u64 = 1 << 20;
 /// Name of the spare segment while it is preallocated and waits for use;
