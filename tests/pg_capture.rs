@@ -137,8 +137,9 @@ async fn mirror_ships_committed_rows_only() {
     client.batch_execute("BEGIN").await.unwrap();
     client
         .execute(
-            "UPDATE workflow_node_executions SET status = $1, elapsed_time = $2 WHERE id = $3",
-            &[&"succeeded", &1.5f64, &uuid_param(ID1)],
+            "UPDATE workflow_node_executions SET status = $1, elapsed_time = $2, \
+             process_data = $3 WHERE id = $4",
+            &[&"succeeded", &1.5f64, &None::<&str>, &uuid_param(ID1)],
         )
         .await
         .unwrap();
@@ -158,6 +159,8 @@ async fn mirror_ships_committed_rows_only() {
     assert_eq!(update["__op__"], "update");
     assert_eq!(update["status"], "succeeded");
     assert_eq!(update["elapsed_time"], "1.5");
+    assert_eq!(update["process_data"], "", "set to NULL: an empty value");
+    assert!(!update.contains_key("title"), "not set: no key");
     assert!(update["log_version"] > insert["log_version"]);
     // Mirrored rows reach PostgreSQL as well.
     assert_eq!(rows_in_postgres(&setup.db), 1);

@@ -342,9 +342,17 @@ impl Batcher {
                 }
                 if self.held_bytes > max_held_bytes {
                     self.commit_all().await;
+                } else if self.sealed_bytes() >= 2 * max_bytes {
+                    // Sealed batches wait for the round's write only while
+                    // they are few, which keeps the memory of one write small.
+                    self.commit().await;
                 }
             }
         }
+    }
+
+    fn sealed_bytes(&self) -> usize {
+        self.sealed.iter().map(|batch| batch.encoded.len()).sum()
     }
 
     fn seal_oldest(&mut self) {
@@ -410,8 +418,8 @@ impl Batcher {
     /// allows, and completes their acks. A batch that does not fit waits
     /// (`block`) or fails (`reject`); batches before it are written first.
     async fn commit(&mut self) {
+        self.held_bytes -= self.sealed_bytes();
         let sealed = std::mem::take(&mut self.sealed);
-        self.held_bytes -= sealed.iter().map(|b| b.encoded.len()).sum::<usize>();
         let mut chunk: Vec<Sealed> = Vec::new();
         let mut chunk_bytes = 0u64;
         for batch in sealed {

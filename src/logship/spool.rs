@@ -3,29 +3,34 @@
 //! Each group commit appends its batches to the open segment with one
 //! write and one `fdatasync`, and a batch counts as accepted only after that
 //! returns. A segment is closed at a size (a sixteenth of `max_spool_bytes`,
-//! 4 KiB to 64 MiB) and deleted once a sink has acknowledged every batch in
+//! 4 KiB to 16 MiB) and deleted once a sink has acknowledged every batch in
 //! it. Acknowledgements of batches whose segment stays are appended as
 //! small frames without a sync, so a restart resends few delivered batches.
-//! Segments of 1 MiB or more are preallocated: a background thread writes
-//! the next one full of zeros and syncs it before it is needed, so syncing
-//! frames written over the zeros records no change of size or allocation.
+//! Segments of 1 MiB or more are preallocated: when the open segment is
+//! half full, the next one is made ready, so syncing frames later written
+//! over its old contents records no change of size or allocation. The next
+//! segment is a deleted segment's file when delivery emptied one of at
+//! least half the size meanwhile, else a new file that a background thread
+//! fills with zeros.
 //!
 //! Segment file `{id:016x}.seg`: the magic `SKIFFSG1`, then frames. A frame
-//! is a 4-byte little-endian body length, a CRC-32 (IEEE) of those 4 bytes
-//! and the body, then the body. The body's first byte is its kind:
+//! is a 4-byte body length, a CRC-32 (IEEE), the 8-byte id of its segment,
+//! then the body, all integers little-endian. The CRC covers the length,
+//! the id and the body, and the id tells frames left by a reused file's
+//! earlier use from this segment's own. The body's first byte is its kind:
 //!
 //! - batch: `seq` u64, `created_ns` u64, `records` u32, `logs_len` u32, key
 //!   length u32, the JSON [`GroupKey`], then the encoded `LogGroup`, whose
 //!   first `logs_len` bytes are its `logs` fields;
 //! - acknowledgement: a count u32, then that many `seq` u64.
 //!
-//! On start every segment is scanned, and zeros after the last frame are
-//! the unwritten part of a preallocated segment. The newest segment may end
-//! in a write that a crash interrupted. It is cut off at the first frame
-//! that does not check, because no source was told that frame was
-//! accepted. In an older segment, which was synced in full before the next
-//! one was created, such a frame is damage: the rest of the file is copied
-//! to `corrupt/` and the frames before it are kept.
+//! On start every segment is scanned. Its frames end at zeros of a
+//! preallocated file or at an intact frame of another segment. The newest
+//! segment may instead end in a write that a crash interrupted. It is cut
+//! off at the first frame that does not check, because no source was told
+//! that frame was accepted. In an older segment, which was synced in full
+//! before the next one was opened, such a frame is damage: the rest of the
+//! file is copied to `corrupt/` and the frames before it are kept.
 //!
 //! Spools written by earlier versions hold one file per batch,
 //! `{seq:016x}.batch`: the magic `SKIFFSP1`, a 4-byte big-endian header
@@ -66,7 +71,7 @@ const TEMP_SUFFIX: &str = ".tmp";
 pub const BATCH_OVERHEAD_BYTES: u64 = 1024;
 /// Bounds of a segment's size.
 const MIN_SEGMENT_BYTES: u64 = 4096;
-const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+const MAX_SEGMENT_BYTES: u64 = 16 << 20;
 /// Segments this large or larger are preallocated.
 const PREALLOCATE_MIN_SEGMENT_BYTES: u64 = 1 << 20;
 /// Name of the spare segment while it is preallocated and waits for use;
@@ -218,9 +223,9 @@ pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
-    /// Whether new segments are preallocated: written full of zeros and
-    /// synced ahead of need, so a later `fdatasync` of frames written over
-    /// the zeros has no file size or block allocation to record.
+    /// Whether new segments are preallocated: written to their full size
+    /// and synced ahead of need, so a later `fdatasync` of frames written
+    /// over the old contents has no file size or block allocation to record.
     preallocate: bool,
     spare: Mutex<Spare>,
     state: Mutex<State>,
@@ -312,7 +317,7 @@ impl Spool {
             encode_batch_frame(&mut frames, first_seq + i as u64, created_ns, batch)?;
             spans.push((start as u64, (frames.len() - start) as u32));
         }
-        let (segment, offset, file) = self.append(&frames, batches.len())?;
+        let (segment, offset, file) = self.append(&mut frames, &spans, batches.len())?;
         if let Err(err) = file.sync_data() {
             // What the failed sync left on disk is unknown: nothing more
             // goes to this segment, and these batches do not count.
@@ -473,12 +478,19 @@ impl Spool {
             (entry.location, file)
         };
         match (location, file) {
-            (Location::Frame { offset, len, .. }, Some(file)) => {
+            (
+                Location::Frame {
+                    segment,
+                    offset,
+                    len,
+                },
+                Some(file),
+            ) => {
                 let mut frame = vec![0u8; len as usize];
                 file.read_exact_at(&mut frame, offset)
                     .map_err(|err| with_seq(err, "read", seq))?;
                 let invalid = || with_seq(io::ErrorKind::InvalidData.into(), "check", seq);
-                let body_len = check_frame(&frame).ok_or_else(invalid)?;
+                let body_len = check_frame(&frame, segment).ok_or_else(invalid)?;
                 if body_len as usize + FRAME_HEADER_BYTES != frame.len() {
                     return Err(invalid());
                 }
@@ -522,7 +534,7 @@ impl Spool {
     /// that wait for room. A segment is deleted once all its batches are
     /// removed. Removals from segments that stay are appended to the active
     /// segment without a sync, so after a crash some may be sent again.
-    pub fn remove(&self, seqs: &[u64]) -> io::Result<()> {
+    pub fn remove(self: &Arc<Self>, seqs: &[u64]) -> io::Result<()> {
         let mut legacy = Vec::new();
         let mut deleted = Vec::new();
         {
@@ -538,18 +550,18 @@ impl Spool {
                         legacy.push(seq);
                     }
                     Location::Frame { segment, .. } => match state.release(segment) {
-                        Some(_) => deleted.push(segment),
+                        Some(seg) => deleted.push((segment, seg.disk)),
                         None => acks.push((segment, seq)),
                     },
                 }
             }
-            acks.retain(|(segment, _)| !deleted.contains(segment));
+            acks.retain(|(segment, _)| !deleted.iter().any(|(id, _)| id == segment));
             if !acks.is_empty() {
                 self.append_acks(&mut state, acks.iter().map(|(_, seq)| *seq));
             }
         }
-        for &segment in &deleted {
-            self.delete_segment(segment);
+        for (segment, disk) in deleted {
+            self.delete_segment(segment, disk);
         }
         let mut result = Ok(());
         for seq in legacy {
@@ -568,7 +580,7 @@ impl Spool {
     /// Moves a batch that cannot be parsed to `corrupt/` under the spool
     /// directory, so an operator can look at it, and drops it from the
     /// index. A batch in a segment is copied out as its frame.
-    pub fn quarantine(&self, seq: u64) -> io::Result<PathBuf> {
+    pub fn quarantine(self: &Arc<Self>, seq: u64) -> io::Result<PathBuf> {
         let location = self.state.lock().entries.get(&seq).map(|e| e.location);
         let target = match location {
             Some(Location::Frame {

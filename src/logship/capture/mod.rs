@@ -3,10 +3,13 @@
 //! (and, for the extended protocol, the Bind parameters). Pure functions, no I/O.
 //!
 //! Each record has one content per column written, in statement order.
-//! JSON columns keep their JSON text, and NULL and DEFAULT columns are left
-//! out. Then come `__table__`, `__op__` (`insert` or `update`) and
-//! `log_version`, the capture time in nanoseconds, so readers can keep the
-//! latest version per id.
+//! JSON columns keep their JSON text. SLS has no NULL, so a NULL column gets
+//! an empty value, for INSERT and UPDATE alike: an UPDATE that sets a column
+//! to NULL then differs from one that leaves it out, whose record lacks the
+//! key. DEFAULT columns are left out, because the value that PostgreSQL
+//! fills in is not in the statement. Then come `__table__`, `__op__`
+//! (`insert` or `update`) and `log_version`, the capture time in
+//! nanoseconds, so readers can keep the latest version per id.
 //!
 //! Use from the pooler:
 //! 1. [`Capture::new`] once from `[[logship.capture]]`.
@@ -254,7 +257,8 @@ impl CapturePlan {
             for (column, value) in row {
                 let text = match value {
                     Value::Literal(text) => Some(text.clone()),
-                    Value::Null | Value::Default => None,
+                    Value::Null => Some(String::new()),
+                    Value::Default => None,
                     Value::Now => Some(now_text(now_ns)),
                     Value::Param(n) => {
                         let param = params.get(n - 1).ok_or(CaptureError::MissingParam(*n))?;
@@ -262,7 +266,8 @@ impl CapturePlan {
                         if slot.is_none() {
                             *slot = Some(binary::param_text(*n, param)?);
                         }
-                        slot.clone().flatten()
+                        // A NULL parameter is NULL too.
+                        Some(slot.clone().flatten().unwrap_or_default())
                     }
                 };
                 if let Some(text) = text {

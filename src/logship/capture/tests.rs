@@ -67,14 +67,14 @@ fn psycopg2_node_insert() {
     assert_eq!(get(record, "created_at"), Some("2024-05-01T10:00:00"));
     assert_eq!(
         get(record, "process_data"),
-        None,
-        "NULL columns are left out"
+        Some(""),
+        "a NULL column has an empty value"
     );
     assert_eq!(get(record, "__table__"), Some("workflow_node_executions"));
     assert_eq!(get(record, "__op__"), Some("insert"));
     assert_eq!(get(record, "log_version"), Some("1714557600123456789"));
     assert_eq!(keys(record)[0], "id");
-    assert_eq!(keys(record).len(), 23 - 5 + 3);
+    assert_eq!(keys(record).len(), 23 + 3);
 }
 
 #[test]
@@ -152,7 +152,7 @@ fn pgx_insert_with_binary_params() {
     );
     assert_eq!(get(record, "elapsed_time"), Some("0.25"));
     assert_eq!(get(record, "created_at"), Some("2024-05-05 00:00:00"));
-    assert_eq!(get(record, "error"), None);
+    assert_eq!(get(record, "error"), Some(""), "a NULL parameter");
 
     let short = [params[0], params[1]];
     assert_eq!(
@@ -165,6 +165,36 @@ fn pgx_insert_with_binary_params() {
         plan.records(&bad, NOW_NS),
         Err(CaptureError::InvalidParam { index: 2, .. })
     ));
+}
+
+#[test]
+fn update_to_null_differs_from_untouched_column() {
+    let sql = "UPDATE workflow_node_executions SET error = NULL, status = 'failed', \
+               finished_at = DEFAULT WHERE id = 'n1'";
+    let captured = capture().capture_query("dify", sql, NOW_NS).unwrap();
+    let record = &captured[0].1[0];
+    assert_eq!(get(record, "error"), Some(""), "set to NULL");
+    assert_eq!(get(record, "status"), Some("failed"));
+    assert_eq!(get(record, "outputs"), None, "not touched");
+    assert_eq!(get(record, "finished_at"), None, "DEFAULT: value unknown");
+
+    let plan = capture()
+        .prepare(
+            "dify",
+            "UPDATE workflow_node_executions SET outputs = $1, status = $2 WHERE id = $3",
+        )
+        .unwrap()
+        .expect("captured table");
+    let text = |value: Option<&'static [u8]>| Param {
+        type_oid: 0,
+        format: Format::Text,
+        value,
+    };
+    let params = [text(None), text(Some(b"succeeded")), text(Some(b"n1"))];
+    let record = &plan.records(&params, NOW_NS).unwrap()[0];
+    assert_eq!(keys(record)[..3], ["id", "outputs", "status"]);
+    assert_eq!(get(record, "outputs"), Some(""), "NULL parameter");
+    assert_eq!(get(record, "error"), None);
 }
 
 #[test]

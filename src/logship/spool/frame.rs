@@ -1,14 +1,19 @@
-//! Frames of a segment: a 4-byte little-endian body length, a CRC-32
-//! (IEEE) of those 4 bytes and the body, then the body, whose first byte is
-//! its kind. The layout of each kind is in the spool module's documentation.
+//! Frames of a segment: a 4-byte body length, a CRC-32 (IEEE), the 8-byte
+//! id of the segment the frame was written to, then the body, whose first
+//! byte is its kind. The CRC covers the length, the id and the body, and
+//! all integers are little-endian. The layout of each kind is in the spool
+//! module's documentation.
+//!
+//! The id distinguishes a frame from one left by an earlier use of a reused
+//! segment file, which is intact but names another segment.
 
 use std::io::{self, Read};
 
 use super::NewBatch;
 use crate::logship::record::{now_ns, GroupKey};
 
-/// Body length and CRC in front of every frame.
-pub(super) const FRAME_HEADER_BYTES: usize = 8;
+/// Body length, CRC and segment id in front of every frame.
+pub(super) const FRAME_HEADER_BYTES: usize = 16;
 /// A batch body before its key: kind, seq, created_ns, records, logs_len,
 /// key length.
 pub(super) const BATCH_FIXED_BYTES: usize = 1 + 8 + 8 + 4 + 4 + 4;
@@ -17,7 +22,8 @@ pub(super) const MAX_FRAME_BODY_BYTES: u32 = 16 << 20;
 pub(super) const KIND_BATCH: u8 = 1;
 pub(super) const KIND_ACKS: u8 = 2;
 
-/// Appends a batch frame to `out`.
+/// Appends a batch frame to `out`, with its header left for
+/// [`seal_frame_at`] to fill in.
 pub(super) fn encode_batch_frame(
     out: &mut Vec<u8>,
     seq: u64,
@@ -44,11 +50,11 @@ pub(super) fn encode_batch_frame(
             "batch too large for a spool frame",
         ));
     }
-    seal_frame_at(out, start);
     Ok(())
 }
 
-/// Encodes an acknowledgement frame for `seqs`.
+/// Encodes an acknowledgement frame for `seqs`, with its header left for
+/// [`seal_frame_at`] to fill in.
 pub(super) fn encode_ack_frame(seqs: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
     let mut frame = vec![0u8; FRAME_HEADER_BYTES];
     frame.push(KIND_ACKS);
@@ -56,58 +62,108 @@ pub(super) fn encode_ack_frame(seqs: impl ExactSizeIterator<Item = u64>) -> Vec<
     for seq in seqs {
         frame.extend_from_slice(&seq.to_le_bytes());
     }
-    seal_frame_at(&mut frame, 0);
     frame
 }
 
-/// Fills in the length and CRC of the frame from `start` to the end.
-pub(super) fn seal_frame_at(buf: &mut [u8], start: usize) {
-    let body_len = (buf.len() - start - FRAME_HEADER_BYTES) as u32;
+/// Fills in the header of the frame from `start` to `end` of `buf` for
+/// segment `segment`.
+pub(super) fn seal_frame_at(buf: &mut [u8], start: usize, end: usize, segment: u64) {
+    let body_len = (end - start - FRAME_HEADER_BYTES) as u32;
     buf[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
-    let crc = frame_crc(&buf[start..start + 4], &buf[start + FRAME_HEADER_BYTES..]);
+    buf[start + 8..start + 16].copy_from_slice(&segment.to_le_bytes());
+    let crc = frame_crc(&buf[start..start + 4], &buf[start + 8..end]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-pub(super) fn frame_crc(len: &[u8], body: &[u8]) -> u32 {
+/// CRC of a frame: over its length field, then its segment id and body.
+fn frame_crc(len: &[u8], segment_and_body: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(len);
-    hasher.update(body);
+    hasher.update(segment_and_body);
     hasher.finalize()
 }
 
-/// Checks a whole frame's header and CRC; returns the body length.
-pub(super) fn check_frame(frame: &[u8]) -> Option<u32> {
-    let len = u32::from_le_bytes(frame.get(..4)?.try_into().ok()?);
-    let crc = u32::from_le_bytes(frame.get(4..8)?.try_into().ok()?);
-    let body = frame.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len as usize)?;
-    (len > 0 && frame_crc(&frame[..4], body) == crc).then_some(len)
+/// The fields of a frame header.
+struct Header {
+    len: u32,
+    crc: u32,
+    segment: u64,
 }
 
-/// Reads the frame at `offset` into `body`. Returns its body length, or
-/// `None` at the end of the file or at a frame that does not check.
+impl Header {
+    fn parse(bytes: &[u8; FRAME_HEADER_BYTES]) -> Header {
+        Header {
+            len: u32::from_le_bytes(bytes[..4].try_into().unwrap()),
+            crc: u32::from_le_bytes(bytes[4..8].try_into().unwrap()),
+            segment: u64::from_le_bytes(bytes[8..].try_into().unwrap()),
+        }
+    }
+
+    /// Checks the CRC against `body`.
+    fn matches(&self, body: &[u8]) -> bool {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&self.len.to_le_bytes());
+        hasher.update(&self.segment.to_le_bytes());
+        hasher.update(body);
+        hasher.finalize() == self.crc
+    }
+}
+
+/// Checks a whole frame read back from segment `segment`; returns the body
+/// length.
+pub(super) fn check_frame(frame: &[u8], segment: u64) -> Option<u32> {
+    let header = Header::parse(frame.get(..FRAME_HEADER_BYTES)?.try_into().ok()?);
+    let body = frame.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + header.len as usize)?;
+    let valid = header.len > 0 && header.segment == segment && header.matches(body);
+    valid.then_some(header.len)
+}
+
+/// Contents found at a frame position of a segment.
+pub(super) enum FrameRead {
+    /// A frame of this segment whose body, this many bytes, is now in the
+    /// body buffer.
+    Frame(u32),
+    /// The end of the file, or a header of zeros as a preallocated file
+    /// has after its last frame.
+    End { zeros: bool },
+    /// An intact frame of another segment, left by an earlier use of the
+    /// file: this segment's frames ended before it.
+    Stale,
+    /// Bytes that are no intact frame: a torn write or damage.
+    Invalid,
+}
+
+/// Reads the frame at `offset` of segment `segment` into `body`.
 pub(super) fn read_frame(
     reader: &mut impl Read,
+    segment: u64,
     offset: u64,
     file_len: u64,
     body: &mut Vec<u8>,
-) -> io::Result<Option<u32>> {
+) -> io::Result<FrameRead> {
+    if offset == file_len {
+        return Ok(FrameRead::End { zeros: false });
+    }
     if offset + FRAME_HEADER_BYTES as u64 > file_len {
-        return Ok(None);
+        return Ok(FrameRead::Invalid);
     }
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    reader.read_exact(&mut header)?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    let end = offset + FRAME_HEADER_BYTES as u64 + u64::from(len);
-    if len == 0 || len > MAX_FRAME_BODY_BYTES || end > file_len {
-        return Ok(None);
+    let mut bytes = [0u8; FRAME_HEADER_BYTES];
+    reader.read_exact(&mut bytes)?;
+    if bytes == [0u8; FRAME_HEADER_BYTES] {
+        return Ok(FrameRead::End { zeros: true });
     }
-    body.resize(len as usize, 0);
+    let header = Header::parse(&bytes);
+    let end = offset + FRAME_HEADER_BYTES as u64 + u64::from(header.len);
+    if header.len == 0 || header.len > MAX_FRAME_BODY_BYTES || end > file_len {
+        return Ok(FrameRead::Invalid);
+    }
+    body.resize(header.len as usize, 0);
     reader.read_exact(body)?;
-    if frame_crc(&header[..4], body) != crc || !body_is_well_formed(body) {
-        return Ok(None);
-    }
-    Ok(Some(len))
+    Ok(match (header.matches(body), header.segment == segment) {
+        (true, true) if body_is_well_formed(body) => FrameRead::Frame(header.len),
+        (true, false) => FrameRead::Stale,
+        _ => FrameRead::Invalid,
+    })
 }
 
 /// Checks that a body whose CRC matched has the fields its kind needs.

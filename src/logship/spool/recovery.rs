@@ -12,7 +12,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::frame::{
-    parse_ack_body, parse_batch_body, read_frame, FRAME_HEADER_BYTES, KIND_ACKS, KIND_BATCH,
+    parse_ack_body, parse_batch_body, read_frame, FrameRead, FRAME_HEADER_BYTES, KIND_ACKS,
+    KIND_BATCH,
 };
 use super::legacy::index_legacy;
 use super::{
@@ -148,7 +149,11 @@ impl Spool {
         let mut offset = SEGMENT_MAGIC.len() as u64;
         let mut body = Vec::new();
         let mut live = 0usize;
-        while let Some(len) = read_frame(&mut reader, offset, file_len, &mut body)? {
+        let end = loop {
+            let len = match read_frame(&mut reader, id, offset, file_len, &mut body)? {
+                FrameRead::Frame(len) => len,
+                other => break other,
+            };
             let frame_len = FRAME_HEADER_BYTES as u32 + len;
             match body[0] {
                 KIND_BATCH => {
@@ -174,10 +179,16 @@ impl Spool {
                 _ => {}
             }
             offset += u64::from(frame_len);
-        }
+        };
         drop(reader);
-        if offset < file_len && is_zero(&file, offset, file_len)? {
-            // The unwritten rest of a preallocated segment.
+        // After the last frame come zeros of a preallocated file, or frames
+        // of a recycled file's earlier use: neither is damage.
+        let clean = match end {
+            FrameRead::End { zeros } => !zeros || is_zero(&file, offset, file_len)?,
+            FrameRead::Stale => true,
+            FrameRead::Frame(_) | FrameRead::Invalid => false,
+        };
+        if offset < file_len && clean {
             file.set_len(offset)
                 .map_err(|err| with_path(err, "truncate", &path))?;
         } else if offset < file_len {

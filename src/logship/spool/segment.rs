@@ -4,26 +4,34 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
-use super::frame::encode_ack_frame;
+use super::frame::{encode_ack_frame, seal_frame_at};
 use super::{with_path, Segment, Spare, Spool, State, SEGMENT_MAGIC, SPARE_NAME};
 
 impl Spool {
     /// Appends `frames` holding `batches` batches to the active segment,
     /// opening a new one when there is none or the frames would take it
-    /// past its size. Returns the segment, the offset of the
-    /// frames and the file to sync.
+    /// past its size. `spans` are the offset and length of each frame in
+    /// `frames`, whose headers are filled in for the segment. Returns the
+    /// segment, the offset of the frames and the file to sync.
     pub(super) fn append(
         self: &Arc<Self>,
-        frames: &[u8],
+        frames: &mut [u8],
+        spans: &[(u64, u32)],
         batches: usize,
     ) -> io::Result<(u64, u64, Arc<File>)> {
         loop {
-            {
+            let (spare_ready, spare_none) = match *self.spare.lock() {
+                Spare::Ready(_) => (true, false),
+                Spare::Preparing => (false, false),
+                Spare::None => (false, true),
+            };
+            let written = {
                 // A segment that grows as it is written gives way to the
                 // spare as soon as that is ready.
-                let spare_ready = self.preallocate && matches!(*self.spare.lock(), Spare::Ready(_));
+                let spare_ready = self.preallocate && spare_ready;
                 let mut state = self.state.lock();
                 let active = state.active;
                 let seg = active.and_then(|id| state.segments.get_mut(&id));
@@ -35,6 +43,10 @@ impl Spool {
                             && !(grows && spare_ready))
                 });
                 if let (Some(id), Some(seg), true) = (active, seg, fits) {
+                    for &(start, len) in spans {
+                        let start = start as usize;
+                        seal_frame_at(frames, start, start + len as usize, id);
+                    }
                     let offset = seg.len;
                     if let Err(err) = seg.file.write_all_at(frames, offset) {
                         // Part of the frames may be in the file; the next
@@ -44,10 +56,22 @@ impl Spool {
                     }
                     let grown = seg.grow(frames.len() as u64);
                     seg.live += batches;
+                    let half_full = seg.len >= self.segment_bytes / 2;
                     let file = seg.file.clone();
                     state.total_bytes += grown;
-                    return Ok((id, offset, file));
+                    Some((id, offset, file, half_full))
+                } else {
+                    None
                 }
+            };
+            if let Some((id, offset, file, half_full)) = written {
+                // The next segment is usually one that delivery emptied
+                // meanwhile. Zeros are written for it only when none was
+                // emptied by the time this one is half full.
+                if half_full && spare_none {
+                    self.prepare_spare(None);
+                }
+                return Ok((id, offset, file));
             }
             // A segment just opened takes any frames, so this loops again
             // only when an acknowledgement write failed meanwhile.
@@ -57,7 +81,7 @@ impl Spool {
 
     /// Stops writing to `segment` after a failed sync and drops the
     /// `batches` batches appended to it last from its count.
-    pub(super) fn abandon_frames(&self, segment: u64, batches: usize) {
+    pub(super) fn abandon_frames(self: &Arc<Self>, segment: u64, batches: usize) {
         let deleted = {
             let mut state = self.state.lock();
             if state.active == Some(segment) {
@@ -69,8 +93,8 @@ impl Spool {
             }
             deleted
         };
-        if deleted.is_some() {
-            self.delete_segment(segment);
+        if let Some(seg) = deleted {
+            self.delete_segment(segment, seg.disk);
         }
     }
 
@@ -140,7 +164,6 @@ impl Spool {
             );
             state.active = Some(id);
         }
-        self.prepare_spare();
         Ok(())
     }
 
@@ -169,52 +192,70 @@ impl Spool {
 
     /// Starts preallocating the next segment on a thread of its own, when
     /// preallocation is on, no spare exists and the bound leaves room for
-    /// it and one more segment.
-    pub(super) fn prepare_spare(self: &Arc<Self>) {
+    /// it and one more segment. With `recycled`, the spare is that file of
+    /// a deleted segment, whose blocks are already written, else a new one.
+    /// Returns whether it started.
+    pub(super) fn prepare_spare(self: &Arc<Self>, recycled: Option<&Path>) -> bool {
         if !self.preallocate {
-            return;
+            return false;
         }
         let mut spare = self.spare.lock();
         if !matches!(*spare, Spare::None) {
-            return;
+            return false;
         }
         {
             let mut state = self.state.lock();
             if state.total_bytes + 2 * self.segment_bytes > self.max_bytes {
-                return;
+                return false;
             }
             state.total_bytes += self.segment_bytes;
+        }
+        let spare_path = self.dir.join(SPARE_NAME);
+        if let Some(path) = recycled {
+            if let Err(err) = fs::rename(path, &spare_path) {
+                tracing::warn!(file = %path.display(), error = %err,
+                    "cannot reuse a delivered spool segment");
+                drop(spare);
+                self.drop_spare();
+                return false;
+            }
         }
         *spare = Spare::Preparing;
         drop(spare);
         let spool = self.clone();
+        let fresh = recycled.is_none();
         let started = std::thread::Builder::new()
             .name("skiff-spool-prealloc".into())
-            .spawn(move || spool.fill_spare());
+            .spawn(move || spool.fill_spare(fresh));
         if let Err(err) = started {
             tracing::warn!(error = %err, "cannot start preallocating a spool segment");
+            let _ = fs::remove_file(&spare_path);
             self.drop_spare();
         }
+        true
     }
 
-    /// Writes the spare segment: the magic, then zeros up to the segment
-    /// size, synced. Blocking.
-    pub(super) fn fill_spare(&self) {
+    /// Makes the spare file the segment size with the magic in front and
+    /// zeros after whatever an earlier use left, and syncs it. A `fresh`
+    /// file starts empty. Blocking.
+    fn fill_spare(&self, fresh: bool) {
         let path = self.dir.join(SPARE_NAME);
         let filled = (|| {
-            let mut file = OpenOptions::new()
+            let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(fresh)
                 .open(&path)?;
-            file.write_all(SEGMENT_MAGIC)?;
+            let used = file.metadata()?.len().min(self.segment_bytes);
+            file.set_len(used)?;
+            file.write_all_at(SEGMENT_MAGIC, 0)?;
             let zeros = vec![0u8; 1 << 20];
-            let mut left = self.segment_bytes - SEGMENT_MAGIC.len() as u64;
-            while left > 0 {
-                let chunk = left.min(zeros.len() as u64) as usize;
-                file.write_all(&zeros[..chunk])?;
-                left -= chunk as u64;
+            let mut at = used.max(SEGMENT_MAGIC.len() as u64);
+            while at < self.segment_bytes {
+                let chunk = (self.segment_bytes - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..chunk], at)?;
+                at += chunk as u64;
             }
             file.sync_all()?;
             Ok::<File, io::Error>(file)
@@ -248,10 +289,12 @@ impl Spool {
     /// Appends an acknowledgement frame to the active segment when there
     /// is room for it under the bound. Not synced.
     pub(super) fn append_acks(&self, state: &mut State, seqs: impl ExactSizeIterator<Item = u64>) {
-        let frame = encode_ack_frame(seqs);
+        let mut frame = encode_ack_frame(seqs);
         let Some(id) = state.active else {
             return;
         };
+        let len = frame.len();
+        seal_frame_at(&mut frame, 0, len, id);
         let Some(seg) = state.segments.get_mut(&id) else {
             return;
         };
@@ -271,9 +314,14 @@ impl Spool {
         }
     }
 
-    /// Deletes the file of a segment that has left the index.
-    pub(super) fn delete_segment(&self, id: u64) {
+    /// Deletes the file of a segment that has left the index, or keeps it
+    /// as the next spare when at least half of it is written (`disk`
+    /// bytes), so that preparing it writes less than a new spare.
+    pub(super) fn delete_segment(self: &Arc<Self>, id: u64, disk: u64) {
         let path = self.segment_path(id);
+        if disk >= self.segment_bytes / 2 && self.prepare_spare(Some(&path)) {
+            return;
+        }
         if let Err(err) = fs::remove_file(&path) {
             if err.kind() != io::ErrorKind::NotFound {
                 tracing::error!(file = %path.display(), error = %err,

@@ -456,13 +456,16 @@ fn preallocated_segments_hold_records_across_restarts() {
         spool.wait_for_spare();
         assert_eq!(spool.usage().0, bytes_on_disk(dir.path()), "after {i}");
     }
-    assert!(files(dir.path(), ".seg").len() > 2);
-    assert!(
-        dir.path().join(SPARE_NAME).exists(),
-        "the next segment waits ready"
+    let segments = files(dir.path(), ".seg");
+    assert!(segments.len() > 2);
+    assert_eq!(
+        fs::metadata(segments.last().unwrap()).unwrap().len(),
+        16 * 1024,
+        "the newest segment is preallocated"
     );
     // Acknowledging some leaves holes that a restart must not fill.
     spool.remove(&seqs[..5]).unwrap();
+    spool.wait_for_spare();
     drop(spool);
 
     let spool = open(dir.path(), max);
@@ -490,7 +493,8 @@ fn torn_tail_before_preallocated_zeros_is_cut_off() {
     // b's frame was half on disk: keep its first bytes, zero the rest.
     let mut data = fs::read(&newest).unwrap();
     let b_end = data.iter().rposition(|&byte| byte != 0).unwrap() + 1;
-    let b_start = data.windows(8).rposition(|w| w == b.to_le_bytes()).unwrap() - 9;
+    let b_seq_at = data.windows(8).rposition(|w| w == b.to_le_bytes()).unwrap();
+    let b_start = b_seq_at - 1 - frame::FRAME_HEADER_BYTES;
     let middle = (b_start + b_end) / 2;
     data[middle..b_end].fill(0);
     fs::write(&newest, data).unwrap();
@@ -521,5 +525,55 @@ fn spare_segment_counts_against_the_bound() {
     assert!(
         spool.usage().0 <= 2 * 16 * 1024,
         "what is left is one segment and a spare"
+    );
+}
+
+#[test]
+fn emptied_segment_is_reused_as_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment_bytes = 16 * 1024;
+    let spool = open_preallocated(dir.path(), 1 << 20, segment_bytes);
+    let write = |byte: u8| {
+        let seq = spool.write(&key("ls"), 1, &[byte; 5000]).unwrap();
+        spool.wait_for_spare();
+        seq
+    };
+    // Write until a second segment exists.
+    let mut first = Vec::new();
+    while files(dir.path(), ".seg").len() < 2 {
+        first.push(write(5));
+    }
+    let emptied = files(dir.path(), ".seg").remove(0);
+    let kept = first.pop().unwrap();
+    spool.remove(&first).unwrap();
+    spool.wait_for_spare();
+    assert!(!emptied.exists());
+    let spare = dir.path().join(SPARE_NAME);
+    assert_eq!(fs::metadata(&spare).unwrap().len(), segment_bytes);
+    assert_eq!(spool.usage().0, bytes_on_disk(dir.path()));
+
+    // Write until the kept file is a segment again, its old frames after
+    // the new ones.
+    let mut more = Vec::new();
+    while spare.exists() {
+        assert!(more.len() < 10, "the spare is never used");
+        more.push(write(6));
+    }
+    let reused = files(dir.path(), ".seg").pop().unwrap();
+    assert_eq!(spool.read(*more.last().unwrap()).unwrap().log_group[0], 6);
+    drop(spool);
+
+    let spool = open(dir.path(), 1 << 20);
+    let plan = spool.plan(1 << 30, 100).unwrap();
+    let mut expected = vec![kept];
+    expected.extend(&more);
+    assert_eq!(
+        plan.seqs, expected,
+        "the reused file's old batches stay gone"
+    );
+    assert!(!dir.path().join("corrupt").exists());
+    assert!(
+        fs::metadata(&reused).unwrap().len() < segment_bytes,
+        "cut after its frames"
     );
 }
