@@ -386,3 +386,71 @@ async fn full_spool_answers_server_busy() {
     assert!(logs.len() >= accepted * 5);
     logship.shutdown().await;
 }
+
+/// Encodes a `LogGroup` by hand: each log as given, then the topic.
+fn raw_group(logs: &[&[u8]], topic: &str) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for log in logs {
+        raw.push(0x0a);
+        raw.push(log.len() as u8);
+        raw.extend_from_slice(log);
+    }
+    raw.push(0x1a);
+    raw.push(topic.len() as u8);
+    raw.extend_from_slice(topic.as_bytes());
+    raw
+}
+
+#[tokio::test]
+async fn logs_in_unusual_forms_are_forwarded() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let logship = harness::start(&ingest_config(dir.path(), &mock, "127.0.0.1:0", "")).await;
+    let request = PutLogs::new(logship.ingest_addr().unwrap(), "app_logs");
+    // time 7, time_ns before the content, then content {id: a}: sent on as is.
+    let plain: &[u8] = &[
+        0x08, 0x07, 0x25, 0x05, 0, 0, 0, 0x12, 0x07, 0x0a, 0x02, b'i', b'd', 0x12, 0x01, b'a',
+    ];
+    // No time, and an unknown field 3: decoded, so the time becomes 0.
+    let no_time: &[u8] = &[
+        0x12, 0x07, 0x0a, 0x02, b'i', b'd', 0x12, 0x01, b'b', 0x18, 0x01,
+    ];
+    // A content without its value: decoded, so the value becomes empty.
+    let no_value: &[u8] = &[0x08, 0x09, 0x12, 0x04, 0x0a, 0x02, b'i', b'd'];
+    for logs in [vec![plain], vec![plain, no_time], vec![no_value]] {
+        let response = send_raw(&request, &raw_group(&logs, "t")).await;
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    }
+    let logs = mock.wait_for_logs(4, Duration::from_secs(10)).await;
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+    let found: Vec<(u32, Option<u32>, Option<&str>)> = logs
+        .iter()
+        .map(|(_, log)| (log.time, log.time_ns, log.get("id")))
+        .collect();
+    assert!(found.contains(&(7, Some(5), Some("a"))), "{found:?}");
+    assert!(found.contains(&(0, Some(0), Some("b"))), "{found:?}");
+    assert!(found.contains(&(9, Some(0), Some(""))), "{found:?}");
+    let accepted = mock.accepted();
+    assert!(accepted
+        .iter()
+        .all(|group| group.group.topic.as_deref() == Some("t")));
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_log_is_rejected() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let logship = harness::start(&ingest_config(dir.path(), &mock, "127.0.0.1:0", "")).await;
+    let request = PutLogs::new(logship.ingest_addr().unwrap(), "app_logs");
+    let bad: &[u8] = &[0x08, 0x01, 0x12, 0x06, 0x0a, 0x01, 0xff, 0x12, 0x01, b'v'];
+    let (status, code, message) =
+        error_code(send_raw(&request, &raw_group(&[bad], "t")).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (400, "PostBodyInvalid"),
+        "{message}"
+    );
+    logship.shutdown().await;
+    assert!(mock.logs().is_empty());
+}

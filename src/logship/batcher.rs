@@ -75,7 +75,20 @@ struct Submission {
 /// submitting task keeps that work off the single batcher task.
 struct Run {
     key: GroupKey,
-    logs: Vec<Vec<u8>>,
+    /// The `logs` fields, back to back.
+    logs: Vec<u8>,
+    /// End offset of each log in `logs`.
+    ends: Vec<usize>,
+}
+
+/// Logs of one log group, already encoded as `logs` fields of a `LogGroup`,
+/// as a PutLogs request carries them.
+pub struct EncodedLogs {
+    pub key: GroupKey,
+    /// The `logs` fields, back to back.
+    pub logs: Vec<u8>,
+    /// End offset of each log in `logs`, in increasing order.
+    pub ends: Vec<usize>,
 }
 
 /// Completion of one submission: the result goes to the source once every
@@ -149,22 +162,49 @@ impl Shipper {
                 runs.push(Run {
                     key,
                     logs: Vec::new(),
+                    ends: Vec::new(),
                 });
                 log
             };
             let size = framed_len(&log);
-            if size > MAX_REQUEST_BYTES - GROUP_OVERHEAD_BYTES {
-                return Err(SubmitError::InvalidRecord(format!(
-                    "record of {size} bytes exceeds the {} byte limit of one request",
-                    MAX_REQUEST_BYTES - GROUP_OVERHEAD_BYTES
-                )));
-            }
+            check_log_size(size)?;
             total += size;
-            let mut encoded = Vec::with_capacity(size);
-            encode_log_field(&log, &mut encoded);
             let run = runs.last_mut().expect("every record belongs to a run");
-            run.logs.push(encoded);
+            run.logs.reserve(size);
+            encode_log_field(&log, &mut run.logs);
+            run.ends.push(run.logs.len());
         }
+        self.submit_runs(runs, total).await
+    }
+
+    /// Submits logs that are already encoded, such as those of a PutLogs
+    /// request, without decoding them again. The caller has checked that
+    /// each is a well-formed `Log`.
+    pub async fn submit_encoded(&self, logs: EncodedLogs) -> Result<(), SubmitError> {
+        if logs.ends.is_empty() {
+            return Ok(());
+        }
+        validate_logstore(&logs.key.logstore).map_err(SubmitError::InvalidRecord)?;
+        let mut start = 0;
+        for &end in &logs.ends {
+            if end <= start || end > logs.logs.len() {
+                return Err(SubmitError::InvalidRecord(
+                    "log boundaries out of order".into(),
+                ));
+            }
+            check_log_size(end - start)?;
+            start = end;
+        }
+        let total = logs.logs.len();
+        let run = Run {
+            key: logs.key,
+            logs: logs.logs,
+            ends: logs.ends,
+        };
+        self.submit_runs(vec![run], total).await
+    }
+
+    async fn submit_runs(&self, runs: Vec<Run>, total: usize) -> Result<(), SubmitError> {
         if self.on_full == OnFull::Reject && !self.spool.has_room(total as u64) {
             return Err(SubmitError::SpoolFull {
                 max_bytes: self.spool.max_bytes(),
@@ -182,6 +222,17 @@ impl Shipper {
             .map_err(|_| SubmitError::Closed)?;
         done.await.unwrap_or(Err(SubmitError::Closed))
     }
+}
+
+/// Rejects a log that cannot fit in one request with its group's fields.
+fn check_log_size(size: usize) -> Result<(), SubmitError> {
+    if size > MAX_REQUEST_BYTES - GROUP_OVERHEAD_BYTES {
+        return Err(SubmitError::InvalidRecord(format!(
+            "record of {size} bytes exceeds the {} byte limit of one request",
+            MAX_REQUEST_BYTES - GROUP_OVERHEAD_BYTES
+        )));
+    }
+    Ok(())
 }
 
 /// Records of one group waiting to be sealed.
@@ -288,11 +339,13 @@ impl Batcher {
         let max_bytes = self.limits.max_batch_bytes;
         let max_count = self.limits.max_batch_count.min(MAX_REQUEST_LOGS);
         let max_held_bytes = MAX_OPEN_BYTES.max(2 * max_bytes);
-        for Run { key, logs } in runs {
-            let mut logs = logs.into_iter().peekable();
-            while let Some(first) = logs.next() {
+        for Run { key, logs, ends } in runs {
+            let mut start = 0;
+            let mut next = 0;
+            while next < ends.len() {
+                let first_len = ends[next] - start;
                 let fits = |batch: &OpenBatch| {
-                    batch.logs.len() + first.len() <= max_bytes && batch.count < max_count
+                    batch.logs.len() + first_len <= max_bytes && batch.count < max_count
                 };
                 if !self.open.get(&key).is_some_and(fits) {
                     self.seal(&key);
@@ -318,24 +371,29 @@ impl Batcher {
                 {
                     batch.acks.push(ack.clone());
                 }
-                // The following records of the run go into the same batch
-                // without another lookup while no seal would be due.
-                let mut next = Some(first);
-                while let Some(log) = next.take() {
-                    batch.logs.extend_from_slice(&log);
-                    batch.count += 1;
-                    self.held_bytes += log.len();
-                    let full = batch.logs.len() >= max_bytes || batch.count >= max_count;
-                    let fits = |log: &&Vec<u8>| {
-                        !full
-                            && batch.logs.len() + log.len() <= max_bytes
-                            && batch.count < max_count
-                            && self.held_bytes + log.len() <= max_held_bytes
-                    };
-                    if logs.peek().is_some_and(|log| fits(&log)) {
-                        next = logs.next();
+                // The following logs of the run go into the same batch, in
+                // one copy, while no seal would be due.
+                let mut end = ends[next];
+                let mut count = 1;
+                next += 1;
+                while next < ends.len() {
+                    let added = end - start;
+                    let log_len = ends[next] - end;
+                    let full =
+                        batch.logs.len() + added >= max_bytes || batch.count + count >= max_count;
+                    let fits = batch.logs.len() + added + log_len <= max_bytes
+                        && self.held_bytes + added + log_len <= max_held_bytes;
+                    if full || !fits {
+                        break;
                     }
+                    end = ends[next];
+                    count += 1;
+                    next += 1;
                 }
+                batch.logs.extend_from_slice(&logs[start..end]);
+                batch.count += count;
+                self.held_bytes += end - start;
+                start = end;
                 let full = batch.logs.len() >= max_bytes || batch.count >= max_count;
                 if full {
                     self.seal(&key);
