@@ -557,3 +557,38 @@ async fn spool_of_older_format_delivered() {
         .collect();
     assert!(left.is_empty(), "batch files left: {left:?}");
 }
+
+#[tokio::test]
+async fn alternating_groups_stay_apart() {
+    let mock = MockSls::start(mock_config(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let logship = start(&sls_config(dir.path(), &mock.endpoint(), "", "")).await;
+    // One record per submit, from several tasks, switching between two
+    // groups of the same logstore that differ only in their topic.
+    let mut tasks = Vec::new();
+    for task in 0..4 {
+        let shipper = logship.shipper();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let index = task * 25 + i;
+                let mut record = node_record("nodes", index);
+                record.topic = if index % 2 == 0 { "even" } else { "odd" }.into();
+                shipper.submit(vec![record]).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let logs = mock.wait_for_logs(100, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&logs), expected_ids(0..100));
+    for accepted in mock.accepted() {
+        let topic = accepted.group.topic.clone().unwrap();
+        for log in &accepted.group.logs {
+            let index: usize = log.get("id").unwrap()[24..].parse().unwrap();
+            let expected = if index % 2 == 0 { "even" } else { "odd" };
+            assert_eq!(topic, expected, "record {index}");
+        }
+    }
+    logship.shutdown().await;
+}

@@ -63,6 +63,37 @@ pub struct Shipper {
     queue: mpsc::Sender<Submission>,
     spool: Arc<Spool>,
     on_full: OnFull,
+    /// The group key submitted last through any clone. Records of the same
+    /// group share it, so the batcher compares keys by address and the
+    /// strings of each record's key are freed by the source that made them.
+    recent_key: Arc<Mutex<Option<SharedKey>>>,
+}
+
+/// A group key shared between submissions. Equal keys are usually the same
+/// allocation, which makes comparing them cheap.
+#[derive(Clone, Debug)]
+struct SharedKey(Arc<GroupKey>);
+
+impl PartialEq for SharedKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for SharedKey {}
+
+impl std::ops::Deref for SharedKey {
+    type Target = GroupKey;
+
+    fn deref(&self) -> &GroupKey {
+        &self.0
+    }
+}
+
+impl std::hash::Hash for SharedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
 }
 
 struct Submission {
@@ -74,7 +105,7 @@ struct Submission {
 /// already encoded as a `logs` field of a `LogGroup`. Encoding on the
 /// submitting task keeps that work off the single batcher task.
 struct Run {
-    key: GroupKey,
+    key: SharedKey,
     /// The `logs` fields, back to back.
     logs: Vec<u8>,
     /// End offset of each log in `logs`.
@@ -140,6 +171,7 @@ impl Shipper {
             queue,
             spool,
             on_full: limits.on_full,
+            recent_key: Arc::new(Mutex::new(None)),
         };
         (shipper, task)
     }
@@ -154,18 +186,15 @@ impl Shipper {
         let mut total = 0usize;
         for record in records {
             let same_group = runs.last().is_some_and(|run| run.key.matches(&record));
-            let log = if same_group {
-                record.into_log()
-            } else {
+            if !same_group {
                 validate_logstore(&record.logstore).map_err(SubmitError::InvalidRecord)?;
-                let (key, log) = record.into_key_and_log();
                 runs.push(Run {
-                    key,
+                    key: self.shared_key(&record),
                     logs: Vec::new(),
                     ends: Vec::new(),
                 });
-                log
-            };
+            }
+            let log = record.into_log();
             let size = framed_len(&log);
             check_log_size(size)?;
             total += size;
@@ -197,11 +226,37 @@ impl Shipper {
         }
         let total = logs.logs.len();
         let run = Run {
-            key: logs.key,
+            key: self.share(logs.key),
             logs: logs.logs,
             ends: logs.ends,
         };
         self.submit_runs(vec![run], total).await
+    }
+
+    /// Returns the shared key of `record`'s group.
+    fn shared_key(&self, record: &Record) -> SharedKey {
+        let mut recent = self.recent_key.lock();
+        match recent.as_ref() {
+            Some(key) if key.matches(record) => key.clone(),
+            _ => {
+                let key = SharedKey(Arc::new(record.group_key()));
+                *recent = Some(key.clone());
+                key
+            }
+        }
+    }
+
+    /// Returns `key` as a shared key, the recent one when they are equal.
+    fn share(&self, key: GroupKey) -> SharedKey {
+        let mut recent = self.recent_key.lock();
+        match recent.as_ref() {
+            Some(shared) if *shared.0 == key => shared.clone(),
+            _ => {
+                let shared = SharedKey(Arc::new(key));
+                *recent = Some(shared.clone());
+                shared
+            }
+        }
     }
 
     async fn submit_runs(&self, runs: Vec<Run>, total: usize) -> Result<(), SubmitError> {
@@ -247,7 +302,7 @@ struct OpenBatch {
 
 /// A finished batch waiting for the round's spool write.
 struct Sealed {
-    key: GroupKey,
+    key: SharedKey,
     /// The encoded `LogGroup`: `logs_len` bytes of `logs` fields, then the
     /// group's own fields.
     encoded: Vec<u8>,
@@ -276,7 +331,7 @@ impl Drop for Sealed {
 struct Batcher {
     /// When the last "spool full" warning was logged.
     last_full_warning: Option<Instant>,
-    open: HashMap<GroupKey, OpenBatch>,
+    open: HashMap<SharedKey, OpenBatch>,
     /// Batches sealed since the last spool write.
     sealed: Vec<Sealed>,
     /// Sum of the encoded sizes of the batches in `open` and `sealed`.
@@ -327,7 +382,7 @@ impl Batcher {
 
     /// Seals every open batch and writes all sealed ones to the spool.
     async fn commit_all(&mut self) {
-        let keys: Vec<GroupKey> = self.open.keys().cloned().collect();
+        let keys: Vec<SharedKey> = self.open.keys().cloned().collect();
         for key in keys {
             self.seal(&key);
         }
@@ -446,7 +501,7 @@ impl Batcher {
     }
 
     /// Finishes one group's open batch and queues it for the next write.
-    fn seal(&mut self, key: &GroupKey) {
+    fn seal(&mut self, key: &SharedKey) {
         let Some((key, mut batch)) = self.open.remove_entry(key) else {
             return;
         };
