@@ -17,7 +17,7 @@ fn pg() -> &'static PgServer {
     support::postgres::shared()
 }
 
-/// A skiff config with one database on the shared server; `pool_size` is
+/// Builds a skiff config with one database on the shared server; `pool_size` is
 /// the only line the reload tests rewrite.
 fn config(listen: u16, admin: u16, db: &str, pool_size: usize) -> String {
     format!(

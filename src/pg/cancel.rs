@@ -37,7 +37,7 @@ pub struct ServerKey {
     pub tls: Option<ServerTls>,
 }
 
-/// What the admin console shows of a client, fixed at login.
+/// Client facts the admin console shows, fixed at login.
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: u64,
@@ -160,7 +160,8 @@ impl CancelRegistry {
 }
 
 impl CancelRegistry {
-    /// Every registered client with its state now, ordered by client id.
+    /// Returns every registered client with its state now, ordered by
+    /// client id.
     pub fn snapshot(&self) -> Vec<ClientSnapshot> {
         let slots: Vec<((i32, i32), Slot)> = self
             .clients

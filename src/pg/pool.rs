@@ -239,7 +239,7 @@ impl Pool {
         false
     }
 
-    /// The target new connections log in to.
+    /// Returns the target new connections log in to.
     pub fn target(&self) -> Arc<ServerTarget> {
         self.target.load_full()
     }
@@ -609,10 +609,11 @@ impl Pool {
     /// which are checked before they are handed out again.
     pub fn idle_unchecked_count(&self) -> usize {
         let now = Instant::now();
+        let check_delay = self.settings.load().check_delay;
         self.idle
             .lock()
             .iter()
-            .filter(|conn| now.duration_since(conn.last_used) >= self.settings.load().check_delay)
+            .filter(|conn| now.duration_since(conn.last_used) >= check_delay)
             .count()
     }
 

@@ -126,7 +126,7 @@ async fn run_command(pooler: &Pooler, sql: &str, out: &mut BytesMut) {
     }
 }
 
-/// What a command sends back.
+/// A command's response to the client.
 enum Reply {
     Table(Table),
     /// CommandComplete with this tag.
@@ -176,7 +176,7 @@ fn show(pooler: &Pooler, what: &str) -> Result<Table, AdminError> {
     })
 }
 
-/// Runs a command that changes state: `rest` holds its arguments in upper
+/// Runs a command that changes state: `rest` contains its arguments in upper
 /// case, `command` the original text, whose case database names keep.
 async fn act(
     pooler: &Pooler,

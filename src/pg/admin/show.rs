@@ -391,7 +391,7 @@ pub fn show_redis_nodes(pooler: &Pooler) -> Table {
     }
 }
 
-/// The log shipper's spool and sink, one key per row.
+/// Lists the log shipper's spool and sink, one key per row.
 pub fn show_logship(pooler: &Pooler) -> Table {
     let status = pooler
         .control()
