@@ -23,6 +23,7 @@ fn environment() -> BTreeMap<&'static str, &'static str> {
         ("REDIS_SENTINEL_2", "sentinel-2.internal:26379"),
         ("REDIS_SENTINEL_3", "sentinel-3.internal:26379"),
         ("REDIS_SENTINEL_SERVICE_NAME", "mymaster"),
+        ("REDIS_SENTINEL_PASSWORD", "preset-sentinel-password"),
         ("REDIS_CLUSTER_SEED_1", "redis-0.internal:6379"),
         ("REDIS_CLUSTER_SEED_2", "redis-1.internal:6379"),
         ("REDIS_CLUSTER_SEED_3", "redis-2.internal:6379"),

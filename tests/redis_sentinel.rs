@@ -103,3 +103,33 @@ async fn unknown_master_name_is_reported() {
     );
     drop(servers);
 }
+
+#[tokio::test]
+async fn sentinel_password_is_sent() {
+    let (primary, sentinel) = tokio::task::spawn_blocking(|| {
+        let primary = RedisServer::start(&[]);
+        let sentinel =
+            RedisServer::start_sentinel_with(primary.port, NAME, "requirepass sentinel-secret");
+        (primary, sentinel)
+    })
+    .await
+    .unwrap();
+
+    // Without the sentinels' password skiff learns no primary.
+    let skiff = Skiff::start(&sentinel_body(&sentinel, NAME)).await;
+    let mut client = skiff.raw().await;
+    assert_eq!(
+        client.call(&["GET", "k"]).await,
+        format!("-ERR no primary known for {NAME}: no sentinel reported one yet\r\n")
+    );
+    drop(skiff);
+
+    let body = format!(
+        "{}\nsentinel_password = \"sentinel-secret\"",
+        sentinel_body(&sentinel, NAME)
+    );
+    let skiff = Skiff::start(&body).await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["SET", "sentinel:auth", "1"]).await, "+OK\r\n");
+    assert_eq!(primary.cli(&["GET", "sentinel:auth"]).trim(), "1");
+}

@@ -172,10 +172,23 @@ fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
 /// The value is escaped for a TOML basic string, because references are
 /// written inside quoted strings. `$${` stands for a literal `${`. A missing
 /// variable is an error rather than an empty string, so a typo cannot turn
-/// into an empty password.
+/// into an empty password. Comment lines (first non-blank character `#`)
+/// are left as they are, so a commented-out setting may name a variable
+/// that is not set.
 fn expand_env(text: &str) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+        } else {
+            expand_env_line(line, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+fn expand_env_line(line: &str, out: &mut String) -> Result<(), String> {
+    let mut rest = line;
     while let Some(start) = rest.find("${") {
         if rest[..start].ends_with('$') {
             out.push_str(&rest[..start - 1]);
@@ -203,7 +216,7 @@ fn expand_env(text: &str) -> Result<String, String> {
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -236,6 +249,14 @@ mod tests {
     #[test]
     fn escaped_dollar_stays_literal() {
         assert_eq!(expand_env("a = \"$${X}\"").unwrap(), "a = \"${X}\"");
+    }
+
+    #[test]
+    fn env_reference_in_comment_line_is_kept() {
+        let text = "# password = \"${SKIFF_TEST_NOT_SET_ANYWHERE}\"\n  #x = ${Y}\na = 1\n";
+        assert_eq!(expand_env(text).unwrap(), text);
+        let err = expand_env("a = 1 # ${SKIFF_TEST_NOT_SET_ANYWHERE}").unwrap_err();
+        assert!(err.contains("SKIFF_TEST_NOT_SET_ANYWHERE"), "{err}");
     }
 
     #[test]

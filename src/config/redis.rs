@@ -50,6 +50,13 @@ pub struct RedisConfig {
     pub username: Option<String>,
     /// Upstream password.
     pub password: Option<String>,
+    /// ACL user name skiff sends to the sentinels (sentinel mode). The
+    /// servers' `username` is not used for sentinels, because sentinels
+    /// keep their own users.
+    pub sentinel_username: Option<String>,
+    /// Password skiff sends to the sentinels (sentinel mode), their
+    /// `requirepass`. Unset means sentinels are contacted without AUTH.
+    pub sentinel_password: Option<String>,
     /// Password clients must AUTH with; unset means no client auth.
     pub client_password: Option<String>,
     /// Largest request a client may send, in bytes. Default 512 MiB, Redis's
@@ -149,6 +156,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("username", &self.username)
             .field("password", &redact(&self.password))
             .field("client_password", &redact(&self.client_password))
+            .field("sentinel_username", &self.sentinel_username)
+            .field("sentinel_password", &redact(&self.sentinel_password))
             .field("max_request_bytes", &self.max_request_bytes)
             .field("max_reply_bytes", &self.max_reply_bytes)
             .field("client_queue_depth", &self.client_queue_depth)

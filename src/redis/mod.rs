@@ -81,7 +81,7 @@ impl RedisRouter {
         if config.mode == RedisMode::Sentinel {
             let sentinels = &config.nodes;
             let name = config.master_name.as_deref().unwrap_or_default();
-            let sentinel_settings = sentinel::sentinel_settings(&settings);
+            let sentinel_settings = sentinel::sentinel_settings(&settings, &config);
             match sentinel::discover(sentinels, name, &sentinel_settings).await {
                 Ok(nodes) => {
                     seed = nodes.primary.clone();

@@ -43,6 +43,11 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
         current.username != new.username || current.password != new.password,
     );
     note(
+        "sentinel_username and sentinel_password",
+        current.sentinel_username != new.sentinel_username
+            || current.sentinel_password != new.sentinel_password,
+    );
+    note(
         "connect_timeout",
         current.connect_timeout != new.connect_timeout,
     );
@@ -84,6 +89,8 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     applied.master_name = current.master_name.clone();
     applied.username = current.username.clone();
     applied.password = current.password.clone();
+    applied.sentinel_username = current.sentinel_username.clone();
+    applied.sentinel_password = current.sentinel_password.clone();
     applied.connect_timeout = current.connect_timeout;
     applied.max_reply_bytes = current.max_reply_bytes;
     applied.upstream_connections = current.upstream_connections;

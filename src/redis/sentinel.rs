@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::config::RedisConfig;
+
 use super::frame::{encode_command, error_text, Protocol, Value};
 use super::router::{Nodes, Router};
 use super::topology::host_port;
@@ -20,17 +22,16 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// triggers one lookup rather than one per command.
 const MIN_DISCOVERY_GAP: Duration = Duration::from_millis(250);
 
-/// Settings for connections to the sentinels themselves.
-///
-/// NOTE: sentinels are contacted without AUTH; `username` and `password`
-/// apply to the Redis servers only.
-pub fn sentinel_settings(settings: &ConnSettings) -> ConnSettings {
+/// Settings for connections to the sentinels themselves: the servers'
+/// settings with the sentinels' own credentials, which `[redis]` gives as
+/// `sentinel_username` and `sentinel_password`.
+pub fn sentinel_settings(settings: &ConnSettings, config: &RedisConfig) -> ConnSettings {
     ConnSettings {
         protocol: Protocol::Resp2,
         db: 0,
         readonly: false,
-        username: None,
-        password: None,
+        username: config.sentinel_username.clone(),
+        password: config.sentinel_password.clone(),
         ..settings.clone()
     }
 }
@@ -115,7 +116,7 @@ fn healthy_replica(entry: Value) -> Option<String> {
 
 /// Keeps the router's primary and replicas current until shutdown.
 pub async fn watch(router: Arc<Router>, settings: ConnSettings, shutdown: CancellationToken) {
-    let settings = sentinel_settings(&settings);
+    let settings = sentinel_settings(&settings, &router.config());
     let name = router.config().master_name.clone().unwrap_or_default();
     let sentinels = router.config().nodes.clone();
     let interval = router.config().topology_refresh_interval;
