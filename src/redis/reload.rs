@@ -1,4 +1,5 @@
-//! Applying a reloaded `[redis]` section to the running router.
+//! Applying a reloaded `[redis]` section to the running router of
+//! `[redis]`. Routes keep the settings they started with.
 
 use super::router::Nodes;
 use super::RedisRouter;
@@ -77,6 +78,9 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     );
     let standalone = current.mode == RedisMode::Standalone && new.mode == RedisMode::Standalone;
     note("nodes", !standalone && current.nodes != new.nodes);
+    // Each route has its own router, pools and topology tasks, built at
+    // start, so none of its settings changes while running.
+    note("[[redis.routes]]", current.routes != new.routes);
 
     let mut applied = new.clone();
     applied.listen = current.listen.clone();
@@ -97,5 +101,6 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     applied.tls = current.tls;
     applied.tls_ca_file = current.tls_ca_file.clone();
     applied.tls_server_name = current.tls_server_name.clone();
+    applied.routes = current.routes.clone();
     (applied, notes)
 }
