@@ -330,3 +330,25 @@ fn check_rejects_bad_routes() {
     let (ok, stderr) = skiff_check(&format!("{main}{good}"));
     assert!(ok, "{stderr}");
 }
+
+#[tokio::test]
+async fn client_tracking_covers_route_keys() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = prefix_skiff(&main, &route).await;
+    route.cli(&["SET", "celery-tracked", "1"]);
+    let mut client = skiff.raw().await;
+    client.protocol = Protocol::Resp3;
+    client.call(&["HELLO", "3"]).await;
+    assert_eq!(client.call(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
+    client
+        .read_until_tracked("celery-tracked", "$1\r\n1\r\n")
+        .await;
+    // A write straight to the route's server, not through skiff.
+    route.cli(&["SET", "celery-tracked", "2"]);
+    let push = client.read().await;
+    assert_eq!(
+        &push[..],
+        b">2\r\n$10\r\ninvalidate\r\n*1\r\n$14\r\ncelery-tracked\r\n"
+    );
+}

@@ -134,7 +134,7 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields)]
 pub struct RedisRoute {
     /// Name used in logs, metrics (`route` label) and `SHOW REDIS_NODES`.
-    /// Letters, digits, `-` and `_`; `main` names `[redis]` itself.
+    /// Letters, digits, `-` and `_`. The name `main` is reserved for `[redis]`.
     pub name: String,
     /// Database number whose clients this route serves: after `SELECT n`,
     /// every command of the client goes here, whatever its keys. Not 0,
@@ -159,7 +159,7 @@ pub struct RedisRoute {
     /// Upstream password.
     pub password: Option<String>,
     /// Database skiff selects on the route's upstream connections, whatever
-    /// the client selected. Default 0; a cluster route allows only 0.
+    /// the client selected. Default 0, the only value a cluster route allows.
     #[serde(default)]
     pub upstream_database: u32,
     /// TLS to this route's upstreams, as `tls` in `[redis]`.

@@ -1,7 +1,7 @@
 //! `[[redis.routes]]`: validation, and the `[redis]` settings each route's
 //! router is built from.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::redis::{validate_upstream, RedisConfig, RedisMode, RedisRoute, UpstreamFields};
 
@@ -32,12 +32,12 @@ impl RedisConfig {
 /// Checks every route, and the routes against each other and against
 /// `[redis]`.
 pub(super) fn validate_routes(config: &RedisConfig) -> Result<(), String> {
-    let mut names: HashMap<&str, ()> = HashMap::new();
+    let mut names: HashSet<&str> = HashSet::new();
     let mut databases: HashMap<u32, &str> = HashMap::new();
     let mut prefixes: Vec<(&str, &str)> = Vec::new();
     for route in &config.routes {
         validate_name(&route.name)?;
-        if names.insert(route.name.as_str(), ()).is_some() {
+        if !names.insert(route.name.as_str()) {
             return Err(format!(
                 "[[redis.routes]] name {:?} is used by two routes",
                 route.name
@@ -107,7 +107,7 @@ fn validate_route(section: &str, route: &RedisRoute) -> Result<(), String> {
         }
         _ => {}
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     for prefix in &route.prefixes {
         if prefix.is_empty() {
             return Err(format!(

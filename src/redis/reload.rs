@@ -104,3 +104,30 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     applied.routes = current.routes.clone();
     (applied, notes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_reload;
+    use crate::config::Config;
+
+    fn redis(text: &str) -> crate::config::RedisConfig {
+        Config::parse(text).unwrap().redis.unwrap()
+    }
+
+    #[test]
+    fn route_changes_wait_for_restart() {
+        let main = "[redis]\nnodes = [\"127.0.0.1:7000\"]\n";
+        let current = redis(&format!(
+            "{main}[[redis.routes]]\nname = \"celery\"\ndatabase = 1\nnodes = [\"127.0.0.1:7001\"]\n"
+        ));
+        let new = redis(&format!(
+            "{main}[[redis.routes]]\nname = \"celery\"\ndatabase = 2\nnodes = [\"127.0.0.1:7001\"]\n"
+        ));
+        let (applied, notes) = split_reload(&current, &new);
+        assert_eq!(
+            notes,
+            ["redis [[redis.routes]] changes apply after a restart"]
+        );
+        assert_eq!(applied.routes, current.routes);
+    }
+}
