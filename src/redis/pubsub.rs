@@ -137,6 +137,8 @@ impl Session {
                     Flow::Close => Some(RelayEnd::Close),
                 }
             }
+            // NOTE: a SUBSCRIBE here goes on this connection even when its
+            // channel starts with another [[redis.routes]] prefix.
             _ => match dedicated.conn.send(&request.raw).await {
                 Ok(()) => None,
                 Err(_) => Some(RelayEnd::Close),
