@@ -79,7 +79,7 @@ pub fn check(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Returns the `[redis]` section with its file paths resolved against the config
+/// Returns the `[redis]` section, routes included, with its file paths resolved against the config
 /// file's directory.
 fn redis_config_for(
     config: &Config,
@@ -88,6 +88,11 @@ fn redis_config_for(
     let mut redis = redis.clone();
     if let Some(file) = &redis.tls_ca_file {
         redis.tls_ca_file = Some(config.resolve_path(file).display().to_string());
+    }
+    for route in &mut redis.routes {
+        if let Some(file) = &route.tls_ca_file {
+            route.tls_ca_file = Some(config.resolve_path(file).display().to_string());
+        }
     }
     redis
 }

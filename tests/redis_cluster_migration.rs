@@ -111,10 +111,10 @@ async fn moved_after_setslot_is_followed() {
     let rendered = metrics.render();
     for series in [
         "skiff_redis_redirects_total{kind=\"moved\"}",
-        "skiff_redis_commands_total{role=\"primary\",outcome=\"ok\"}",
+        "skiff_redis_commands_total{role=\"primary\",outcome=\"ok\",route=\"main\"}",
         "skiff_redis_upstream_connections{node=\"127.0.0.1:",
         "skiff_redis_topology_refreshes_total",
-        "skiff_redis_command_duration_seconds_bucket{role=\"primary\",le=\"0.0005\"}",
+        "skiff_redis_command_duration_seconds_bucket{role=\"primary\",route=\"main\",le=\"0.0005\"}",
     ] {
         assert!(
             rendered.contains(series),

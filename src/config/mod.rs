@@ -7,6 +7,7 @@ pub mod duration;
 mod logship;
 mod postgres;
 mod redis;
+mod redis_routes;
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +20,8 @@ pub use postgres::{
     AuthType, ClientSslMode, PgAuthConfig, PgConfig, PgDatabase, PoolMode, ServerTlsSettings,
     SslMode,
 };
-pub use redis::{CacheRule, ReadFrom, RedisConfig, RedisMode};
+pub use redis::{CacheRule, ReadFrom, RedisConfig, RedisMode, RedisRoute};
+pub use redis_routes::MAIN_ROUTE;
 
 /// Failure to load or validate a config file.
 #[derive(Debug, thiserror::Error)]

@@ -128,6 +128,58 @@ pub struct RedisConfig {
     /// near cache. Empty (the default) turns the near cache off.
     #[serde(default)]
     pub cache: Vec<CacheRule>,
+    /// `[[redis.routes]]`: upstream groups other than this section's, each
+    /// serving a database number, key prefixes, or both. Empty by default.
+    #[serde(default)]
+    pub routes: Vec<RedisRoute>,
+}
+
+/// `[[redis.routes]]`: an upstream group of its own for the clients that
+/// SELECT `database`, and for commands whose keys start with one of
+/// `prefixes`. The limits and timeouts of `[redis]` apply to it too.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisRoute {
+    /// Name used in logs, metrics (`route` label) and `SHOW REDIS_NODES`.
+    /// Letters, digits, `-` and `_`. The name `main` is reserved for `[redis]`.
+    pub name: String,
+    /// Database number whose clients this route serves: after `SELECT n`,
+    /// every command of the client goes here, whatever its keys. Not 0,
+    /// which is `[redis]`'s.
+    pub database: Option<u32>,
+    /// Key prefixes, matched against the raw key bytes, whose commands go
+    /// here from clients of any database that is not a route's.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    /// Upstream topology, as in `[redis]`. Default `standalone`.
+    #[serde(default = "default_mode")]
+    pub mode: RedisMode,
+    /// Upstream addresses, as in `[redis]`.
+    pub nodes: Vec<String>,
+    /// Sentinel group name, required in sentinel mode.
+    pub master_name: Option<String>,
+    /// Read policy. Default `primary`.
+    #[serde(default = "default_read_from")]
+    pub read_from: ReadFrom,
+    /// Upstream ACL user name.
+    pub username: Option<String>,
+    /// Upstream password.
+    pub password: Option<String>,
+    /// ACL user name for the route's sentinels, as in `[redis]`.
+    pub sentinel_username: Option<String>,
+    /// Password for the route's sentinels, as in `[redis]`.
+    pub sentinel_password: Option<String>,
+    /// Database skiff selects on the route's upstream connections, whatever
+    /// the client selected. Default 0, the only value a cluster route allows.
+    #[serde(default)]
+    pub upstream_database: u32,
+    /// TLS to this route's upstreams, as `tls` in `[redis]`.
+    #[serde(default)]
+    pub tls: bool,
+    /// As `tls_ca_file` in `[redis]`.
+    pub tls_ca_file: Option<String>,
+    /// As `tls_server_name` in `[redis]`.
+    pub tls_server_name: Option<String>,
 }
 
 /// `[[redis.cache]]`: one key prefix whose reads the near cache serves.
@@ -174,72 +226,62 @@ impl std::fmt::Debug for RedisConfig {
             .field("cache_max_bytes", &self.cache_max_bytes)
             .field("cache_max_entries", &self.cache_max_entries)
             .field("cache", &self.cache)
+            .field("routes", &self.routes)
+            .finish()
+    }
+}
+
+/// Prints the route with its password replaced by `<redacted>`.
+impl std::fmt::Debug for RedisRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRoute")
+            .field("name", &self.name)
+            .field("database", &self.database)
+            .field("prefixes", &self.prefixes)
+            .field("mode", &self.mode)
+            .field("nodes", &self.nodes)
+            .field("master_name", &self.master_name)
+            .field("read_from", &self.read_from)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("sentinel_username", &self.sentinel_username)
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("upstream_database", &self.upstream_database)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_server_name", &self.tls_server_name)
             .finish()
     }
 }
 
 impl RedisConfig {
-    /// Strips `redis://` and `rediss://` from node addresses. `rediss://`
-    /// turns `tls` on; a group cannot mix the two.
+    /// Strips `redis://` and `rediss://` from node addresses, in `[redis]`
+    /// and in every route. `rediss://` turns `tls` on; a group cannot mix
+    /// the two.
     pub(super) fn normalize_nodes(&mut self) -> Result<(), String> {
-        let mut any_tls = false;
-        let mut any_plain = false;
-        for (index, node) in self.nodes.iter_mut().enumerate() {
-            let address = if let Some(rest) = node.strip_prefix("rediss://") {
-                any_tls = true;
-                rest
-            } else if let Some(rest) = node.strip_prefix("redis://") {
-                any_plain = true;
-                rest
-            } else {
-                continue;
-            };
-            let address = address.strip_suffix('/').unwrap_or(address);
-            if address.contains(['@', '/', '?']) {
-                // The address is not printed: it may contain a password.
-                return Err(format!(
-                    "[redis] nodes[{index}] has credentials, a database or options in its URL, \
-                     which skiff does not read; write rediss://host:port and set username \
-                     and password"
-                ));
-            }
-            *node = address.to_string();
+        normalize_nodes("[redis]", &mut self.nodes, &mut self.tls)?;
+        for route in &mut self.routes {
+            let section = format!("[[redis.routes]] {:?}", route.name);
+            normalize_nodes(&section, &mut route.nodes, &mut route.tls)?;
         }
-        if any_tls && any_plain {
-            return Err(
-                "[redis] nodes mix redis:// and rediss:// addresses; TLS applies to all \
-                 upstreams or to none"
-                    .into(),
-            );
-        }
-        if any_plain && self.tls {
-            return Err("[redis] nodes: redis:// addresses contradict tls = true".into());
-        }
-        self.tls |= any_tls;
         Ok(())
     }
 
     pub(super) fn validate(&self) -> Result<(), String> {
-        if self.nodes.is_empty() {
-            return Err("[redis] nodes must list at least one host:port".into());
-        }
-        for node in &self.nodes {
-            let port = node.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
-            if !matches!(port, Some(Ok(port)) if port > 0) {
-                return Err(format!(
-                    "[redis] nodes: invalid address {node:?}, expected host:port"
-                ));
-            }
-        }
-        if !self.tls && (self.tls_ca_file.is_some() || self.tls_server_name.is_some()) {
-            return Err(
-                "[redis] tls_ca_file and tls_server_name need tls = true (or rediss:// nodes)"
-                    .into(),
-            );
-        }
-        if self.mode == RedisMode::Sentinel && self.master_name.is_none() {
-            return Err("[redis] mode \"sentinel\" needs master_name".into());
-        }
+        validate_upstream(
+            "[redis]",
+            &UpstreamFields {
+                mode: self.mode,
+                nodes: &self.nodes,
+                master_name: self.master_name.as_deref(),
+                tls: self.tls,
+                tls_ca_file: self.tls_ca_file.as_deref(),
+                tls_server_name: self.tls_server_name.as_deref(),
+            },
+        )?;
         for (name, value) in [
             ("max_request_bytes", self.max_request_bytes),
             ("max_reply_bytes", self.max_reply_bytes),
@@ -254,7 +296,8 @@ impl RedisConfig {
                 return Err(format!("[redis] {name} must be at least 1"));
             }
         }
-        self.validate_cache()
+        self.validate_cache()?;
+        super::redis_routes::validate_routes(self)
     }
 
     fn validate_cache(&self) -> Result<(), String> {
@@ -275,6 +318,81 @@ impl RedisConfig {
         }
         Ok(())
     }
+}
+
+/// Strips `redis://` and `rediss://` from `nodes` of `section`, turning
+/// `tls` on for `rediss://`.
+fn normalize_nodes(section: &str, nodes: &mut [String], tls: &mut bool) -> Result<(), String> {
+    let mut any_tls = false;
+    let mut any_plain = false;
+    for (index, node) in nodes.iter_mut().enumerate() {
+        let address = if let Some(rest) = node.strip_prefix("rediss://") {
+            any_tls = true;
+            rest
+        } else if let Some(rest) = node.strip_prefix("redis://") {
+            any_plain = true;
+            rest
+        } else {
+            continue;
+        };
+        let address = address.strip_suffix('/').unwrap_or(address);
+        if address.contains(['@', '/', '?']) {
+            // The address is not printed: it may contain a password.
+            return Err(format!(
+                "{section} nodes[{index}] has credentials, a database or options in its URL, \
+                 which skiff does not read; write rediss://host:port and set username \
+                 and password"
+            ));
+        }
+        *node = address.to_string();
+    }
+    if any_tls && any_plain {
+        return Err(format!(
+            "{section} nodes mix redis:// and rediss:// addresses; TLS applies to all \
+             upstreams or to none"
+        ));
+    }
+    if any_plain && *tls {
+        return Err(format!(
+            "{section} nodes: redis:// addresses contradict tls = true"
+        ));
+    }
+    *tls |= any_tls;
+    Ok(())
+}
+
+/// The settings `[redis]` and each route use to reach their upstream.
+pub(super) struct UpstreamFields<'a> {
+    pub mode: RedisMode,
+    pub nodes: &'a [String],
+    pub master_name: Option<&'a str>,
+    pub tls: bool,
+    pub tls_ca_file: Option<&'a str>,
+    pub tls_server_name: Option<&'a str>,
+}
+
+/// Checks the node list, TLS settings and sentinel name of `section`.
+pub(super) fn validate_upstream(section: &str, fields: &UpstreamFields<'_>) -> Result<(), String> {
+    if fields.nodes.is_empty() {
+        return Err(format!("{section} nodes must list at least one host:port"));
+    }
+    for node in fields.nodes {
+        let port = node.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+        if !matches!(port, Some(Ok(port)) if port > 0) {
+            return Err(format!(
+                "{section} nodes: invalid address {node:?}, expected host:port"
+            ));
+        }
+    }
+    if !fields.tls && (fields.tls_ca_file.is_some() || fields.tls_server_name.is_some()) {
+        return Err(format!(
+            "{section} tls_ca_file and tls_server_name need tls = true (or rediss:// nodes)"
+        ));
+    }
+    if fields.mode == RedisMode::Sentinel && fields.master_name.is_none() {
+        return Err(format!("{section} mode \"sentinel\" needs master_name"));
+    }
+    Ok(())
 }
 
 fn default_listen() -> String {

@@ -8,6 +8,7 @@ use super::cache::ClientTracking;
 use super::frame::{Protocol, Request};
 use super::pool::ConnKey;
 use super::reply;
+use super::routes::MAIN;
 use super::session::{Flow, Outgoing, Session};
 use super::upstream::UpstreamError;
 
@@ -44,7 +45,7 @@ impl Session {
     }
 
     fn password_matches(&self, user: Option<&[u8]>, password: &[u8]) -> bool {
-        let config = self.router.config();
+        let config = self.routes.main().config();
         let user_known = match user {
             None => true,
             Some(user) => {
@@ -65,7 +66,7 @@ impl Session {
             3 => (Some(&args[1][..]), &args[2]),
             _ => return reply::error(&reply::wrong_arity("auth")),
         };
-        if user.is_none() && self.router.config().client_password.is_none() {
+        if user.is_none() && self.routes.main().config().client_password.is_none() {
             return reply::error(reply::NOPASS_CONFIGURED);
         }
         if self.password_matches(user, password) {
@@ -111,7 +112,7 @@ impl Session {
 
     fn hello_reply(&self) -> Bytes {
         let protocol = self.ctx.protocol;
-        let version = self.router.server_version.read().clone();
+        let version = self.routes.main().server_version.read().clone();
         let proto = if protocol == Protocol::Resp3 { 3 } else { 2 };
         let mut out = BytesMut::new();
         reply::put_map_header(&mut out, protocol, 7);
@@ -142,9 +143,24 @@ impl Session {
         else {
             return reply::error(reply::NOT_INTEGER);
         };
-        if self.router.is_cluster() {
+        // A route's database is accepted whatever [redis] is: the route's
+        // upstream database is fixed and checked when it connects.
+        let route = u32::try_from(db)
+            .ok()
+            .and_then(|db| self.routes.database_route(db));
+        if let Some(route) = route {
+            self.client_db = db as u32;
+            self.use_route(route);
+            return reply::ok();
+        }
+        let main = self.routes.main().clone();
+        if main.is_cluster() {
             return match db {
-                0 => reply::ok(),
+                0 => {
+                    self.client_db = 0;
+                    self.use_route(MAIN);
+                    reply::ok()
+                }
                 _ => reply::error(reply::SELECT_IN_CLUSTER),
             };
         }
@@ -153,7 +169,7 @@ impl Session {
         }
         // Opening the pooled connection for that database runs SELECT
         // upstream, which checks the index against the server's databases.
-        let addr = match self.router.primary() {
+        let addr = match main.primary() {
             Ok(addr) => addr,
             Err(error) => return error,
         };
@@ -162,14 +178,10 @@ impl Session {
             protocol: self.ctx.protocol,
             db: db as u32,
         };
-        match self
-            .router
-            .pool
-            .shared(&key, self.ctx.client_id as usize)
-            .await
-        {
+        match main.pool.shared(&key, self.ctx.client_id as usize).await {
             Ok(_) => {
-                self.ctx.db = db as u32;
+                self.client_db = db as u32;
+                self.use_route(MAIN);
                 reply::ok()
             }
             Err(UpstreamError::Handshake { message, .. }) => reply::error(&message),
@@ -229,7 +241,7 @@ impl Session {
         };
         format!(
             "id={} addr={} name={} db={} resp={}\n",
-            self.ctx.client_id, self.peer, name, self.ctx.db, resp
+            self.ctx.client_id, self.peer, name, self.client_db, resp
         )
     }
 
@@ -270,7 +282,11 @@ impl Session {
                     if self.send(Outgoing::Track(tracking.clone())).await == Flow::Close {
                         return Flow::Close;
                     }
-                    self.router.cache.track_client(tracking.clone());
+                    // Every router's cache, because a read may go to any
+                    // route and that route's servers report its changes.
+                    for router in self.routes.all() {
+                        router.cache.track_client(tracking.clone());
+                    }
                     self.tracking = Some(tracking);
                 }
                 self.reply(reply::ok()).await
@@ -305,9 +321,10 @@ impl Session {
         self.stop_tracking();
         self.transaction = None;
         self.name = None;
-        self.ctx.db = 0;
+        self.client_db = 0;
+        self.use_route(MAIN);
         self.ctx.protocol = Protocol::Resp2;
-        self.authenticated = self.router.config().client_password.is_none();
+        self.authenticated = self.routes.main().config().client_password.is_none();
         reply::simple("RESET")
     }
 

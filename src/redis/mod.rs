@@ -16,6 +16,7 @@ mod pubsub;
 mod reload;
 pub mod reply;
 mod router;
+mod routes;
 mod sentinel;
 mod session;
 pub mod slot;
@@ -37,109 +38,53 @@ use crate::config::{RedisConfig, RedisMode};
 use command::CommandTable;
 use frame::{encode_command, error_text, Protocol, Value};
 use router::Router;
+use routes::Routes;
 use upstream::{ConnSettings, RawConn};
 
-/// The Redis job: a listener and the router behind it.
+/// The Redis job: a listener and the routers behind it, of `[redis]` and of
+/// each `[[redis.routes]]` entry.
 pub struct RedisRouter {
+    /// The router of `[redis]`.
     router: Arc<Router>,
+    routes: Arc<Routes>,
     clients: Arc<Semaphore>,
 }
 
 impl RedisRouter {
     pub fn new(config: RedisConfig) -> Result<Arc<RedisRouter>, String> {
         let clients = Arc::new(Semaphore::new(config.max_clients));
-        let router = Arc::new(Router::new(config)?);
-        Ok(Arc::new(RedisRouter { router, clients }))
-    }
-
-    fn discovery_settings(&self) -> ConnSettings {
-        let config = self.router.config();
-        ConnSettings {
-            protocol: Protocol::Resp2,
-            db: 0,
-            readonly: false,
-            username: config.username.clone(),
-            password: config.password.clone(),
-            connect_timeout: config.connect_timeout,
-            max_reply_bytes: config.max_reply_bytes,
-            tls: self.router.pool.tls(),
-        }
-    }
-
-    /// Loads the slot map (cluster mode) and the command table. Failures are
-    /// logged, not fatal: the upstream may come up after skiff.
-    async fn load_upstream_state(&self) {
-        let settings = self.discovery_settings();
-        let mut seed = self.router.config().nodes[0].clone();
-        if let Some(cluster) = &self.router.cluster {
-            match cluster.refresh(&settings).await {
-                Ok(()) => seed = cluster.map().primaries().first().cloned().unwrap_or(seed),
-                Err(reason) => tracing::warn!(error = %reason, "cluster discovery failed"),
-            }
-        }
-        let config = self.router.config();
-        if config.mode == RedisMode::Sentinel {
-            let sentinels = &config.nodes;
-            let name = config.master_name.as_deref().unwrap_or_default();
-            let sentinel_settings = sentinel::sentinel_settings(&settings, &config);
-            match sentinel::discover(sentinels, name, &sentinel_settings).await {
-                Ok(nodes) => {
-                    seed = nodes.primary.clone();
-                    self.router.set_nodes(nodes);
-                }
-                Err(reason) => tracing::warn!(error = %reason, "sentinel discovery failed"),
-            }
-        }
-        match RawConn::connect(&seed, &settings).await {
-            Ok(mut conn) => self.load_from(&mut conn).await,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot load the command table; using the built-in one")
-            }
-        }
-    }
-
-    async fn load_from(&self, conn: &mut RawConn) {
-        if let Ok(reply) = conn.call(&encode_command(&["COMMAND"])).await {
-            let mut table = CommandTable::builtin();
-            let loaded = Value::decode(&reply, Protocol::Resp2)
-                .map(|value| table.merge_command_reply(value))
-                .unwrap_or(0);
-            tracing::info!(commands = loaded, "loaded command table from upstream");
-            if loaded > 0 {
-                self.router.set_commands(table);
-            }
-        }
-        if let Ok(reply) = conn.call(&encode_command(&["INFO", "server"])).await {
-            let text = String::from_utf8_lossy(&reply);
-            let version = text
-                .lines()
-                .find_map(|line| line.strip_prefix("redis_version:"));
-            if let Some(version) = version {
-                *self.router.server_version.write() = version.trim().to_string();
-            }
-        }
+        let routes = Arc::new(Routes::new(config)?);
+        let router = routes.main().clone();
+        Ok(Arc::new(RedisRouter {
+            router,
+            routes,
+            clients,
+        }))
     }
 
     /// Accepts clients on `listener` until `shutdown` is cancelled, then
     /// waits for sessions to finish.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        self.load_upstream_state().await;
-        self.router.cache.set_topology(&self.router.known_nodes());
-        let settings = self.discovery_settings();
-        let router = self.router.clone();
-        let refresh = match self.router.config().mode {
-            RedisMode::Cluster => Some(tokio::spawn(cluster::refresh_loop(
-                router,
-                settings,
-                shutdown.clone(),
-            ))),
-            RedisMode::Sentinel => Some(tokio::spawn(sentinel::watch(
-                router,
-                settings,
-                shutdown.clone(),
-            ))),
-            RedisMode::Standalone => None,
-        };
+        let mut refresh_tasks = Vec::new();
+        for router in self.routes.all() {
+            load_upstream_state(router).await;
+            router.cache.set_topology(&router.known_nodes());
+            let settings = discovery_settings(router);
+            let task = match router.config().mode {
+                RedisMode::Cluster => Some(tokio::spawn(cluster::refresh_loop(
+                    router.clone(),
+                    settings,
+                    shutdown.clone(),
+                ))),
+                RedisMode::Sentinel => Some(tokio::spawn(sentinel::watch(
+                    router.clone(),
+                    settings,
+                    shutdown.clone(),
+                ))),
+                RedisMode::Standalone => None,
+            };
+            refresh_tasks.extend(task);
+        }
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -159,14 +104,14 @@ impl RedisRouter {
                     .await;
                 continue;
             };
-            let router = self.router.clone();
+            let routes = self.routes.clone();
             let shutdown = shutdown.clone();
             // At info level, so warnings and errors about this client name its
             // address.
             let span = tracing::info_span!("redis_client", peer = %peer);
             let session = async move {
                 tracing::debug!("client connected");
-                session::run(router, stream, peer, shutdown).await;
+                session::run(routes, stream, peer, shutdown).await;
                 tracing::debug!("client disconnected");
                 drop(permit);
             };
@@ -183,10 +128,127 @@ impl RedisRouter {
                 "redis shutdown_timeout reached with replies still pending"
             );
         }
-        if let Some(refresh) = refresh {
-            refresh.abort();
+        for task in refresh_tasks {
+            task.abort();
         }
-        self.router.cache.stop();
+        for router in self.routes.all() {
+            router.cache.stop();
+        }
+    }
+}
+
+/// Settings of the connections that discover `router`'s topology.
+fn discovery_settings(router: &Router) -> ConnSettings {
+    let config = router.config();
+    ConnSettings {
+        protocol: Protocol::Resp2,
+        db: 0,
+        readonly: false,
+        username: config.username.clone(),
+        password: config.password.clone(),
+        connect_timeout: config.connect_timeout,
+        max_reply_bytes: config.max_reply_bytes,
+        tls: router.pool.tls(),
+    }
+}
+
+/// Loads `router`'s slot map (cluster mode) or primary (sentinel mode) and
+/// its command table. Failures are logged, not fatal: the upstream may
+/// come up after skiff.
+async fn load_upstream_state(router: &Router) {
+    let route = router.route_name();
+    let settings = discovery_settings(router);
+    let mut seed = router.config().nodes[0].clone();
+    if let Some(cluster) = &router.cluster {
+        match cluster.refresh(&settings).await {
+            Ok(()) => seed = cluster.map().primaries().first().cloned().unwrap_or(seed),
+            Err(reason) => tracing::warn!(route, error = %reason, "cluster discovery failed"),
+        }
+    }
+    let config = router.config();
+    if config.mode == RedisMode::Sentinel {
+        let sentinels = &config.nodes;
+        let name = config.master_name.as_deref().unwrap_or_default();
+        let sentinel_settings = sentinel::sentinel_settings(&settings, &config);
+        match sentinel::discover(sentinels, name, &sentinel_settings).await {
+            Ok(nodes) => {
+                seed = nodes.primary.clone();
+                router.set_nodes(nodes);
+            }
+            Err(reason) => tracing::warn!(route, error = %reason, "sentinel discovery failed"),
+        }
+    }
+    match RawConn::connect(&seed, &settings).await {
+        Ok(mut conn) => load_from(router, &mut conn).await,
+        Err(err) => {
+            tracing::warn!(route, error = %err,
+                "cannot load the command table; using the built-in one")
+        }
+    }
+}
+
+async fn load_from(router: &Router, conn: &mut RawConn) {
+    if let Ok(reply) = conn.call(&encode_command(&["COMMAND"])).await {
+        let mut table = CommandTable::builtin();
+        let loaded = Value::decode(&reply, Protocol::Resp2)
+            .map(|value| table.merge_command_reply(value))
+            .unwrap_or(0);
+        tracing::info!(
+            route = router.route_name(),
+            commands = loaded,
+            "loaded command table from upstream"
+        );
+        if loaded > 0 {
+            router.set_commands(table);
+        }
+    }
+    if let Ok(reply) = conn.call(&encode_command(&["INFO", "server"])).await {
+        let text = String::from_utf8_lossy(&reply);
+        let version = text
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"));
+        if let Some(version) = version {
+            *router.server_version.write() = version.trim().to_string();
+        }
+    }
+}
+
+/// Connects to every primary of `router` and checks that it replies to PING.
+async fn ping_primaries(router: &Router) -> Result<(), String> {
+    let route = router.route_name();
+    let nodes = match &router.cluster {
+        Some(cluster) => cluster.map().primaries(),
+        None => vec![router
+            .primary()
+            .map_err(|_| format!("route {route}: no primary known"))?],
+    };
+    if nodes.is_empty() {
+        return Err(format!("route {route}: no cluster slot map loaded"));
+    }
+    let settings = discovery_settings(router);
+    for addr in nodes {
+        let mut conn = RawConn::connect(&addr, &settings)
+            .await
+            .map_err(|e| format!("route {route}: {e}"))?;
+        let reply = conn
+            .call(&encode_command(&["PING"]))
+            .await
+            .map_err(|e| format!("route {route}: {e}"))?;
+        if let Some(text) = error_text(&reply) {
+            return Err(format!("route {route}: {addr}: PING failed: {text}"));
+        }
+    }
+    Ok(())
+}
+
+/// Returns the nodes of `router` for `/status`.
+fn node_status(router: &Router, status: &mut serde_json::Value) {
+    if let Some(cluster) = &router.cluster {
+        status["primaries"] = cluster.map().primaries().into();
+    } else {
+        let nodes = router.nodes();
+        status["primary"] = nodes.primary.clone().into();
+        status["replicas"] = nodes.replicas.clone().into();
     }
 }
 
@@ -197,25 +259,8 @@ impl Component for RedisRouter {
 
     fn readiness(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let nodes = match &self.router.cluster {
-                Some(cluster) => cluster.map().primaries(),
-                None => vec![self.router.primary().map_err(|_| "no primary known")?],
-            };
-            if nodes.is_empty() {
-                return Err("no cluster slot map loaded".into());
-            }
-            let settings = self.discovery_settings();
-            for addr in nodes {
-                let mut conn = RawConn::connect(&addr, &settings)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let reply = conn
-                    .call(&encode_command(&["PING"]))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if let Some(text) = error_text(&reply) {
-                    return Err(format!("{addr}: PING failed: {text}"));
-                }
+            for router in self.routes.all() {
+                ping_primaries(router).await?;
             }
             Ok(())
         })
@@ -229,16 +274,27 @@ impl Component for RedisRouter {
             "clients": clients,
             "commands_known": self.router.commands().len(),
         });
-        if let Some(cluster) = &self.router.cluster {
-            status["primaries"] = cluster.map().primaries().into();
-        } else {
-            let nodes = self.router.nodes();
-            status["primary"] = nodes.primary.clone().into();
-            status["replicas"] = nodes.replicas.clone().into();
-        }
+        node_status(&self.router, &mut status);
         let cache = self.router.cache.status();
         if !cache.is_null() {
             status["cache"] = cache;
+        }
+        if !self.routes.is_empty() {
+            let routes: Vec<serde_json::Value> = self
+                .routes
+                .all()
+                .skip(1)
+                .map(|router| {
+                    let config = router.config();
+                    let mut route = serde_json::json!({
+                        "name": router.route_name(),
+                        "mode": format!("{:?}", config.mode).to_lowercase(),
+                    });
+                    node_status(router, &mut route);
+                    route
+                })
+                .collect();
+            status["routes"] = routes.into();
         }
         status
     }

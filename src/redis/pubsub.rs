@@ -43,7 +43,10 @@ impl Session {
             protocol: self.ctx.protocol,
             db: self.ctx.db,
         };
-        let mut dedicated = match self.router.pool.checkout(&key).await {
+        // Kept because a RESP3 client's commands while subscribed may go
+        // through other routes and change `self.router`.
+        let router = self.router.clone();
+        let mut dedicated = match router.pool.checkout(&key).await {
             Ok(dedicated) => dedicated,
             Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
         };
@@ -54,7 +57,7 @@ impl Session {
         // leaves the connection unsubscribed: no relay starts.
         match dedicated.conn.read_frame().await {
             Ok((frame, ReplyKind::Error)) => {
-                self.router.pool.checkin(dedicated);
+                router.pool.checkin(dedicated);
                 return self.reply(frame).await;
             }
             Ok((frame, _)) => {
@@ -66,7 +69,7 @@ impl Session {
         }
         match self.relay(&mut dedicated).await {
             RelayEnd::Unsubscribed => {
-                self.router.pool.checkin(dedicated);
+                router.pool.checkin(dedicated);
                 Flow::Continue
             }
             RelayEnd::Abandoned => Flow::Continue,
@@ -134,6 +137,8 @@ impl Session {
                     Flow::Close => Some(RelayEnd::Close),
                 }
             }
+            // NOTE: a SUBSCRIBE here goes on this connection even when its
+            // channel starts with another [[redis.routes]] prefix.
             _ => match dedicated.conn.send(&request.raw).await {
                 Ok(()) => None,
                 Err(_) => Some(RelayEnd::Close),

@@ -1,4 +1,5 @@
-//! Applying a reloaded `[redis]` section to the running router.
+//! Applying a reloaded `[redis]` section to the running router of
+//! `[redis]`. Routes keep the settings they started with.
 
 use super::router::Nodes;
 use super::RedisRouter;
@@ -82,6 +83,9 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     );
     let standalone = current.mode == RedisMode::Standalone && new.mode == RedisMode::Standalone;
     note("nodes", !standalone && current.nodes != new.nodes);
+    // Each route has its own router, pools and topology tasks, built at
+    // start, so none of its settings changes while running.
+    note("[[redis.routes]]", current.routes != new.routes);
 
     let mut applied = new.clone();
     applied.listen = current.listen.clone();
@@ -104,5 +108,33 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     applied.tls = current.tls;
     applied.tls_ca_file = current.tls_ca_file.clone();
     applied.tls_server_name = current.tls_server_name.clone();
+    applied.routes = current.routes.clone();
     (applied, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_reload;
+    use crate::config::Config;
+
+    fn redis(text: &str) -> crate::config::RedisConfig {
+        Config::parse(text).unwrap().redis.unwrap()
+    }
+
+    #[test]
+    fn route_changes_wait_for_restart() {
+        let main = "[redis]\nnodes = [\"127.0.0.1:7000\"]\n";
+        let current = redis(&format!(
+            "{main}[[redis.routes]]\nname = \"celery\"\ndatabase = 1\nnodes = [\"127.0.0.1:7001\"]\n"
+        ));
+        let new = redis(&format!(
+            "{main}[[redis.routes]]\nname = \"celery\"\ndatabase = 2\nnodes = [\"127.0.0.1:7001\"]\n"
+        ));
+        let (applied, notes) = split_reload(&current, &new);
+        assert_eq!(
+            notes,
+            ["redis [[redis.routes]] changes apply after a restart"]
+        );
+        assert_eq!(applied.routes, current.routes);
+    }
 }

@@ -96,6 +96,9 @@ pub struct Router {
     next_client_id: AtomicU64,
     /// `redis_version` of the upstream, reported in HELLO.
     pub server_version: RwLock<String>,
+    /// `main` for `[redis]`, else the route's name: the `route` label of
+    /// the command metrics.
+    route: Arc<str>,
 }
 
 impl Router {
@@ -109,8 +112,9 @@ impl Router {
         self.config.store(Arc::new(config));
     }
 
-    /// Builds a router; no connection is made until [`Router::start`].
-    pub fn new(config: RedisConfig) -> Result<Router, String> {
+    /// Builds the router of `[redis]` or of route `route`; no connection is
+    /// made until the Redis job serves.
+    pub fn new(config: RedisConfig, route: &str) -> Result<Router, String> {
         let nodes = match config.mode {
             RedisMode::Standalone => Nodes {
                 primary: config.nodes[0].clone(),
@@ -148,7 +152,13 @@ impl Router {
             sentinel_refresh: tokio::sync::Notify::new(),
             next_client_id: AtomicU64::new(1),
             server_version: RwLock::new("7.0.0".into()),
+            route: Arc::from(route),
         })
+    }
+
+    /// Returns `main` for `[redis]`, else the route's name.
+    pub fn route_name(&self) -> &str {
+        &self.route
     }
 
     pub fn next_client_id(&self) -> u64 {
@@ -402,7 +412,7 @@ impl Router {
         }
         match result {
             Ok(reply) => {
-                record_command(in_flight.role, &reply, in_flight.started);
+                self.record_command(in_flight.role, &reply, in_flight.started);
                 // A write on a primary that a failover demoted.
                 if reply.starts_with(b"-READONLY ") {
                     self.sentinel_refresh.notify_one();
@@ -415,8 +425,9 @@ impl Router {
 
     /// Counts a failed upstream exchange and returns the client's error.
     pub(super) fn upstream_failure(&self, err: &UpstreamError, role: Role) -> Bytes {
-        metrics::counter!("skiff_redis_commands_total", "role" => role.label(), "outcome" => "failed")
-            .increment(1);
+        metrics::counter!("skiff_redis_commands_total", "role" => role.label(),
+            "outcome" => "failed", "route" => self.route.clone())
+        .increment(1);
         tracing::debug!(error = %err, "upstream request failed");
         if let Some(cluster) = &self.cluster {
             cluster.request_refresh();
@@ -424,17 +435,19 @@ impl Router {
         self.sentinel_refresh.notify_one();
         reply::error(&format!("ERR {err}"))
     }
-}
 
-/// Counts a command and its latency by role and outcome.
-pub fn record_command(role: Role, reply: &[u8], started: Instant) {
-    let outcome = if error_text(reply).is_some() {
-        "error"
-    } else {
-        "ok"
-    };
-    metrics::counter!("skiff_redis_commands_total", "role" => role.label(), "outcome" => outcome)
+    /// Counts a command and its latency by role and outcome.
+    pub fn record_command(&self, role: Role, reply: &[u8], started: Instant) {
+        let outcome = if error_text(reply).is_some() {
+            "error"
+        } else {
+            "ok"
+        };
+        metrics::counter!("skiff_redis_commands_total", "role" => role.label(),
+            "outcome" => outcome, "route" => self.route.clone())
         .increment(1);
-    metrics::histogram!("skiff_redis_command_duration_seconds", "role" => role.label())
+        metrics::histogram!("skiff_redis_command_duration_seconds", "role" => role.label(),
+            "route" => self.route.clone())
         .record(started.elapsed().as_secs_f64());
+    }
 }

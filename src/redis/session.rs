@@ -17,6 +17,7 @@ use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
 use super::reply;
 use super::router::{Pending, Router, SessionCtx};
+use super::routes::{RouteId, Routes, MAIN};
 use super::transaction::Transaction;
 
 /// Bytes gathered before the writer flushes to the client.
@@ -119,8 +120,17 @@ impl ClientReader {
 
 /// State of one client connection.
 pub struct Session {
+    /// The routers of `[redis]` and of every route.
+    pub(super) routes: Arc<Routes>,
+    /// The router of the current request, or of the pinned connection
+    /// while a transaction or WATCH holds one; `route` is its index.
     pub(super) router: Arc<Router>,
+    pub(super) route: RouteId,
+    /// `ctx.db` is the database selected upstream through `router`.
     pub(super) ctx: SessionCtx,
+    /// The database the client selected, which `CLIENT INFO` reports and
+    /// which decides its database route.
+    pub(super) client_db: u32,
     pub(super) peer: SocketAddr,
     pub(super) authenticated: bool,
     pub(super) name: Option<Bytes>,
@@ -144,12 +154,13 @@ pub struct Session {
 
 /// Serves one client until it disconnects or skiff shuts down.
 pub async fn run(
-    router: Arc<Router>,
+    routes: Arc<Routes>,
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let router = routes.main().clone();
     let (read_half, write_half) = stream.into_split();
     let (queue, replies) = mpsc::channel(router.config().client_queue_depth);
     let writer = tokio::spawn(write_replies(write_half, replies, router.clone()));
@@ -160,6 +171,9 @@ pub async fn run(
             db: 0,
             client_id,
         },
+        client_db: 0,
+        route: MAIN,
+        routes,
         peer,
         authenticated: router.config().client_password.is_none(),
         name: None,
@@ -243,6 +257,12 @@ impl Session {
             let text = format!("ERR {name} is not supported through skiff");
             return self.reply(reply::error(&text)).await;
         }
+        if !self.routes.is_empty() {
+            match self.pick_route(&request, &name) {
+                Ok(route) => self.use_route(route),
+                Err(error) => return self.reply(error).await,
+            }
+        }
         match pinning(&name, &request) {
             Pinning::Blocking => self.run_blocking(request, &name).await,
             Pinning::Subscribe => self.run_subscribed(request, &name).await,
@@ -250,8 +270,46 @@ impl Session {
             Pinning::None => {
                 self.note_reads(&request, &name);
                 let pending = self.router.submit(request, &name, self.ctx).await;
-                self.send(Outgoing::Reply(pending)).await
+                self.send(Outgoing::Reply(self.resolved_by_route(pending)))
+                    .await
             }
+        }
+    }
+
+    /// Returns the route for `request`: the client's database route, else
+    /// the route of its keys, else `[redis]`'s.
+    pub(super) fn pick_route(&self, request: &Request, name: &str) -> Result<RouteId, Bytes> {
+        if let Some(route) = self.routes.database_route(self.client_db) {
+            return Ok(route);
+        }
+        Ok(self.routes.route_of_keys(name, request)?.unwrap_or(MAIN))
+    }
+
+    /// True when the keys of a command decide its route: some route lists
+    /// prefixes and the client's database is not a route's.
+    pub(super) fn keys_pick_route(&self) -> bool {
+        self.routes.any_prefixes() && self.routes.database_route(self.client_db).is_none()
+    }
+
+    /// Sends the following requests through route `route`.
+    pub(super) fn use_route(&mut self, route: RouteId) {
+        if route != self.route {
+            self.router = self.routes.router(route).clone();
+            self.route = route;
+        }
+        self.ctx.db = self.routes.upstream_db(route, self.client_db);
+    }
+
+    /// Makes a reply in flight on a route's connection resolve through
+    /// that route's router, because the writer resolves the rest through
+    /// `[redis]`'s.
+    fn resolved_by_route(&self, pending: Pending) -> Pending {
+        match pending {
+            Pending::InFlight(in_flight) if self.route != MAIN => {
+                let router = self.router.clone();
+                Pending::Future(Box::pin(router.finish(in_flight)))
+            }
+            pending => pending,
         }
     }
 
@@ -341,7 +399,9 @@ impl Session {
     /// Turns `CLIENT TRACKING` off, if it was on.
     pub(super) fn stop_tracking(&mut self) {
         if let Some(tracking) = self.tracking.take() {
-            self.router.cache.untrack_client(tracking.id);
+            for router in self.routes.all() {
+                router.cache.untrack_client(tracking.id);
+            }
         }
     }
 

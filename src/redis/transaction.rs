@@ -10,7 +10,7 @@ use super::cache::Invalidation;
 use super::frame::{encode_command, error_text, Request};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
-use super::router::{record_command, Role};
+use super::router::Role;
 use super::session::{Flow, Session};
 use super::slot::key_slot;
 use super::upstream::UpstreamError;
@@ -29,6 +29,9 @@ pub struct Transaction {
     /// Keys written by the commands queued since MULTI, invalidated again
     /// once EXEC returns.
     written: Option<Invalidation>,
+    /// Set when a command inside MULTI had keys of another route, so EXEC
+    /// discards the transaction, as Redis does after a CROSSSLOT error.
+    aborted: bool,
 }
 
 impl Transaction {
@@ -156,7 +159,7 @@ impl Session {
             {
                 Some((addr, ask)) => (target, asking) = (addr, ask),
                 None => {
-                    record_command(Role::Primary, &reply, started);
+                    self.router.record_command(Role::Primary, &reply, started);
                     return self.reply(reply).await;
                 }
             }
@@ -206,12 +209,15 @@ impl Session {
         if self.drain().await == Flow::Close {
             return Flow::Close;
         }
-        if name == "MULTI" && self.router.is_cluster() {
+        // The first command with a key decides the node in a cluster, and
+        // the route when routes list prefixes.
+        if name == "MULTI" && (self.router.is_cluster() || self.keys_pick_route()) {
             self.transaction = Some(Transaction {
                 conn: None,
                 in_multi: true,
                 deferred: Vec::new(),
                 written: None,
+                aborted: false,
             });
             return self.reply(reply::ok()).await;
         }
@@ -227,6 +233,7 @@ impl Session {
                 in_multi: name == "MULTI",
                 deferred: Vec::new(),
                 written: None,
+                aborted: false,
             });
         }
         let reply = self.unroutable_redirect(reply);
@@ -288,11 +295,55 @@ impl Session {
             }
             _ => {}
         }
+        if let Some(flow) = self.check_transaction_route(&request, name).await {
+            return flow;
+        }
         let transaction = self.transaction.as_mut().expect("transaction in progress");
         if transaction.conn.is_none() {
             return self.handle_deferred(request, name).await;
         }
         self.forward_pinned(request, name).await
+    }
+
+    /// Rejects a command whose keys belong to another route than the
+    /// transaction's, and ends a transaction that such a command aborted.
+    /// Returns `None` when the command goes on as usual.
+    async fn check_transaction_route(&mut self, request: &Request, name: &str) -> Option<Flow> {
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
+        if transaction.aborted && matches!(name, "EXEC" | "DISCARD") {
+            let transaction = self.transaction.take()?;
+            self.apply_invalidation(transaction.written);
+            if let Some(mut conn) = transaction.conn {
+                // DISCARD also ends the WATCH, so the connection is clean.
+                match conn.conn.call(&encode_command(&["DISCARD"])).await {
+                    Ok(_) => self.router.pool.checkin(conn),
+                    Err(err) => tracing::debug!(error = %err, "DISCARD failed"),
+                }
+            }
+            let reply = match name {
+                "EXEC" => {
+                    reply::error("EXECABORT Transaction discarded because of previous errors.")
+                }
+                _ => reply::ok(),
+            };
+            return Some(self.reply(reply).await);
+        }
+        // Before the first key (conn is None), any route may still follow.
+        if transaction.conn.is_none() || !self.keys_pick_route() {
+            return None;
+        }
+        let error = match self.routes.route_of_keys(name, request) {
+            Ok(Some(route)) if route != self.route => {
+                self.routes.cross_route_error(self.route, route)
+            }
+            Ok(_) => return None,
+            Err(error) => error,
+        };
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
+        if transaction.in_multi {
+            transaction.aborted = true;
+        }
+        Some(self.reply(error).await)
     }
 
     /// Sends a request on the transaction's connection and ends the
@@ -315,7 +366,7 @@ impl Session {
                 return self.reply(reply::error(&format!("ERR {err}"))).await;
             }
         };
-        record_command(Role::Primary, &reply, started);
+        self.router.record_command(Role::Primary, &reply, started);
         if in_multi && !matches!(name, "EXEC" | "DISCARD") {
             // Queued: it runs at EXEC.
             transaction.remember(invalidation);
@@ -351,7 +402,8 @@ impl Session {
         self.reply(reply).await
     }
 
-    /// Cluster MULTI before any key has named the node.
+    /// MULTI before any key has named the node (in a cluster) or the route
+    /// (when routes list prefixes).
     async fn handle_deferred(&mut self, request: Request, name: &str) -> Flow {
         let invalidation = self.write_invalidation(&request, name);
         let transaction = self.transaction.as_mut().expect("transaction in progress");
@@ -388,6 +440,18 @@ impl Session {
             transaction.deferred.push(request);
             return self.reply(reply::simple("QUEUED")).await;
         }
+        if self.keys_pick_route() {
+            match self.pick_route(&request, name) {
+                Ok(route) => self.use_route(route),
+                Err(error) => {
+                    if let Some(transaction) = self.transaction.as_mut() {
+                        transaction.aborted = true;
+                    }
+                    return self.reply(error).await;
+                }
+            }
+        }
+        let transaction = self.transaction.as_mut().expect("transaction in progress");
         // MULTI and the queued commands go first; the client already had
         // +OK and +QUEUED for them.
         let mut prelude = vec![Request::from_args(vec![Bytes::from_static(b"MULTI")])];

@@ -527,6 +527,33 @@ impl RawClient {
         String::from_utf8_lossy(&self.read().await).into_owned()
     }
 
+    /// Reads `key` with GET until a read is not invalidated at once, and
+    /// asserts each reply is `expected`. A tracking client needs this
+    /// because, until skiff's own tracking connection is up, skiff may
+    /// invalidate every read at once, and it invalidates everything when
+    /// that connection comes up.
+    pub async fn read_until_tracked(&mut self, key: &str, expected: &str) {
+        let started = Instant::now();
+        loop {
+            assert_eq!(self.call(&["GET", key]).await, expected);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.send(&["PING"]).await;
+            let mut pushes = 0;
+            loop {
+                let next = self.read().await;
+                if &next[..] == b"+PONG\r\n" {
+                    break;
+                }
+                assert!(next.starts_with(b">2\r\n$10\r\ninvalidate\r\n"), "{next:?}");
+                pushes += 1;
+            }
+            if pushes == 0 {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+    }
+
     /// True when the server closed the connection.
     pub async fn is_closed(&mut self) -> bool {
         let mut byte = [0u8; 1];

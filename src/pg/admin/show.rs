@@ -362,32 +362,42 @@ pub fn show_mem(pooler: &Pooler) -> Table {
     }
 }
 
-/// Upstream Redis nodes and their roles, from the router's last discovery.
+/// Upstream Redis nodes and their roles, from the last discovery of the
+/// router of `[redis]` (route `main`) and of each route.
 pub fn show_redis_nodes(pooler: &Pooler) -> Table {
     let status = pooler.control().and_then(|control| control.redis_status());
     let mut rows = Vec::new();
     if let Some(status) = status {
-        let mode = status["mode"].as_str().unwrap_or("").to_string();
-        let mut add = |node: &serde_json::Value, role: &str| {
-            if let Some(address) = node.as_str() {
-                rows.push(vec![text(address), text(role), text(&mode)]);
-            }
-        };
-        add(&status["primary"], "primary");
-        for list in ["replicas", "primaries"] {
-            let role = if list == "replicas" {
-                "replica"
-            } else {
-                "primary"
-            };
-            for node in status[list].as_array().into_iter().flatten() {
-                add(node, role);
-            }
+        add_redis_nodes(&mut rows, &status, "main");
+        for route in status["routes"].as_array().into_iter().flatten() {
+            let name = route["name"].as_str().unwrap_or_default();
+            add_redis_nodes(&mut rows, route, name);
         }
     }
     Table {
-        columns: &["node", "role", "mode"],
+        columns: &["node", "role", "mode", "route"],
         rows,
+    }
+}
+
+/// Adds a row per node of one router's `/status` entry.
+fn add_redis_nodes(rows: &mut Vec<Vec<Option<String>>>, status: &serde_json::Value, route: &str) {
+    let mode = status["mode"].as_str().unwrap_or("").to_string();
+    let mut add = |node: &serde_json::Value, role: &str| {
+        if let Some(address) = node.as_str() {
+            rows.push(vec![text(address), text(role), text(&mode), text(route)]);
+        }
+    };
+    add(&status["primary"], "primary");
+    for list in ["replicas", "primaries"] {
+        let role = if list == "replicas" {
+            "replica"
+        } else {
+            "primary"
+        };
+        for node in status[list].as_array().into_iter().flatten() {
+            add(node, role);
+        }
     }
 }
 
