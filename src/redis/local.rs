@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 use super::cache::ClientTracking;
 use super::frame::{Protocol, Request};
 use super::pool::ConnKey;
+use super::pubsub::unsubscribe_confirmation;
 use super::reply;
 use super::routes::MAIN;
 use super::session::{Flow, Outgoing, Session};
@@ -338,16 +339,9 @@ impl Session {
         };
         let mut out = BytesMut::new();
         for channel in channels {
-            match self.ctx.protocol {
-                Protocol::Resp2 => reply::put_array_header(&mut out, 3),
-                Protocol::Resp3 => out.extend_from_slice(b">3\r\n"),
-            }
-            out.extend_from_slice(&reply::bulk(kind.as_bytes()));
-            match channel {
-                Some(channel) => out.extend_from_slice(&reply::bulk(channel)),
-                None => out.extend_from_slice(&reply::null(self.ctx.protocol)),
-            }
-            out.extend_from_slice(&reply::integer(0));
+            let confirmation =
+                unsubscribe_confirmation(kind.as_bytes(), channel, 0, self.ctx.protocol);
+            out.extend_from_slice(&confirmation);
         }
         out.freeze()
     }

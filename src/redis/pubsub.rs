@@ -1,26 +1,52 @@
-//! Subscriptions: SUBSCRIBE, PSUBSCRIBE and SSUBSCRIBE move the client onto a
-//! dedicated upstream connection, and every frame on it (replies, messages,
-//! pushes) is relayed to the client until no subscription is left.
+//! Subscriptions: SUBSCRIBE, PSUBSCRIBE and SSUBSCRIBE move the client onto
+//! dedicated upstream connections, one per route whose channels it
+//! subscribes to, and every frame on them (replies, messages, pushes) is
+//! relayed to the client until no subscription is left.
 
-use bytes::Bytes;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::select_all;
 
 use super::command::{pinning, Pinning};
-use super::frame::{Protocol, ReplyKind, Request, Value};
+use super::frame::{encode_command, Protocol, ReplyKind, Request, Value};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
+use super::router::Router;
+use super::routes::{RouteId, MAIN};
 use super::session::{Flow, Session};
+use super::upstream::UpstreamError;
+
+/// Argument of the PING that skiff sends on a subscribed connection whose
+/// subscriptions reached zero: every frame before its reply belongs to a
+/// request sent earlier, so once the reply arrives the connection's count
+/// is final.
+const SYNC_TOKEN: &[u8] = b"skiff-unsubscribe-sync";
+
+/// One dedicated upstream connection that carries the client's
+/// subscriptions on one route.
+struct Subscribed {
+    route: RouteId,
+    /// Kept because a RESP3 client's commands while subscribed may go
+    /// through other routes and change the session's router.
+    router: Arc<Router>,
+    dedicated: Dedicated,
+    /// Subscriptions on this connection, from its latest confirmation.
+    count: i64,
+}
 
 /// Something that happened while the client is subscribed.
 enum Event {
-    Upstream(Result<Bytes, String>),
+    /// A frame, or a failure, on the connection at this index.
+    Upstream(usize, Result<Bytes, UpstreamError>),
     Client(Option<Request>),
 }
 
 /// Outcome of a subscription relay.
 enum RelayEnd {
-    /// The last subscription ended: the connection is clean for reuse.
+    /// The last subscription ended: the connections are back in the pool.
     Unsubscribed,
-    /// The session goes on, but the connection must not be reused.
+    /// The session goes on, but the connections must not be reused.
     Abandoned,
     /// The session ends.
     Close,
@@ -28,129 +54,312 @@ enum RelayEnd {
 
 impl Session {
     /// Moves the client onto a dedicated connection for a subscription and
-    /// relays until the last subscription ends, the client leaves or the
-    /// upstream fails.
+    /// relays until the last subscription ends, the client leaves or an
+    /// upstream connection fails.
     pub(super) async fn run_subscribed(&mut self, request: Request, name: &str) -> Flow {
         if self.drain().await == Flow::Close {
             return Flow::Close;
         }
-        let addr = match self.pinned_target(&request, name) {
-            Ok(addr) => addr,
+        let (subscribed, first) = match self.open_subscription(&request, name).await {
+            Ok(opened) => opened,
             Err(error) => return self.reply(error).await,
         };
+        let mut subscriptions = vec![subscribed];
+        match self.relay_frame(&mut subscriptions, 0, first).await {
+            Ok(()) if subscriptions.is_empty() => return Flow::Continue,
+            Ok(()) => {}
+            Err(end) => return self.end_relay(subscriptions, end),
+        }
+        let end = self.relay(&mut subscriptions).await;
+        self.end_relay(subscriptions, end)
+    }
+
+    fn end_relay(&self, subscriptions: Vec<Subscribed>, end: RelayEnd) -> Flow {
+        match end {
+            RelayEnd::Unsubscribed => Flow::Continue,
+            // Dropping the connections closes them, which ends their
+            // subscriptions upstream.
+            RelayEnd::Abandoned => {
+                drop(subscriptions);
+                Flow::Continue
+            }
+            RelayEnd::Close => Flow::Close,
+        }
+    }
+
+    /// Opens a dedicated connection on the session's current route, sends
+    /// `request` on it and returns it with the first reply. An error
+    /// instead of a confirmation (such as a missing channel) leaves the
+    /// connection unsubscribed, so it goes back to the pool and the error
+    /// is returned.
+    async fn open_subscription(
+        &mut self,
+        request: &Request,
+        name: &str,
+    ) -> Result<(Subscribed, Bytes), Bytes> {
+        let upstream_error = |err: UpstreamError| reply::error(&format!("ERR {err}"));
+        let addr = self.pinned_target(request, name)?;
         let key = ConnKey {
             addr,
             protocol: self.ctx.protocol,
             db: self.ctx.db,
         };
-        // Kept because a RESP3 client's commands while subscribed may go
-        // through other routes and change `self.router`.
         let router = self.router.clone();
-        let mut dedicated = match router.pool.checkout(&key).await {
-            Ok(dedicated) => dedicated,
-            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
+        let mut dedicated = router.pool.checkout(&key).await.map_err(upstream_error)?;
+        dedicated
+            .conn
+            .send(&request.raw)
+            .await
+            .map_err(upstream_error)?;
+        let (frame, kind) = dedicated.conn.read_frame().await.map_err(upstream_error)?;
+        if kind == ReplyKind::Error {
+            router.pool.checkin(dedicated);
+            return Err(frame);
+        }
+        let subscribed = Subscribed {
+            route: self.route,
+            router,
+            dedicated,
+            count: 0,
         };
-        if let Err(err) = dedicated.conn.send(&request.raw).await {
-            return self.reply(reply::error(&format!("ERR {err}"))).await;
-        }
-        // An error instead of a confirmation (such as a missing channel)
-        // leaves the connection unsubscribed: no relay starts.
-        match dedicated.conn.read_frame().await {
-            Ok((frame, ReplyKind::Error)) => {
-                router.pool.checkin(dedicated);
-                return self.reply(frame).await;
-            }
-            Ok((frame, _)) => {
-                if self.reply(frame).await == Flow::Close {
-                    return Flow::Close;
-                }
-            }
-            Err(err) => return self.reply(reply::error(&format!("ERR {err}"))).await,
-        }
-        match self.relay(&mut dedicated).await {
-            RelayEnd::Unsubscribed => {
-                router.pool.checkin(dedicated);
-                Flow::Continue
-            }
-            RelayEnd::Abandoned => Flow::Continue,
-            RelayEnd::Close => Flow::Close,
-        }
+        Ok((subscribed, frame))
     }
 
-    async fn relay(&mut self, dedicated: &mut Dedicated) -> RelayEnd {
+    async fn relay(&mut self, subscriptions: &mut Vec<Subscribed>) -> RelayEnd {
         loop {
+            let reads = subscriptions.iter_mut().enumerate().map(|(index, sub)| {
+                Box::pin(async move { (index, sub.dedicated.conn.read_frame().await) })
+            });
             let event = tokio::select! {
-                frame = dedicated.conn.read_frame() => {
-                    Event::Upstream(frame.map(|(frame, _)| frame).map_err(|err| err.to_string()))
+                ((index, frame), _, _) = select_all(reads) => {
+                    Event::Upstream(index, frame.map(|(frame, _)| frame))
                 }
                 request = self.reader.next() => Event::Client(request.ok().flatten()),
                 _ = self.shutdown.cancelled() => return RelayEnd::Close,
             };
-            match event {
-                Event::Upstream(Ok(frame)) => {
-                    let ended = ends_subscriptions(&frame, self.ctx.protocol);
-                    if self.reply(frame).await == Flow::Close {
-                        return RelayEnd::Close;
-                    }
-                    if ended {
-                        return RelayEnd::Unsubscribed;
-                    }
+            let result = match event {
+                Event::Upstream(index, Ok(frame)) => {
+                    self.relay_frame(subscriptions, index, frame).await
                 }
-                Event::Upstream(Err(reason)) => {
-                    tracing::debug!(client.addr = %self.peer, error = %reason,
+                Event::Upstream(_, Err(err)) => {
+                    tracing::debug!(client.addr = %self.peer, error = %err,
                         "subscribed upstream connection failed");
                     // Closing the client connection is how a Redis client
                     // learns that its subscriptions are gone.
                     return RelayEnd::Close;
                 }
                 Event::Client(None) => return RelayEnd::Close,
-                Event::Client(Some(request)) => {
-                    if let Some(end) = self.relay_request(dedicated, request).await {
-                        return end;
-                    }
-                }
+                Event::Client(Some(request)) => self.relay_request(subscriptions, request).await,
+            };
+            if let Err(end) = result {
+                return end;
+            }
+            if subscriptions.is_empty() {
+                return RelayEnd::Unsubscribed;
             }
         }
     }
 
-    /// Forwards a client request while subscribed; QUIT and RESET end the
-    /// relay.
+    /// Relays one frame of connection `index` to the client. A connection
+    /// whose count of subscriptions reaches zero is released when no
+    /// further confirmation follows.
+    async fn relay_frame(
+        &mut self,
+        subscriptions: &mut Vec<Subscribed>,
+        index: usize,
+        frame: Bytes,
+    ) -> Result<(), RelayEnd> {
+        let (frame, count) = self.count_subscriptions(subscriptions, index, frame);
+        self.relay_to_client(frame).await?;
+        if count == Some(0) {
+            self.release_if_unsubscribed(subscriptions, index).await?;
+        }
+        Ok(())
+    }
+
+    /// Records the count of a confirmation frame on connection `index`, and
+    /// returns the frame with the count replaced by the client's total over
+    /// all its connections, with the connection's own count.
+    fn count_subscriptions(
+        &self,
+        subscriptions: &mut [Subscribed],
+        index: usize,
+        frame: Bytes,
+    ) -> (Bytes, Option<i64>) {
+        let Some(count) = confirmation_count(&frame, self.ctx.protocol) else {
+            return (frame, None);
+        };
+        subscriptions[index].count = count;
+        if subscriptions.len() == 1 {
+            return (frame, Some(count));
+        }
+        let total = subscriptions.iter().map(|sub| sub.count).sum();
+        (with_count(&frame, total), Some(count))
+    }
+
+    async fn relay_to_client(&self, frame: Bytes) -> Result<(), RelayEnd> {
+        match self.reply(frame).await {
+            Flow::Continue => Ok(()),
+            Flow::Close => Err(RelayEnd::Close),
+        }
+    }
+
+    /// Sends a PING on connection `index` and relays what arrives before
+    /// its reply, since a pipelined SUBSCRIBE may add subscriptions again.
+    /// If the count is still zero after the reply, the connection has no
+    /// subscription and no reply pending, so it goes back to the pool.
+    async fn release_if_unsubscribed(
+        &mut self,
+        subscriptions: &mut Vec<Subscribed>,
+        index: usize,
+    ) -> Result<(), RelayEnd> {
+        let peer = self.peer;
+        let failed = move |err: UpstreamError| {
+            tracing::debug!(client.addr = %peer, error = %err,
+                "subscribed upstream connection failed");
+            RelayEnd::Close
+        };
+        let ping = encode_command(&[&b"PING"[..], SYNC_TOKEN]);
+        let conn = &mut subscriptions[index].dedicated.conn;
+        conn.send(&ping).await.map_err(failed)?;
+        loop {
+            let conn = &mut subscriptions[index].dedicated.conn;
+            let (frame, _) = conn.read_frame().await.map_err(failed)?;
+            if is_sync_reply(&frame, self.ctx.protocol) {
+                break;
+            }
+            let (frame, _) = self.count_subscriptions(subscriptions, index, frame);
+            self.relay_to_client(frame).await?;
+        }
+        if subscriptions[index].count == 0 {
+            let released = subscriptions.remove(index);
+            released.router.pool.checkin(released.dedicated);
+        }
+        Ok(())
+    }
+
+    /// Handles a client request while subscribed. QUIT and RESET end the
+    /// relay. Subscription commands go to the connection of their
+    /// channels' route, which is opened at the first one.
     async fn relay_request(
         &mut self,
-        dedicated: &mut Dedicated,
+        subscriptions: &mut Vec<Subscribed>,
         request: Request,
-    ) -> Option<RelayEnd> {
-        match request.name().as_str() {
+    ) -> Result<(), RelayEnd> {
+        let name = request.name();
+        match name.as_str() {
             "QUIT" => {
                 self.reply(reply::ok()).await;
-                Some(RelayEnd::Close)
+                Err(RelayEnd::Close)
             }
             "RESET" => {
                 let reply = self.reset();
                 self.reply(reply).await;
-                Some(RelayEnd::Abandoned)
+                Err(RelayEnd::Abandoned)
             }
-            name if self.routes_while_subscribed(name, &request) => {
+            "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" => {
+                self.subscribe_more(subscriptions, request, &name).await
+            }
+            "UNSUBSCRIBE" | "PUNSUBSCRIBE" | "SUNSUBSCRIBE" => {
+                self.unsubscribe_some(subscriptions, request, &name).await
+            }
+            _ if self.routes_while_subscribed(&name, &request) => {
                 // Boxed because handling a request can lead back here.
                 match Box::pin(self.handle(request)).await {
-                    Flow::Continue => None,
-                    Flow::Close => Some(RelayEnd::Close),
+                    Flow::Continue => Ok(()),
+                    Flow::Close => Err(RelayEnd::Close),
                 }
             }
-            // NOTE: a SUBSCRIBE here goes on this connection even when its
-            // channel starts with another [[redis.routes]] prefix.
-            _ => match dedicated.conn.send(&request.raw).await {
-                Ok(()) => None,
-                Err(_) => Some(RelayEnd::Close),
-            },
+            // PING, and commands that Redis rejects in this state with its
+            // own error.
+            _ => send_on(&mut subscriptions[0], &request.raw).await,
         }
     }
 
+    /// Subscribes on the connection of the route of the request's
+    /// channels, opening it when the client has none there yet.
+    async fn subscribe_more(
+        &mut self,
+        subscriptions: &mut Vec<Subscribed>,
+        request: Request,
+        name: &str,
+    ) -> Result<(), RelayEnd> {
+        let route = match self.pick_route(&request, name) {
+            Ok(route) => route,
+            Err(error) => return self.relay_to_client(error).await,
+        };
+        if let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) {
+            return send_on(sub, &request.raw).await;
+        }
+        self.use_route(route);
+        match self.open_subscription(&request, name).await {
+            Ok((subscribed, first)) => {
+                subscriptions.push(subscribed);
+                let index = subscriptions.len() - 1;
+                self.relay_frame(subscriptions, index, first).await
+            }
+            Err(error) => self.relay_to_client(error).await,
+        }
+    }
+
+    /// Unsubscribes each channel on the connection of its route. Without
+    /// channels, every connection unsubscribes from all of its own.
+    ///
+    /// NOTE: without channels, each connection confirms on its own, so a
+    /// client subscribed through two routes may get a confirmation with a
+    /// null channel from a route where it had none of that kind, which a
+    /// single Redis server would not send.
+    async fn unsubscribe_some(
+        &mut self,
+        subscriptions: &mut [Subscribed],
+        request: Request,
+        name: &str,
+    ) -> Result<(), RelayEnd> {
+        if request.args.len() == 1 {
+            for sub in subscriptions.iter_mut() {
+                send_on(sub, &request.raw).await?;
+            }
+            return Ok(());
+        }
+        let mut groups: Vec<(RouteId, Vec<Bytes>)> = Vec::new();
+        for channel in &request.args[1..] {
+            let single = Request::from_args(vec![request.args[0].clone(), channel.clone()]);
+            // One channel always has one route.
+            let route = self.pick_route(&single, name).unwrap_or(MAIN);
+            match groups.iter_mut().find(|(id, _)| *id == route) {
+                Some((_, channels)) => channels.push(channel.clone()),
+                None => groups.push((route, vec![channel.clone()])),
+            }
+        }
+        let total: i64 = subscriptions.iter().map(|sub| sub.count).sum();
+        for (route, channels) in groups {
+            let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) else {
+                // Not subscribed there: confirmed with the unchanged total,
+                // as Redis confirms a channel the client never subscribed.
+                let kind = name.to_ascii_lowercase();
+                for channel in &channels {
+                    let confirmation = unsubscribe_confirmation(
+                        kind.as_bytes(),
+                        Some(channel),
+                        total,
+                        self.ctx.protocol,
+                    );
+                    self.relay_to_client(confirmation).await?;
+                }
+                continue;
+            };
+            let mut args = vec![request.args[0].clone()];
+            args.extend(channels);
+            send_on(sub, &encode_command(&args)).await?;
+        }
+        Ok(())
+    }
+
     /// True for a RESP3 client's ordinary command. It is handled like any
-    /// other command, locally or routed, rather than sent on the subscribed
-    /// connection, so it reaches the node that serves its key. RESP2 clients may send only
-    /// subscription commands and PING here, and the upstream rejects others
-    /// with Redis's own error.
+    /// other command, locally or routed, rather than sent on a subscribed
+    /// connection, so it reaches the node that serves its key. RESP2
+    /// clients may send only subscription commands and PING here, and the
+    /// upstream rejects others with Redis's own error.
     fn routes_while_subscribed(&self, name: &str, request: &Request) -> bool {
         let subscription_command = matches!(
             name,
@@ -168,21 +377,85 @@ impl Session {
     }
 }
 
-/// True for an unsubscribe confirmation whose count of remaining
-/// subscriptions is zero.
-fn ends_subscriptions(frame: &Bytes, protocol: Protocol) -> bool {
-    let Some(items) = Value::decode(frame, protocol).and_then(Value::into_items) else {
-        return false;
-    };
-    let kind = items
-        .first()
-        .and_then(Value::as_bytes)
-        .map(|kind| kind.to_ascii_lowercase());
-    let is_unsubscribe = matches!(
-        kind.as_deref(),
-        Some(b"unsubscribe") | Some(b"punsubscribe") | Some(b"sunsubscribe")
+async fn send_on(sub: &mut Subscribed, raw: &[u8]) -> Result<(), RelayEnd> {
+    sub.dedicated
+        .conn
+        .send(raw)
+        .await
+        .map_err(|_| RelayEnd::Close)
+}
+
+/// Returns the count of a subscribe or unsubscribe confirmation, `None` for
+/// any other frame.
+fn confirmation_count(frame: &Bytes, protocol: Protocol) -> Option<i64> {
+    let items = Value::decode(frame, protocol).and_then(Value::into_items)?;
+    let kind = items.first()?.as_bytes()?.to_ascii_lowercase();
+    let is_confirmation = matches!(
+        &kind[..],
+        b"subscribe"
+            | b"psubscribe"
+            | b"ssubscribe"
+            | b"unsubscribe"
+            | b"punsubscribe"
+            | b"sunsubscribe"
     );
-    is_unsubscribe && items.get(2).and_then(Value::as_int) == Some(0)
+    if !is_confirmation || items.len() != 3 {
+        return None;
+    }
+    match items.get(2)? {
+        Value::Int(count) => Some(*count),
+        _ => None,
+    }
+}
+
+/// Returns a confirmation frame with its count, the last element, replaced.
+fn with_count(frame: &Bytes, count: i64) -> Bytes {
+    let Some(colon) = frame.iter().rposition(|&byte| byte == b':') else {
+        return frame.clone();
+    };
+    let mut out = BytesMut::with_capacity(colon + 24);
+    out.extend_from_slice(&frame[..colon]);
+    out.extend_from_slice(&reply::integer(count));
+    out.freeze()
+}
+
+/// True for the reply to skiff's sync PING: a bulk string while
+/// unsubscribed or in RESP3, `pong` and the argument while subscribed in
+/// RESP2.
+fn is_sync_reply(frame: &Bytes, protocol: Protocol) -> bool {
+    match Value::decode(frame, protocol) {
+        Some(Value::Str(data)) => &data[..] == SYNC_TOKEN,
+        Some(value) => value.into_items().is_some_and(|items| {
+            items.len() == 2
+                && items[1]
+                    .as_bytes()
+                    .is_some_and(|data| &data[..] == SYNC_TOKEN)
+        }),
+        None => false,
+    }
+}
+
+/// Encodes an unsubscribe confirmation of `kind` (`unsubscribe`,
+/// `punsubscribe` or `sunsubscribe`) for `channel`, null when the client
+/// had none, with `count` subscriptions left.
+pub(super) fn unsubscribe_confirmation(
+    kind: &[u8],
+    channel: Option<&Bytes>,
+    count: i64,
+    protocol: Protocol,
+) -> Bytes {
+    let mut out = BytesMut::new();
+    match protocol {
+        Protocol::Resp2 => reply::put_array_header(&mut out, 3),
+        Protocol::Resp3 => out.extend_from_slice(b">3\r\n"),
+    }
+    out.extend_from_slice(&reply::bulk(kind));
+    match channel {
+        Some(channel) => out.extend_from_slice(&reply::bulk(channel)),
+        None => out.extend_from_slice(&reply::null(protocol)),
+    }
+    out.extend_from_slice(&reply::integer(count));
+    out.freeze()
 }
 
 #[cfg(test)]
@@ -190,14 +463,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn last_unsubscribe_ends_subscriptions() {
+    fn confirmation_counts_are_read() {
         let last = Bytes::from_static(b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n");
-        assert!(ends_subscriptions(&last, Protocol::Resp2));
-        let more = Bytes::from_static(b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:1\r\n");
-        assert!(!ends_subscriptions(&more, Protocol::Resp2));
+        assert_eq!(confirmation_count(&last, Protocol::Resp2), Some(0));
+        let more = Bytes::from_static(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:2\r\n");
+        assert_eq!(confirmation_count(&more, Protocol::Resp2), Some(2));
         let push = Bytes::from_static(b">3\r\n$12\r\npunsubscribe\r\n$1\r\np\r\n:0\r\n");
-        assert!(ends_subscriptions(&push, Protocol::Resp3));
+        assert_eq!(confirmation_count(&push, Protocol::Resp3), Some(0));
         let message = Bytes::from_static(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\n0\r\n");
-        assert!(!ends_subscriptions(&message, Protocol::Resp2));
+        assert_eq!(confirmation_count(&message, Protocol::Resp2), None);
+    }
+
+    #[test]
+    fn count_is_replaced() {
+        let frame = Bytes::from_static(b"*3\r\n$9\r\nsubscribe\r\n$4\r\na:b:\r\n:1\r\n");
+        assert_eq!(
+            &with_count(&frame, 12)[..],
+            b"*3\r\n$9\r\nsubscribe\r\n$4\r\na:b:\r\n:12\r\n"
+        );
+    }
+
+    #[test]
+    fn sync_reply_is_recognised() {
+        let subscribed =
+            Bytes::from_static(b"*2\r\n$4\r\npong\r\n$22\r\nskiff-unsubscribe-sync\r\n");
+        assert!(is_sync_reply(&subscribed, Protocol::Resp2));
+        let plain = Bytes::from_static(b"$22\r\nskiff-unsubscribe-sync\r\n");
+        assert!(is_sync_reply(&plain, Protocol::Resp2));
+        assert!(is_sync_reply(&plain, Protocol::Resp3));
+        let other = Bytes::from_static(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+        assert!(!is_sync_reply(&other, Protocol::Resp2));
     }
 }

@@ -290,6 +290,14 @@ impl Session {
             // These change the pinned connection's own state, which would
             // then leak to the next client that uses it.
             "AUTH" | "HELLO" | "CLIENT" | "SELECT" => {
+                // Inside MULTI, the rejection makes EXEC discard the
+                // transaction, as Redis does for a command that fails to
+                // queue. Otherwise the queued writes would run in the
+                // database that the client meant to leave.
+                let transaction = self.transaction.as_mut().expect("transaction in progress");
+                if transaction.in_multi {
+                    transaction.aborted = true;
+                }
                 let text = format!("ERR {name} is not allowed inside a transaction or WATCH");
                 return self.reply(reply::error(&text)).await;
             }

@@ -1,0 +1,267 @@
+//! Hard cases of `[[redis.routes]]` against real servers: subscriptions
+//! that end and restart in one pipeline, subscriptions on channels of two
+//! routes, and commands that skiff rejects inside MULTI.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::time::Duration;
+
+use redis_support::{RawClient, RedisServer, Skiff};
+use skiff::redis::frame::encode_command;
+
+/// Starts skiff with a standalone `[redis]` on `main` and a route
+/// `celery` for database 1 and the prefixes `celery` and `_kombu.` on
+/// `route`.
+async fn celery_skiff(main: &RedisServer, route: &RedisServer) -> Skiff {
+    let body = format!(
+        "nodes = [\"{}\"]\n\
+         [[redis.routes]]\nname = \"celery\"\ndatabase = 1\n\
+         prefixes = [\"celery\", \"_kombu.\"]\nnodes = [\"{}\"]\n",
+        main.addr(),
+        route.addr()
+    );
+    Skiff::start(&body).await
+}
+
+/// Sends every command of `commands` in one write.
+async fn pipeline(client: &mut RawClient, commands: &[&[&str]]) {
+    let mut bytes = Vec::new();
+    for command in commands {
+        bytes.extend_from_slice(&encode_command(command));
+    }
+    client.send_bytes(&bytes).await;
+}
+
+async fn read_text(client: &mut RawClient) -> String {
+    String::from_utf8_lossy(&client.read().await).into_owned()
+}
+
+/// Asserts that nothing arrives on `client` for a short while.
+async fn assert_silent(client: &mut RawClient, what: &str) {
+    let read = tokio::time::timeout(Duration::from_millis(300), client.read()).await;
+    if let Ok(frame) = read {
+        panic!(
+            "{what}: unexpected frame {:?}",
+            String::from_utf8_lossy(&frame)
+        );
+    }
+}
+
+/// Celery's result consumer unsubscribes from one task's channel and
+/// subscribes to the next one's in the same write. The confirmation with
+/// count 0 must not end the subscription, or the connection, still
+/// subscribed, goes back to the pool.
+#[tokio::test]
+async fn unsubscribe_then_subscribe_in_one_write() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut subscriber = skiff.raw().await;
+    let first = subscriber.call(&["SUBSCRIBE", "celery-task-meta-a"]).await;
+    assert!(first.contains("celery-task-meta-a"), "{first}");
+
+    pipeline(
+        &mut subscriber,
+        &[
+            &["UNSUBSCRIBE", "celery-task-meta-a"],
+            &["SUBSCRIBE", "celery-task-meta-b"],
+        ],
+    )
+    .await;
+    assert_eq!(
+        read_text(&mut subscriber).await,
+        "*3\r\n$11\r\nunsubscribe\r\n$18\r\ncelery-task-meta-a\r\n:0\r\n"
+    );
+    assert_eq!(
+        read_text(&mut subscriber).await,
+        "*3\r\n$9\r\nsubscribe\r\n$18\r\ncelery-task-meta-b\r\n:1\r\n"
+    );
+
+    // Another client takes a dedicated connection from the same pool.
+    let mut other = skiff.raw().await;
+    let other_reply = other.call(&["SUBSCRIBE", "celery-other"]).await;
+    assert!(other_reply.contains("celery-other"), "{other_reply}");
+
+    let mut publisher = skiff.raw().await;
+    assert_eq!(
+        publisher
+            .call(&["PUBLISH", "celery-task-meta-b", "done"])
+            .await,
+        ":1\r\n"
+    );
+    assert_eq!(
+        read_text(&mut subscriber).await,
+        "*3\r\n$7\r\nmessage\r\n$18\r\ncelery-task-meta-b\r\n$4\r\ndone\r\n"
+    );
+    assert_silent(&mut other, "a client subscribed to another channel").await;
+}
+
+/// skiff rejects SELECT inside MULTI; like any command rejected while
+/// queueing, it must make EXEC discard the transaction, or the queued
+/// writes run against the database the client meant to leave.
+#[tokio::test]
+async fn select_inside_multi_aborts_exec() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut raw = skiff.raw().await;
+
+    assert_eq!(raw.call(&["MULTI"]).await, "+OK\r\n");
+    let select = raw.call(&["SELECT", "1"]).await;
+    assert!(select.starts_with("-ERR "), "{select}");
+    assert_eq!(raw.call(&["SET", "queued", "1"]).await, "+QUEUED\r\n");
+    assert_eq!(
+        raw.call(&["EXEC"]).await,
+        "-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(main.cli(&["EXISTS", "queued"]).trim(), "0");
+    assert_eq!(route.cli(&["EXISTS", "queued"]).trim(), "0");
+
+    // The same inside a transaction already pinned to the route.
+    assert_eq!(raw.call(&["SELECT", "1"]).await, "+OK\r\n");
+    assert_eq!(raw.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(raw.call(&["SET", "k", "1"]).await, "+QUEUED\r\n");
+    let select = raw.call(&["SELECT", "0"]).await;
+    assert!(select.starts_with("-ERR "), "{select}");
+    assert_eq!(
+        raw.call(&["EXEC"]).await,
+        "-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(route.cli(&["EXISTS", "k"]).trim(), "0");
+
+    // The session works after the aborted transactions.
+    assert_eq!(raw.call(&["SET", "after", "1"]).await, "+OK\r\n");
+    assert_eq!(route.cli(&["GET", "after"]).trim(), "1");
+}
+
+/// Returns the subscriber count of `channel` on `server`.
+fn numsub(server: &RedisServer, channel: &str) -> String {
+    let output = server.cli(&["PUBSUB", "NUMSUB", channel]);
+    output.lines().nth(1).unwrap_or_default().to_string()
+}
+
+/// A subscribed client that subscribes to a channel of another route gets
+/// a second upstream connection on that route, and one stream of messages
+/// with counts over both.
+#[tokio::test]
+async fn subscribe_channels_of_two_routes() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut subscriber = skiff.raw().await;
+    assert_eq!(
+        subscriber.call(&["SUBSCRIBE", "celery-task-meta-1"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$18\r\ncelery-task-meta-1\r\n:1\r\n"
+    );
+    assert_eq!(
+        subscriber.call(&["SUBSCRIBE", "news"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:2\r\n"
+    );
+    assert_eq!(
+        subscriber.call(&["PSUBSCRIBE", "celery-*"]).await,
+        "*3\r\n$10\r\npsubscribe\r\n$8\r\ncelery-*\r\n:3\r\n"
+    );
+    assert_eq!(numsub(&main, "news"), "1", "news on [redis]'s server");
+    assert_eq!(numsub(&route, "news"), "0", "news not on the route's");
+    assert_eq!(numsub(&route, "celery-task-meta-1"), "1");
+
+    let mut publisher = skiff.raw().await;
+    assert_eq!(publisher.call(&["PUBLISH", "news", "n1"]).await, ":1\r\n");
+    assert_eq!(
+        read_text(&mut subscriber).await,
+        "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nn1\r\n"
+    );
+    assert_eq!(
+        publisher
+            .call(&["PUBLISH", "celery-task-meta-1", "t1"])
+            .await,
+        ":2\r\n",
+        "the channel and the pattern match"
+    );
+    let mut messages = vec![
+        read_text(&mut subscriber).await,
+        read_text(&mut subscriber).await,
+    ];
+    messages.sort();
+    assert_eq!(
+        messages,
+        [
+            "*3\r\n$7\r\nmessage\r\n$18\r\ncelery-task-meta-1\r\n$2\r\nt1\r\n",
+            "*4\r\n$8\r\npmessage\r\n$8\r\ncelery-*\r\n$18\r\ncelery-task-meta-1\r\n$2\r\nt1\r\n",
+        ]
+    );
+
+    // The count in confirmations is the total over both connections.
+    pipeline(&mut subscriber, &[&["UNSUBSCRIBE", "news", "never"]]).await;
+    assert_eq!(
+        read_text(&mut subscriber).await,
+        "*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:2\r\n"
+    );
+    assert_eq!(
+        read_text(&mut subscriber).await,
+        "*3\r\n$11\r\nunsubscribe\r\n$5\r\nnever\r\n:2\r\n"
+    );
+    // One UNSUBSCRIBE with channels of both routes, where [redis] has no
+    // subscription left.
+    pipeline(
+        &mut subscriber,
+        &[&["UNSUBSCRIBE", "celery-task-meta-1", "other"]],
+    )
+    .await;
+    let first = read_text(&mut subscriber).await;
+    let second = read_text(&mut subscriber).await;
+    let route_confirmation = "*3\r\n$11\r\nunsubscribe\r\n$18\r\ncelery-task-meta-1\r\n:1\r\n";
+    assert!(
+        first == route_confirmation || second == route_confirmation,
+        "{first:?} {second:?}"
+    );
+    assert!(
+        first.contains("$5\r\nother\r\n") || second.contains("$5\r\nother\r\n"),
+        "{first:?} {second:?}"
+    );
+    assert_eq!(numsub(&main, "news"), "0");
+    assert_eq!(
+        subscriber.call(&["PUNSUBSCRIBE", "celery-*"]).await,
+        "*3\r\n$12\r\npunsubscribe\r\n$8\r\ncelery-*\r\n:0\r\n"
+    );
+
+    // Back to normal commands, on both routes.
+    assert_eq!(subscriber.call(&["SET", "plain", "1"]).await, "+OK\r\n");
+    assert_eq!(subscriber.call(&["SET", "celery-x", "2"]).await, "+OK\r\n");
+    assert_eq!(main.cli(&["GET", "plain"]).trim(), "1");
+    assert_eq!(route.cli(&["GET", "celery-x"]).trim(), "2");
+}
+
+/// A RESP3 client may subscribe through two routes and run commands
+/// between its subscriptions.
+#[tokio::test]
+async fn resp3_subscribe_two_routes() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut subscriber = skiff.raw().await;
+    subscriber.protocol = skiff::redis::frame::Protocol::Resp3;
+    let hello = subscriber.call(&["HELLO", "3"]).await;
+    assert!(hello.starts_with('%'), "{hello}");
+    assert_eq!(
+        subscriber.call(&["SUBSCRIBE", "news"]).await,
+        ">3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    assert_eq!(subscriber.call(&["SET", "celery-y", "1"]).await, "+OK\r\n");
+    assert_eq!(
+        subscriber.call(&["SUBSCRIBE", "celery-events"]).await,
+        ">3\r\n$9\r\nsubscribe\r\n$13\r\ncelery-events\r\n:2\r\n"
+    );
+    assert_eq!(numsub(&route, "celery-events"), "1");
+    assert_eq!(numsub(&main, "celery-events"), "0");
+    let mut publisher = skiff.raw().await;
+    assert_eq!(
+        publisher.call(&["PUBLISH", "celery-events", "e"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(
+        read_text(&mut subscriber).await,
+        ">3\r\n$7\r\nmessage\r\n$13\r\ncelery-events\r\n$1\r\ne\r\n"
+    );
+}
