@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what skiff's tests and quick start need on a Debian 12 machine:
 # PostgreSQL 15 server binaries and clients (initdb, pg_ctl, psql, pgbench),
-# Redis (server, cli, sentinel), the Python SLS SDK and redis-py (with its
-# client-side cache, 5.1 or later) used by the tests.
+# Redis (server, cli, sentinel), the Python SLS SDK, redis-py (with its
+# client-side cache, 5.1 or later) and Celery, used by the tests.
 set -euo pipefail
 
 packages=()
@@ -28,4 +28,8 @@ fi
 
 if command -v python3 >/dev/null && ! python3 -c 'from redis.cache import CacheConfig' 2>/dev/null; then
     python3 -m pip install --quiet 'redis>=5.1' || echo "setup: redis-py could not be installed; its test will be skipped" >&2
+fi
+
+if command -v python3 >/dev/null && ! python3 -c 'import celery' 2>/dev/null; then
+    python3 -m pip install --quiet celery || echo "setup: Celery could not be installed; its test will be skipped" >&2
 fi

@@ -1,6 +1,7 @@
 //! Hard cases of `[[redis.routes]]` against real servers: subscriptions
 //! that end and restart in one pipeline, subscriptions on channels of two
-//! routes, and commands that skiff rejects inside MULTI.
+//! routes, commands that skiff rejects inside MULTI, scripts loaded for
+//! EVALSHA on a route, and a real Celery worker through a route.
 
 #[path = "support/redis.rs"]
 mod redis_support;
@@ -264,4 +265,88 @@ async fn resp3_subscribe_two_routes() {
         read_text(&mut subscriber).await,
         ">3\r\n$7\r\nmessage\r\n$13\r\ncelery-events\r\n$1\r\ne\r\n"
     );
+}
+
+/// Why Celery cannot be run here, if it cannot.
+fn celery_missing() -> Option<String> {
+    let output = std::process::Command::new("python3")
+        .args(["-c", "import celery, redis"])
+        .output();
+    match output {
+        Err(err) => Some(format!("python3 not runnable: {err}")),
+        Ok(out) if !out.status.success() => Some(format!(
+            "celery or redis-py not installed (pip install celery redis): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// A real Celery worker and producer through skiff: tasks with results, a
+/// retry, a group and a chord, with the broker in database 1 and the
+/// results under the `celery` prefix, all on the route's server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_worker_through_route() {
+    if let Some(reason) = celery_missing() {
+        println!("skipped: {reason}");
+        return;
+    }
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/celery_through_skiff.py"
+    );
+    let run = tokio::process::Command::new("python3")
+        .arg(script)
+        .env("SKIFF_PORT", skiff.addr.port().to_string())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("Celery run finished within 60 s")
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in ["add ok", "retry ok", "group ok", "chord ok"] {
+        assert!(stdout.contains(line), "{line} missing:\n{stdout}\n{stderr}");
+    }
+
+    let main_keys = main.cli(&["--scan"]);
+    assert_eq!(main_keys.trim(), "", "keys on [redis]'s server");
+    assert_eq!(route.cli(&["EXISTS", "_kombu.binding.celery"]).trim(), "1");
+    let results = route.cli(&["--scan", "--pattern", "celery-task-meta-*"]);
+    assert!(results.lines().count() >= 11, "results: {results}");
+}
+
+/// `SCRIPT LOAD` has no keys, but the `EVALSHA` that follows runs where
+/// its keys are, so the script must reach every route (Celery's chord
+/// counter is such a script).
+#[tokio::test]
+async fn script_load_reaches_every_route() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut raw = skiff.raw().await;
+    let loaded = raw
+        .call(&["SCRIPT", "LOAD", "return redis.call('INCR', KEYS[1])"])
+        .await;
+    assert!(loaded.starts_with("$40\r\n"), "{loaded}");
+    let sha = loaded.lines().nth(1).unwrap().to_string();
+    assert_eq!(
+        raw.call(&["EVALSHA", &sha, "1", "celery-chord"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(raw.call(&["EVALSHA", &sha, "1", "plain"]).await, ":1\r\n");
+    assert_eq!(route.cli(&["GET", "celery-chord"]).trim(), "1");
+    assert_eq!(main.cli(&["GET", "plain"]).trim(), "1");
+
+    assert_eq!(raw.call(&["SCRIPT", "FLUSH"]).await, "+OK\r\n");
+    let flushed = raw.call(&["EVALSHA", &sha, "1", "celery-chord"]).await;
+    assert!(flushed.starts_with("-NOSCRIPT"), "{flushed}");
 }

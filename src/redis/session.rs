@@ -267,6 +267,10 @@ impl Session {
             Pinning::Blocking => self.run_blocking(request, &name).await,
             Pinning::Subscribe => self.run_subscribed(request, &name).await,
             Pinning::Transaction => self.start_transaction(request, &name).await,
+            Pinning::None if self.loads_scripts_everywhere(&request, &name) => {
+                let pending = self.submit_to_every_route(request, &name).await;
+                self.send(Outgoing::Reply(pending)).await
+            }
             Pinning::None => {
                 self.note_reads(&request, &name);
                 let pending = self.router.submit(request, &name, self.ctx).await;
@@ -298,6 +302,39 @@ impl Session {
             self.route = route;
         }
         self.ctx.db = self.routes.upstream_db(route, self.client_db);
+    }
+
+    /// True for `SCRIPT LOAD` and `SCRIPT FLUSH` when keys pick the route.
+    /// They have no keys, but a later `EVALSHA` goes to the route of its
+    /// keys, so every route must hold the same scripts.
+    fn loads_scripts_everywhere(&self, request: &Request, name: &str) -> bool {
+        name == "SCRIPT"
+            && self.keys_pick_route()
+            && matches!(request.arg_upper(1).as_deref(), Some("LOAD" | "FLUSH"))
+    }
+
+    /// Sends `request` through every route and returns `[redis]`'s reply
+    /// once all have replied, or the first error among them.
+    async fn submit_to_every_route(&mut self, request: Request, name: &str) -> Pending {
+        let mut replies = Vec::new();
+        let ids: Vec<RouteId> = (0..self.routes.all().count()).collect();
+        for id in ids {
+            self.use_route(id);
+            let pending = self.router.submit(request.clone(), name, self.ctx).await;
+            replies.push((self.router.clone(), pending));
+        }
+        self.use_route(MAIN);
+        Pending::Future(Box::pin(async move {
+            let mut first = None;
+            for (router, pending) in replies {
+                let reply = pending.resolve(&router).await;
+                if super::frame::error_text(&reply).is_some() {
+                    return reply;
+                }
+                first.get_or_insert(reply);
+            }
+            first.unwrap_or_else(|| reply::error("ERR no upstream node is available"))
+        }))
     }
 
     /// Makes a reply in flight on a route's connection resolve through
