@@ -30,6 +30,7 @@ if command -v python3 >/dev/null && ! python3 -c 'from redis.cache import CacheC
     python3 -m pip install --quiet 'redis>=5.1' || echo "setup: redis-py could not be installed; its test will be skipped" >&2
 fi
 
-if command -v python3 >/dev/null && ! python3 -c 'import celery' 2>/dev/null; then
-    python3 -m pip install --quiet celery || echo "setup: Celery could not be installed; its test will be skipped" >&2
+# kombu's Redis transport also imports packaging, which celery does not pull in.
+if command -v python3 >/dev/null && ! python3 -c 'import celery, packaging' 2>/dev/null; then
+    python3 -m pip install --quiet celery packaging || echo "setup: Celery could not be installed; its test will be skipped" >&2
 fi

@@ -270,12 +270,12 @@ async fn resp3_subscribe_two_routes() {
 /// Why Celery cannot be run here, if it cannot.
 fn celery_missing() -> Option<String> {
     let output = std::process::Command::new("python3")
-        .args(["-c", "import celery, redis"])
+        .args(["-c", "import celery, redis, kombu.transport.redis"])
         .output();
     match output {
         Err(err) => Some(format!("python3 not runnable: {err}")),
         Ok(out) if !out.status.success() => Some(format!(
-            "celery or redis-py not installed (pip install celery redis): {}",
+            "celery or redis-py not installed (pip install celery redis packaging): {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )),
         Ok(_) => None,
