@@ -15,7 +15,7 @@ use super::command::CommandTable;
 use super::fanout;
 use super::frame::{encode_command, error_text, Request};
 use super::reply;
-use super::router::{record_command, Pending, Role, Router, SessionCtx};
+use super::router::{Pending, Role, Router, SessionCtx};
 use super::slot::key_slot;
 use super::topology::{self, ClusterMap};
 use super::upstream::{ConnSettings, UpstreamError};
@@ -330,7 +330,7 @@ pub async fn follow(
         };
         let next = classify(&reply, &origin);
         if next == Next::Done {
-            record_command(Role::Primary, &reply, started);
+            router.record_command(Role::Primary, &reply, started);
             return reply;
         }
         if next == Next::Wait {

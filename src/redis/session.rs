@@ -27,6 +27,11 @@ const MAX_BATCH_BYTES: usize = 16 * 1024;
 /// Read buffer space for an idle client; kept small because thousands of
 /// idle clients each hold one.
 const IDLE_READ_BYTES: usize = 4 * 1024;
+/// Spare read buffer space below which an idle client gets a new buffer.
+/// Requests are cut out of the buffer and keep it alive, so it cannot be
+/// reused in place. Reading into what is left of it means one allocation
+/// per several reads instead of one per read.
+const MIN_IDLE_SPARE: usize = 1024;
 /// Read buffer space while a request is partly read; it doubles with the
 /// buffered part, so a large value takes few reads.
 const MIN_READ_BYTES: usize = 16 * 1024;
@@ -89,6 +94,7 @@ impl ClientReader {
 
     fn reserve(&mut self) {
         let spare = match self.buf.len() {
+            0 if self.buf.capacity() >= MIN_IDLE_SPARE => return,
             0 => IDLE_READ_BYTES,
             // Never more than needed to see that a request is too large.
             buffered => {

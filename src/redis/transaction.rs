@@ -10,7 +10,7 @@ use super::cache::Invalidation;
 use super::frame::{encode_command, error_text, Request};
 use super::pool::{ConnKey, Dedicated};
 use super::reply;
-use super::router::{record_command, Role};
+use super::router::Role;
 use super::session::{Flow, Session};
 use super::slot::key_slot;
 use super::upstream::UpstreamError;
@@ -156,7 +156,7 @@ impl Session {
             {
                 Some((addr, ask)) => (target, asking) = (addr, ask),
                 None => {
-                    record_command(Role::Primary, &reply, started);
+                    self.router.record_command(Role::Primary, &reply, started);
                     return self.reply(reply).await;
                 }
             }
@@ -315,7 +315,7 @@ impl Session {
                 return self.reply(reply::error(&format!("ERR {err}"))).await;
             }
         };
-        record_command(Role::Primary, &reply, started);
+        self.router.record_command(Role::Primary, &reply, started);
         if in_multi && !matches!(name, "EXEC" | "DISCARD") {
             // Queued: it runs at EXEC.
             transaction.remember(invalidation);

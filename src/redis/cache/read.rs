@@ -14,7 +14,7 @@ use super::tracking::Scope;
 use crate::redis::cluster::{self, Retry};
 use crate::redis::frame::{encode_command, Request};
 use crate::redis::reply;
-use crate::redis::router::{record_command, Pending, Router, SessionCtx};
+use crate::redis::router::{Pending, Router, SessionCtx};
 use crate::redis::upstream::UpstreamError;
 
 /// The part of a fetched reply that is cached.
@@ -129,7 +129,7 @@ async fn fill(
             Ok(reply) => reply,
             Err(err) => return router.upstream_failure(&err, role),
         };
-        record_command(role, &reply, sent_at);
+        router.record_command(role, &reply, sent_at);
         if !commands::is_error(&reply) {
             let pttl = match ttl_receiver.await {
                 Ok(Ok(ttl)) => commands::parse_pttl(&ttl),
