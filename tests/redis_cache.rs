@@ -416,6 +416,39 @@ async fn mget_and_exists_answer_key_by_key() {
 }
 
 #[tokio::test]
+async fn mget_misses_share_one_read() {
+    let skiff = skiff("").await;
+    let server = server();
+    server.cli(&["MSET", "cache:g1", "a", "cache:g2", "b", "cache:g3", "c"]);
+    server.cli(&["DEL", "cache:g4"]);
+    let mut client = skiff.raw().await;
+    let mget = ["MGET", "cache:g1", "cache:g2", "cache:g3", "cache:g4"];
+    let expected = "*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$-1\r\n";
+    let (mgets, pttls) = (server.command_calls("mget"), server.command_calls("pttl"));
+    assert_eq!(client.call(&mget).await, expected);
+    // One MGET for the four misses, and PTTL of each key with it.
+    assert_eq!(server.command_calls("mget"), mgets + 1);
+    assert_eq!(server.command_calls("pttl"), pttls + 4);
+
+    // Every value read by the shared MGET was stored.
+    let mgets = server.command_calls("mget");
+    assert_eq!(client.call(&mget).await, expected);
+    assert_eq!(client.call(&["GET", "cache:g2"]).await, "$1\r\nb\r\n");
+    assert_eq!(server.command_calls("mget"), mgets);
+
+    // A key changed by another client is read again.
+    server.cli(&["SET", "cache:g3", "z"]);
+    let started = Instant::now();
+    let changed = "*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nz\r\n$-1\r\n";
+    while client.call(&mget).await != changed {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "MGET stays stale"
+        );
+    }
+}
+
+#[tokio::test]
 async fn resp2_and_resp3_replies_are_cached_apart() {
     let skiff = skiff("").await;
     let server = server();
