@@ -341,6 +341,45 @@ async fn pipeline_of_hits_and_misses_keeps_order() {
 }
 
 #[tokio::test]
+async fn large_hits_keep_order_when_client_lags() {
+    let skiff = skiff("").await;
+    let server = server();
+    // Larger than a socket buffer, so writes to a client that does not
+    // read yet stop part way and the rest must follow in order.
+    let big = "b".repeat(900 * 1024);
+    let mut client = skiff.raw().await;
+    // Through skiff: the value is too long for a command-line argument.
+    assert_eq!(client.call(&["SET", "cache:big", &big]).await, "+OK\r\n");
+    read_until_cached(&mut client, server, "cache:big").await;
+    let mut requests = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..36 {
+        let value = i.to_string();
+        let (command, reply): (Vec<&str>, String) = if i % 2 == 0 {
+            let reply = format!("${}\r\n{big}\r\n", big.len());
+            (vec!["GET", "cache:big"], reply)
+        } else {
+            let reply = format!("${}\r\n{value}\r\n", value.len());
+            (vec!["ECHO", &value], reply)
+        };
+        requests.push(skiff::redis::frame::encode_command(&command));
+        expected.push(reply);
+    }
+    // Sent one request at a time, so most replies are written alone
+    // rather than gathered, while the client reads nothing. No reply
+    // comes from Redis, so the session writes every one itself.
+    for request in &requests {
+        client.send_bytes(request).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (i, reply) in expected.iter().enumerate() {
+        let got = client.read().await;
+        assert_eq!(got.len(), reply.len(), "length of reply {i}");
+        assert!(got == reply.as_bytes(), "reply {i} differs");
+    }
+}
+
+#[tokio::test]
 async fn mget_and_exists_answer_key_by_key() {
     let skiff = skiff("").await;
     let server = server();
@@ -374,6 +413,39 @@ async fn mget_and_exists_answer_key_by_key() {
         client.call(&["MGET", "cache:m1", "cache:m1"]).await,
         "*2\r\n$1\r\na\r\n$1\r\na\r\n"
     );
+}
+
+#[tokio::test]
+async fn mget_misses_share_one_read() {
+    let skiff = skiff("").await;
+    let server = server();
+    server.cli(&["MSET", "cache:g1", "a", "cache:g2", "b", "cache:g3", "c"]);
+    server.cli(&["DEL", "cache:g4"]);
+    let mut client = skiff.raw().await;
+    let mget = ["MGET", "cache:g1", "cache:g2", "cache:g3", "cache:g4"];
+    let expected = "*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$-1\r\n";
+    let (mgets, pttls) = (server.command_calls("mget"), server.command_calls("pttl"));
+    assert_eq!(client.call(&mget).await, expected);
+    // One MGET for the four misses, and PTTL of each key with it.
+    assert_eq!(server.command_calls("mget"), mgets + 1);
+    assert_eq!(server.command_calls("pttl"), pttls + 4);
+
+    // Every value read by the shared MGET was stored.
+    let mgets = server.command_calls("mget");
+    assert_eq!(client.call(&mget).await, expected);
+    assert_eq!(client.call(&["GET", "cache:g2"]).await, "$1\r\nb\r\n");
+    assert_eq!(server.command_calls("mget"), mgets);
+
+    // A key changed by another client is read again.
+    server.cli(&["SET", "cache:g3", "z"]);
+    let started = Instant::now();
+    let changed = "*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nz\r\n$-1\r\n";
+    while client.call(&mget).await != changed {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "MGET stays stale"
+        );
+    }
 }
 
 #[tokio::test]

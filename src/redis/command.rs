@@ -38,10 +38,13 @@ pub enum Pinning {
 /// Command name to spec, from the upstream or the built-in list.
 #[derive(Debug, Clone)]
 pub struct CommandTable {
-    specs: HashMap<String, CommandSpec>,
+    /// Looked up for every request. The names come from skiff's list or
+    /// the upstream's `COMMAND` reply, never from clients, so a fast hash
+    /// without SipHash's flooding resistance fits.
+    specs: HashMap<String, CommandSpec, foldhash::fast::RandomState>,
     /// Commands with sub-commands (`XINFO`, `OBJECT`), so only their
     /// requests pay for a second lookup.
-    containers: HashSet<String>,
+    containers: HashSet<String, foldhash::fast::RandomState>,
 }
 
 impl CommandTable {
@@ -61,8 +64,8 @@ impl CommandTable {
             })
             .collect();
         let mut table = CommandTable {
-            specs: HashMap::new(),
-            containers: HashSet::new(),
+            specs: HashMap::default(),
+            containers: HashSet::default(),
         };
         for (name, spec) in specs {
             table.insert(name, spec);

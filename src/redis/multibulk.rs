@@ -13,6 +13,10 @@ pub const MAX_ARGS: usize = 1024 * 1024;
 /// Maximum length of the number in a `*` or `$` line: a sign and 19 digits.
 const MAX_NUMBER_BYTES: usize = 20;
 
+/// Arguments whose positions [`measure`] records, enough for most
+/// requests. A request with more is sliced in a second pass.
+const RECORDED_ARGS: usize = 8;
+
 const INVALID_COUNT: &str = "invalid multibulk length";
 const INVALID_LENGTH: &str = "invalid bulk length";
 
@@ -20,7 +24,8 @@ const INVALID_LENGTH: &str = "invalid bulk length";
 /// `Ok(None)` means more bytes are needed. `*0` and `*-1` give a request
 /// without arguments, which Redis ignores.
 pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Request>, FrameError> {
-    let Some(total) = measure(buf, max_bytes)? else {
+    let mut spans = Spans::default();
+    let Some(total) = measure(buf, max_bytes, &mut spans)? else {
         if buf.len() > max_bytes {
             return Err(FrameError::TooLarge { limit: max_bytes });
         }
@@ -30,13 +35,42 @@ pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Request>, Fr
         return Err(FrameError::TooLarge { limit: max_bytes });
     }
     let raw = buf.split_to(total).freeze();
-    let args = slice_args(&raw);
+    let args = match spans.recorded() {
+        Some(spans) => spans
+            .iter()
+            .map(|&(start, end)| raw.slice(start..end))
+            .collect(),
+        None => slice_args(&raw),
+    };
     Ok(Some(Request { args, raw }))
 }
 
+/// Start and end of each argument of a request, when it has at most
+/// [`RECORDED_ARGS`].
+#[derive(Default)]
+struct Spans {
+    positions: [(usize, usize); RECORDED_ARGS],
+    count: usize,
+}
+
+impl Spans {
+    fn push(&mut self, start: usize, end: usize) {
+        if let Some(slot) = self.positions.get_mut(self.count) {
+            *slot = (start, end);
+        }
+        self.count += 1;
+    }
+
+    /// Returns every argument's position, or `None` when there were too
+    /// many to record.
+    fn recorded(&self) -> Option<&[(usize, usize)]> {
+        self.positions.get(..self.count)
+    }
+}
+
 /// Returns the length of the complete request at the start of `buf`, or
-/// `None` when more bytes are needed.
-fn measure(buf: &[u8], max_bytes: usize) -> Result<Option<usize>, FrameError> {
+/// `None` when more bytes are needed, and records where its arguments are.
+fn measure(buf: &[u8], max_bytes: usize, spans: &mut Spans) -> Result<Option<usize>, FrameError> {
     let Some((count, mut position)) = number_line(buf, 0, INVALID_COUNT)? else {
         return Ok(None);
     };
@@ -68,6 +102,7 @@ fn measure(buf: &[u8], max_bytes: usize) -> Result<Option<usize>, FrameError> {
             let text = "bulk string not followed by CRLF";
             return Err(FrameError::Invalid(text.into()));
         }
+        spans.push(start, end);
         position = end + 2;
     }
     Ok(Some(position))
@@ -153,6 +188,16 @@ mod tests {
         }
         let args = parse_bytes(request).unwrap().unwrap();
         assert_eq!(args, vec![b"SET".to_vec(), b"k".to_vec(), Vec::new()]);
+    }
+
+    #[test]
+    fn request_with_many_arguments_parses() {
+        for count in [RECORDED_ARGS, RECORDED_ARGS + 1, 3 * RECORDED_ARGS] {
+            let args: Vec<Vec<u8>> = (0..count).map(|i| format!("a{i}").into_bytes()).collect();
+            let encoded = crate::redis::frame::encode_command(&args);
+            let parsed = parse_bytes(&encoded).unwrap().unwrap();
+            assert_eq!(parsed, args, "{count} arguments");
+        }
     }
 
     #[test]

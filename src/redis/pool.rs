@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::frame::Protocol;
@@ -26,7 +26,17 @@ pub struct ConnKey {
     pub db: u32,
 }
 
-type SharedSlot = tokio::sync::Mutex<Option<Arc<Pipelined>>>;
+/// One shared connection of a node.
+#[derive(Default)]
+struct SharedSlot {
+    /// The connection, read without waiting while it is open.
+    conn: Mutex<Option<Arc<Pipelined>>>,
+    /// Held while the connection is opened, so one connect runs at a time.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// The shared connections of one node, by RESP version and database.
+type NodeSlots = Vec<(Protocol, u32, Arc<[SharedSlot]>)>;
 
 /// Settings every upstream connection shares.
 #[derive(Clone)]
@@ -51,7 +61,8 @@ pub struct Dedicated {
 
 pub struct Pool {
     settings: PoolSettings,
-    shared: Mutex<HashMap<ConnKey, Arc<[SharedSlot]>>>,
+    /// By node address, so a lookup needs no owned key.
+    shared: RwLock<HashMap<String, NodeSlots>>,
     idle: Mutex<HashMap<ConnKey, Vec<RawConn>>>,
     dedicated_limit: Arc<Semaphore>,
     down_since: Mutex<HashMap<String, Instant>>,
@@ -62,7 +73,7 @@ impl Pool {
         Pool {
             dedicated_limit: Arc::new(Semaphore::new(settings.max_dedicated)),
             settings,
-            shared: Mutex::default(),
+            shared: RwLock::default(),
             idle: Mutex::default(),
             down_since: Mutex::default(),
         }
@@ -115,29 +126,72 @@ impl Pool {
         key: &ConnKey,
         index: usize,
     ) -> Result<Arc<Pipelined>, UpstreamError> {
+        self.shared_to(&key.addr, key.protocol, key.db, index).await
+    }
+
+    /// [`Pool::shared`] for a key given in parts. An open connection is
+    /// returned without allocating or waiting.
+    pub async fn shared_to(
+        &self,
+        addr: &str,
+        protocol: Protocol,
+        db: u32,
+        index: usize,
+    ) -> Result<Arc<Pipelined>, UpstreamError> {
         let slots = {
-            let mut shared = self.shared.lock();
-            let per_node = self.settings.shared_per_node.max(1);
-            shared
-                .entry(key.clone())
-                .or_insert_with(|| (0..per_node).map(|_| SharedSlot::default()).collect())
-                .clone()
+            let shared = self.shared.read();
+            let slots = shared.get(addr).and_then(|node| {
+                node.iter()
+                    .find(|(p, d, _)| *p == protocol && *d == db)
+                    .map(|(_, _, slots)| slots)
+            });
+            if let Some(slots) = slots {
+                let slot = &slots[index % slots.len()];
+                if let Some(conn) = slot.conn.lock().as_ref().filter(|conn| conn.is_alive()) {
+                    return Ok(conn.clone());
+                }
+            }
+            slots.cloned()
         };
-        let mut slot = slots[index % slots.len()].lock().await;
-        if let Some(conn) = slot.as_ref().filter(|conn| conn.is_alive()) {
+        let slots = match slots {
+            Some(slots) => slots,
+            None => self.add_slots(addr, protocol, db),
+        };
+        let slot = &slots[index % slots.len()];
+        let _connecting = slot.connecting.lock().await;
+        if let Some(conn) = slot.conn.lock().as_ref().filter(|conn| conn.is_alive()) {
             return Ok(conn.clone());
         }
         // Fail fast while the node is down, so requests queued behind this
         // slot do not each wait for a connect timeout.
-        if !self.is_up(&key.addr) {
+        if !self.is_up(addr) {
             return Err(UpstreamError::Connect {
-                addr: key.addr.clone(),
+                addr: addr.to_string(),
                 message: "node is down after a failed connection attempt".into(),
             });
         }
-        let conn = Arc::new(Pipelined::spawn(self.connect(key).await?));
-        *slot = Some(conn.clone());
+        let key = ConnKey {
+            addr: addr.to_string(),
+            protocol,
+            db,
+        };
+        let conn = Arc::new(Pipelined::spawn(self.connect(&key).await?));
+        *slot.conn.lock() = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Returns the shared connection slots of a node, RESP version and
+    /// database, adding empty ones when there are none yet.
+    fn add_slots(&self, addr: &str, protocol: Protocol, db: u32) -> Arc<[SharedSlot]> {
+        let mut shared = self.shared.write();
+        let node = shared.entry(addr.to_string()).or_default();
+        if let Some((_, _, slots)) = node.iter().find(|(p, d, _)| *p == protocol && *d == db) {
+            return slots.clone();
+        }
+        let per_node = self.settings.shared_per_node.max(1);
+        let slots: Arc<[SharedSlot]> = (0..per_node).map(|_| SharedSlot::default()).collect();
+        node.push((protocol, db, slots.clone()));
+        slots
     }
 
     /// Checks out a connection that only one client uses until it is
@@ -207,9 +261,7 @@ impl Pool {
 
     /// Drops pooled connections to nodes no longer in the topology.
     pub fn retain_nodes(&self, nodes: &[String]) {
-        self.shared
-            .lock()
-            .retain(|key, _| nodes.contains(&key.addr));
+        self.shared.write().retain(|addr, _| nodes.contains(addr));
         self.idle.lock().retain(|key, _| nodes.contains(&key.addr));
     }
 }

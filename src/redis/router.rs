@@ -13,7 +13,7 @@ use super::cache::{self, Cache};
 use super::cluster::{self, Cluster};
 use super::command::CommandTable;
 use super::frame::{error_text, Protocol, Request};
-use super::pool::{ConnKey, Pool, PoolSettings};
+use super::pool::{Pool, PoolSettings};
 use super::reply;
 use super::upstream::{ReplyReceiver, UpstreamError, UpstreamTls};
 use crate::admin::BoxFuture;
@@ -36,6 +36,13 @@ pub enum Role {
 }
 
 impl Role {
+    fn index(self) -> usize {
+        match self {
+            Role::Primary => 0,
+            Role::Replica => 1,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Role::Primary => "primary",
@@ -99,6 +106,7 @@ pub struct Router {
     /// `main` for `[redis]`, else the route's name: the `route` label of
     /// the command metrics.
     route: Arc<str>,
+    metrics: CommandMetrics,
 }
 
 impl Router {
@@ -153,6 +161,7 @@ impl Router {
             next_client_id: AtomicU64::new(1),
             server_version: RwLock::new("7.0.0".into()),
             route: Arc::from(route),
+            metrics: CommandMetrics::register(route),
         })
     }
 
@@ -261,6 +270,9 @@ impl Router {
         if self.cluster.is_some() {
             return cluster::submit(self, request, name, ctx, table, readonly).await;
         }
+        if !readonly || self.config().read_from == ReadFrom::Primary {
+            return self.route_to_primary(&request, ctx).await;
+        }
         let targets = match self.standalone_targets(readonly, ctx.client_id) {
             Ok(targets) => targets,
             Err(error) => return Pending::Ready(error),
@@ -278,6 +290,19 @@ impl Router {
         match last_error {
             Some((err, role)) => Pending::Ready(self.upstream_failure(&err, role)),
             None => Pending::Ready(reply::error("ERR no upstream node is available")),
+        }
+    }
+
+    /// Sends `request` to the standalone or sentinel primary, the only
+    /// candidate of a write or of a read with `read_from = "primary"`.
+    async fn route_to_primary(&self, request: &Request, ctx: SessionCtx) -> Pending {
+        let primary = match self.primary() {
+            Ok(primary) => primary,
+            Err(error) => return Pending::Ready(error),
+        };
+        match self.send(&primary, request, ctx).await {
+            Ok(receiver) => Pending::InFlight(self.in_flight(receiver, primary, Role::Primary)),
+            Err(err) => Pending::Ready(self.upstream_failure(&err, Role::Primary)),
         }
     }
 
@@ -364,11 +389,16 @@ impl Router {
         request: &Request,
         ctx: SessionCtx,
     ) -> Result<ReplyReceiver, UpstreamError> {
-        let receivers = self.send_batch(addr, request.raw.clone(), 1, ctx).await?;
-        Ok(receivers
-            .into_iter()
-            .next()
-            .expect("one receiver per request"))
+        let conn = self.shared_conn(addr, ctx).await?;
+        match conn.send_one(request.raw.clone()).await {
+            // The connection died since the pool handed it out: the pool
+            // replaces it, and nothing was written, so one retry is safe.
+            Err(UpstreamError::NotSent { .. }) => {
+                let conn = self.shared_conn(addr, ctx).await?;
+                conn.send_one(request.raw.clone()).await
+            }
+            result => result,
+        }
     }
 
     /// Writes `count` requests encoded back to back in `bytes` on the
@@ -380,21 +410,24 @@ impl Router {
         count: usize,
         ctx: SessionCtx,
     ) -> Result<Vec<ReplyReceiver>, UpstreamError> {
-        let key = ConnKey {
-            addr: addr.to_string(),
-            protocol: ctx.protocol,
-            db: ctx.db,
-        };
-        let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
+        let conn = self.shared_conn(addr, ctx).await?;
         match conn.send(bytes.clone(), count).await {
-            // The connection died since the pool handed it out: the pool
-            // replaces it, and nothing was written, so one retry is safe.
+            // As in `send`: nothing was written, so one retry is safe.
             Err(UpstreamError::NotSent { .. }) => {
-                let conn = self.pool.shared(&key, ctx.client_id as usize).await?;
+                let conn = self.shared_conn(addr, ctx).await?;
                 conn.send(bytes, count).await
             }
             result => result,
         }
+    }
+
+    async fn shared_conn(
+        &self,
+        addr: &str,
+        ctx: SessionCtx,
+    ) -> Result<Arc<super::upstream::Pipelined>, UpstreamError> {
+        let index = ctx.client_id as usize;
+        self.pool.shared_to(addr, ctx.protocol, ctx.db, index).await
     }
 
     /// Waits for the reply of `in_flight`, following cluster redirects.
@@ -425,9 +458,7 @@ impl Router {
 
     /// Counts a failed upstream exchange and returns the client's error.
     pub(super) fn upstream_failure(&self, err: &UpstreamError, role: Role) -> Bytes {
-        metrics::counter!("skiff_redis_commands_total", "role" => role.label(),
-            "outcome" => "failed", "route" => self.route.clone())
-        .increment(1);
+        self.metrics.outcomes[role.index()][2].increment(1);
         tracing::debug!(error = %err, "upstream request failed");
         if let Some(cluster) = &self.cluster {
             cluster.request_refresh();
@@ -438,16 +469,37 @@ impl Router {
 
     /// Counts a command and its latency by role and outcome.
     pub fn record_command(&self, role: Role, reply: &[u8], started: Instant) {
-        let outcome = if error_text(reply).is_some() {
-            "error"
-        } else {
-            "ok"
+        let outcome = usize::from(error_text(reply).is_some());
+        self.metrics.outcomes[role.index()][outcome].increment(1);
+        self.metrics.durations[role.index()].record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Handles of `skiff_redis_commands_total` and
+/// `skiff_redis_command_duration_seconds`, registered once so that counting
+/// a command does not build and look up its labels again.
+struct CommandMetrics {
+    /// Indexed by [`Role::index`], then ok, error, failed.
+    outcomes: [[metrics::Counter; 3]; 2],
+    durations: [metrics::Histogram; 2],
+}
+
+impl CommandMetrics {
+    fn register(route: &str) -> CommandMetrics {
+        let route: Arc<str> = Arc::from(route);
+        let outcomes = |role: Role| {
+            ["ok", "error", "failed"].map(|outcome| {
+                metrics::counter!("skiff_redis_commands_total", "role" => role.label(),
+                    "outcome" => outcome, "route" => route.clone())
+            })
         };
-        metrics::counter!("skiff_redis_commands_total", "role" => role.label(),
-            "outcome" => outcome, "route" => self.route.clone())
-        .increment(1);
-        metrics::histogram!("skiff_redis_command_duration_seconds", "role" => role.label(),
-            "route" => self.route.clone())
-        .record(started.elapsed().as_secs_f64());
+        let duration = |role: Role| {
+            metrics::histogram!("skiff_redis_command_duration_seconds", "role" => role.label(),
+                "route" => route.clone())
+        };
+        CommandMetrics {
+            outcomes: [outcomes(Role::Primary), outcomes(Role::Replica)],
+            durations: [duration(Role::Primary), duration(Role::Replica)],
+        }
     }
 }

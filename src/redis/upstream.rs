@@ -302,7 +302,14 @@ pub type ReplyReceiver = oneshot::Receiver<Result<Bytes, UpstreamError>>;
 
 struct Batch {
     bytes: Bytes,
-    replies: Vec<ReplySender>,
+    replies: Replies,
+}
+
+/// The senders of a batch's replies, in request order. A single request
+/// needs no list.
+enum Replies {
+    One(ReplySender),
+    Many(Vec<ReplySender>),
 }
 
 /// A connection shared by many clients: requests are written in the order
@@ -344,15 +351,30 @@ impl Pipelined {
         }
         let batch = Batch {
             bytes,
-            replies: senders,
+            replies: Replies::Many(senders),
         };
+        self.queue_batch(batch).await?;
+        Ok(receivers)
+    }
+
+    /// Queues `bytes`, which hold one request, and returns its receiver.
+    pub async fn send_one(&self, bytes: Bytes) -> Result<ReplyReceiver, UpstreamError> {
+        let (sender, receiver) = oneshot::channel();
+        let batch = Batch {
+            bytes,
+            replies: Replies::One(sender),
+        };
+        self.queue_batch(batch).await?;
+        Ok(receiver)
+    }
+
+    async fn queue_batch(&self, batch: Batch) -> Result<(), UpstreamError> {
         self.queue
             .send(batch)
             .await
             .map_err(|_| UpstreamError::NotSent {
                 addr: self.addr.clone(),
-            })?;
-        Ok(receivers)
+            })
     }
 }
 
@@ -423,7 +445,10 @@ async fn write_requests(
     while let Some(batch) = batches.recv().await {
         let mut next = Some(batch);
         while let Some(batch) = next.take() {
-            pending.lock().extend(batch.replies);
+            match batch.replies {
+                Replies::One(sender) => pending.lock().push_back(sender),
+                Replies::Many(senders) => pending.lock().extend(senders),
+            }
             out.extend_from_slice(&batch.bytes);
             if out.len() < MAX_WRITE_BYTES {
                 next = batches.try_recv().ok();

@@ -3,6 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+use crate::redis::frame::{parse_reply, Protocol};
 use crate::redis::reply;
 
 /// How the near cache answers a read command.
@@ -132,6 +133,25 @@ pub fn mget_element(reply: &Bytes) -> Option<Bytes> {
         .filter(|element| !element.is_empty())
 }
 
+/// Splits an array reply into the raw bytes of its elements; `None` when
+/// `reply` is not one complete array.
+pub fn array_elements(reply: &Bytes, protocol: Protocol) -> Option<Vec<Bytes>> {
+    let header_end = reply.iter().position(|&b| b == b'\n')? + 1;
+    let count: usize = reply
+        .strip_prefix(b"*")?
+        .get(..header_end.checked_sub(3)?)
+        .and_then(|digits| std::str::from_utf8(digits).ok())?
+        .parse()
+        .ok()?;
+    let mut rest = BytesMut::from(&reply[header_end..]);
+    let mut elements = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (element, _) = parse_reply(&mut rest, protocol, usize::MAX).ok()??;
+        elements.push(element);
+    }
+    rest.is_empty().then_some(elements)
+}
+
 /// Builds the reply to a multi-key MGET or EXISTS from the parts of its
 /// keys, in key order: MGET elements, or one-key EXISTS counts.
 pub fn assemble(kind: PerKey, parts: &[Bytes]) -> Bytes {
@@ -159,6 +179,31 @@ fn parse_integer(reply: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_elements_split_raw_replies() {
+        let reply = Bytes::from_static(b"*3\r\n$1\r\na\r\n$-1\r\n$2\r\nbc\r\n");
+        let elements = array_elements(&reply, Protocol::Resp2).unwrap();
+        assert_eq!(
+            elements,
+            vec![&b"$1\r\na\r\n"[..], b"$-1\r\n", b"$2\r\nbc\r\n"]
+        );
+        let resp3 = Bytes::from_static(b"*2\r\n_\r\n$1\r\nx\r\n");
+        assert_eq!(array_elements(&resp3, Protocol::Resp3).unwrap().len(), 2);
+        for invalid in [
+            &b"*2\r\n$1\r\na\r\n"[..],
+            b"*-1\r\n",
+            b"*\n",
+            b"$1\r\na\r\n",
+        ] {
+            let invalid = Bytes::copy_from_slice(invalid);
+            assert_eq!(
+                array_elements(&invalid, Protocol::Resp2),
+                None,
+                "{invalid:?}"
+            );
+        }
+    }
 
     #[test]
     fn classify_checks_name_and_arity() {

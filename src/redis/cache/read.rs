@@ -14,8 +14,8 @@ use super::tracking::Scope;
 use crate::redis::cluster::{self, Retry};
 use crate::redis::frame::{encode_command, Request};
 use crate::redis::reply;
-use crate::redis::router::{Pending, Router, SessionCtx};
-use crate::redis::upstream::UpstreamError;
+use crate::redis::router::{Pending, Role, Router, SessionCtx};
+use crate::redis::upstream::{ReplyReceiver, UpstreamError};
 
 /// The part of a fetched reply that is cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,22 +114,18 @@ async fn fill(
 
     let router = router.clone();
     Pending::Future(Box::pin(async move {
-        let closed = || Err(UpstreamError::Closed { addr: addr.clone() });
-        let result = value_receiver.await.unwrap_or_else(|_| closed());
-        if router.is_cluster() && cluster::needs_retry(&result) {
-            let retry = Retry {
-                request,
-                slot: Some(slot),
-                readonly: true,
-                ctx,
-            };
-            return cluster::follow(router, retry, addr, result).await;
-        }
-        let reply = match result {
-            Ok(reply) => reply,
-            Err(err) => return router.upstream_failure(&err, role),
+        let sent = Sent {
+            addr,
+            role,
+            slot,
+            request,
+            ctx,
+            sent_at,
         };
-        router.record_command(role, &reply, sent_at);
+        let (reply, request) = match read_reply(&router, value_receiver, sent).await {
+            Ok(read) => read,
+            Err(reply) => return reply,
+        };
         if !commands::is_error(&reply) {
             let pttl = match ttl_receiver.await {
                 Ok(Ok(ttl)) => commands::parse_pttl(&ttl),
@@ -152,6 +148,46 @@ async fn fill(
         }
         reply
     }))
+}
+
+/// A read sent by [`fill`] or [`fill_mget`].
+struct Sent {
+    addr: String,
+    role: Role,
+    slot: u16,
+    request: Request,
+    ctx: SessionCtx,
+    sent_at: Instant,
+}
+
+/// Waits for the reply to `sent` and returns it with the request. Returns
+/// `Err` with the client's reply when it must not be stored, because a
+/// cluster redirect was followed or the upstream failed.
+async fn read_reply(
+    router: &Arc<Router>,
+    receiver: ReplyReceiver,
+    sent: Sent,
+) -> Result<(Bytes, Request), Bytes> {
+    let closed = || {
+        let addr = sent.addr.clone();
+        Err(UpstreamError::Closed { addr })
+    };
+    let result = receiver.await.unwrap_or_else(|_| closed());
+    if router.is_cluster() && cluster::needs_retry(&result) {
+        let retry = Retry {
+            request: sent.request,
+            slot: Some(sent.slot),
+            readonly: true,
+            ctx: sent.ctx,
+        };
+        return Err(cluster::follow(router.clone(), retry, sent.addr, result).await);
+    }
+    let reply = match result {
+        Ok(reply) => reply,
+        Err(err) => return Err(router.upstream_failure(&err, sent.role)),
+    };
+    router.record_command(sent.role, &reply, sent.sent_at);
+    Ok((reply, sent.request))
 }
 
 /// A reply read by [`fill`] and what decides how long it may be cached.
@@ -206,8 +242,10 @@ fn deadline(
     }
 }
 
-/// Answers MGET or EXISTS key by key: hits from the store, the other keys
-/// with one-key reads sent together, then the reply in key order.
+/// Serves MGET or EXISTS key by key: hits from the store, then the
+/// other keys read from Redis, then the reply in key order. MGET misses
+/// that go to the same node and slot are read with one MGET, EXISTS
+/// misses with one-key reads sent together.
 async fn read_per_key(
     router: &Arc<Router>,
     request: Request,
@@ -233,10 +271,9 @@ async fn read_per_key(
         args: &[],
     };
     let now = Instant::now();
-    // Each part is the cached part itself (true), or the pending whole
-    // reply of a one-key read (false).
-    let mut parts: Vec<(Pending, bool)> = Vec::with_capacity(keys.len());
-    for key in keys {
+    let mut parts: Vec<KeyPart> = Vec::with_capacity(keys.len());
+    let mut misses: Vec<Miss> = Vec::new();
+    for (index, key) in keys.iter().enumerate() {
         let cached = cache
             .max_ttl(key)
             .map(|max_ttl| (max_ttl, store.get(key, &shape, now)));
@@ -244,22 +281,49 @@ async fn read_per_key(
         let pending = match cached {
             Some((_, Some(hit))) => {
                 store.metrics.hit();
-                parts.push((Pending::Ready(hit), true));
+                parts.push(KeyPart::Cached(hit));
                 continue;
             }
             Some((max_ttl, None)) => {
                 store.metrics.misses.increment(1);
+                let target = match kind {
+                    PerKey::Mget => router.read_target(key, ctx),
+                    PerKey::Exists => None,
+                };
+                if let Some(target) = target {
+                    parts.push(KeyPart::Missed);
+                    misses.push(Miss {
+                        index,
+                        key: key.clone(),
+                        max_ttl,
+                        target,
+                    });
+                    continue;
+                }
                 fill(router, one(), command, max_ttl, ctx, part).await
             }
             None => router.route(one(), command, ctx).await,
         };
-        parts.push((pending, false));
+        parts.push(KeyPart::Whole(pending));
     }
-    if parts.iter().all(|(_, is_part)| *is_part) {
+    let mut groups = Vec::new();
+    for group in group_by_target(misses) {
+        if let [miss] = &group[..] {
+            let one = Request::from_args(vec![request.args[0].clone(), miss.key.clone()]);
+            let pending = fill(router, one, command, miss.max_ttl, ctx, part).await;
+            parts[miss.index] = KeyPart::Whole(pending);
+            continue;
+        }
+        for (position, miss) in group.iter().enumerate() {
+            parts[miss.index] = KeyPart::Grouped(groups.len(), position);
+        }
+        groups.push(fill_mget(router, group, ctx).await);
+    }
+    if groups.is_empty() && parts.iter().all(|part| matches!(part, KeyPart::Cached(_))) {
         let ready: Vec<Bytes> = parts
             .into_iter()
-            .filter_map(|(pending, _)| match pending {
-                Pending::Ready(part) => Some(part),
+            .filter_map(|part| match part {
+                KeyPart::Cached(value) => Some(value),
                 _ => None,
             })
             .collect();
@@ -267,13 +331,35 @@ async fn read_per_key(
     }
     let router = router.clone();
     Pending::Future(Box::pin(async move {
-        let mut ready = Vec::with_capacity(parts.len());
-        for (pending, is_part) in parts {
-            let reply = pending.resolve(&router).await;
-            if is_part {
-                ready.push(reply);
-                continue;
+        let mut elements = Vec::with_capacity(groups.len());
+        for group in groups {
+            let reply = group.resolve(&router).await;
+            if commands::is_error(&reply) {
+                return reply;
             }
+            match commands::array_elements(&reply, ctx.protocol) {
+                Some(values) => elements.push(values),
+                None => return reply::error("ERR invalid MGET reply from upstream"),
+            }
+        }
+        let mut ready = Vec::with_capacity(parts.len());
+        for key_part in parts {
+            let reply = match key_part {
+                KeyPart::Cached(value) => {
+                    ready.push(value);
+                    continue;
+                }
+                KeyPart::Grouped(group, position) => {
+                    match elements[group].get(position) {
+                        Some(value) => ready.push(value.clone()),
+                        None => return reply::error("ERR invalid MGET reply from upstream"),
+                    }
+                    continue;
+                }
+                KeyPart::Whole(pending) => pending.resolve(&router).await,
+                // Not reached: every miss was given a read above.
+                KeyPart::Missed => return reply::error("ERR MGET key was not read"),
+            };
             if commands::is_error(&reply) {
                 return reply;
             }
@@ -283,6 +369,129 @@ async fn read_per_key(
             }
         }
         commands::assemble(kind, &ready)
+    }))
+}
+
+/// The source of one key's part of a multi-key read's reply.
+enum KeyPart {
+    /// The cached part itself.
+    Cached(Bytes),
+    /// The pending whole reply of a one-key read.
+    Whole(Pending),
+    /// Element `.1` of the reply of grouped read `.0`.
+    Grouped(usize, usize),
+    /// A miss not yet given its read.
+    Missed,
+}
+
+/// A cache miss of an MGET, with the node and slot it is read from.
+struct Miss {
+    index: usize,
+    key: Bytes,
+    max_ttl: Duration,
+    target: (String, Role, u16),
+}
+
+/// Splits misses into groups that share a node and slot, in key order.
+fn group_by_target(misses: Vec<Miss>) -> Vec<Vec<Miss>> {
+    let mut groups: Vec<Vec<Miss>> = Vec::new();
+    for miss in misses {
+        let same = |group: &&mut Vec<Miss>| {
+            let (addr, _, slot) = &group[0].target;
+            *addr == miss.target.0 && *slot == miss.target.2
+        };
+        match groups.iter_mut().find(same) {
+            Some(group) => group.push(miss),
+            None => groups.push(vec![miss]),
+        }
+    }
+    groups
+}
+
+/// Reads the keys of `group` with one MGET followed by `PTTL` of each key,
+/// in one write, and stores each value unless its key changed meanwhile.
+/// Returns the pending MGET reply.
+async fn fill_mget(router: &Arc<Router>, group: Vec<Miss>, ctx: SessionCtx) -> Pending {
+    let cache = &router.cache;
+    let store = cache.store.as_ref().expect("the near cache is enabled");
+    let (addr, role, slot) = group[0].target.clone();
+    let mut args = vec![Bytes::from_static(b"MGET")];
+    args.extend(group.iter().map(|miss| miss.key.clone()));
+    let request = Request::from_args(args);
+    let tracker = cache.trackers.get(&addr, Scope::Prefixes);
+    // Taken before the write, so an invalidation that arrives while the
+    // read is in flight keeps its reply out of the store.
+    let stamps: Vec<Option<Stamp>> = group
+        .iter()
+        .map(|miss| store.stamp(&miss.key, slot, &tracker))
+        .collect();
+    let mut batch = BytesMut::from(&request.raw[..]);
+    for miss in &group {
+        batch.extend_from_slice(&encode_command(&[&b"PTTL"[..], &miss.key[..]]));
+    }
+    let sent_at = Instant::now();
+    let count = group.len() + 1;
+    let mut receivers = match router.send_batch(&addr, batch.freeze(), count, ctx).await {
+        Ok(receivers) => receivers.into_iter(),
+        Err(err) if err.nothing_sent() => return router.route(request, "MGET", ctx).await,
+        Err(err) => return Pending::Ready(router.upstream_failure(&err, role)),
+    };
+    let value_receiver = receivers.next().expect("one receiver per request");
+    let ttl_receivers: Vec<_> = receivers.collect();
+
+    let router = router.clone();
+    Pending::Future(Box::pin(async move {
+        let sent = Sent {
+            addr,
+            role,
+            slot,
+            request,
+            ctx,
+            sent_at,
+        };
+        let (reply, _) = match read_reply(&router, value_receiver, sent).await {
+            Ok(read) => read,
+            Err(reply) => return reply,
+        };
+        let values = match commands::array_elements(&reply, ctx.protocol) {
+            Some(values) if values.len() == group.len() => values,
+            _ => return reply,
+        };
+        let shape = Shape {
+            db: ctx.db,
+            protocol: ctx.protocol,
+            command: "MGET",
+            args: &[],
+        };
+        let store = router
+            .cache
+            .store
+            .as_ref()
+            .expect("the near cache is enabled");
+        let parts = group
+            .iter()
+            .zip(stamps)
+            .zip(values.iter())
+            .zip(ttl_receivers);
+        for (((miss, stamp), value), ttl_receiver) in parts {
+            let Some(stamp) = stamp else {
+                store.metrics.skipped(Skip::Untracked);
+                continue;
+            };
+            let pttl = match ttl_receiver.await {
+                Ok(Ok(ttl)) => commands::parse_pttl(&ttl),
+                _ => None,
+            };
+            let fetched = Fetched {
+                reply: value,
+                part: Part::Whole,
+                pttl,
+                sent_at,
+                max_ttl: miss.max_ttl,
+            };
+            store_fetched(&router, &miss.key, &stamp, &shape, fetched);
+        }
+        reply
     }))
 }
 
