@@ -44,7 +44,7 @@ pub enum CheckoutError {
 
 /// A server connection lent to one client, with the permit that counts it.
 pub struct Checkout {
-    pub conn: ServerConn,
+    pub conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -146,7 +146,10 @@ pub struct Pool {
     /// RESUME can come any more.
     stopping: AtomicBool,
     resumed: Notify,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed, because a connection moves in and out at every checkout and
+    /// a box moves as one pointer.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     active: AtomicUsize,
     waiting: AtomicUsize,
     /// ParameterStatus values of the server, learned from the first login
@@ -293,7 +296,7 @@ impl Pool {
             self.permit_debt
                 .fetch_add(shrink - forgotten, Ordering::AcqRel);
             let keep = size.saturating_sub(self.active_count());
-            let surplus: Vec<ServerConn> = {
+            let surplus: Vec<Box<ServerConn>> = {
                 let mut idle = self.idle.lock();
                 let excess = idle.len().saturating_sub(keep);
                 idle.drain(..excess).collect()
@@ -394,7 +397,7 @@ impl Pool {
         acquired
     }
 
-    async fn take_idle(&self) -> Option<ServerConn> {
+    async fn take_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let mut conn = self.idle.lock().pop()?;
             let now = Instant::now();
@@ -416,7 +419,7 @@ impl Pool {
         }
     }
 
-    async fn open(&self) -> Result<ServerConn, CheckoutError> {
+    async fn open(&self) -> Result<Box<ServerConn>, CheckoutError> {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         self.metrics.connects.increment(1);
         let settings = self.settings.load_full();
@@ -443,7 +446,7 @@ impl Pool {
 
     /// Takes a connection opened outside the pool as an idle one, or closes
     /// it when the pool is full.
-    pub fn adopt(&self, mut conn: ServerConn) {
+    pub fn adopt(&self, mut conn: Box<ServerConn>) {
         conn.id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         let mut key = (*conn.cancel_key).clone();
         key.server_id = conn.id;
@@ -469,8 +472,9 @@ impl Pool {
     pub fn checkin(&self, mut checkout: Checkout) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         let conn = &mut checkout.conn;
-        conn.last_used = Instant::now();
-        let expired = conn.created.elapsed() >= self.settings.load().lifetime
+        let now = Instant::now();
+        conn.last_used = now;
+        let expired = now.duration_since(conn.created) >= self.settings.load().lifetime
             || conn.cancel_key.generation != self.target.load().generation;
         let Checkout { conn, permit } = checkout;
         if conn.tx_status == b'I' && !expired {
@@ -545,7 +549,7 @@ impl Pool {
 
     /// Closes every idle connection, for shutdown and after a server restart.
     pub fn close_idle(&self) {
-        let drained: Vec<ServerConn> = self.idle.lock().drain(..).collect();
+        let drained: Vec<Box<ServerConn>> = self.idle.lock().drain(..).collect();
         for conn in drained {
             tokio::spawn(conn.terminate());
         }
