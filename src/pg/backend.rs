@@ -221,10 +221,14 @@ impl ServerConn {
         };
         let encrypted = stream.is_tls();
         let (read, write) = stream.into_split();
+        // A pool has few server connections, and each is busy while a
+        // client has checked it out.
+        let mut reader = MessageReader::new(read, MAX_SERVER_MESSAGE);
+        reader.keep_buffer();
         let now = Instant::now();
         let mut conn = Box::new(ServerConn {
             id,
-            reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
+            reader,
             writer: write,
             out: BytesMut::with_capacity(8192),
             tls: encrypted,

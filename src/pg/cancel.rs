@@ -385,3 +385,54 @@ impl Drop for CancelHandle {
             .remove(&(self.process_id, self.secret_key));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(id: u64) -> Arc<ClientInfo> {
+        Arc::new(ClientInfo {
+            id,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            user: "u".into(),
+            database: "d".into(),
+            application_name: String::new(),
+            connected_at: SystemTime::now(),
+            kill: CancellationToken::new(),
+        })
+    }
+
+    fn stopped(handle: &CancelHandle, shutdown_counts: bool) -> bool {
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        handle
+            .stop()
+            .poll_stop(&mut context, shutdown_counts)
+            .is_ready()
+    }
+
+    #[test]
+    fn shutdown_reaches_clients_registered_before_and_after() {
+        let registry = Arc::new(CancelRegistry::default());
+        let before = registry.register(client(1));
+        assert!(!stopped(&before, true));
+        registry.shut_down();
+        let after = registry.register(client(2));
+        assert!(stopped(&before, true));
+        assert!(stopped(&after, true));
+        // A session that defers shutdown waits for KILL only.
+        assert!(!stopped(&after, false));
+        assert!(!after.stop().is_killed());
+    }
+
+    #[test]
+    fn kill_stops_only_selected_clients() {
+        let registry = Arc::new(CancelRegistry::default());
+        let first = registry.register(client(1));
+        let second = registry.register(client(2));
+        assert_eq!(registry.kill(|info| info.id == 2), 1);
+        assert!(!stopped(&first, true));
+        assert!(stopped(&second, false));
+        assert!(second.stop().is_killed());
+        assert!(second.info().kill.is_cancelled());
+    }
+}

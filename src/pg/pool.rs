@@ -5,7 +5,7 @@
 //! when it returns to the pool or is closed, so the bound holds during
 //! reconnect storms too. Waiters are served first come, first served.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,9 +81,11 @@ pub struct PoolStats {
     pub transaction_us: AtomicU64,
     /// Server connections logging in now.
     pub logins: AtomicUsize,
-    /// When each client waiting for a server connection started waiting, by
-    /// ticket; at most one entry per waiting client.
-    waiting_since: Mutex<BTreeMap<u64, Instant>>,
+    /// When each client waiting for a server connection started waiting,
+    /// ordered by ticket; at most one entry per waiting client. Waits end
+    /// mostly in ticket order, because permits are handed out first come,
+    /// first served, so entries are removed near the front.
+    waiting_since: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 /// One count in a gauge of things in progress, taken back on drop, so a
@@ -115,15 +117,30 @@ struct Waiter<'a> {
 impl<'a> Waiter<'a> {
     fn start(pool: &'a Pool, now: Instant) -> Waiter<'a> {
         let ticket = NEXT_WAIT_TICKET.fetch_add(1, Ordering::Relaxed);
-        pool.stats.waiting_since.lock().insert(ticket, now);
+        insert_by_ticket(&mut pool.stats.waiting_since.lock(), ticket, now);
         pool.set_waiting(1);
         Waiter { pool, ticket }
     }
 }
 
+/// Inserts a wait in ticket order. Tickets are taken before the lock, so a
+/// later ticket may be queued already, but rarely more than a few.
+fn insert_by_ticket(waiting: &mut VecDeque<(u64, Instant)>, ticket: u64, now: Instant) {
+    let later = waiting
+        .iter()
+        .rev()
+        .take_while(|(queued, _)| *queued > ticket)
+        .count();
+    waiting.insert(waiting.len() - later, (ticket, now));
+}
+
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        self.pool.stats.waiting_since.lock().remove(&self.ticket);
+        let mut waiting = self.pool.stats.waiting_since.lock();
+        if let Ok(index) = waiting.binary_search_by_key(&self.ticket, |(t, _)| *t) {
+            waiting.remove(index);
+        }
+        drop(waiting);
         self.pool.set_waiting(-1);
     }
 }
@@ -627,7 +644,7 @@ impl Pool {
         self.stats
             .waiting_since
             .lock()
-            .first_key_value()
+            .front()
             .map(|(_, since)| since.elapsed())
             .unwrap_or_default()
     }
@@ -644,5 +661,21 @@ impl Pool {
     fn update_gauges(&self) {
         self.metrics.active.set(self.active_count() as f64);
         self.metrics.idle.set(self.idle_count() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_stay_in_ticket_order() {
+        let now = Instant::now();
+        let mut waiting = VecDeque::new();
+        for ticket in [1, 3, 2, 5, 4] {
+            insert_by_ticket(&mut waiting, ticket, now);
+        }
+        let tickets: Vec<u64> = waiting.iter().map(|(ticket, _)| *ticket).collect();
+        assert_eq!(tickets, [1, 2, 3, 4, 5]);
     }
 }
