@@ -380,11 +380,12 @@ impl Session {
                 .map_err(|err| self.checkout_error(err));
         }
         let cancelled = self.cancel.begin_wait();
-        let kill = self.cancel.info().kill.clone();
+        let stop = self.cancel.stop();
+        let killed = std::future::poll_fn(|cx| stop.poll_stop(cx, false));
         let result = tokio::select! {
             result = pool.checkout(wait) => Ok(result),
             _ = cancelled.notified() => Err(false),
-            _ = kill.cancelled() => Err(true),
+            _ = killed => Err(true),
         };
         self.cancel.end_wait();
         match result {
