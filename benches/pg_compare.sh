@@ -35,7 +35,8 @@ run() {
     failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' | head -1)
     if echo "$out" | grep -q "aborted\|error"; then
         failed="${failed:-0}+errors"
-        echo "$out" | grep -m2 "aborted\|error" | sed "s/^/    port $port: /" >&2
+        # grep stops reading early, which fails echo with SIGPIPE.
+        echo "$out" | grep -m2 "aborted\|error" | sed "s/^/    port $port: /" >&2 || true
     fi
     echo "${tps:-0} ${failed:-?}"
 }

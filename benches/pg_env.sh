@@ -1,9 +1,11 @@
-# Shared setup of the PostgreSQL benchmarks, sourced by pg_compare.sh and
-# pg_cpu.sh: a PostgreSQL 15 of their own with a scale-10 pgbench database
-# `bench`, and PgBouncer in transaction mode in front of it, both on
-# 127.0.0.1 and both run as the postgres user. Set WORK (a directory the
-# postgres user owns) and POOL_SIZE before calling start_postgres,
-# start_pgbouncer and start_skiff; cleanup stops what they started.
+# Shared setup of the PostgreSQL benchmarks, sourced by pg_compare.sh,
+# pg_cpu.sh and pg_callgrind.sh: a PostgreSQL 15 of their own with a
+# scale-10 pgbench database `bench`, and PgBouncer in transaction mode in
+# front of it, both on 127.0.0.1 and both run as the postgres user. Set
+# WORK (a directory the postgres user owns) and POOL_SIZE before calling
+# start_postgres, start_pgbouncer and start_skiff. The write_*_config
+# functions write the poolers' configuration only, for scripts that start
+# them another way. cleanup stops what the start functions started.
 
 PG_BIN=/usr/lib/postgresql/15/bin
 
@@ -33,8 +35,8 @@ CONF
     pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -q -s 10 bench >/dev/null 2>&1
 }
 
-# Starts PgBouncer on BOUNCER_PORT and sets BOUNCER_PID.
-start_pgbouncer() {
+# Writes $WORK/pgbouncer.ini: transaction mode on BOUNCER_PORT.
+write_pgbouncer_config() {
     cat > "$WORK/pgbouncer.ini" <<CONF
 [databases]
 bench = host=127.0.0.1 port=$PG_PORT dbname=bench user=postgres
@@ -49,6 +51,11 @@ max_client_conn = 11000
 logfile = $WORK/pgbouncer.log
 CONF
     chown postgres:postgres "$WORK/pgbouncer.ini"
+}
+
+# Starts PgBouncer on BOUNCER_PORT and sets BOUNCER_PID.
+start_pgbouncer() {
+    write_pgbouncer_config
     runuser -u postgres -- pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.out" 2>&1 &
     # runuser stays the parent, so the PID of PgBouncer itself is read
     # from its child list once it has started.
@@ -62,9 +69,8 @@ CONF
     return 1
 }
 
-# Starts skiff (binary $1) in transaction mode on SKIFF_PORT and sets
-# SKIFF_PID.
-start_skiff() {
+# Writes $WORK/skiff.toml: transaction mode on SKIFF_PORT.
+write_skiff_config() {
     cat > "$WORK/skiff.toml" <<CONF
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
@@ -78,6 +84,12 @@ name = "bench"
 host = "127.0.0.1"
 port = $PG_PORT
 CONF
+}
+
+# Starts skiff (binary $1) in transaction mode on SKIFF_PORT and sets
+# SKIFF_PID.
+start_skiff() {
+    write_skiff_config
     SKIFF_LOG=warn "$1" --config "$WORK/skiff.toml" >"$WORK/skiff.log" 2>&1 &
     SKIFF_PID=$!
     sleep 1
