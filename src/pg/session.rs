@@ -224,13 +224,8 @@ impl Session {
                 message = reader.read() => Event::Client(message),
             }
         };
-        match &event {
-            Event::Server(Ok(m)) => tracing::trace!(tag = %(m.tag() as char), "server message"),
-            Event::Client(Ok(m)) => {
-                self.received_bytes += m.raw.len() as u64;
-                tracing::trace!(tag = %(m.tag() as char), "client message")
-            }
-            _ => {}
+        if let Event::Server(Ok(m)) = &event {
+            tracing::trace!(tag = %(m.tag() as char), "server message");
         }
         match event {
             Event::Server(Ok(message)) => {
@@ -238,15 +233,9 @@ impl Session {
                 self.drain_server(flow).await
             }
             Event::Server(Err(err)) => self.server_lost(err).await,
-            Event::Client(Ok(message)) => self.on_client_message(message).await,
-            Event::Client(Err(ProtocolError::Closed)) => Ok(Flow::Close),
-            Event::Client(Err(ProtocolError::Io(err))) => {
-                tracing::debug!(error = %err, "client read failed");
-                Ok(Flow::Close)
-            }
-            Event::Client(Err(err)) => {
-                self.write_error(Severity::Fatal, "08P01", &err.to_string());
-                Ok(Flow::Close)
+            Event::Client(result) => {
+                let flow = self.on_client_read(result).await?;
+                self.drain_client(flow).await
             }
             Event::Shutdown if self.cancel.stop().is_killed() => {
                 if !self.fatal_sent {
@@ -265,6 +254,49 @@ impl Session {
                 Ok(Flow::Close)
             }
         }
+    }
+
+    /// Handles the result of one read from the client.
+    async fn on_client_read(
+        &mut self,
+        result: Result<Message, ProtocolError>,
+    ) -> std::io::Result<Flow> {
+        match result {
+            Ok(message) => {
+                self.received_bytes += message.raw.len() as u64;
+                tracing::trace!(tag = %(message.tag() as char), "client message");
+                self.on_client_message(message).await
+            }
+            Err(ProtocolError::Closed) => Ok(Flow::Close),
+            Err(ProtocolError::Io(err)) => {
+                tracing::debug!(error = %err, "client read failed");
+                Ok(Flow::Close)
+            }
+            Err(err) => {
+                self.write_error(Severity::Fatal, "08P01", &err.to_string());
+                Ok(Flow::Close)
+            }
+        }
+    }
+
+    /// Handles the client messages already buffered after one (a pipelined
+    /// Bind, Execute and Sync arrive in one read) without a new select for
+    /// each. It stops when a server message is buffered, which then goes
+    /// first, as in the select. Server bytes still in the socket are read
+    /// after the batch, and the pending queue keeps replies in order.
+    async fn drain_client(&mut self, mut flow: Flow) -> std::io::Result<Flow> {
+        while flow == Flow::Continue && self.reader.has_buffered_message() {
+            let server_busy = self
+                .server
+                .as_ref()
+                .is_some_and(|s| s.conn.has_buffered_message());
+            if server_busy {
+                break;
+            }
+            let result = self.reader.read().await;
+            flow = self.on_client_read(result).await?;
+        }
+        Ok(flow)
     }
 
     /// Handles the server messages already buffered after one, without a
