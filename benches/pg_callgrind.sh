@@ -28,7 +28,9 @@ PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); SKIFF_PORT=$(free_port); ADMIN_
 DUMPS=$(mktemp -d /tmp/skiff-callgrind-dumps-XXXXXX)
 chmod 777 "$DUMPS"
 
-trap cleanup EXIT
+# The pooler under callgrind, so an early exit does not leave it running.
+POOLER_PID=""
+trap '[ -n "$POOLER_PID" ] && kill "$POOLER_PID" 2>/dev/null; cleanup' EXIT
 start_postgres
 
 wait_for_port() {
@@ -53,8 +55,10 @@ measure() {
     runuser -u "$user" -- valgrind --tool=callgrind \
         --callgrind-out-file="$DUMPS/$label.%p" "$@" >"$WORK/$label.valgrind.log" 2>&1 &
     local runner=$! pid=""
+    POOLER_PID=$runner
     wait_for_port "$port"
     pid=$(pgrep -P "$runner" | head -1)
+    POOLER_PID=$pid
     # PgBouncer before 1.21 fails -M prepared, which makes pgbench exit 1.
     pgbench_run "$port" 5 >/dev/null 2>&1 || true
     runuser -u "$user" -- callgrind_control -z "$pid" >/dev/null 2>&1
@@ -62,6 +66,7 @@ measure() {
     runuser -u "$user" -- callgrind_control -d "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$runner" || true
+    POOLER_PID=""
     local total instructions
     total=$((CLIENTS * PER_CLIENT))
     instructions=$(callgrind_annotate "$DUMPS/$label.$pid.1" 2>/dev/null |
