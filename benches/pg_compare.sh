@@ -14,69 +14,17 @@ DURATION=${1:-15}
 POOL_SIZE=20
 WORK=$(mktemp -d /tmp/skiff-bench-XXXXXX)
 chown postgres:postgres "$WORK"
-PG_BIN=/usr/lib/postgresql/15/bin
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/pg_env.sh
 PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); SKIFF_PORT=$(free_port); ADMIN_PORT=$(free_port)
 
 command -v pgbouncer >/dev/null || { apt-get update -qq && apt-get install -y -qq pgbouncer; }
 cargo build --release --locked -q
 
-cleanup() {
-    [ -n "${SKIFF_PID:-}" ] && kill "$SKIFF_PID" 2>/dev/null || true
-    [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
-    rm -rf "$WORK"
-}
 trap cleanup EXIT
+start_postgres
+start_pgbouncer
 
-runuser -u postgres -- "$PG_BIN/initdb" -D "$WORK/data" -A trust -U postgres --no-sync >/dev/null
-cat >> "$WORK/data/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$WORK'
-max_connections = 600
-shared_buffers = 256MB
-fsync = off
-synchronous_commit = off
-CONF
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
-psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE bench"
-pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -q -s 10 bench >/dev/null 2>&1
-
-cat > "$WORK/pgbouncer.ini" <<CONF
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench user=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
-unix_socket_dir =
-auth_type = any
-pool_mode = transaction
-default_pool_size = $POOL_SIZE
-max_client_conn = 11000
-logfile = $WORK/pgbouncer.log
-CONF
-chown postgres:postgres "$WORK/pgbouncer.ini"
-runuser -u postgres -- pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.out" 2>&1 &
-BOUNCER_PID=$!
-
-cat > "$WORK/skiff.toml" <<CONF
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-[postgres]
-listen = "127.0.0.1:$SKIFF_PORT"
-pool_mode = "transaction"
-default_pool_size = $POOL_SIZE
-max_client_conn = 11000
-[[postgres.databases]]
-name = "bench"
-host = "127.0.0.1"
-port = $PG_PORT
-CONF
-SKIFF_LOG=warn target/release/skiff --config "$WORK/skiff.toml" >"$WORK/skiff.log" 2>&1 &
-SKIFF_PID=$!
-sleep 1
+start_skiff target/release/skiff
 
 # Prints "tps failed" for one pgbench run.
 run() {
@@ -87,7 +35,8 @@ run() {
     failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' | head -1)
     if echo "$out" | grep -q "aborted\|error"; then
         failed="${failed:-0}+errors"
-        echo "$out" | grep -m2 "aborted\|error" | sed "s/^/    port $port: /" >&2
+        # grep stops reading early, which fails echo with SIGPIPE.
+        echo "$out" | grep -m2 "aborted\|error" | sed "s/^/    port $port: /" >&2 || true
     fi
     echo "${tps:-0} ${failed:-?}"
 }

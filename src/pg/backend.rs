@@ -162,13 +162,15 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    /// Connects and logs in, bounded by `timeout`.
+    /// Connects and logs in, bounded by `timeout`. The connection is boxed
+    /// because it is large and moves between the pool and sessions at every
+    /// checkout.
     pub async fn connect(
         id: u64,
         target: &ServerTarget,
         timeout: Duration,
         max_statements: usize,
-    ) -> Result<ServerConn, BackendError> {
+    ) -> Result<Box<ServerConn>, BackendError> {
         let addr = target.address();
         match tokio::time::timeout(timeout, Self::connect_inner(id, target, max_statements)).await {
             Ok(result) => result,
@@ -180,7 +182,7 @@ impl ServerConn {
         id: u64,
         target: &ServerTarget,
         max_statements: usize,
-    ) -> Result<ServerConn, BackendError> {
+    ) -> Result<Box<ServerConn>, BackendError> {
         let tls = target.tls.as_ref();
         match Self::attempt(id, target, max_statements, tls).await {
             Ok(conn) => Ok(conn),
@@ -204,7 +206,7 @@ impl ServerConn {
         target: &ServerTarget,
         max_statements: usize,
         tls: Option<&ServerTls>,
-    ) -> Result<ServerConn, Attempt> {
+    ) -> Result<Box<ServerConn>, Attempt> {
         let addr = target.address();
         let tcp = TcpStream::connect(&addr).await.map_err(|source| {
             Attempt::plain(BackendError::Connect {
@@ -219,10 +221,14 @@ impl ServerConn {
         };
         let encrypted = stream.is_tls();
         let (read, write) = stream.into_split();
+        // A pool has few server connections, and each is busy while a
+        // client has checked it out.
+        let mut reader = MessageReader::new(read, MAX_SERVER_MESSAGE);
+        reader.keep_buffer();
         let now = Instant::now();
-        let mut conn = ServerConn {
+        let mut conn = Box::new(ServerConn {
             id,
-            reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
+            reader,
             writer: write,
             out: BytesMut::with_capacity(8192),
             tls: encrypted,
@@ -247,7 +253,7 @@ impl ServerConn {
             tx_status: b'I',
             needs_close: HashSet::new(),
             sql_prepared: false,
-        };
+        });
         let tls_for_cancel = tls.filter(|_| encrypted).cloned();
         conn.login(target, tls_for_cancel)
             .await
@@ -496,7 +502,7 @@ impl ServerConn {
     }
 
     /// Sends Terminate and closes, without waiting for the server.
-    pub async fn terminate(mut self) {
+    pub async fn terminate(mut self: Box<Self>) {
         self.out.clear();
         let _ = tokio::time::timeout(
             Duration::from_millis(100),

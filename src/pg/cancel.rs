@@ -5,9 +5,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -86,6 +89,49 @@ struct CancelTarget {
 struct ClientEntry {
     info: Arc<ClientInfo>,
     target: Mutex<CancelTarget>,
+    stop: StopSignal,
+}
+
+/// Shutdown and KILL requests for one session. The session polls it at
+/// every step of its relay loop, which costs an atomic load and a waker
+/// registration instead of a lock.
+#[derive(Default)]
+pub struct StopSignal {
+    /// `SHUTDOWN` and `KILLED` bits.
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+const SHUTDOWN: u8 = 1;
+const KILLED: u8 = 2;
+
+impl StopSignal {
+    fn raise(&self, bit: u8) {
+        self.state.fetch_or(bit, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & KILLED != 0
+    }
+
+    /// Polls for a KILL, or also for shutdown when `shutdown_counts`.
+    pub fn poll_stop(&self, cx: &mut Context<'_>, shutdown_counts: bool) -> Poll<()> {
+        let mask = if shutdown_counts {
+            SHUTDOWN | KILLED
+        } else {
+            KILLED
+        };
+        if self.state.load(Ordering::Acquire) & mask != 0 {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Checked again after registering, so a raise in between is seen.
+        if self.state.load(Ordering::Acquire) & mask != 0 {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
 }
 
 type Slot = Arc<ClientEntry>;
@@ -94,6 +140,9 @@ type Slot = Arc<ClientEntry>;
 #[derive(Default)]
 pub struct CancelRegistry {
     clients: Mutex<HashMap<(i32, i32), Slot>>,
+    /// Shutdown began: clients registered from now on get the shutdown
+    /// signal at once. Written with `clients` locked.
+    stopping: AtomicBool,
 }
 
 /// A client's registration; removed from the registry on drop.
@@ -110,6 +159,7 @@ impl CancelRegistry {
         let slot: Slot = Arc::new(ClientEntry {
             info,
             target: Mutex::new(CancelTarget::default()),
+            stop: StopSignal::default(),
         });
         let mut rng = rand::thread_rng();
         let mut clients = self.clients.lock();
@@ -117,6 +167,9 @@ impl CancelRegistry {
             let key = (rng.gen_range(1..i32::MAX), rng.gen::<i32>());
             if let std::collections::hash_map::Entry::Vacant(entry) = clients.entry(key) {
                 entry.insert(slot.clone());
+                if self.stopping.load(Ordering::Acquire) {
+                    slot.stop.raise(SHUTDOWN);
+                }
                 return CancelHandle {
                     registry: self.clone(),
                     process_id: key.0,
@@ -199,10 +252,20 @@ impl CancelRegistry {
         for slot in clients.values() {
             if select(&slot.info) {
                 slot.info.kill.cancel();
+                slot.stop.raise(KILLED);
                 killed += 1;
             }
         }
         killed
+    }
+
+    /// Signals shutdown to every session, and to sessions registered later.
+    pub fn shut_down(&self) {
+        let clients = self.clients.lock();
+        self.stopping.store(true, Ordering::Release);
+        for slot in clients.values() {
+            slot.stop.raise(SHUTDOWN);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -266,6 +329,13 @@ impl CancelHandle {
     /// Points the client's key at no server, after any cancel request being
     /// sent to its current server has been processed (at most 3 s).
     pub async fn detach(&self) {
+        {
+            let mut target = self.slot.target.lock();
+            if target.sending == 0 {
+                target.server = None;
+                return;
+            }
+        }
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
         loop {
             let sent = {
@@ -301,6 +371,10 @@ impl CancelHandle {
     pub fn info(&self) -> &Arc<ClientInfo> {
         &self.slot.info
     }
+
+    pub fn stop(&self) -> &StopSignal {
+        &self.slot.stop
+    }
 }
 
 impl Drop for CancelHandle {
@@ -309,5 +383,56 @@ impl Drop for CancelHandle {
             .clients
             .lock()
             .remove(&(self.process_id, self.secret_key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(id: u64) -> Arc<ClientInfo> {
+        Arc::new(ClientInfo {
+            id,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            user: "u".into(),
+            database: "d".into(),
+            application_name: String::new(),
+            connected_at: SystemTime::now(),
+            kill: CancellationToken::new(),
+        })
+    }
+
+    fn stopped(handle: &CancelHandle, shutdown_counts: bool) -> bool {
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        handle
+            .stop()
+            .poll_stop(&mut context, shutdown_counts)
+            .is_ready()
+    }
+
+    #[test]
+    fn shutdown_reaches_clients_registered_before_and_after() {
+        let registry = Arc::new(CancelRegistry::default());
+        let before = registry.register(client(1));
+        assert!(!stopped(&before, true));
+        registry.shut_down();
+        let after = registry.register(client(2));
+        assert!(stopped(&before, true));
+        assert!(stopped(&after, true));
+        // A session that defers shutdown waits for KILL only.
+        assert!(!stopped(&after, false));
+        assert!(!after.stop().is_killed());
+    }
+
+    #[test]
+    fn kill_stops_only_selected_clients() {
+        let registry = Arc::new(CancelRegistry::default());
+        let first = registry.register(client(1));
+        let second = registry.register(client(2));
+        assert_eq!(registry.kill(|info| info.id == 2), 1);
+        assert!(!stopped(&first, true));
+        assert!(stopped(&second, false));
+        assert!(second.stop().is_killed());
+        assert!(second.info().kill.is_cancelled());
     }
 }

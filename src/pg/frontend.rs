@@ -188,15 +188,7 @@ async fn serve_client(
     };
     tracing::debug!(user = %logged_in.user, database = %logged_in.database, "client logged in");
     reader.set_max_message_bytes(pooler.config().max_message_bytes);
-    let session = Session::new(
-        pooler.clone(),
-        client_id,
-        peer,
-        logged_in,
-        reader,
-        writer,
-        shutdown,
-    );
+    let session = Session::new(pooler.clone(), client_id, peer, logged_in, reader, writer);
     session.run().await;
     drop(slot);
 }

@@ -154,6 +154,7 @@ impl Pooler {
             }
         }
         drop(listener);
+        self.cancels.shut_down();
         // No RESUME can come now: clients waiting on a paused pool are in
         // no transaction, so they end instead of holding up the drain.
         self.stop_pause_waits();

@@ -5,7 +5,7 @@
 //! when it returns to the pool or is closed, so the bound holds during
 //! reconnect storms too. Waiters are served first come, first served.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ pub enum CheckoutError {
 
 /// A server connection lent to one client, with the permit that counts it.
 pub struct Checkout {
-    pub conn: ServerConn,
+    pub conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -81,9 +81,11 @@ pub struct PoolStats {
     pub transaction_us: AtomicU64,
     /// Server connections logging in now.
     pub logins: AtomicUsize,
-    /// When each client waiting for a server connection started waiting, by
-    /// ticket; at most one entry per waiting client.
-    waiting_since: Mutex<BTreeMap<u64, Instant>>,
+    /// When each client waiting for a server connection started waiting,
+    /// ordered by ticket; at most one entry per waiting client. Waits end
+    /// mostly in ticket order, because permits are handed out first come,
+    /// first served, so entries are removed near the front.
+    waiting_since: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 /// One count in a gauge of things in progress, taken back on drop, so a
@@ -115,15 +117,30 @@ struct Waiter<'a> {
 impl<'a> Waiter<'a> {
     fn start(pool: &'a Pool, now: Instant) -> Waiter<'a> {
         let ticket = NEXT_WAIT_TICKET.fetch_add(1, Ordering::Relaxed);
-        pool.stats.waiting_since.lock().insert(ticket, now);
+        insert_by_ticket(&mut pool.stats.waiting_since.lock(), ticket, now);
         pool.set_waiting(1);
         Waiter { pool, ticket }
     }
 }
 
+/// Inserts a wait in ticket order. Tickets are taken before the lock, so a
+/// later ticket may be queued already, but rarely more than a few.
+fn insert_by_ticket(waiting: &mut VecDeque<(u64, Instant)>, ticket: u64, now: Instant) {
+    let later = waiting
+        .iter()
+        .rev()
+        .take_while(|(queued, _)| *queued > ticket)
+        .count();
+    waiting.insert(waiting.len() - later, (ticket, now));
+}
+
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        self.pool.stats.waiting_since.lock().remove(&self.ticket);
+        let mut waiting = self.pool.stats.waiting_since.lock();
+        if let Ok(index) = waiting.binary_search_by_key(&self.ticket, |(t, _)| *t) {
+            waiting.remove(index);
+        }
+        drop(waiting);
         self.pool.set_waiting(-1);
     }
 }
@@ -146,7 +163,10 @@ pub struct Pool {
     /// RESUME can come any more.
     stopping: AtomicBool,
     resumed: Notify,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed, because a connection moves in and out at every checkout and
+    /// a box moves as one pointer.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     active: AtomicUsize,
     waiting: AtomicUsize,
     /// ParameterStatus values of the server, learned from the first login
@@ -293,7 +313,7 @@ impl Pool {
             self.permit_debt
                 .fetch_add(shrink - forgotten, Ordering::AcqRel);
             let keep = size.saturating_sub(self.active_count());
-            let surplus: Vec<ServerConn> = {
+            let surplus: Vec<Box<ServerConn>> = {
                 let mut idle = self.idle.lock();
                 let excess = idle.len().saturating_sub(keep);
                 idle.drain(..excess).collect()
@@ -394,7 +414,7 @@ impl Pool {
         acquired
     }
 
-    async fn take_idle(&self) -> Option<ServerConn> {
+    async fn take_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let mut conn = self.idle.lock().pop()?;
             let now = Instant::now();
@@ -416,7 +436,7 @@ impl Pool {
         }
     }
 
-    async fn open(&self) -> Result<ServerConn, CheckoutError> {
+    async fn open(&self) -> Result<Box<ServerConn>, CheckoutError> {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         self.metrics.connects.increment(1);
         let settings = self.settings.load_full();
@@ -443,7 +463,7 @@ impl Pool {
 
     /// Takes a connection opened outside the pool as an idle one, or closes
     /// it when the pool is full.
-    pub fn adopt(&self, mut conn: ServerConn) {
+    pub fn adopt(&self, mut conn: Box<ServerConn>) {
         conn.id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         let mut key = (*conn.cancel_key).clone();
         key.server_id = conn.id;
@@ -469,8 +489,9 @@ impl Pool {
     pub fn checkin(&self, mut checkout: Checkout) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         let conn = &mut checkout.conn;
-        conn.last_used = Instant::now();
-        let expired = conn.created.elapsed() >= self.settings.load().lifetime
+        let now = Instant::now();
+        conn.last_used = now;
+        let expired = now.duration_since(conn.created) >= self.settings.load().lifetime
             || conn.cancel_key.generation != self.target.load().generation;
         let Checkout { conn, permit } = checkout;
         if conn.tx_status == b'I' && !expired {
@@ -545,7 +566,7 @@ impl Pool {
 
     /// Closes every idle connection, for shutdown and after a server restart.
     pub fn close_idle(&self) {
-        let drained: Vec<ServerConn> = self.idle.lock().drain(..).collect();
+        let drained: Vec<Box<ServerConn>> = self.idle.lock().drain(..).collect();
         for conn in drained {
             tokio::spawn(conn.terminate());
         }
@@ -623,7 +644,7 @@ impl Pool {
         self.stats
             .waiting_since
             .lock()
-            .first_key_value()
+            .front()
             .map(|(_, since)| since.elapsed())
             .unwrap_or_default()
     }
@@ -640,5 +661,21 @@ impl Pool {
     fn update_gauges(&self) {
         self.metrics.active.set(self.active_count() as f64);
         self.metrics.idle.set(self.idle_count() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_stay_in_ticket_order() {
+        let now = Instant::now();
+        let mut waiting = VecDeque::new();
+        for ticket in [1, 3, 2, 5, 4] {
+            insert_by_ticket(&mut waiting, ticket, now);
+        }
+        let tickets: Vec<u64> = waiting.iter().map(|(ticket, _)| *ticket).collect();
+        assert_eq!(tickets, [1, 2, 3, 4, 5]);
     }
 }

@@ -30,6 +30,10 @@ use crate::tls::{ReadHalf, WriteHalf};
 /// Output is written once this many bytes are buffered, even mid-batch.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
 
+/// Size of a client's write buffer when a reply starts; replies that are
+/// larger grow it.
+const INITIAL_WRITE_BUFFER: usize = 1024;
+
 /// Maximum time skiff waits for a ROLLBACK of a disconnected client's
 /// transaction before it closes the server connection instead.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,7 +78,6 @@ pub struct Session {
     /// Session settings from the client's startup packet.
     startup_settings: BTreeMap<String, String>,
     cancel: CancelHandle,
-    shutdown: CancellationToken,
     /// The database name the client connected to.
     database: String,
     /// Log-table capture state, when capture is configured.
@@ -107,7 +110,6 @@ impl Session {
         logged_in: LoggedIn,
         reader: MessageReader<ReadHalf>,
         writer: WriteHalf,
-        shutdown: CancellationToken,
     ) -> Session {
         let info = ClientInfo {
             id,
@@ -146,9 +148,6 @@ impl Session {
             client_skipping: false,
             statements: HashMap::new(),
             cancel,
-            // A token of its own, so sessions do not contend on the
-            // listener's token each time they wait.
-            shutdown: shutdown.child_token(),
             stop_deferred: false,
             fatal_sent: false,
         }
@@ -210,22 +209,14 @@ impl Session {
             };
             // One branch serves shutdown and KILL: a shutdown waits for the
             // open transaction to end, a KILL does not.
-            let kill = &self.cancel.info().kill;
-            let shutdown = &self.shutdown;
+            let signal = self.cancel.stop();
             let deferred = self.stop_deferred;
-            let stop = async move {
+            let stop = std::future::poll_fn(|cx| {
                 if deferred && can_stop {
-                    return;
+                    return std::task::Poll::Ready(());
                 }
-                if deferred {
-                    kill.cancelled().await
-                } else {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = kill.cancelled() => {}
-                    }
-                }
-            };
+                signal.poll_stop(cx, !deferred)
+            });
             tokio::select! {
                 biased;
                 message = server_read => Event::Server(message),
@@ -233,28 +224,20 @@ impl Session {
                 message = reader.read() => Event::Client(message),
             }
         };
-        match &event {
-            Event::Server(Ok(m)) => tracing::trace!(tag = %(m.tag() as char), "server message"),
-            Event::Client(Ok(m)) => {
-                self.received_bytes += m.raw.len() as u64;
-                tracing::trace!(tag = %(m.tag() as char), "client message")
-            }
-            _ => {}
+        if let Event::Server(Ok(m)) = &event {
+            tracing::trace!(tag = %(m.tag() as char), "server message");
         }
         match event {
-            Event::Server(Ok(message)) => self.on_server_message(message).await,
+            Event::Server(Ok(message)) => {
+                let flow = self.on_server_message(message).await?;
+                self.drain_server(flow).await
+            }
             Event::Server(Err(err)) => self.server_lost(err).await,
-            Event::Client(Ok(message)) => self.on_client_message(message).await,
-            Event::Client(Err(ProtocolError::Closed)) => Ok(Flow::Close),
-            Event::Client(Err(ProtocolError::Io(err))) => {
-                tracing::debug!(error = %err, "client read failed");
-                Ok(Flow::Close)
+            Event::Client(result) => {
+                let flow = self.on_client_read(result).await?;
+                self.drain_client(flow).await
             }
-            Event::Client(Err(err)) => {
-                self.write_error(Severity::Fatal, "08P01", &err.to_string());
-                Ok(Flow::Close)
-            }
-            Event::Shutdown if self.cancel.info().kill.is_cancelled() => {
+            Event::Shutdown if self.cancel.stop().is_killed() => {
                 if !self.fatal_sent {
                     self.write_error(Severity::Fatal, "57P01", KILLED);
                 }
@@ -271,6 +254,71 @@ impl Session {
                 Ok(Flow::Close)
             }
         }
+    }
+
+    /// Handles the result of one read from the client.
+    async fn on_client_read(
+        &mut self,
+        result: Result<Message, ProtocolError>,
+    ) -> std::io::Result<Flow> {
+        match result {
+            Ok(message) => {
+                self.received_bytes += message.raw.len() as u64;
+                tracing::trace!(tag = %(message.tag() as char), "client message");
+                self.on_client_message(message).await
+            }
+            Err(ProtocolError::Closed) => Ok(Flow::Close),
+            Err(ProtocolError::Io(err)) => {
+                tracing::debug!(error = %err, "client read failed");
+                Ok(Flow::Close)
+            }
+            Err(err) => {
+                self.write_error(Severity::Fatal, "08P01", &err.to_string());
+                Ok(Flow::Close)
+            }
+        }
+    }
+
+    /// Handles the client messages already buffered after one (a pipelined
+    /// Bind, Execute and Sync arrive in one read) without a new select for
+    /// each. It stops when a server message is buffered, which then goes
+    /// first, as in the select. Server bytes still in the socket are read
+    /// after the batch, and the pending queue keeps replies in order.
+    async fn drain_client(&mut self, mut flow: Flow) -> std::io::Result<Flow> {
+        while flow == Flow::Continue && self.reader.has_buffered_message() {
+            let server_busy = self
+                .server
+                .as_ref()
+                .is_some_and(|s| s.conn.has_buffered_message());
+            if server_busy {
+                break;
+            }
+            let result = self.reader.read().await;
+            flow = self.on_client_read(result).await?;
+        }
+        Ok(flow)
+    }
+
+    /// Handles the server messages already buffered after one, without a
+    /// new select over every source for each: a result's rows usually
+    /// arrive in one read. Shutdown and KILL are seen after the batch.
+    async fn drain_server(&mut self, mut flow: Flow) -> std::io::Result<Flow> {
+        while flow == Flow::Continue {
+            let Some(checkout) = &mut self.server else {
+                break;
+            };
+            if !checkout.conn.has_buffered_message() {
+                break;
+            }
+            flow = match checkout.conn.read().await {
+                Ok(message) => {
+                    tracing::trace!(tag = %(message.tag() as char), "server message");
+                    self.on_server_message(message).await?
+                }
+                Err(err) => return self.server_lost(err).await,
+            };
+        }
+        Ok(flow)
     }
 
     /// True when the client can be disconnected for shutdown without
@@ -364,11 +412,12 @@ impl Session {
                 .map_err(|err| self.checkout_error(err));
         }
         let cancelled = self.cancel.begin_wait();
-        let kill = self.cancel.info().kill.clone();
+        let stop = self.cancel.stop();
+        let killed = std::future::poll_fn(|cx| stop.poll_stop(cx, false));
         let result = tokio::select! {
             result = pool.checkout(wait) => Ok(result),
             _ = cancelled.notified() => Err(false),
-            _ = kill.cancelled() => Err(true),
+            _ = killed => Err(true),
         };
         self.cancel.end_wait();
         match result {
@@ -484,14 +533,19 @@ impl Session {
     fn emit_due_replies(&mut self) {
         while self.pending.front().is_some_and(Expected::is_local) {
             match self.pending.pop() {
-                Some(Expected::Local(bytes)) => self.out.extend_from_slice(&bytes),
-                Some(Expected::LocalStatement { reply, .. }) => self.out.extend_from_slice(&reply),
+                Some(Expected::Local(bytes)) => self.write(&bytes),
+                Some(Expected::LocalStatement { reply, .. }) => self.write(&reply),
                 _ => {}
             }
         }
     }
 
     fn write(&mut self, bytes: &[u8]) {
+        if self.out.capacity() == 0 {
+            // One allocation that fits a typical reply, instead of one per
+            // doubling from the first message's size.
+            self.out.reserve(bytes.len().max(INITIAL_WRITE_BUFFER));
+        }
         self.out.extend_from_slice(bytes);
     }
 

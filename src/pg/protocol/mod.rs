@@ -125,6 +125,9 @@ pub struct MessageReader<R> {
     max_message_bytes: usize,
     /// Bytes to make room for before the next read.
     read_size: usize,
+    /// The buffer is kept while waiting for data. Off by default, so
+    /// thousands of idle clients hold no read buffers.
+    keep_buffer: bool,
 }
 
 /// Smallest read buffer: small enough for the allocator's fast path.
@@ -139,6 +142,7 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
             buffer: BytesMut::new(),
             max_message_bytes,
             read_size: MIN_READ,
+            keep_buffer: false,
         }
     }
 
@@ -150,12 +154,20 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
             buffer: buffered,
             max_message_bytes,
             read_size: MIN_READ,
+            keep_buffer: false,
         }
     }
 
     /// The source and the bytes read from it but not returned yet.
     pub fn into_parts(self) -> (R, BytesMut) {
         (self.inner, self.buffer)
+    }
+
+    /// Keeps the read buffer while waiting for data, for a connection that
+    /// is busy most of the time. Once the messages read into it are dropped,
+    /// the next read reuses its memory instead of allocating.
+    pub fn keep_buffer(&mut self) {
+        self.keep_buffer = true;
     }
 
     /// Changes the largest message accepted from now on.
@@ -196,11 +208,13 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     }
 
     async fn fill(&mut self) -> Result<(), ProtocolError> {
-        if self.buffer.is_empty() {
+        if self.buffer.is_empty() && !self.keep_buffer {
             // Let go of the buffer while waiting, so thousands of idle
             // clients cost no read buffers.
             self.buffer = BytesMut::new();
             self.inner.wait_readable().await?;
+            self.buffer.reserve(self.read_size);
+        } else if self.buffer.is_empty() {
             self.buffer.reserve(self.read_size);
         } else if self.buffer.capacity() - self.buffer.len() < MIN_READ {
             self.buffer.reserve(self.read_size.max(self.buffer.len()));

@@ -101,10 +101,15 @@ impl Session {
 
     async fn on_query(&mut self, message: Message) -> Result<(), String> {
         self.pool.count_query();
-        let mut body = message.body();
-        let sql = protocol::read_cstr_lossy(&mut body).ok_or("malformed Query message")?;
-        let sql = sql.as_ref();
-        self.note_session_state_sql(sql);
+        let body = message.body();
+        let end = body
+            .iter()
+            .position(|&byte| byte == 0)
+            .ok_or("malformed Query message")?;
+        let sql = &body[..end];
+        if mentions_session_state(sql) {
+            self.session_state_changed = true;
+        }
         match classify_statement_sql(sql) {
             StatementSql::DeallocateAll => self.statements.clear(),
             StatementSql::Deallocate(name) if self.statements.contains_key(&name) => {
@@ -119,9 +124,14 @@ impl Session {
             }
             _ => {}
         }
-        if let Some(reply) = self.capture_query(sql).await {
-            self.expect(Expected::Local(reply));
-            return Ok(());
+        if self.pooler.capture.is_some() {
+            // Clients may use any server encoding, so bytes that are not
+            // UTF-8 are replaced in the text capture inspects.
+            let text = String::from_utf8_lossy(sql);
+            if let Some(reply) = self.capture_query(&text).await {
+                self.expect(Expected::Local(reply));
+                return Ok(());
+            }
         }
         self.forward(&message.raw, Request::Query).await
     }
@@ -373,19 +383,44 @@ impl Session {
 
 /// Words whose presence in SQL means it may change session state without a
 /// SET command tag: set_config(), advisory locks, temporary tables, held
-/// cursors and LISTEN.
+/// cursors and LISTEN. Their first letters differ, so a byte selects at most
+/// one of them.
 const SESSION_STATE_HINTS: [&[u8]; 5] = [b"set_config", b"advisory", b"temp", b"hold", b"listen"];
 
-/// Checks for any of the hints, ignoring ASCII case, in one pass that only
-/// compares at bytes that can start a hint.
+/// For each byte, 1 + the index of the hint that starts with it in either
+/// case, or 0.
+const HINT_BY_FIRST_BYTE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut index = 0;
+    while index < SESSION_STATE_HINTS.len() {
+        let first = SESSION_STATE_HINTS[index][0];
+        table[first as usize] = index as u8 + 1;
+        table[first.to_ascii_uppercase() as usize] = index as u8 + 1;
+        index += 1;
+    }
+    table
+};
+
+/// Checks for any of the hints, ignoring ASCII case. It runs on every
+/// Query, so a byte that starts no hint costs one table lookup, and a
+/// candidate is compared in full only when its second letter matches too.
 fn mentions_session_state(sql: &[u8]) -> bool {
-    sql.iter().enumerate().any(|(index, byte)| {
-        matches!(byte.to_ascii_lowercase(), b's' | b'a' | b't' | b'h' | b'l')
-            && SESSION_STATE_HINTS.iter().any(|hint| {
-                sql.get(index..index + hint.len())
-                    .is_some_and(|window| window.eq_ignore_ascii_case(hint))
-            })
-    })
+    for start in 0..sql.len() {
+        let hint = HINT_BY_FIRST_BYTE[sql[start] as usize];
+        if hint == 0 {
+            continue;
+        }
+        let hint = SESSION_STATE_HINTS[hint as usize - 1];
+        let Some(window) = sql.get(start..start + hint.len()) else {
+            continue;
+        };
+        // Every hint's second byte is a lowercase letter, and `| 0x20`
+        // lowercases exactly the two bytes that spell it.
+        if window[1] | 0x20 == hint[1] && window.eq_ignore_ascii_case(hint) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Simple-protocol statements that change prepared statements.
@@ -398,7 +433,26 @@ enum StatementSql {
     Other,
 }
 
-fn classify_statement_sql(sql: &str) -> StatementSql {
+/// Classifies a simple Query's SQL. Most queries are distinguished by their
+/// first keyword alone, so only DISCARD and DEALLOCATE are split into words.
+fn classify_statement_sql(sql: &[u8]) -> StatementSql {
+    let start = sql
+        .iter()
+        .position(|byte| !byte.is_ascii_whitespace())
+        .unwrap_or(sql.len());
+    let first = &sql[start..];
+    let starts_with = |keyword: &[u8]| {
+        first
+            .get(..keyword.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(keyword))
+    };
+    if !starts_with(b"discard") && !starts_with(b"deallocate") {
+        return StatementSql::Other;
+    }
+    classify_statement_words(&String::from_utf8_lossy(sql))
+}
+
+fn classify_statement_words(sql: &str) -> StatementSql {
     let trimmed = sql.trim().trim_end_matches(';').trim();
     let words: Vec<&str> = trimmed.split_whitespace().collect();
     let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
@@ -437,29 +491,40 @@ mod tests {
         ));
         assert!(mentions_session_state(b"CREATE TEMP TABLE t (a int)"));
         assert!(mentions_session_state(b"select PG_ADVISORY_LOCK(1)"));
+        assert!(mentions_session_state(b"LISTEN jobs"));
+        assert!(mentions_session_state(
+            b"declare c cursor with Hold for select 1"
+        ));
         assert!(!mentions_session_state(
             b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"
         ));
+        assert!(!mentions_session_state(b"select 'tem'"));
+        assert!(!mentions_session_state(b""));
     }
 
     #[test]
     fn classifies_deallocate_forms() {
         assert_eq!(
-            classify_statement_sql("discard all;"),
+            classify_statement_sql(b"discard all;"),
             StatementSql::DeallocateAll
         );
         assert_eq!(
-            classify_statement_sql(" DEALLOCATE PREPARE ALL "),
+            classify_statement_sql(b" DEALLOCATE PREPARE ALL "),
             StatementSql::DeallocateAll
         );
         assert_eq!(
-            classify_statement_sql("deallocate \"Stmt1\""),
+            classify_statement_sql(b"deallocate \"Stmt1\""),
             StatementSql::Deallocate("Stmt1".into())
         );
         assert_eq!(
-            classify_statement_sql("DEALLOCATE PREPARE S2"),
+            classify_statement_sql(b"DEALLOCATE PREPARE S2"),
             StatementSql::Deallocate("s2".into())
         );
-        assert_eq!(classify_statement_sql("select 1"), StatementSql::Other);
+        assert_eq!(classify_statement_sql(b"select 1"), StatementSql::Other);
+        assert_eq!(
+            classify_statement_sql(b"\n\tdiscard ALL"),
+            StatementSql::DeallocateAll
+        );
+        assert_eq!(classify_statement_sql(b"DISCARD TEMP"), StatementSql::Other);
     }
 }

@@ -2,6 +2,7 @@
 //! skiff's own requests, and watched for state skiff must track.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::{Flow, Session, FLUSH_THRESHOLD};
 use crate::config::PoolMode;
@@ -200,9 +201,11 @@ impl Session {
             return;
         };
         checkout.conn.tx_status = status;
+        // One clock read serves both durations.
+        let now = Instant::now();
         if !self.pending.awaits_server() {
             if let Some(started) = self.query_started.take() {
-                let elapsed = started.elapsed().as_micros() as u64;
+                let elapsed = now.duration_since(started).as_micros() as u64;
                 self.pool
                     .stats
                     .query_us
@@ -213,7 +216,7 @@ impl Session {
             return;
         }
         if let Some(started) = self.transaction_started.take() {
-            let elapsed = started.elapsed().as_micros() as u64;
+            let elapsed = now.duration_since(started).as_micros() as u64;
             let stats = &self.pool.stats;
             stats.transaction_us.fetch_add(elapsed, Ordering::Relaxed);
         }
