@@ -6,16 +6,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::cache::ClientTracking;
+use super::cache::{self, ClientTracking};
 use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
+use super::multibulk;
 use super::reply;
 use super::router::{Pending, Router, SessionCtx};
 use super::routes::{RouteId, Routes, MAIN};
@@ -275,6 +276,14 @@ pub async fn run(
 impl Session {
     async fn read_loop(&mut self) {
         loop {
+            if self.serve_cached_get() {
+                if self.batch.lock().len() >= MAX_BATCH_BYTES
+                    && self.flush_batch().await == Flow::Close
+                {
+                    return;
+                }
+                continue;
+            }
             let request = match self.reader.parse_buffered() {
                 Ok(Some(request)) => request,
                 Ok(None) => {
@@ -309,6 +318,38 @@ impl Session {
                 return;
             }
         }
+    }
+
+    /// Serves the next buffered request from the near cache when it is a
+    /// `GET` of a cached key, copying the reply straight into the batch
+    /// without building a request or a reply buffer. Returns false, having
+    /// changed nothing, for any other request, which then takes the usual
+    /// path through [`Session::handle`].
+    fn serve_cached_get(&mut self) -> bool {
+        // The usual path does more than look up the cache in these cases.
+        if self.transaction.is_some()
+            || self.tracking.is_some()
+            || !self.authenticated
+            || !self.routes.is_empty()
+            || !self.router.cache.is_enabled()
+        {
+            return false;
+        }
+        let Some((length, name, key)) =
+            multibulk::peek_two_args(&self.reader.buf, self.reader.max_request_bytes)
+        else {
+            return false;
+        };
+        if !name.eq_ignore_ascii_case(b"GET") {
+            return false;
+        }
+        let mut batch = self.batch.lock();
+        if !cache::copy_cached_get(&self.router, key, self.ctx, &mut batch) {
+            return false;
+        }
+        drop(batch);
+        self.reader.buf.advance(length);
+        true
     }
 
     pub(super) async fn handle(&mut self, request: Request) -> Flow {
