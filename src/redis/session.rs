@@ -70,8 +70,16 @@ impl ClientWriter {
     /// is still unwritten. Returns the bytes left, all of them when the
     /// session must not write now.
     fn try_write_now(&self, bytes: &Bytes) -> io::Result<Bytes> {
+        let written = self.try_write_start(bytes)?;
+        Ok(bytes.slice(written..))
+    }
+
+    /// Writes what it can of `bytes` without waiting, as
+    /// [`ClientWriter::try_write_now`] does, and returns how many bytes
+    /// were written.
+    fn try_write_start(&self, bytes: &[u8]) -> io::Result<usize> {
         if self.queued.load(Ordering::Acquire) != 0 || !self.direct.load(Ordering::Relaxed) {
-            return Ok(bytes.clone());
+            return Ok(0);
         }
         let mut written = 0;
         while written < bytes.len() {
@@ -82,7 +90,7 @@ impl ClientWriter {
                 Err(err) => return Err(err),
             }
         }
-        Ok(bytes.slice(written..))
+        Ok(written)
     }
 
     /// Writes all of `bytes`, waiting while the socket is full.
@@ -525,19 +533,26 @@ impl Session {
 
     /// Queues the gathered replies for the writer.
     pub(super) async fn flush_batch(&self) -> Flow {
-        let batch = {
+        // Gathering is off while tracking is on, so no reply here counts
+        // for a tracking client's pushes. The batch is written in place, so
+        // its buffer is kept for the next one unless part of it must be
+        // queued.
+        let rest = {
             let mut batch = self.batch.lock();
             if batch.is_empty() {
                 return Flow::Continue;
             }
-            batch.split().freeze()
-        };
-        // Gathering is off while tracking is on, so no reply here counts
-        // for a tracking client's pushes.
-        let rest = match self.writer.try_write_now(&batch) {
-            Ok(rest) if rest.is_empty() => return Flow::Continue,
-            Ok(rest) => rest,
-            Err(_) => return Flow::Close,
+            match self.writer.try_write_start(&batch) {
+                Ok(written) if written == batch.len() => {
+                    batch.clear();
+                    return Flow::Continue;
+                }
+                Ok(written) => {
+                    batch.advance(written);
+                    batch.split().freeze()
+                }
+                Err(_) => return Flow::Close,
+            }
         };
         self.enqueue(Outgoing::Reply(Pending::Ready(rest))).await
     }
