@@ -45,6 +45,27 @@ pub fn parse(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<Request>, Fr
     Ok(Some(Request { args, raw }))
 }
 
+/// Returns the length, command name and only argument of the complete
+/// two-element request at the start of `buf`, leaving `buf` as it is.
+/// `None` for any other request, and for an incomplete, invalid or too
+/// large one, which [`parse`] then handles.
+pub fn peek_two_args(buf: &[u8], max_bytes: usize) -> Option<(usize, &[u8], &[u8])> {
+    if buf.first() != Some(&b'*') {
+        return None;
+    }
+    let mut spans = Spans::default();
+    let total = measure(buf, max_bytes, &mut spans).ok()??;
+    if total > max_bytes {
+        return None;
+    }
+    match *spans.recorded()? {
+        [(name_start, name_end), (arg_start, arg_end)] => {
+            Some((total, &buf[name_start..name_end], &buf[arg_start..arg_end]))
+        }
+        _ => None,
+    }
+}
+
 /// Start and end of each argument of a request, when it has at most
 /// [`RECORDED_ARGS`].
 #[derive(Default)]
@@ -178,6 +199,29 @@ mod tests {
         let mut buf = BytesMut::from(input);
         let parsed = parse(&mut buf, 1024)?;
         Ok(parsed.map(|request| request.args.iter().map(|a| a.to_vec()).collect()))
+    }
+
+    #[test]
+    fn peek_two_args_finds_name_and_key() {
+        let request = b"*2\r\n$3\r\nget\r\n$5\r\nkey:1\r\n*1\r\n$4\r\nPING\r\n";
+        let (length, name, key) = peek_two_args(request, 1024).unwrap();
+        assert_eq!(length, 24);
+        assert_eq!(name, b"get");
+        assert_eq!(key, b"key:1");
+    }
+
+    #[test]
+    fn peek_two_args_skips_other_requests() {
+        let whole = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        for cut in 0..whole.len() {
+            assert!(peek_two_args(&whole[..cut], 1024).is_none(), "cut {cut}");
+        }
+        assert!(peek_two_args(whole, 10).is_none(), "too large");
+        assert!(peek_two_args(b"*1\r\n$4\r\nPING\r\n", 1024).is_none());
+        let three = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n";
+        assert!(peek_two_args(three, 1024).is_none());
+        assert!(peek_two_args(b"*2\r\n:3\r\nGET\r\n", 1024).is_none());
+        assert!(peek_two_args(b"GET k\r\n", 1024).is_none());
     }
 
     #[test]

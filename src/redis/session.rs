@@ -6,16 +6,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::cache::ClientTracking;
+use super::cache::{self, ClientTracking};
 use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
+use super::multibulk;
 use super::reply;
 use super::router::{Pending, Router, SessionCtx};
 use super::routes::{RouteId, Routes, MAIN};
@@ -69,8 +70,16 @@ impl ClientWriter {
     /// is still unwritten. Returns the bytes left, all of them when the
     /// session must not write now.
     fn try_write_now(&self, bytes: &Bytes) -> io::Result<Bytes> {
+        let written = self.try_write_start(bytes)?;
+        Ok(bytes.slice(written..))
+    }
+
+    /// Writes what it can of `bytes` without waiting, as
+    /// [`ClientWriter::try_write_now`] does, and returns how many bytes
+    /// were written.
+    fn try_write_start(&self, bytes: &[u8]) -> io::Result<usize> {
         if self.queued.load(Ordering::Acquire) != 0 || !self.direct.load(Ordering::Relaxed) {
-            return Ok(bytes.clone());
+            return Ok(0);
         }
         let mut written = 0;
         while written < bytes.len() {
@@ -81,7 +90,7 @@ impl ClientWriter {
                 Err(err) => return Err(err),
             }
         }
-        Ok(bytes.slice(written..))
+        Ok(written)
     }
 
     /// Writes all of `bytes`, waiting while the socket is full.
@@ -275,6 +284,14 @@ pub async fn run(
 impl Session {
     async fn read_loop(&mut self) {
         loop {
+            if self.serve_cached_get() {
+                if self.batch.lock().len() >= MAX_BATCH_BYTES
+                    && self.flush_batch().await == Flow::Close
+                {
+                    return;
+                }
+                continue;
+            }
             let request = match self.reader.parse_buffered() {
                 Ok(Some(request)) => request,
                 Ok(None) => {
@@ -309,6 +326,38 @@ impl Session {
                 return;
             }
         }
+    }
+
+    /// Serves the next buffered request from the near cache when it is a
+    /// `GET` of a cached key, copying the reply straight into the batch
+    /// without building a request or a reply buffer. Returns false, having
+    /// changed nothing, for any other request, which then takes the usual
+    /// path through [`Session::handle`].
+    fn serve_cached_get(&mut self) -> bool {
+        // The usual path does more than look up the cache in these cases.
+        if self.transaction.is_some()
+            || self.tracking.is_some()
+            || !self.authenticated
+            || !self.routes.is_empty()
+            || !self.router.cache.is_enabled()
+        {
+            return false;
+        }
+        let Some((length, name, key)) =
+            multibulk::peek_two_args(&self.reader.buf, self.reader.max_request_bytes)
+        else {
+            return false;
+        };
+        if !name.eq_ignore_ascii_case(b"GET") {
+            return false;
+        }
+        let mut batch = self.batch.lock();
+        if !cache::copy_cached_get(&self.router, key, self.ctx, &mut batch) {
+            return false;
+        }
+        drop(batch);
+        self.reader.buf.advance(length);
+        true
     }
 
     pub(super) async fn handle(&mut self, request: Request) -> Flow {
@@ -484,19 +533,26 @@ impl Session {
 
     /// Queues the gathered replies for the writer.
     pub(super) async fn flush_batch(&self) -> Flow {
-        let batch = {
+        // Gathering is off while tracking is on, so no reply here counts
+        // for a tracking client's pushes. The batch is written in place, so
+        // its buffer is kept for the next one unless part of it must be
+        // queued.
+        let rest = {
             let mut batch = self.batch.lock();
             if batch.is_empty() {
                 return Flow::Continue;
             }
-            batch.split().freeze()
-        };
-        // Gathering is off while tracking is on, so no reply here counts
-        // for a tracking client's pushes.
-        let rest = match self.writer.try_write_now(&batch) {
-            Ok(rest) if rest.is_empty() => return Flow::Continue,
-            Ok(rest) => rest,
-            Err(_) => return Flow::Close,
+            match self.writer.try_write_start(&batch) {
+                Ok(written) if written == batch.len() => {
+                    batch.clear();
+                    return Flow::Continue;
+                }
+                Ok(written) => {
+                    batch.advance(written);
+                    batch.split().freeze()
+                }
+                Err(_) => return Flow::Close,
+            }
         };
         self.enqueue(Outgoing::Reply(Pending::Ready(rest))).await
     }

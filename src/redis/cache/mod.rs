@@ -24,7 +24,7 @@ use bytes::Bytes;
 
 pub use clients::ClientTracking;
 pub use commands::classify;
-pub use read::read;
+pub use read::{copy_cached_get, read};
 
 use super::command::CommandTable;
 use super::frame::Request;

@@ -76,6 +76,31 @@ async fn read_single(
     fill(router, request, command, max_ttl, ctx, Part::Whole).await
 }
 
+/// Appends the cached reply of `GET key` to `out` and counts a hit.
+/// Returns false, leaving `out` as it is and counting nothing, when the
+/// key is not cached or no live reply is stored, so the request then takes
+/// the usual path through [`read`].
+pub fn copy_cached_get(router: &Router, key: &[u8], ctx: SessionCtx, out: &mut BytesMut) -> bool {
+    let cache = &router.cache;
+    let Some(store) = cache.store.as_ref() else {
+        return false;
+    };
+    if cache.max_ttl(key).is_none() {
+        return false;
+    }
+    let shape = Shape {
+        db: ctx.db,
+        protocol: ctx.protocol,
+        command: "GET",
+        args: &[],
+    };
+    if !store.get_into(key, &shape, Instant::now(), out) {
+        return false;
+    }
+    store.metrics.hit();
+    true
+}
+
 /// Sends a read of one key and `PTTL` of it, and stores the reply when it
 /// arrives unless the key changed meanwhile. Falls back to the plain route
 /// when no tracking connection covers the node yet.

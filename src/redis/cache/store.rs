@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use super::metrics::{CacheMetrics, Skip, Source};
@@ -266,6 +266,38 @@ impl Store {
     /// Returns the cached reply for `key` and `shape`, dropping it when it
     /// expired or its slot moved since it was stored.
     pub fn get(&self, key: &[u8], shape: &Shape<'_>, now: Instant) -> Option<Bytes> {
+        self.find(key, shape, now, |reply| {
+            if reply.len() <= COPY_OUT_BYTES {
+                Bytes::copy_from_slice(reply)
+            } else {
+                reply.clone()
+            }
+        })
+    }
+
+    /// Appends the cached reply for `key` and `shape` to `out`, as
+    /// [`Store::get`] finds it. Returns false when there is none.
+    pub fn get_into(
+        &self,
+        key: &[u8],
+        shape: &Shape<'_>,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> bool {
+        self.find(key, shape, now, |reply| out.extend_from_slice(reply))
+            .is_some()
+    }
+
+    /// Passes the live cached reply for `key` and `shape` to `take` under
+    /// the shard lock, dropping the reply when it expired or its slot moved
+    /// since it was stored.
+    fn find<T>(
+        &self,
+        key: &[u8],
+        shape: &Shape<'_>,
+        now: Instant,
+        take: impl FnOnce(&Bytes) -> T,
+    ) -> Option<T> {
         let (index, _) = self.locate(key);
         let mut shard = self.shards[index].0.lock();
         let entry = shard.map.get_mut(key)?;
@@ -277,11 +309,7 @@ impl Store {
             if !entry.referenced {
                 entry.referenced = true;
             }
-            let reply = &cached.reply;
-            if reply.len() <= COPY_OUT_BYTES {
-                return Some(Bytes::copy_from_slice(reply));
-            }
-            return Some(reply.clone());
+            return Some(take(&cached.reply));
         }
         let mut removed = Removed::default();
         let mut index = 0;
