@@ -454,7 +454,11 @@ impl Session {
         let Some(mut checkout) = self.server.take() else {
             return;
         };
-        self.cancel.detach().await;
+        if !self.cancel.detach().await {
+            // A late cancel request could hit the next client's query.
+            self.pool.discard(checkout);
+            return;
+        }
         if std::mem::take(&mut self.session_state_changed) {
             checkout.conn.dirty_by = Some(self.id);
         }
@@ -471,7 +475,7 @@ impl Session {
         let Some(mut checkout) = self.server.take() else {
             return;
         };
-        self.cancel.detach().await;
+        let reusable = self.cancel.detach().await;
         if self.cancel.info().kill.is_cancelled() {
             // KILL closes the server connection too, so nothing the client
             // left running goes on.
@@ -484,9 +488,10 @@ impl Session {
             self.pool.discard_running(checkout);
             return;
         }
-        if self.unsynced {
+        if self.unsynced || !reusable {
             // Requests since the last Sync left an implicit transaction of
-            // unknown state; closing the connection rolls it back.
+            // unknown state, or a cancel request may still reach the
+            // connection. Closing the connection settles both.
             self.pool.discard(checkout);
             return;
         }

@@ -1,0 +1,91 @@
+//! Attacks on the PostgreSQL relay with real clients and a real server:
+//! races between cancel requests and server connection reuse.
+
+mod support;
+
+use std::time::Duration;
+
+use support::postgres::PgServer;
+use support::skiff::{self, Skiff};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn pg() -> &'static PgServer {
+    support::postgres::shared()
+}
+
+/// The CancelRequest code of the PostgreSQL startup packet.
+const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+
+/// Starts a TCP relay to the shared server that delays every CancelRequest
+/// by `delay` before passing it on, as a loaded server or network would.
+/// Other connections pass at once. Returns the relay's port.
+async fn start_cancel_delaying_relay(server_port: u16, delay: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(relay_connection(client, server_port, delay));
+        }
+    });
+    port
+}
+
+async fn relay_connection(mut client: TcpStream, server_port: u16, delay: Duration) {
+    let mut head = [0u8; 8];
+    if client.read_exact(&mut head).await.is_err() {
+        return;
+    }
+    let code = u32::from_be_bytes(head[4..8].try_into().unwrap());
+    let mut first = head.to_vec();
+    if code == CANCEL_REQUEST_CODE {
+        let mut key = [0u8; 8];
+        if client.read_exact(&mut key).await.is_err() {
+            return;
+        }
+        first.extend_from_slice(&key);
+        // The request goes on even when the sender stopped waiting, as it
+        // would from a server's listen queue.
+        tokio::time::sleep(delay).await;
+    }
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", server_port)).await else {
+        return;
+    };
+    if server.write_all(&first).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+}
+
+/// A cancel request that skiff stopped waiting for can still reach the
+/// server later. The server connection it targeted must not go to another
+/// client, or that client's query is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_cancel_never_hits_next_client() {
+    let db = "slow_cancel";
+    pg().create_database(db);
+    let relay_port = start_cancel_delaying_relay(pg().port, Duration::from_secs(4)).await;
+    let skiff = Skiff::start(&skiff::config(relay_port, db, "default_pool_size = 1")).await;
+    let target = skiff.connect("postgres", db).await;
+    let bystander = skiff.connect("postgres", db).await;
+
+    let token = target.cancel_token();
+    let query = tokio::spawn(async move { target.simple_query("SELECT pg_sleep(0.5)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancel = tokio::spawn(async move { token.cancel_query(tokio_postgres::NoTls).await });
+
+    // The bystander waits for the only server connection and then runs
+    // past the moment the held cancel request reaches the server.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let result = bystander.simple_query("SELECT pg_sleep(5)").await;
+    assert!(
+        result.is_ok(),
+        "a cancel meant for another client hit this one: {:?}",
+        result.err()
+    );
+    let _ = query.await.unwrap();
+    let _ = cancel.await;
+}
