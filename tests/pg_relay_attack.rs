@@ -1,5 +1,6 @@
 //! Attacks on the PostgreSQL relay with real clients and a real server:
-//! races between cancel requests and server connection reuse.
+//! cancel requests that race server connection reuse, and session state
+//! that could pass from one client to the next.
 
 mod support;
 
@@ -88,4 +89,43 @@ async fn slow_cancel_never_hits_next_client() {
     );
     let _ = query.await.unwrap();
     let _ = cancel.await;
+}
+
+/// A prepared statement whose SQL changes session state without a SET
+/// command tag changes it again at every Execute, also in a later
+/// transaction on a server connection that was reset in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_set_config_never_leaks() {
+    let db = "prepared_set_config";
+    pg().create_database(db);
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
+    let owner = skiff.connect("postgres", db).await;
+    let other = skiff.connect("postgres", db).await;
+    let show = "SHOW statement_timeout";
+    let default = other
+        .query_one(show, &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+
+    let set = owner
+        .prepare("SELECT set_config('statement_timeout', $1, false)")
+        .await
+        .unwrap();
+    owner.query_one(&set, &[&"1234"]).await.unwrap();
+    // The other client's query resets the server connection first.
+    let seen = other
+        .query_one(show, &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(seen, default, "the first set_config leaked");
+
+    owner.query_one(&set, &[&"4321"]).await.unwrap();
+    let seen = other
+        .query_one(show, &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(seen, default, "set_config of a second Execute leaked");
 }

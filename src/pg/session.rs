@@ -88,6 +88,9 @@ pub struct Session {
     /// The client ran SQL that may change session state without a command
     /// tag that shows it.
     session_state_changed: bool,
+    /// The SQL of the client's last unnamed Parse may change session state
+    /// without a command tag that shows it.
+    unnamed_changes_session_state: bool,
     /// Shutdown began while a transaction was open; the session stops when
     /// it ends.
     stop_deferred: bool,
@@ -131,6 +134,7 @@ impl Session {
             capture,
             unsynced: false,
             session_state_changed: false,
+            unnamed_changes_session_state: false,
             received_bytes: 0,
             query_started: None,
             transaction_started: None,
