@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::postgres::PgServer;
+use support::raw::{self, RawClient};
 use support::skiff::{self, Skiff};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -128,4 +129,40 @@ async fn prepared_set_config_never_leaks() {
         .unwrap()
         .get::<_, String>(0);
     assert_eq!(seen, default, "set_config of a second Execute leaked");
+}
+
+/// DEALLOCATE ALL and DISCARD ALL drop the client's prepared statements
+/// however the SQL is written, so their names can be prepared again, as
+/// PostgreSQL allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_with_comments() {
+    let db = "deallocate_all_comments";
+    pg().create_database(db);
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
+    let mut client = RawClient::connect(skiff.port, "postgres", db, &[]).await;
+    let statements = [
+        "/* drop them */ DEALLOCATE ALL",
+        "-- drop them\nDISCARD ALL",
+        "SELECT 1; DEALLOCATE ALL",
+        "deallocate all -- now",
+    ];
+    for sql in statements {
+        client
+            .send(&[raw::parse("kept", "SELECT 1"), raw::sync()])
+            .await;
+        let parsed = raw::tags(&client.recv_until_ready().await);
+        assert_eq!(parsed, "1Z", "Parse before {sql:?}");
+
+        client.send(&[raw::query(sql)]).await;
+        let replies = client.recv_until_ready().await;
+        assert!(
+            replies.iter().all(|reply| reply.tag != b'E'),
+            "{sql:?} failed: {replies:?}"
+        );
+    }
+    client
+        .send(&[raw::parse("kept", "SELECT 1"), raw::sync()])
+        .await;
+    let parsed = raw::tags(&client.recv_until_ready().await);
+    assert_eq!(parsed, "1Z");
 }

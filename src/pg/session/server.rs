@@ -267,12 +267,19 @@ impl Session {
                 conn.dirty_by = Some(self.id);
                 conn.sql_prepared = true;
             }
+            // The tags also come from SQL that the Query check misses, such
+            // as one after a comment or another statement, so the client's
+            // statements go too.
             "DISCARD ALL" => {
                 conn.statements.clear();
                 conn.applied.clear();
                 conn.dirty_by = Some(self.id);
+                self.statements.clear();
             }
-            "DEALLOCATE ALL" => conn.statements.clear(),
+            "DEALLOCATE ALL" => {
+                conn.statements.clear();
+                self.statements.clear();
+            }
             _ => {}
         }
     }
