@@ -166,3 +166,47 @@ async fn deallocate_all_with_comments() {
     let parsed = raw::tags(&client.recv_until_ready().await);
     assert_eq!(parsed, "1Z");
 }
+
+/// An error in the middle of a pipeline with a Flush skips the rest up to
+/// Sync, as PostgreSQL does, and leaves the server connection usable by the
+/// next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_error_after_flush() {
+    let db = "pipeline_error_flush";
+    pg().create_database(db);
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
+    let mut client = RawClient::connect(skiff.port, "postgres", db, &[]).await;
+    client
+        .send(&[
+            raw::parse("", "SELECT 1"),
+            raw::bind("", "", &[]),
+            raw::execute(""),
+            raw::flush(),
+        ])
+        .await;
+    let mut replies = Vec::new();
+    for _ in 0..4 {
+        replies.push(client.recv().await);
+    }
+    assert_eq!(raw::tags(&replies), "12DC");
+
+    let mut pipeline = Vec::new();
+    for sql in ["SELECT 2", "SELECT 1/0", "SELECT 3"] {
+        pipeline.push(raw::parse("", sql));
+        pipeline.push(raw::bind("", "", &[]));
+        pipeline.push(raw::execute(""));
+    }
+    pipeline.push(raw::sync());
+    client.send(&pipeline).await;
+    let replies = client.recv_until_ready().await;
+    // PostgreSQL folds 1/0 when it plans the statement at Bind.
+    assert_eq!(raw::tags(&replies), "12DC1EZ");
+    assert_eq!(replies[5].code(), "22012");
+    assert_eq!(replies.last().unwrap().body[0], b'I');
+
+    let mut next = RawClient::connect(skiff.port, "postgres", db, &[]).await;
+    next.send(&[raw::query("SELECT 4")]).await;
+    let replies = next.recv_until_ready().await;
+    assert_eq!(raw::tags(&replies), "TDCZ");
+    assert_eq!(replies[1].first_value().as_deref(), Some("4"));
+}
