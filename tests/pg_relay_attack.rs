@@ -62,6 +62,24 @@ async fn relay_connection(mut client: TcpStream, server_port: u16, delay: Durati
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }
 
+/// Starts skiff with one server connection for a new database and connects
+/// two clients, which share that connection.
+async fn two_clients_one_server(
+    db: &str,
+) -> (Skiff, tokio_postgres::Client, tokio_postgres::Client) {
+    pg().create_database(db);
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
+    let owner = skiff.connect("postgres", db).await;
+    let other = skiff.connect("postgres", db).await;
+    (skiff, owner, other)
+}
+
+/// Returns the session's statement_timeout setting as SHOW prints it.
+async fn statement_timeout(client: &tokio_postgres::Client) -> String {
+    let row = client.query_one("SHOW statement_timeout", &[]).await;
+    row.unwrap().get(0)
+}
+
 /// A cancel request that skiff stopped waiting for can still reach the
 /// server later. The server connection it targeted must not go to another
 /// client, or that client's query is cancelled.
@@ -97,17 +115,8 @@ async fn slow_cancel_never_hits_next_client() {
 /// transaction on a server connection that was reset in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_set_config_never_leaks() {
-    let db = "prepared_set_config";
-    pg().create_database(db);
-    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
-    let owner = skiff.connect("postgres", db).await;
-    let other = skiff.connect("postgres", db).await;
-    let show = "SHOW statement_timeout";
-    let default = other
-        .query_one(show, &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
+    let (_skiff, owner, other) = two_clients_one_server("prepared_set_config").await;
+    let default = statement_timeout(&other).await;
 
     let set = owner
         .prepare("SELECT set_config('statement_timeout', $1, false)")
@@ -115,19 +124,11 @@ async fn prepared_set_config_never_leaks() {
         .unwrap();
     owner.query_one(&set, &[&"1234"]).await.unwrap();
     // The other client's query resets the server connection first.
-    let seen = other
-        .query_one(show, &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
+    let seen = statement_timeout(&other).await;
     assert_eq!(seen, default, "the first set_config leaked");
 
     owner.query_one(&set, &[&"4321"]).await.unwrap();
-    let seen = other
-        .query_one(show, &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
+    let seen = statement_timeout(&other).await;
     assert_eq!(seen, default, "set_config of a second Execute leaked");
 }
 
@@ -209,4 +210,46 @@ async fn pipeline_error_after_flush() {
     let replies = next.recv_until_ready().await;
     assert_eq!(raw::tags(&replies), "TDCZ");
     assert_eq!(replies[1].first_value().as_deref(), Some("4"));
+}
+
+/// Large requests and large results pipelined together: skiff writes to the
+/// server while the server writes results back, and neither may wait for
+/// the other forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_large_requests_and_results() {
+    let db = "pipelined_large";
+    pg().create_database(db);
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
+    let client = skiff.connect("postgres", db).await;
+    let statement = client
+        .prepare("SELECT length($1::text), repeat('y', 200000)")
+        .await
+        .unwrap();
+    let payload = "x".repeat(200_000);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&payload];
+    let queries = (0..200).map(|_| client.query_one(&statement, &params));
+    let all = futures_util::future::join_all(queries);
+    let results = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("the pipeline finished within 60 s");
+    for result in results {
+        let row = result.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 200_000);
+        assert_eq!(row.get::<_, String>(1).len(), 200_000);
+    }
+}
+
+/// A DO block can run SET through EXECUTE, which sends no SET command tag
+/// and mentions none of the words skiff looks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_block_set_never_leaks() {
+    let (_skiff, owner, other) = two_clients_one_server("do_block_set").await;
+    let default = statement_timeout(&other).await;
+
+    owner
+        .batch_execute("DO $$ BEGIN EXECUTE 'SET statement_timeout = 4321'; END $$")
+        .await
+        .unwrap();
+    let seen = statement_timeout(&other).await;
+    assert_eq!(seen, default);
 }

@@ -263,6 +263,10 @@ impl Session {
                 self.settings = self.startup_settings.clone();
             }
             "SET" | "LISTEN" | "DECLARE CURSOR" => conn.dirty_by = Some(self.id),
+            // A DO block may run SET or LISTEN through EXECUTE, which sends
+            // no tag of its own.
+            // NOTE: functions and procedures can do the same unseen.
+            "DO" => conn.dirty_by = Some(self.id),
             "PREPARE" => {
                 conn.dirty_by = Some(self.id);
                 conn.sql_prepared = true;
