@@ -253,3 +253,52 @@ async fn do_block_set_never_leaks() {
     let seen = statement_timeout(&other).await;
     assert_eq!(seen, default);
 }
+
+/// A flood of NOTICE messages reaches the client in full and leaves the
+/// server connection clean for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notice_flood_passes_through() {
+    let db = "notice_flood";
+    pg().create_database(db);
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
+    let mut client = RawClient::connect(skiff.port, "postgres", db, &[]).await;
+    let flood = "DO $$ BEGIN FOR i IN 1..50000 LOOP RAISE NOTICE 'notice %', i; END LOOP; END $$";
+    client.send(&[raw::query(flood)]).await;
+    let replies = client.recv_until_ready().await;
+    let notices = replies.iter().filter(|reply| reply.tag == b'N').count();
+    assert_eq!(notices, 50_000);
+    assert_eq!(replies.last().unwrap().body[0], b'I');
+
+    let next = skiff.connect("postgres", db).await;
+    let row = next.query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}
+
+/// In session mode a client that ran LISTEN gets NOTIFY messages while it
+/// is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_in_session_mode() {
+    let db = "listen_session";
+    pg().create_database(db);
+    let extra = "pool_mode = \"session\"\ndefault_pool_size = 2";
+    let skiff = Skiff::start(&skiff::config(pg().port, db, extra)).await;
+    let mut listener = RawClient::connect(skiff.port, "postgres", db, &[]).await;
+    listener.send(&[raw::query("LISTEN news")]).await;
+    let replies = listener.recv_until_ready().await;
+    assert_eq!(raw::tags(&replies), "CZ");
+
+    let sender = skiff.connect("postgres", db).await;
+    for index in 0..100 {
+        let sql = format!("NOTIFY news, 'item {index}'");
+        sender.batch_execute(&sql).await.unwrap();
+    }
+    for index in 0..100 {
+        let reply = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a notification within 10 s");
+        assert_eq!(reply.tag, b'A');
+        let payload = format!("item {index}");
+        let body = String::from_utf8_lossy(&reply.body);
+        assert!(body.contains(&payload), "{body:?} lacks {payload:?}");
+    }
+}
