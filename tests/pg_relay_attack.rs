@@ -302,3 +302,52 @@ async fn listen_in_session_mode() {
         assert!(body.contains(&payload), "{body:?} lacks {payload:?}");
     }
 }
+
+/// Several clients flood their own queries with cancel requests while
+/// others share the same two server connections: no cancel may reach a
+/// client that sent none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_storm_spares_bystanders() {
+    let db = "cancel_storm";
+    pg().create_database(db);
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 2")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut targets = Vec::new();
+    for _ in 0..4 {
+        let client = skiff.connect("postgres", db).await;
+        let token = client.cancel_token();
+        targets.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+            }
+        }));
+        targets.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let _ = client.simple_query("SELECT pg_sleep(0.001)").await;
+            }
+        }));
+    }
+    let mut bystanders = Vec::new();
+    for _ in 0..4 {
+        let client = skiff.connect("postgres", db).await;
+        bystanders.push(tokio::spawn(async move {
+            let mut queries = 0;
+            while tokio::time::Instant::now() < deadline {
+                let result = client.query_one("SELECT pg_sleep(0.001)", &[]).await;
+                if let Err(err) = result {
+                    return Err(err.to_string());
+                }
+                queries += 1;
+            }
+            Ok(queries)
+        }));
+    }
+    for bystander in bystanders {
+        let queries = bystander.await.unwrap();
+        assert!(queries.is_ok(), "bystander query failed: {queries:?}");
+        assert!(queries.unwrap() > 0);
+    }
+    for target in targets {
+        target.await.unwrap();
+    }
+}
