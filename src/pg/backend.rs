@@ -230,7 +230,7 @@ impl ServerConn {
             id,
             reader,
             writer: write,
-            out: BytesMut::with_capacity(8192),
+            out: BytesMut::with_capacity(INITIAL_WRITE_BUFFER),
             tls: encrypted,
             process_id: 0,
             secret_key: 0,
@@ -438,7 +438,7 @@ impl ServerConn {
         let out = std::mem::take(&mut self.out);
         let result = self.writer.send(&out).await;
         self.out = out;
-        self.out.clear();
+        clear_write_buffer(&mut self.out);
         result.map_err(|err| self.protocol_error(ProtocolError::Io(err)))
     }
 
@@ -562,5 +562,41 @@ async fn negotiate_tls(
             addr,
             source: ProtocolError::Malformed("SSLRequest response"),
         })),
+    }
+}
+
+/// Write buffer capacity of a new server connection.
+const INITIAL_WRITE_BUFFER: usize = 8192;
+
+/// Write buffer capacity that a server connection keeps between requests.
+const KEPT_WRITE_BUFFER: usize = 64 * 1024;
+
+/// Empties a server connection's write buffer. A buffer grown past
+/// `KEPT_WRITE_BUFFER` by a large request is freed, so an idle connection
+/// does not keep the largest request it ever relayed.
+fn clear_write_buffer(out: &mut BytesMut) {
+    if out.capacity() > KEPT_WRITE_BUFFER {
+        *out = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
+    } else {
+        out.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_buffer_shrinks_after_large_request() {
+        let mut out = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
+        out.extend_from_slice(&[b'x'; 100]);
+        clear_write_buffer(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(out.capacity(), INITIAL_WRITE_BUFFER);
+
+        out.extend_from_slice(&vec![b'x'; 4 << 20]);
+        clear_write_buffer(&mut out);
+        assert!(out.is_empty());
+        assert!(out.capacity() <= KEPT_WRITE_BUFFER);
     }
 }

@@ -194,6 +194,12 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
                 }
                 if self.buffer.len() >= length {
                     let raw = self.buffer.split_to(length).freeze();
+                    if length > MAX_READ {
+                        // The rest shares the large message's allocation,
+                        // and a later reserve would take all of it back and
+                        // keep it while the connection is idle.
+                        self.buffer = BytesMut::from(&self.buffer[..]);
+                    }
                     return Ok(Message { raw });
                 }
                 self.buffer.reserve(length - self.buffer.len());
@@ -308,6 +314,25 @@ mod tests {
         let second = reader.read().await.unwrap();
         assert_eq!(second.tag(), frontend::SYNC);
         assert!(matches!(reader.read().await, Err(ProtocolError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn kept_buffer_lets_go_of_large_message() {
+        let large = query(&"x".repeat(4 << 20));
+        let mut wire = large.to_vec();
+        wire.extend_from_slice(&sync());
+        let mut reader = MessageReader::new(&wire[..], 8 << 20);
+        reader.keep_buffer();
+        let first = reader.read().await.unwrap();
+        assert_eq!(first.raw.len(), large.len());
+        drop(first);
+        let second = reader.read().await.unwrap();
+        assert_eq!(second.tag(), frontend::SYNC);
+        assert!(
+            reader.buffer.capacity() <= MAX_READ,
+            "an idle reader kept {} bytes",
+            reader.buffer.capacity()
+        );
     }
 
     #[tokio::test]
