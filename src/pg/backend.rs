@@ -128,6 +128,9 @@ impl Attempt {
 /// Largest message accepted from a server; a single row may be this large.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
+/// Write buffer capacity of a new server connection.
+const INITIAL_WRITE_BUFFER: usize = 8192;
+
 /// One logged-in connection to PostgreSQL.
 pub struct ServerConn {
     pub id: u64,
@@ -438,7 +441,7 @@ impl ServerConn {
         let out = std::mem::take(&mut self.out);
         let result = self.writer.send(&out).await;
         self.out = out;
-        clear_write_buffer(&mut self.out);
+        protocol::clear_write_buffer(&mut self.out);
         result.map_err(|err| self.protocol_error(ProtocolError::Io(err)))
     }
 
@@ -562,41 +565,5 @@ async fn negotiate_tls(
             addr,
             source: ProtocolError::Malformed("SSLRequest response"),
         })),
-    }
-}
-
-/// Write buffer capacity of a new server connection.
-const INITIAL_WRITE_BUFFER: usize = 8192;
-
-/// Write buffer capacity that a server connection keeps between requests.
-const KEPT_WRITE_BUFFER: usize = 64 * 1024;
-
-/// Empties a server connection's write buffer. A buffer grown past
-/// `KEPT_WRITE_BUFFER` by a large request is freed, so an idle connection
-/// does not keep the largest request it ever relayed.
-fn clear_write_buffer(out: &mut BytesMut) {
-    if out.capacity() > KEPT_WRITE_BUFFER {
-        *out = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
-    } else {
-        out.clear();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn write_buffer_shrinks_after_large_request() {
-        let mut out = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
-        out.extend_from_slice(&[b'x'; 100]);
-        clear_write_buffer(&mut out);
-        assert!(out.is_empty());
-        assert_eq!(out.capacity(), INITIAL_WRITE_BUFFER);
-
-        out.extend_from_slice(&vec![b'x'; 4 << 20]);
-        clear_write_buffer(&mut out);
-        assert!(out.is_empty());
-        assert!(out.capacity() <= KEPT_WRITE_BUFFER);
     }
 }

@@ -576,7 +576,7 @@ impl Session {
             .sent_bytes
             .fetch_add(self.out.len() as u64, Ordering::Relaxed);
         let result = self.writer.send(&self.out).await;
-        self.out.clear();
+        protocol::clear_write_buffer(&mut self.out);
         result
     }
 

@@ -297,9 +297,37 @@ pub fn read_cstr<'a>(body: &mut &'a [u8]) -> Option<&'a str> {
     Some(text)
 }
 
+/// Write buffer capacity that a connection keeps between messages.
+const KEPT_WRITE_BUFFER: usize = 64 * 1024;
+
+/// Empties a write buffer after its bytes were sent. A buffer grown past
+/// `KEPT_WRITE_BUFFER` by a large message is freed, so an idle connection
+/// does not keep the largest message it ever relayed.
+pub fn clear_write_buffer(out: &mut BytesMut) {
+    if out.capacity() > KEPT_WRITE_BUFFER {
+        *out = BytesMut::new();
+    } else {
+        out.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_buffer_freed_after_large_message() {
+        let mut out = BytesMut::with_capacity(8192);
+        out.extend_from_slice(&[b'x'; 100]);
+        clear_write_buffer(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(out.capacity(), 8192);
+
+        out.extend_from_slice(&vec![b'x'; 4 << 20]);
+        clear_write_buffer(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(out.capacity(), 0);
+    }
 
     #[tokio::test]
     async fn reader_splits_pipelined_messages() {
