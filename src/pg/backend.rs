@@ -128,6 +128,9 @@ impl Attempt {
 /// Largest message accepted from a server; a single row may be this large.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
+/// Write buffer capacity of a new server connection.
+const INITIAL_WRITE_BUFFER: usize = 8192;
+
 /// One logged-in connection to PostgreSQL.
 pub struct ServerConn {
     pub id: u64,
@@ -230,7 +233,7 @@ impl ServerConn {
             id,
             reader,
             writer: write,
-            out: BytesMut::with_capacity(8192),
+            out: BytesMut::with_capacity(INITIAL_WRITE_BUFFER),
             tls: encrypted,
             process_id: 0,
             secret_key: 0,
@@ -438,7 +441,7 @@ impl ServerConn {
         let out = std::mem::take(&mut self.out);
         let result = self.writer.send(&out).await;
         self.out = out;
-        self.out.clear();
+        protocol::clear_write_buffer(&mut self.out);
         result.map_err(|err| self.protocol_error(ProtocolError::Io(err)))
     }
 

@@ -83,6 +83,21 @@ struct CancelTarget {
     sending: usize,
     /// Woken when a cancel request to `server` has been processed.
     sent: Arc<Notify>,
+    /// A cancel request to `server` ended without the server confirming it
+    /// (timeout or error after the request was written), so it may still
+    /// arrive and hit whatever query the connection runs then.
+    unconfirmed: bool,
+}
+
+impl CancelTarget {
+    /// Points at no server. Returns false when a cancel request may still
+    /// reach the server connection pointed at until now.
+    fn clear_server(&mut self) -> bool {
+        let reusable = self.sending == 0 && !self.unconfirmed;
+        self.server = None;
+        self.unconfirmed = false;
+        reusable
+    }
 }
 
 /// A registered client: its login facts and where its cancel goes.
@@ -205,9 +220,16 @@ impl CancelRegistry {
             (server, slot.clone())
         };
         metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
-        send_cancel(&target).await;
+        let outcome = send_cancel(&target).await;
         let mut state = slot.target.lock();
         state.sending -= 1;
+        let same_server = state
+            .server
+            .as_ref()
+            .is_some_and(|server| server.server_id == target.server_id);
+        if outcome == CancelOutcome::Unconfirmed && same_server {
+            state.unconfirmed = true;
+        }
         state.sent.notify_waiters();
     }
 }
@@ -273,17 +295,31 @@ impl CancelRegistry {
     }
 }
 
+/// What skiff knows about a cancel request once it stopped waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The server closed the cancel connection, which it does after it has
+    /// signalled the process, or the request was never written.
+    Settled,
+    /// The request was written but the server did not confirm it in time,
+    /// so it may still reach the process later.
+    Unconfirmed,
+}
+
 /// Sends a CancelRequest for a server process, then waits up to 2 s for the
 /// server to close that connection. The server closes it once it has
 /// signalled the process.
-pub async fn send_cancel(target: &ServerKey) {
+pub async fn send_cancel(target: &ServerKey) -> CancelOutcome {
     let request = protocol::cancel_request(target.process_id, target.secret_key);
+    let mut written = false;
     let send = async {
         let tcp = TcpStream::connect(&target.address).await?;
         let mut stream = match &target.tls {
             Some(tls) => encrypt(tcp, tls).await?,
             None => Stream::Plain(tcp),
         };
+        // Set before the write: a write cut short may still deliver it.
+        written = true;
         stream.send(&request).await?;
         let mut rest = [0u8; 64];
         loop {
@@ -297,12 +333,18 @@ pub async fn send_cancel(target: &ServerKey) {
             }
         }
     };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), send).await {
-        Ok(Ok(())) => {}
+    let result = tokio::time::timeout(std::time::Duration::from_secs(2), send).await;
+    match result {
+        Ok(Ok(())) => return CancelOutcome::Settled,
         Ok(Err(err)) => {
             tracing::warn!(server = %target.address, error = %err, "cannot send cancel request");
         }
         Err(_) => tracing::warn!(server = %target.address, "timed out sending cancel request"),
+    }
+    if written {
+        CancelOutcome::Unconfirmed
+    } else {
+        CancelOutcome::Settled
     }
 }
 
@@ -323,17 +365,20 @@ async fn encrypt(mut tcp: TcpStream, tls: &ServerTls) -> std::io::Result<Stream>
 impl CancelHandle {
     /// Points the client's key at a server process, or at none.
     pub fn attach(&self, server: Option<Arc<ServerKey>>) {
-        self.slot.target.lock().server = server;
+        let mut target = self.slot.target.lock();
+        target.server = server;
+        target.unconfirmed = false;
     }
 
     /// Points the client's key at no server, after any cancel request being
     /// sent to its current server has been processed (at most 3 s).
-    pub async fn detach(&self) {
+    /// Returns false when a cancel request may still reach that server
+    /// connection, so the caller closes it instead of reusing it.
+    pub async fn detach(&self) -> bool {
         {
             let mut target = self.slot.target.lock();
             if target.sending == 0 {
-                target.server = None;
-                return;
+                return target.clear_server();
             }
         }
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -341,8 +386,7 @@ impl CancelHandle {
             let sent = {
                 let mut target = self.slot.target.lock();
                 if target.sending == 0 || tokio::time::Instant::now() >= deadline {
-                    target.server = None;
-                    return;
+                    return target.clear_server();
                 }
                 target.sent.clone()
             };

@@ -30,6 +30,9 @@ pub struct Statement {
     pub name: String,
     /// The Parse message under the pooler-wide name.
     pub parse: Bytes,
+    /// Its SQL may change session state without a SET command tag, so
+    /// every Execute of it does so again.
+    pub changes_session_state: bool,
 }
 
 /// Identity of a statement across Parse messages: query bytes, parameter
@@ -51,8 +54,13 @@ pub struct Registry {
 
 impl Registry {
     /// Returns the shared statement for a client's Parse, creating it on
-    /// first sight.
-    pub fn intern(&self, parse: &Parse, search_path: Option<&str>) -> Arc<Statement> {
+    /// first sight. `changes_session_state` must depend on the query alone.
+    pub fn intern(
+        &self,
+        parse: &Parse,
+        search_path: Option<&str>,
+        changes_session_state: bool,
+    ) -> Arc<Statement> {
         let key = (
             parse.query_bytes.clone(),
             parse.param_types.clone(),
@@ -70,6 +78,7 @@ impl Registry {
         let statement = Arc::new(Statement {
             parse: parse.encode_as(&name),
             name,
+            changes_session_state,
         });
         map.insert(key, statement.clone());
         statement
@@ -162,10 +171,10 @@ mod tests {
     #[test]
     fn same_query_gets_same_name() {
         let registry = Registry::default();
-        let a = registry.intern(&parse("select 1"), None);
-        let b = registry.intern(&parse("select 1"), None);
-        let c = registry.intern(&parse("select 2"), None);
-        let d = registry.intern(&parse("select 1"), Some("tenant_a"));
+        let a = registry.intern(&parse("select 1"), None, false);
+        let b = registry.intern(&parse("select 1"), None, false);
+        let c = registry.intern(&parse("select 2"), None, false);
+        let d = registry.intern(&parse("select 1"), Some("tenant_a"), false);
         assert_eq!(a.name, b.name);
         assert_ne!(a.name, c.name);
         assert_ne!(a.name, d.name);

@@ -88,6 +88,9 @@ pub struct Session {
     /// The client ran SQL that may change session state without a command
     /// tag that shows it.
     session_state_changed: bool,
+    /// The SQL of the client's last unnamed Parse may change session state
+    /// without a command tag that shows it.
+    unnamed_changes_session_state: bool,
     /// Shutdown began while a transaction was open; the session stops when
     /// it ends.
     stop_deferred: bool,
@@ -131,6 +134,7 @@ impl Session {
             capture,
             unsynced: false,
             session_state_changed: false,
+            unnamed_changes_session_state: false,
             received_bytes: 0,
             query_started: None,
             transaction_started: None,
@@ -454,7 +458,11 @@ impl Session {
         let Some(mut checkout) = self.server.take() else {
             return;
         };
-        self.cancel.detach().await;
+        if !self.cancel.detach().await {
+            // A late cancel request could hit the next client's query.
+            self.pool.discard(checkout);
+            return;
+        }
         if std::mem::take(&mut self.session_state_changed) {
             checkout.conn.dirty_by = Some(self.id);
         }
@@ -471,7 +479,7 @@ impl Session {
         let Some(mut checkout) = self.server.take() else {
             return;
         };
-        self.cancel.detach().await;
+        let reusable = self.cancel.detach().await;
         if self.cancel.info().kill.is_cancelled() {
             // KILL closes the server connection too, so nothing the client
             // left running goes on.
@@ -484,9 +492,10 @@ impl Session {
             self.pool.discard_running(checkout);
             return;
         }
-        if self.unsynced {
+        if self.unsynced || !reusable {
             // Requests since the last Sync left an implicit transaction of
-            // unknown state; closing the connection rolls it back.
+            // unknown state, or a cancel request may still reach the
+            // connection. Closing the connection settles both.
             self.pool.discard(checkout);
             return;
         }
@@ -567,7 +576,7 @@ impl Session {
             .sent_bytes
             .fetch_add(self.out.len() as u64, Ordering::Relaxed);
         let result = self.writer.send(&self.out).await;
-        self.out.clear();
+        protocol::clear_write_buffer(&mut self.out);
         result
     }
 

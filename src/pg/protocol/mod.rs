@@ -194,6 +194,12 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
                 }
                 if self.buffer.len() >= length {
                     let raw = self.buffer.split_to(length).freeze();
+                    if length > MAX_READ {
+                        // The rest shares the large message's allocation,
+                        // and a later reserve would take all of it back and
+                        // keep it while the connection is idle.
+                        self.buffer = BytesMut::from(&self.buffer[..]);
+                    }
                     return Ok(Message { raw });
                 }
                 self.buffer.reserve(length - self.buffer.len());
@@ -291,9 +297,37 @@ pub fn read_cstr<'a>(body: &mut &'a [u8]) -> Option<&'a str> {
     Some(text)
 }
 
+/// Write buffer capacity that a connection keeps between messages.
+const KEPT_WRITE_BUFFER: usize = 64 * 1024;
+
+/// Empties a write buffer after its bytes were sent. A buffer grown past
+/// `KEPT_WRITE_BUFFER` by a large message is freed, so an idle connection
+/// does not keep the largest message it ever relayed.
+pub fn clear_write_buffer(out: &mut BytesMut) {
+    if out.capacity() > KEPT_WRITE_BUFFER {
+        *out = BytesMut::new();
+    } else {
+        out.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_buffer_freed_after_large_message() {
+        let mut out = BytesMut::with_capacity(8192);
+        out.extend_from_slice(&[b'x'; 100]);
+        clear_write_buffer(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(out.capacity(), 8192);
+
+        out.extend_from_slice(&vec![b'x'; 4 << 20]);
+        clear_write_buffer(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(out.capacity(), 0);
+    }
 
     #[tokio::test]
     async fn reader_splits_pipelined_messages() {
@@ -308,6 +342,25 @@ mod tests {
         let second = reader.read().await.unwrap();
         assert_eq!(second.tag(), frontend::SYNC);
         assert!(matches!(reader.read().await, Err(ProtocolError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn kept_buffer_lets_go_of_large_message() {
+        let large = query(&"x".repeat(4 << 20));
+        let mut wire = large.to_vec();
+        wire.extend_from_slice(&sync());
+        let mut reader = MessageReader::new(&wire[..], 8 << 20);
+        reader.keep_buffer();
+        let first = reader.read().await.unwrap();
+        assert_eq!(first.raw.len(), large.len());
+        drop(first);
+        let second = reader.read().await.unwrap();
+        assert_eq!(second.tag(), frontend::SYNC);
+        assert!(
+            reader.buffer.capacity() <= MAX_READ,
+            "an idle reader kept {} bytes",
+            reader.buffer.capacity()
+        );
     }
 
     #[tokio::test]

@@ -152,10 +152,14 @@ impl Session {
     /// Marks the server connection for a reset before another client uses
     /// it when SQL can change session state without a SET command tag:
     /// set_config(), advisory locks, temporary tables and held cursors.
-    fn note_session_state_sql(&mut self, sql: &str) {
-        if mentions_session_state(sql.as_bytes()) {
+    /// Returns true when the SQL may change session state, so that later
+    /// Executes of the statement mark the connection too.
+    fn note_session_state_sql(&mut self, sql: &str) -> bool {
+        let mentioned = mentions_session_state(sql.as_bytes());
+        if mentioned {
             self.session_state_changed = true;
         }
+        mentioned
     }
 
     fn tracking(&self) -> bool {
@@ -164,7 +168,10 @@ impl Session {
 
     async fn on_parse(&mut self, message: Message) -> Result<(), String> {
         let parse = Parse::decode(&message).map_err(|e| e.to_string())?;
-        self.note_session_state_sql(&parse.query);
+        let changes_session_state = self.note_session_state_sql(&parse.query);
+        if parse.name.is_empty() {
+            self.unnamed_changes_session_state = changes_session_state;
+        }
         if let (Some(hook), Some(capture)) = (&self.pooler.capture, &mut self.capture) {
             if parse.name.is_empty() || !self.statements.contains_key(&parse.name) {
                 let (database, types) = (&self.database, &parse.param_types);
@@ -205,7 +212,8 @@ impl Session {
             return Ok(());
         }
         let search_path = self.settings.get("search_path").map(String::as_str);
-        let statement = self.pooler.statements.intern(&parse, search_path);
+        let statements = &self.pooler.statements;
+        let statement = statements.intern(&parse, search_path, changes_session_state);
         if self.pool.is_validated(&statement.name) && self.tx_status() != b'E' {
             // A server of this pool parsed the same statement before, so the
             // Parse is answered now and sent to a server only when a Bind or
@@ -282,6 +290,16 @@ impl Session {
             "" => None,
             name => self.statements.get(name).cloned(),
         };
+        // A server connection reset since the Parse loses the state again.
+        // NOTE: a named statement that skiff does not track (with
+        // max_prepared_statements = 0) is not checked here.
+        let changes_session_state = match &statement {
+            Some(statement) => statement.changes_session_state,
+            None => bind.statement.is_empty() && self.unnamed_changes_session_state,
+        };
+        if changes_session_state {
+            self.session_state_changed = true;
+        }
         let Some(statement) = statement.filter(|_| self.tracking()) else {
             let request = Request::Bind { statement: None };
             return self.forward(&message.raw, request).await;

@@ -263,16 +263,27 @@ impl Session {
                 self.settings = self.startup_settings.clone();
             }
             "SET" | "LISTEN" | "DECLARE CURSOR" => conn.dirty_by = Some(self.id),
+            // A DO block may run SET or LISTEN through EXECUTE, which sends
+            // no tag of its own.
+            // NOTE: functions and procedures can do the same unseen.
+            "DO" => conn.dirty_by = Some(self.id),
             "PREPARE" => {
                 conn.dirty_by = Some(self.id);
                 conn.sql_prepared = true;
             }
+            // The tags also come from SQL that the Query check misses, such
+            // as one after a comment or another statement, so the client's
+            // statements go too.
             "DISCARD ALL" => {
                 conn.statements.clear();
                 conn.applied.clear();
                 conn.dirty_by = Some(self.id);
+                self.statements.clear();
             }
-            "DEALLOCATE ALL" => conn.statements.clear(),
+            "DEALLOCATE ALL" => {
+                conn.statements.clear();
+                self.statements.clear();
+            }
             _ => {}
         }
     }
