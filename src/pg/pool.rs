@@ -348,6 +348,12 @@ impl Pool {
 
     /// Waits while the pool is paused, until `deadline` or shutdown.
     async fn wait_while_paused(&self, deadline: tokio::time::Instant) -> Result<(), CheckoutError> {
+        // Most waits find the pool running: skip registering with `resumed`,
+        // which takes its lock. A PAUSE right after this check is the same
+        // as one just before the checkout began.
+        if !self.is_paused() {
+            return Ok(());
+        }
         loop {
             let resumed = self.resumed.notified();
             tokio::pin!(resumed);
