@@ -137,7 +137,13 @@ fn insert_by_ticket(waiting: &mut VecDeque<(u64, Instant)>, ticket: u64, now: In
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         let mut waiting = self.pool.stats.waiting_since.lock();
-        if let Ok(index) = waiting.binary_search_by_key(&self.ticket, |(t, _)| *t) {
+        // Waits mostly end in ticket order, so the front is tried first.
+        if waiting
+            .front()
+            .is_some_and(|(ticket, _)| *ticket == self.ticket)
+        {
+            waiting.pop_front();
+        } else if let Ok(index) = waiting.binary_search_by_key(&self.ticket, |(t, _)| *t) {
             waiting.remove(index);
         }
         drop(waiting);
