@@ -439,6 +439,39 @@ async fn cancel_of_queued_query() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_after_cancelled_wait() {
+    let db = database("wait_after_cancel");
+    let skiff = single_connection_pool(&db).await;
+    let holder = skiff.connect("postgres", &db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+
+    let waiter = std::sync::Arc::new(skiff.connect("postgres", &db).await);
+    let token = waiter.cancel_token();
+    let queued = waiter.clone();
+    let first = tokio::spawn(async move { queued.simple_query("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let first = first.await.unwrap();
+    assert!(first.is_err(), "the cancelled wait got a server connection");
+
+    // The next wait of the same client must last until the holder commits.
+    let queued = waiter.clone();
+    let second = tokio::spawn(async move { queued.simple_query("SELECT 2").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the second wait ended early");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the second wait did not end after the commit")
+        .unwrap();
+    assert!(
+        second.is_ok(),
+        "the second query failed: {:?}",
+        second.err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "known gap: a statement shared across clients keeps its plan from before the DDL"]
 async fn statement_prepared_after_ddl() {
     let db = database("prepared_after_ddl");

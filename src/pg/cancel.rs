@@ -79,6 +79,10 @@ struct CancelTarget {
     server: Option<Arc<ServerKey>>,
     /// Woken when the client waits for a server connection.
     waiting: Option<Arc<Notify>>,
+    /// The notifier for the client's next wait, reused to save an
+    /// allocation per wait. A cancel request that wakes it drops it,
+    /// because a wake-up its wait did not consume would end the next wait.
+    next_waiting: Option<Arc<Notify>>,
     /// Cancel requests being sent to `server` right now.
     sending: usize,
     /// Woken when a cancel request to `server` has been processed.
@@ -205,9 +209,10 @@ impl CancelRegistry {
                 return;
             };
             let mut target = slot.target.lock();
-            if let Some(waiting) = &target.waiting {
+            if let Some(waiting) = target.waiting.clone() {
                 metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
                 waiting.notify_one();
+                target.next_waiting = None;
                 return;
             }
             let Some(server) = target.server.clone() else {
@@ -403,8 +408,12 @@ impl CancelHandle {
     /// Marks the client as waiting for a server connection; a cancel request
     /// wakes the returned notifier.
     pub fn begin_wait(&self) -> Arc<Notify> {
-        let notify = Arc::new(Notify::new());
-        self.slot.target.lock().waiting = Some(notify.clone());
+        let mut target = self.slot.target.lock();
+        let notify = target
+            .next_waiting
+            .get_or_insert_with(|| Arc::new(Notify::new()))
+            .clone();
+        target.waiting = Some(notify.clone());
         notify
     }
 

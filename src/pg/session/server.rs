@@ -245,16 +245,19 @@ impl Session {
 
     /// Watches command tags that change session state on the server.
     fn track_command(&mut self, message: &Message) {
-        let mut body = message.body();
-        let Some(tag) = read_cstr(&mut body) else {
+        // The tag is matched as bytes: the tags tracked here are ASCII, so
+        // skipping the UTF-8 check of every CommandComplete changes nothing.
+        let body = message.body();
+        let Some(end) = body.iter().position(|&byte| byte == 0) else {
             return;
         };
+        let tag = &body[..end];
         let Some(checkout) = &mut self.server else {
             return;
         };
         let conn = &mut checkout.conn;
         match tag {
-            "RESET" => {
+            b"RESET" => {
                 // RESET returns settings to their session defaults, which for
                 // this client are its startup settings, not the server's.
                 // NOTE: RESET of one setting also reverts the others.
@@ -262,25 +265,25 @@ impl Session {
                 conn.applied.clear();
                 self.settings = self.startup_settings.clone();
             }
-            "SET" | "LISTEN" | "DECLARE CURSOR" => conn.dirty_by = Some(self.id),
+            b"SET" | b"LISTEN" | b"DECLARE CURSOR" => conn.dirty_by = Some(self.id),
             // A DO block may run SET or LISTEN through EXECUTE, which sends
             // no tag of its own.
             // NOTE: functions and procedures can do the same unseen.
-            "DO" => conn.dirty_by = Some(self.id),
-            "PREPARE" => {
+            b"DO" => conn.dirty_by = Some(self.id),
+            b"PREPARE" => {
                 conn.dirty_by = Some(self.id);
                 conn.sql_prepared = true;
             }
             // The tags also come from SQL that the Query check misses, such
             // as one after a comment or another statement, so the client's
             // statements go too.
-            "DISCARD ALL" => {
+            b"DISCARD ALL" => {
                 conn.statements.clear();
                 conn.applied.clear();
                 conn.dirty_by = Some(self.id);
                 self.statements.clear();
             }
-            "DEALLOCATE ALL" => {
+            b"DEALLOCATE ALL" => {
                 conn.statements.clear();
                 self.statements.clear();
             }
