@@ -216,7 +216,6 @@ async fn pipeline_error_after_flush() {
 /// server while the server writes results back, and neither may wait for
 /// the other forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: skiff can block writing to a server that is blocked writing results back"]
 async fn pipelined_large_requests_and_results() {
     let db = "pipelined_large";
     pg().create_database(db);

@@ -130,6 +130,10 @@ const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
 /// Write buffer capacity of a new server connection.
 const INITIAL_WRITE_BUFFER: usize = 8192;
+/// Bytes of server replies read ahead while a write to the server waits.
+/// NOTE: past this bound the write waits without reading, as before, so
+/// a pipeline whose unread replies exceed it can still stall.
+const MAX_READ_AHEAD: usize = 16 * 1024 * 1024;
 
 /// One logged-in connection to PostgreSQL.
 pub struct ServerConn {
@@ -434,15 +438,40 @@ impl ServerConn {
         self.out.len()
     }
 
+    /// Writes the queued bytes. On a plain socket the server's replies are
+    /// read into the read buffer meanwhile (up to `MAX_READ_AHEAD` bytes):
+    /// PostgreSQL stops reading requests while its replies wait to be read,
+    /// so a pipeline of large requests and large results would otherwise
+    /// leave both sides waiting on each other.
     pub async fn flush(&mut self) -> Result<(), BackendError> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let out = std::mem::take(&mut self.out);
-        let result = self.writer.send(&out).await;
+        let mut out = std::mem::take(&mut self.out);
+        let result = self.write_reading(&mut out).await;
         self.out = out;
         protocol::clear_write_buffer(&mut self.out);
         result.map_err(|err| self.protocol_error(ProtocolError::Io(err)))
+    }
+
+    async fn write_reading(&mut self, out: &mut BytesMut) -> std::io::Result<()> {
+        // A read error or end of stream here is left for the next read to
+        // report; the write goes on and reports its own errors.
+        let mut reading = true;
+        while !out.is_empty() {
+            let can_read = reading && self.reader.buffered_len() < MAX_READ_AHEAD;
+            tokio::select! {
+                biased;
+                written = self.writer.write_some(out) => match written {
+                    None => return self.writer.send(out).await,
+                    Some(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Some(Ok(count)) => bytes::Buf::advance(out, count),
+                    Some(Err(err)) => return Err(err),
+                },
+                read = self.reader.read_ahead(), if can_read => reading = read.is_ok(),
+            }
+        }
+        Ok(())
     }
 
     async fn write_now(&mut self, bytes: &Bytes) -> Result<(), BackendError> {

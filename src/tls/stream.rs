@@ -163,6 +163,15 @@ impl ReadHalf {
 }
 
 impl WriteHalf {
+    /// Writes some of `bytes` and returns how many, for a plain socket.
+    /// Returns `None` for TLS, whose writes go through [`WriteHalf::send`].
+    pub async fn write_some(&mut self, bytes: &[u8]) -> Option<io::Result<usize>> {
+        match self {
+            WriteHalf::Plain(write) => Some(write.write(bytes).await),
+            WriteHalf::Tls(_) => None,
+        }
+    }
+
     /// See [`Stream::send`].
     pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {

@@ -208,6 +208,17 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
         }
     }
 
+    /// Reads whatever the socket has into the buffer without returning a
+    /// message, so a peer blocked on writing to us can go on.
+    pub async fn read_ahead(&mut self) -> Result<(), ProtocolError> {
+        self.fill().await
+    }
+
+    /// Number of bytes read but not returned yet.
+    pub fn buffered_len(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// True when no unread bytes are buffered.
     pub fn buffered_is_empty(&self) -> bool {
         self.buffer.is_empty()

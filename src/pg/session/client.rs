@@ -60,11 +60,6 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    /// NOTE: the server write waits until every queued byte is written and
-    /// reads nothing from the server meanwhile. A pipeline of large requests
-    /// whose large results fill the server's socket buffers can leave both
-    /// sides waiting on each other (seen about once in four runs with 200
-    /// requests and results of 200 kB each on loopback).
     async fn flush_if_large(&mut self) -> std::io::Result<()> {
         let queued = self.server.as_ref().map_or(0, |s| s.conn.queued_len());
         if queued >= FLUSH_THRESHOLD {
