@@ -131,8 +131,9 @@ const MAX_SERVER_MESSAGE: usize = 1 << 30;
 /// Write buffer capacity of a new server connection.
 const INITIAL_WRITE_BUFFER: usize = 8192;
 /// Bytes of server replies read ahead while a write to the server waits.
-/// NOTE: past this bound the write waits without reading, as before, so
-/// a pipeline whose unread replies exceed it can still stall.
+/// NOTE: past this bound the write waits without reading, so a pipeline
+/// whose unread replies exceed it can still stall. TLS connections do not
+/// read ahead at all.
 const MAX_READ_AHEAD: usize = 16 * 1024 * 1024;
 
 /// One logged-in connection to PostgreSQL.
@@ -439,9 +440,9 @@ impl ServerConn {
     }
 
     /// Writes the queued bytes. On a plain socket the server's replies are
-    /// read into the read buffer meanwhile (up to `MAX_READ_AHEAD` bytes):
+    /// read into the read buffer meanwhile, up to `MAX_READ_AHEAD` bytes.
     /// PostgreSQL stops reading requests while its replies wait to be read,
-    /// so a pipeline of large requests and large results would otherwise
+    /// so without this a pipeline of large requests and large results could
     /// leave both sides waiting on each other.
     pub async fn flush(&mut self) -> Result<(), BackendError> {
         if self.out.is_empty() {
