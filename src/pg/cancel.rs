@@ -300,7 +300,7 @@ impl CancelRegistry {
     }
 }
 
-/// What skiff knows about a cancel request once it stopped waiting for it.
+/// The state of a cancel request when skiff stopped waiting for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// The server closed the cancel connection, which it does after it has

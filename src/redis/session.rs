@@ -195,7 +195,7 @@ pub struct Session {
     /// The routers of `[redis]` and of every route.
     pub(super) routes: Arc<Routes>,
     /// The router of the current request, or of the pinned connection
-    /// while a transaction or WATCH holds one; `route` is its index.
+    /// during a transaction or WATCH. `route` is its index.
     pub(super) router: Arc<Router>,
     pub(super) route: RouteId,
     /// `ctx.db` is the database selected upstream through `router`.
