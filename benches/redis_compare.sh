@@ -12,6 +12,18 @@ cd "$(dirname "$0")/.."
 REQUESTS=${1:-200000}
 WORK=$(mktemp -d /tmp/skiff-redis-bench-XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A cluster node also listens on its port + 10000 (the cluster bus), and
+# Redis refuses ports above 55535: pick a port whose bus port is free too.
+cluster_port() {
+    python3 -c 'import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    if port > 55535: continue
+    b = socket.socket()
+    try: b.bind(("127.0.0.1", port + 10000))
+    except OSError: continue
+    print(port); break'
+}
 
 command -v nutcracker >/dev/null || { apt-get update -qq && apt-get install -y -qq nutcracker; }
 cargo build --release --locked -q
@@ -62,7 +74,7 @@ PIDS+=($!)
 # A 6-node cluster and skiff in cluster mode.
 CLUSTER_PORTS=()
 for _ in 1 2 3 4 5 6; do
-    port=$(free_port); CLUSTER_PORTS+=("$port")
+    port=$(cluster_port); CLUSTER_PORTS+=("$port")
     start_redis "$port" --cluster-enabled yes --cluster-config-file "$WORK/nodes-$port.conf"
 done
 for port in "${CLUSTER_PORTS[@]}"; do wait_port "$port"; done
