@@ -45,7 +45,7 @@ pub async fn keyless(
             let addr = &primaries[ctx.client_id as usize % primaries.len()];
             return match router.send(addr, &request, ctx).await {
                 Ok(receiver) => {
-                    let mut in_flight = router.in_flight(receiver, addr.clone(), Role::Primary);
+                    let mut in_flight = router.in_flight(receiver, addr.as_str(), Role::Primary);
                     // Kept so that a redirect, if a node sends one for a
                     // key skiff did not recognize, is followed too.
                     in_flight.retry = Some(Retry {

@@ -42,17 +42,82 @@ impl Request {
     }
 
     /// Returns the command name in upper case, or "" for an empty request.
-    pub fn name(&self) -> String {
-        self.args
-            .first()
-            .map(|name| String::from_utf8_lossy(name).to_ascii_uppercase())
-            .unwrap_or_default()
+    pub fn name(&self) -> CommandName {
+        CommandName::new(self.args.first().map_or(&[][..], |name| &name[..]))
     }
 
     /// Returns argument `index` in upper case, for matching sub-commands.
     pub fn arg_upper(&self, index: usize) -> Option<String> {
         let arg = self.args.get(index)?;
         Some(String::from_utf8_lossy(arg).to_ascii_uppercase())
+    }
+}
+
+/// Longest command name kept without a heap allocation; every Redis
+/// command name is shorter.
+const INLINE_NAME_BYTES: usize = 30;
+
+/// A command name in upper case. Names of ASCII letters up to
+/// [`INLINE_NAME_BYTES`] long, which is every real command, are kept
+/// inline, so naming a request allocates nothing.
+pub enum CommandName {
+    Inline {
+        bytes: [u8; INLINE_NAME_BYTES],
+        len: u8,
+    },
+    Heap(String),
+}
+
+impl CommandName {
+    /// Upper-cases `name`; bytes that are not UTF-8 become U+FFFD.
+    pub fn new(name: &[u8]) -> CommandName {
+        if name.len() <= INLINE_NAME_BYTES && name.is_ascii() {
+            let mut bytes = [0; INLINE_NAME_BYTES];
+            for (to, from) in bytes.iter_mut().zip(name) {
+                *to = from.to_ascii_uppercase();
+            }
+            return CommandName::Inline {
+                bytes,
+                len: name.len() as u8,
+            };
+        }
+        CommandName::Heap(String::from_utf8_lossy(name).to_ascii_uppercase())
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Upper-cased ASCII is still ASCII, so this cannot fail.
+            CommandName::Inline { bytes, len } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            CommandName::Heap(name) => name,
+        }
+    }
+}
+
+impl std::ops::Deref for CommandName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for CommandName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for CommandName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<&str> for CommandName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -113,11 +178,16 @@ pub fn parse_reply(
     protocol: Protocol,
     max_bytes: usize,
 ) -> Result<Option<(Bytes, ReplyKind)>, FrameError> {
-    let decoded = match protocol {
-        Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
-        Protocol::Resp3 => resp3::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+    let length = match scalar_reply_length(buf, protocol) {
+        Some(length) => length,
+        None => {
+            let decoded = match protocol {
+                Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+                Protocol::Resp3 => resp3::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+            };
+            decoded.map_err(|err| FrameError::Invalid(err.details().to_string()))?
+        }
     };
-    let length = decoded.map_err(|err| FrameError::Invalid(err.details().to_string()))?;
     let Some(length) = length else {
         if buf.len() > max_bytes {
             return Err(FrameError::TooLarge { limit: max_bytes });
@@ -133,6 +203,57 @@ pub fn parse_reply(
         _ => ReplyKind::Other,
     };
     Ok(Some((buf.split_to(length).freeze(), kind)))
+}
+
+/// Measures the most common replies without the full decoder: a simple
+/// string, an error, an integer or a bulk string at the start of `buf`.
+/// Returns `Some(None)` when such a reply is not complete yet, and `None`
+/// for any other frame and for anything malformed, which the full decoder
+/// then measures or rejects.
+fn scalar_reply_length(buf: &[u8], protocol: Protocol) -> Option<Option<usize>> {
+    let first = *buf.first()?;
+    if !matches!(first, b'+' | b'-' | b':' | b'$') {
+        return None;
+    }
+    let Some(cr) = buf.iter().position(|&byte| byte == b'\r') else {
+        // A line feed before any carriage return is malformed.
+        return (!buf.contains(&b'\n')).then_some(None);
+    };
+    let line_end = cr + 2;
+    if buf.len() < line_end {
+        return Some(None);
+    }
+    let line = &buf[1..cr];
+    if buf[cr + 1] != b'\n' || line.contains(&b'\n') {
+        return None;
+    }
+    match first {
+        b'+' | b'-' => Some(Some(line_end)),
+        b':' => is_integer(line).then_some(Some(line_end)),
+        _ => {
+            if line == b"-1" && protocol == Protocol::Resp2 {
+                return Some(Some(line_end));
+            }
+            if line.is_empty() || line.len() > 19 || !line.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let length: usize = std::str::from_utf8(line).ok()?.parse().ok()?;
+            let end = line_end.checked_add(length)?.checked_add(2)?;
+            if buf.len() < end {
+                return Some(None);
+            }
+            (&buf[end - 2..end] == b"\r\n").then_some(Some(end))
+        }
+    }
+}
+
+/// True for an optionally signed run of decimal digits.
+fn is_integer(text: &[u8]) -> bool {
+    let digits = match text.first() {
+        Some(b'-' | b'+') => &text[1..],
+        _ => text,
+    };
+    !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit)
 }
 
 /// A decoded reply, for the few places that look inside one.
@@ -257,6 +378,87 @@ mod tests {
             requests.push(args.collect());
         }
         requests
+    }
+
+    /// The decoder's length for `buf`: `Ok(None)` while incomplete.
+    fn decoder_length(buf: &[u8], protocol: Protocol) -> Result<Option<usize>, ()> {
+        let decoded = match protocol {
+            Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+            Protocol::Resp3 => resp3::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+        };
+        decoded.map_err(|_| ())
+    }
+
+    #[test]
+    fn scalar_replies_are_measured_as_the_decoder_measures_them() {
+        let frames: &[&[u8]] = &[
+            b"+OK\r\n",
+            b"-ERR wrong number of arguments\r\n",
+            b":0\r\n",
+            b":-42\r\n",
+            b"$5\r\nhello\r\n",
+            b"$0\r\n\r\n",
+            b"$4\r\na\r\nb\r\n",
+            b"$-1\r\n",
+        ];
+        for protocol in [Protocol::Resp2, Protocol::Resp3] {
+            for frame in frames {
+                // Every prefix, the frame alone, and the frame with the
+                // start of the next reply behind it.
+                let mut inputs: Vec<Vec<u8>> =
+                    (1..frame.len()).map(|n| frame[..n].to_vec()).collect();
+                inputs.push(frame.to_vec());
+                inputs.push([*frame, b"+OK\r".as_slice()].concat());
+                for input in inputs {
+                    let Some(fast) = scalar_reply_length(&input, protocol) else {
+                        assert!(
+                            *frame == b"$-1\r\n" && protocol == Protocol::Resp3,
+                            "{:?} left to the decoder",
+                            String::from_utf8_lossy(&input)
+                        );
+                        continue;
+                    };
+                    assert_eq!(
+                        Ok(fast),
+                        decoder_length(&input, protocol),
+                        "{:?} with {protocol:?}",
+                        String::from_utf8_lossy(&input)
+                    );
+                }
+            }
+        }
+        // Malformed replies go to the decoder, which judges them as before.
+        for bad in [&b":12x\r\n"[..], b"$3\r\nabcd\r\n", b"+O\nK\r\n", b"$x\r\n"] {
+            assert_eq!(scalar_reply_length(bad, Protocol::Resp2), None);
+            let mut buf = BytesMut::from(bad);
+            let parsed = parse_reply(&mut buf, Protocol::Resp2, 1024);
+            let decoded = decoder_length(bad, Protocol::Resp2);
+            assert_eq!(parsed.is_err(), decoded.is_err());
+        }
+        // Other kinds are left to the decoder.
+        assert_eq!(scalar_reply_length(b"*1\r\n+OK\r\n", Protocol::Resp2), None);
+        assert_eq!(scalar_reply_length(b"_\r\n", Protocol::Resp3), None);
+    }
+
+    #[test]
+    fn command_names_are_upper_cased_inline_or_on_the_heap() {
+        assert_eq!(CommandName::new(b"get"), "GET");
+        assert_eq!(CommandName::new(b"Client"), "CLIENT");
+        assert!(matches!(
+            CommandName::new(b"hget"),
+            CommandName::Inline { .. }
+        ));
+        assert_eq!(CommandName::new(b""), "");
+        // A longer name, and names that are not plain ASCII, are named as
+        // before: upper-cased ASCII, other characters kept, bytes that are
+        // not UTF-8 replaced.
+        let long = "x".repeat(INLINE_NAME_BYTES + 1);
+        let name = CommandName::new(long.as_bytes());
+        assert!(matches!(name, CommandName::Heap(_)));
+        assert_eq!(name, long.to_ascii_uppercase().as_str());
+        assert_eq!(CommandName::new("gét".as_bytes()), "GéT");
+        assert_eq!(CommandName::new(b"g\xffx"), "G\u{fffd}X");
+        assert_eq!(CommandName::new(b"set").to_string(), "SET");
     }
 
     #[test]

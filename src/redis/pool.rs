@@ -62,7 +62,9 @@ pub struct Dedicated {
 pub struct Pool {
     settings: PoolSettings,
     /// By node address, so a lookup needs no owned key.
-    shared: RwLock<HashMap<String, NodeSlots>>,
+    /// Looked up on every request; node addresses are not chosen by
+    /// clients, so a fast hash will do.
+    shared: RwLock<HashMap<String, NodeSlots, foldhash::fast::RandomState>>,
     idle: Mutex<HashMap<ConnKey, Vec<RawConn>>>,
     dedicated_limit: Arc<Semaphore>,
     down_since: Mutex<HashMap<String, Instant>>,

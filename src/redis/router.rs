@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
+use tokio::sync::oneshot::error::RecvError;
 
 use super::cache::{self, Cache};
 use super::cluster::{self, Cluster};
@@ -71,8 +72,8 @@ impl Pending {
 
 /// A request written upstream whose reply has not been read yet.
 pub struct InFlight {
-    receiver: ReplyReceiver,
-    pub(super) addr: String,
+    pub(super) receiver: ReplyReceiver,
+    pub(super) addr: Arc<str>,
     pub(super) role: Role,
     started: Instant,
     /// Kept in cluster mode to follow a redirect.
@@ -98,6 +99,9 @@ pub struct Router {
     /// Near cache and `CLIENT TRACKING` support.
     pub(super) cache: Arc<Cache>,
     nodes: RwLock<Arc<Nodes>>,
+    /// The primary's address of `nodes`, shared so that a request to it
+    /// does not copy the address.
+    primary_addr: RwLock<Arc<str>>,
     /// Wakes sentinel discovery after a failure that may mean a failover.
     pub(super) sentinel_refresh: tokio::sync::Notify,
     next_client_id: AtomicU64,
@@ -156,6 +160,7 @@ impl Router {
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
             cluster,
             cache,
+            primary_addr: RwLock::new(Arc::from(nodes.primary.as_str())),
             nodes: RwLock::new(Arc::new(nodes)),
             sentinel_refresh: tokio::sync::Notify::new(),
             next_client_id: AtomicU64::new(1),
@@ -210,6 +215,7 @@ impl Router {
             tracing::info!(primary = %nodes.primary, replicas = ?nodes.replicas,
                 "redis primary and replicas updated");
             let new = Arc::new(nodes);
+            *self.primary_addr.write() = Arc::from(new.primary.as_str());
             let old = std::mem::replace(&mut *current, new.clone());
             drop(current);
             self.cache.nodes_changed(&old, &new);
@@ -226,6 +232,15 @@ impl Router {
             return Err(reply::error(&text));
         }
         Ok(nodes.primary.clone())
+    }
+
+    /// [`Router::primary`] as a shared address.
+    fn primary_addr(&self) -> Result<Arc<str>, Bytes> {
+        let primary = self.primary_addr.read().clone();
+        if primary.is_empty() {
+            return self.primary().map(Arc::from);
+        }
+        Ok(primary)
     }
 
     /// Sends `request` towards its node, or answers it from the near
@@ -296,7 +311,7 @@ impl Router {
     /// Sends `request` to the standalone or sentinel primary, the only
     /// candidate of a write or of a read with `read_from = "primary"`.
     async fn route_to_primary(&self, request: &Request, ctx: SessionCtx) -> Pending {
-        let primary = match self.primary() {
+        let primary = match self.primary_addr() {
             Ok(primary) => primary,
             Err(error) => return Pending::Ready(error),
         };
@@ -306,10 +321,15 @@ impl Router {
         }
     }
 
-    pub(super) fn in_flight(&self, receiver: ReplyReceiver, addr: String, role: Role) -> InFlight {
+    pub(super) fn in_flight(
+        &self,
+        receiver: ReplyReceiver,
+        addr: impl Into<Arc<str>>,
+        role: Role,
+    ) -> InFlight {
         InFlight {
             receiver,
-            addr,
+            addr: addr.into(),
             role,
             started: Instant::now(),
             retry: None,
@@ -432,14 +452,25 @@ impl Router {
 
     /// Waits for the reply of `in_flight`, following cluster redirects.
     pub async fn finish(self: Arc<Self>, mut in_flight: InFlight) -> Bytes {
-        let result = (&mut in_flight.receiver).await.unwrap_or_else(|_| {
+        let received = (&mut in_flight.receiver).await;
+        self.complete(in_flight, received).await
+    }
+
+    /// Finishes `in_flight` with what its receiver gave: counts the reply,
+    /// or follows a cluster redirect.
+    pub async fn complete(
+        self: Arc<Self>,
+        mut in_flight: InFlight,
+        received: Result<Result<Bytes, UpstreamError>, RecvError>,
+    ) -> Bytes {
+        let result = received.unwrap_or_else(|_| {
             Err(UpstreamError::Closed {
-                addr: in_flight.addr.clone(),
+                addr: in_flight.addr.to_string(),
             })
         });
         if let Some(retry) = in_flight.retry.take() {
             if cluster::needs_retry(&result) {
-                let origin = in_flight.addr.clone();
+                let origin = in_flight.addr.to_string();
                 return cluster::follow(self, retry, origin, result).await;
             }
         }

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -11,14 +12,14 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::cache::{self, ClientTracking};
 use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
 use super::multibulk;
 use super::reply;
-use super::router::{Pending, Router, SessionCtx};
+use super::router::{InFlight, Pending, Router, SessionCtx};
 use super::routes::{RouteId, Routes, MAIN};
 use super::transaction::Transaction;
 
@@ -223,6 +224,9 @@ pub struct Session {
     pub(super) tracking: Option<Arc<ClientTracking>>,
     /// Cancelled when skiff shuts down; blocked and subscribed sessions end.
     pub(super) shutdown: CancellationToken,
+    /// Fires when `shutdown` is cancelled. Made once and polled by the read
+    /// loop, because a new wait per read registers and unregisters again.
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 /// Serves one client until it disconnects or skiff shuts down.
@@ -270,6 +274,7 @@ pub async fn run(
         batch: parking_lot::Mutex::new(BytesMut::new()),
         batching: std::sync::atomic::AtomicBool::new(false),
         tracking: None,
+        stopping: Box::pin(shutdown.clone().cancelled_owned()),
         shutdown,
         router,
     };
@@ -301,7 +306,7 @@ impl Session {
                         return;
                     }
                     let more = tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
+                        _ = &mut self.stopping => return,
                         more = self.reader.read_more() => more,
                     };
                     if !more {
@@ -397,8 +402,15 @@ impl Session {
             Pinning::None => {
                 self.note_reads(&request, &name);
                 let pending = self.router.submit(request, &name, self.ctx).await;
-                self.send(Outgoing::Reply(self.resolved_by_route(pending)))
-                    .await
+                match pending {
+                    Pending::InFlight(in_flight) if self.may_wait_inline() => {
+                        self.wait_inline(in_flight).await
+                    }
+                    pending => {
+                        self.send(Outgoing::Reply(self.resolved_by_route(pending)))
+                            .await
+                    }
+                }
             }
         }
     }
@@ -458,6 +470,39 @@ impl Session {
             }
             first.unwrap_or_else(|| reply::error("ERR no upstream node is available"))
         }))
+    }
+
+    /// True when the session may wait for a reply itself and write it: the
+    /// client has sent nothing more, no earlier reply is waiting to be
+    /// written, and no invalidation push can come between. A client that
+    /// sends one request at a time then costs no hand-off to the writer
+    /// task.
+    fn may_wait_inline(&self) -> bool {
+        self.tracking.is_none()
+            && !self.reader.has_buffered()
+            && self.writer.queued.load(Ordering::Acquire) == 0
+            && self.writer.direct.load(Ordering::Relaxed)
+            && self.batch.lock().is_empty()
+    }
+
+    /// Waits for the reply of `in_flight` and writes it, unless the client
+    /// sends more first: the reply then goes to the writer task, in order,
+    /// and the session goes back to reading requests.
+    async fn wait_inline(&mut self, mut in_flight: InFlight) -> Flow {
+        let received = tokio::select! {
+            biased;
+            received = &mut in_flight.receiver => received,
+            _ = self.reader.half.readable() => {
+                let pending = self.resolved_by_route(Pending::InFlight(in_flight));
+                return self.send(Outgoing::Reply(pending)).await;
+            }
+            _ = &mut self.stopping => {
+                let pending = self.resolved_by_route(Pending::InFlight(in_flight));
+                return self.send(Outgoing::Reply(pending)).await;
+            }
+        };
+        let reply = self.router.clone().complete(in_flight, received).await;
+        self.send(Outgoing::Reply(Pending::Ready(reply))).await
     }
 
     /// Makes a reply in flight on a route's connection resolve through
