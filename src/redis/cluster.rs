@@ -150,18 +150,18 @@ pub(super) fn pick_node(
     slot: u16,
     readonly: bool,
     client_id: u64,
-) -> Option<(String, Role)> {
+) -> Option<(Arc<str>, Role)> {
     let shard = map.shard(slot)?;
     let primary = (shard.primary.clone(), Role::Primary);
     if !readonly || shard.replicas.is_empty() {
         return Some(primary);
     }
-    let up: Vec<&String> = shard
+    let up: Vec<&Arc<str>> = shard
         .replicas
         .iter()
         .filter(|a| router.pool.is_up(a))
         .collect();
-    let replica = |list: &[&String]| -> Option<(String, Role)> {
+    let replica = |list: &[&Arc<str>]| -> Option<(Arc<str>, Role)> {
         let addr = list.get(client_id as usize % list.len().max(1))?;
         Some(((*addr).clone(), Role::Replica))
     };
@@ -169,7 +169,7 @@ pub(super) fn pick_node(
         ReadFrom::Primary => Some(primary),
         ReadFrom::PreferReplica => replica(&up).or(Some(primary)),
         ReadFrom::Replica => replica(&up).or_else(|| {
-            let all: Vec<&String> = shard.replicas.iter().collect();
+            let all: Vec<&Arc<str>> = shard.replicas.iter().collect();
             replica(&all)
         }),
         ReadFrom::Any if client_id % (up.len() as u64 + 1) == 0 => Some(primary),
@@ -190,12 +190,15 @@ pub async fn submit(
     if positions.is_empty() {
         return fanout::keyless(router, request, name, ctx).await;
     }
-    let slots: Vec<u16> = positions
+    let slot = key_slot(&request.args[positions[0]]);
+    let same_slot = positions[1..]
         .iter()
-        .map(|&i| key_slot(&request.args[i]))
-        .collect();
-    let slot = slots[0];
-    if slots.iter().any(|&other| other != slot) {
+        .all(|&i| key_slot(&request.args[i]) == slot);
+    if !same_slot {
+        let slots: Vec<u16> = positions
+            .iter()
+            .map(|&i| key_slot(&request.args[i]))
+            .collect();
         return match fanout::split(router, &request, name, &positions, &slots, ctx).await {
             Some(pending) => pending,
             None => Pending::Ready(reply::error(reply::CROSSSLOT)),
@@ -242,7 +245,12 @@ pub async fn submit_to_slot(
                 readonly,
                 ctx,
             };
-            Pending::Future(Box::pin(follow(router.clone(), retry, addr, Err(err))))
+            Pending::Future(Box::pin(follow(
+                router.clone(),
+                retry,
+                addr.to_string(),
+                Err(err),
+            )))
         }
         Err(err) => Pending::Ready(router.upstream_failure(&err, role)),
     }
@@ -371,7 +379,7 @@ fn retry_target(
     if picked.is_none() {
         cluster.request_refresh();
     }
-    picked.map(|(addr, _)| (addr, false))
+    picked.map(|(addr, _)| (addr.to_string(), false))
 }
 
 /// Sends `request` to `addr` and waits for its reply; with `asking`, ASKING

@@ -344,7 +344,7 @@ impl Router {
                 let slot = super::slot::key_slot(key);
                 let map = cluster.map();
                 let (addr, role) = cluster::pick_node(self, &map, slot, true, ctx.client_id)?;
-                Some((addr, role, slot))
+                Some((addr.to_string(), role, slot))
             }
             None => {
                 let targets = self.standalone_targets(true, ctx.client_id).ok()?;

@@ -366,42 +366,44 @@ impl Session {
     }
 
     pub(super) async fn handle(&mut self, request: Request) -> Flow {
-        let name = request.name();
+        // Borrowed once: every use below takes the name as `&str`.
+        let command = request.name();
+        let name = command.as_str();
         if let Some(tracking) = &self.tracking {
             tracking.begin_request();
         }
         if self.transaction.is_some() {
-            return self.handle_in_transaction(request, &name).await;
+            return self.handle_in_transaction(request, name).await;
         }
-        if !self.authenticated && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT" | "RESET") {
+        if !self.authenticated && !matches!(name, "AUTH" | "HELLO" | "QUIT" | "RESET") {
             return self.reply(reply::error(reply::NOAUTH)).await;
         }
-        if let Some(flow) = self.handle_local(&request, &name).await {
+        if let Some(flow) = self.handle_local(&request, name).await {
             return flow;
         }
-        if matches!(name.as_str(), "MONITOR" | "SYNC" | "PSYNC" | "REPLCONF") {
+        if matches!(name, "MONITOR" | "SYNC" | "PSYNC" | "REPLCONF") {
             // These turn a connection into a stream that is no longer
             // request and reply, which would break a shared connection.
             let text = format!("ERR {name} is not supported through skiff");
             return self.reply(reply::error(&text)).await;
         }
         if !self.routes.is_empty() {
-            match self.pick_route(&request, &name) {
+            match self.pick_route(&request, name) {
                 Ok(route) => self.use_route(route),
                 Err(error) => return self.reply(error).await,
             }
         }
-        match pinning(&name, &request) {
-            Pinning::Blocking => self.run_blocking(request, &name).await,
-            Pinning::Subscribe => self.run_subscribed(request, &name).await,
-            Pinning::Transaction => self.start_transaction(request, &name).await,
-            Pinning::None if self.loads_scripts_everywhere(&request, &name) => {
-                let pending = self.submit_to_every_route(request, &name).await;
+        match pinning(name, &request) {
+            Pinning::Blocking => self.run_blocking(request, name).await,
+            Pinning::Subscribe => self.run_subscribed(request, name).await,
+            Pinning::Transaction => self.start_transaction(request, name).await,
+            Pinning::None if self.loads_scripts_everywhere(&request, name) => {
+                let pending = self.submit_to_every_route(request, name).await;
                 self.send(Outgoing::Reply(pending)).await
             }
             Pinning::None => {
-                self.note_reads(&request, &name);
-                let pending = self.router.submit(request, &name, self.ctx).await;
+                self.note_reads(&request, name);
+                let pending = self.router.submit(request, name, self.ctx).await;
                 match pending {
                     Pending::InFlight(in_flight) if self.may_wait_inline() => {
                         self.wait_inline(in_flight).await

@@ -1,6 +1,8 @@
 //! Redis Cluster topology: which primary and replicas serve each slot, read
 //! from `CLUSTER SHARDS` (Redis 7) or `CLUSTER SLOTS` (older servers).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::frame::{encode_command, error_text, Protocol, Value};
@@ -13,8 +15,8 @@ const UNASSIGNED: u16 = u16::MAX;
 /// A primary and its replicas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
-    pub primary: String,
-    pub replicas: Vec<String>,
+    pub primary: Arc<str>,
+    pub replicas: Vec<Arc<str>>,
 }
 
 /// The slot map of a cluster.
@@ -42,7 +44,7 @@ impl ClusterMap {
     pub fn primaries(&self) -> Vec<String> {
         self.shards
             .iter()
-            .map(|shard| shard.primary.clone())
+            .map(|shard| shard.primary.to_string())
             .collect()
     }
 
@@ -50,7 +52,7 @@ impl ClusterMap {
     pub fn nodes(&self) -> Vec<String> {
         let mut nodes = self.primaries();
         for shard in &self.shards {
-            nodes.extend(shard.replicas.iter().cloned());
+            nodes.extend(shard.replicas.iter().map(|addr| addr.to_string()));
         }
         nodes
     }
@@ -60,11 +62,11 @@ impl ClusterMap {
     /// reports.
     pub fn with_moved(&self, slot: u16, addr: &str) -> ClusterMap {
         let mut map = self.clone();
-        let index = match map.shards.iter().position(|shard| shard.primary == addr) {
+        let index = match map.shards.iter().position(|shard| &*shard.primary == addr) {
             Some(index) => index,
             None => {
                 map.shards.push(Shard {
-                    primary: addr.to_string(),
+                    primary: Arc::from(addr),
                     replicas: Vec::new(),
                 });
                 map.shards.len() - 1
@@ -107,7 +109,7 @@ impl ClusterMap {
                 let online = text(field(&node, "health")?) == "online";
                 match text(field(&node, "role")?).as_str() {
                     "master" => primary = Some(addr),
-                    _ if online => replicas.push(addr),
+                    _ if online => replicas.push(Arc::from(addr)),
                     _ => {}
                 }
             }
@@ -116,7 +118,7 @@ impl ClusterMap {
             }
             map.assign(
                 Shard {
-                    primary: primary?,
+                    primary: primary?.into(),
                     replicas,
                 },
                 &ranges,
@@ -137,8 +139,8 @@ impl ClusterMap {
                 .filter_map(|node| slots_node_addr(node, origin_host));
             let primary = addrs.next()?;
             let shard = Shard {
-                primary,
-                replicas: addrs.collect(),
+                primary: primary.into(),
+                replicas: addrs.map(Arc::from).collect(),
             };
             // Ranges of one primary share one shard entry.
             match map
@@ -288,12 +290,12 @@ mod tests {
             Value::Array(vec![Value::Int(8192), Value::Int(16383), node("h", 7001)]),
         ]);
         let map = ClusterMap::from_slots_reply(reply, "seed").unwrap();
-        assert_eq!(map.shard(0).unwrap().primary, "seed:7000");
+        assert_eq!(&*map.shard(0).unwrap().primary, "seed:7000");
         assert_eq!(
             map.shard(8191).unwrap().replicas,
-            vec!["h:7003".to_string()]
+            vec![Arc::<str>::from("h:7003")]
         );
-        assert_eq!(map.shard(16383).unwrap().primary, "h:7001");
+        assert_eq!(&*map.shard(16383).unwrap().primary, "h:7001");
     }
 
     #[test]
@@ -327,8 +329,8 @@ mod tests {
         ]);
         let map = ClusterMap::from_shards_reply(Value::Array(vec![shard]), "x", false).unwrap();
         let shard = map.shard(250).unwrap();
-        assert_eq!(shard.primary, "127.0.0.1:7000");
-        assert_eq!(shard.replicas, vec!["127.0.0.1:7003".to_string()]);
+        assert_eq!(&*shard.primary, "127.0.0.1:7000");
+        assert_eq!(shard.replicas, vec![Arc::<str>::from("127.0.0.1:7003")]);
         assert!(map.shard(150).is_none());
     }
 
@@ -353,9 +355,9 @@ mod tests {
         ]);
         let reply = Value::Array(vec![shard]);
         let plain = ClusterMap::from_shards_reply(reply.clone(), "x", false).unwrap();
-        assert_eq!(plain.shard(0).unwrap().primary, "10.0.0.1:6379");
+        assert_eq!(&*plain.shard(0).unwrap().primary, "10.0.0.1:6379");
         let tls = ClusterMap::from_shards_reply(reply, "x", true).unwrap();
-        assert_eq!(tls.shard(0).unwrap().primary, "10.0.0.1:6380");
+        assert_eq!(&*tls.shard(0).unwrap().primary, "10.0.0.1:6380");
     }
 
     #[test]
@@ -376,7 +378,7 @@ mod tests {
             &[(0, 16383)],
         );
         let moved = map.with_moved(42, "b:2");
-        assert_eq!(moved.shard(42).unwrap().primary, "b:2");
-        assert_eq!(moved.shard(43).unwrap().primary, "a:1");
+        assert_eq!(&*moved.shard(42).unwrap().primary, "b:2");
+        assert_eq!(&*moved.shard(43).unwrap().primary, "a:1");
     }
 }

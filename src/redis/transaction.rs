@@ -98,7 +98,7 @@ impl Session {
             }
         };
         match shard {
-            Some(shard) => Ok(shard.primary.clone()),
+            Some(shard) => Ok(shard.primary.to_string()),
             None => {
                 cluster.request_refresh();
                 Err(reply::error("CLUSTERDOWN Hash slot not served"))
