@@ -1,6 +1,7 @@
 //! Client login: the startup packet, SSL/GSS negotiation, cancel requests,
 //! authentication and the greeting, before the session relay takes over.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -124,6 +125,8 @@ pub struct LoggedIn {
     pub user: String,
     pub database: String,
     pub params: StartupParams,
+    /// Session settings from the startup packet, keyed by lowercase name.
+    pub settings: BTreeMap<String, String>,
     pub pool: Arc<Pool>,
 }
 
@@ -361,17 +364,26 @@ async fn login(
     };
     // The pool learned the server's ParameterStatus values from its first
     // login, which happened before the pool existed.
-    let server_params = pool.server_params().unwrap_or_default();
+    let settings = params::startup_settings(&params);
     let mut greeting = Vec::with_capacity(512);
     greeting.extend_from_slice(&protocol::authentication(0, &[]));
-    for (name, value) in params::client_visible(&server_params, &params) {
-        greeting.extend_from_slice(&protocol::parameter_status(&name, &value));
+    match pool.server_params() {
+        Some(server) if !params::overrides_reported(&settings) => {
+            greeting.extend_from_slice(&server.encoded);
+        }
+        server => {
+            let pairs = server.as_ref().map_or(&[][..], |s| &s.pairs[..]);
+            for (name, value) in params::client_visible(pairs, &settings) {
+                greeting.extend_from_slice(&protocol::parameter_status(&name, &value));
+            }
+        }
     }
     writer.send(&greeting).await?;
     Ok(Login::Session(LoggedIn {
         user,
         database,
         params,
+        settings,
         pool,
     }))
 }

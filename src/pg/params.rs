@@ -48,20 +48,27 @@ pub fn startup_settings(params: &StartupParams) -> BTreeMap<String, String> {
     settings
 }
 
+/// Returns true when some of the settings are reported with
+/// ParameterStatus, so a client that has them gets other values at login
+/// than the server sent.
+pub fn overrides_reported(settings: &BTreeMap<String, String>) -> bool {
+    settings.keys().any(|name| reported_name(name).is_some())
+}
+
 /// ParameterStatus values a client sees at login: the server's, overridden
-/// by what the client asked for.
+/// by the client's startup settings.
 pub fn client_visible(
     server: &[(String, String)],
-    startup: &StartupParams,
+    settings: &BTreeMap<String, String>,
 ) -> Vec<(String, String)> {
     let mut visible: Vec<(String, String)> = server.to_vec();
-    for (name, value) in startup_settings(startup) {
-        let Some(reported) = reported_name(&name) else {
+    for (name, value) in settings {
+        let Some(reported) = reported_name(name) else {
             continue;
         };
         match visible.iter_mut().find(|(n, _)| n == reported) {
-            Some(entry) => entry.1 = value,
-            None => visible.push((reported.to_string(), value)),
+            Some(entry) => entry.1 = value.clone(),
+            None => visible.push((reported.to_string(), value.clone())),
         }
     }
     visible
@@ -167,7 +174,11 @@ mod tests {
     #[test]
     fn visible_params_use_reported_spelling() {
         let server = vec![("TimeZone".to_string(), "Asia/Shanghai".to_string())];
-        let visible = client_visible(&server, &startup(&[("options", "-c timezone=UTC")]));
+        let settings = startup_settings(&startup(&[("options", "-c timezone=UTC")]));
+        assert!(overrides_reported(&settings));
+        let visible = client_visible(&server, &settings);
         assert_eq!(visible, vec![("TimeZone".to_string(), "UTC".to_string())]);
+        let unreported = startup_settings(&startup(&[("options", "-c work_mem=8MB")]));
+        assert!(!overrides_reported(&unreported));
     }
 }

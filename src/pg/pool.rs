@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{BackendError, ServerConn, ServerTarget};
 use super::cancel::ServerKey;
+use super::protocol;
 
 /// Timeouts and limits of a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,26 @@ pub enum CheckoutError {
 pub struct Checkout {
     pub conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
+}
+
+/// ParameterStatus values a server sent at login, also encoded as the
+/// messages that a client login overriding none of them gets.
+pub struct ServerParams {
+    pub pairs: Vec<(String, String)>,
+    pub encoded: Bytes,
+}
+
+impl ServerParams {
+    fn new(pairs: Vec<(String, String)>) -> ServerParams {
+        let mut encoded = BytesMut::new();
+        for (name, value) in &pairs {
+            encoded.extend_from_slice(&protocol::parameter_status(name, value));
+        }
+        ServerParams {
+            pairs,
+            encoded: encoded.freeze(),
+        }
+    }
 }
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
@@ -177,7 +199,7 @@ pub struct Pool {
     waiting: AtomicUsize,
     /// ParameterStatus values of the server, learned from the first login
     /// and sent to each client at its login.
-    server_params: Mutex<Option<Vec<(String, String)>>>,
+    server_params: Mutex<Option<Arc<ServerParams>>>,
     /// Pooler-wide statement names a server of this pool has parsed without
     /// error; a client's Parse of one is answered without a server.
     validated: Mutex<HashSet<String>>,
@@ -466,10 +488,7 @@ impl Pool {
             tracing::warn!(pool = %self.name, error = %err, "server login failed");
         })?;
         tracing::debug!(pool = %self.name, server = id, tls = conn.tls, "server connection opened");
-        let mut params = self.server_params.lock();
-        if params.is_none() {
-            *params = Some(conn.login_params.clone());
-        }
+        self.learn_server_params(&conn);
         Ok(conn)
     }
 
@@ -480,12 +499,7 @@ impl Pool {
         let mut key = (*conn.cancel_key).clone();
         key.server_id = conn.id;
         conn.cancel_key = Arc::new(key);
-        {
-            let mut params = self.server_params.lock();
-            if params.is_none() {
-                *params = Some(conn.login_params.clone());
-            }
-        }
+        self.learn_server_params(&conn);
         match self.permits.clone().try_acquire_owned().ok() {
             Some(permit) => {
                 self.active.fetch_add(1, Ordering::Relaxed);
@@ -586,8 +600,16 @@ impl Pool {
     }
 
     /// Server ParameterStatus values, once a connection has logged in.
-    pub fn server_params(&self) -> Option<Vec<(String, String)>> {
+    pub fn server_params(&self) -> Option<Arc<ServerParams>> {
         self.server_params.lock().clone()
+    }
+
+    /// Stores the ParameterStatus values of the pool's first login.
+    fn learn_server_params(&self, conn: &ServerConn) {
+        let mut params = self.server_params.lock();
+        if params.is_none() {
+            *params = Some(Arc::new(ServerParams::new(conn.login_params.clone())));
+        }
     }
 
     /// Records that `statement` parsed without error on this pool's server.
