@@ -423,18 +423,22 @@ const HINT_BY_FIRST_BYTE: [u8; 256] = {
 /// Query, so a byte that starts no hint costs one table lookup, and a
 /// candidate is compared in full only when its second letter matches too.
 fn mentions_session_state(sql: &[u8]) -> bool {
-    for start in 0..sql.len() {
-        let hint = HINT_BY_FIRST_BYTE[sql[start] as usize];
+    // Every hint is longer than one byte, so the last byte starts none.
+    for (start, pair) in sql.windows(2).enumerate() {
+        let hint = HINT_BY_FIRST_BYTE[pair[0] as usize];
         if hint == 0 {
             continue;
         }
         let hint = SESSION_STATE_HINTS[hint as usize - 1];
-        let Some(window) = sql.get(start..start + hint.len()) else {
-            continue;
-        };
         // Every hint's second byte is a lowercase letter, and `| 0x20`
         // lowercases exactly the two bytes that spell it.
-        if window[1] | 0x20 == hint[1] && window.eq_ignore_ascii_case(hint) {
+        if pair[1] | 0x20 != hint[1] {
+            continue;
+        }
+        let matched = sql
+            .get(start..start + hint.len())
+            .is_some_and(|window| window.eq_ignore_ascii_case(hint));
+        if matched {
             return true;
         }
     }
@@ -518,6 +522,9 @@ mod tests {
         ));
         assert!(!mentions_session_state(b"select 'tem'"));
         assert!(!mentions_session_state(b""));
+        assert!(!mentions_session_state(b"t"));
+        assert!(mentions_session_state(b"TEMP"));
+        assert!(!mentions_session_state(b"select 'hol'"));
     }
 
     #[test]
