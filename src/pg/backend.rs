@@ -1,7 +1,7 @@
 //! Server connections: connecting and logging in to PostgreSQL, and the state
 //! skiff tracks per connection (prepared statements, applied settings).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use super::auth;
 use super::cancel::ServerKey;
+use super::params::Settings;
 use super::prepared::ServerStatements;
 use super::protocol::{self, backend, ErrorFields, Message, MessageReader, ProtocolError};
 use crate::config::SslMode;
@@ -156,7 +157,7 @@ pub struct ServerConn {
     /// Prepared statements that exist on this connection.
     pub statements: ServerStatements,
     /// Session settings skiff applied with SET, keyed by lowercase name.
-    pub applied: BTreeMap<String, String>,
+    pub applied: Settings,
     /// A client ran SET/RESET here; settings must be reset before another
     /// client uses it.
     pub dirty_by: Option<u64>,
@@ -256,7 +257,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             statements: ServerStatements::new(max_statements),
-            applied: BTreeMap::new(),
+            applied: Settings::default(),
             dirty_by: None,
             tx_status: b'I',
             needs_close: HashSet::new(),
@@ -496,7 +497,7 @@ impl ServerConn {
             self.statements.clear();
             self.sql_prepared = false;
         }
-        self.applied.clear();
+        self.applied = Settings::default();
         sql
     }
 

@@ -1,7 +1,6 @@
 //! Client login: the startup packet, SSL/GSS negotiation, cancel requests,
 //! authentication and the greeting, before the session relay takes over.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::{self, ScramSecret, ScramServer, Secret};
-use super::params;
+use super::params::{self, Settings};
 use super::pool::Pool;
 use super::protocol::{
     self, frontend, parse_startup, MessageReader, ProtocolError, Severity, StartupPacket,
@@ -126,7 +125,7 @@ pub struct LoggedIn {
     pub database: String,
     pub params: StartupParams,
     /// Session settings from the startup packet, keyed by lowercase name.
-    pub settings: BTreeMap<String, String>,
+    pub settings: Settings,
     pub pool: Arc<Pool>,
 }
 
@@ -379,6 +378,7 @@ async fn login(
         }
     }
     writer.send(&greeting).await?;
+    let settings = pool.share_settings(settings);
     Ok(Login::Session(LoggedIn {
         user,
         database,

@@ -4,6 +4,7 @@
 //! client changed with SET.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::protocol::{parse_options, StartupParams};
 
@@ -29,6 +30,12 @@ pub fn reported_name(lowercase: &str) -> Option<&'static str> {
         .copied()
         .find(|name| name.eq_ignore_ascii_case(lowercase))
 }
+
+/// Session settings keyed by lowercase name. Clients of a pool with equal
+/// settings share one map (see `Pool::share_settings`), so checking that a
+/// server connection has a client's settings is usually a pointer
+/// comparison.
+pub type Settings = Arc<BTreeMap<String, String>>;
 
 /// Settings a client asked for at startup, keyed by lowercase name.
 pub fn startup_settings(params: &StartupParams) -> BTreeMap<String, String> {

@@ -5,7 +5,7 @@
 //! when it returns to the pool or is closed, so the bound holds during
 //! reconnect storms too. Waiters are served first come, first served.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{BackendError, ServerConn, ServerTarget};
 use super::cancel::ServerKey;
+use super::params::Settings;
 use super::protocol;
 
 /// Timeouts and limits of a pool.
@@ -200,6 +201,9 @@ pub struct Pool {
     /// ParameterStatus values of the server, learned from the first login
     /// and sent to each client at its login.
     server_params: Mutex<Option<Arc<ServerParams>>>,
+    /// The startup settings of the pool's last client to log in, shared
+    /// with the next clients whose settings are equal.
+    shared_settings: Mutex<Settings>,
     /// Pooler-wide statement names a server of this pool has parsed without
     /// error; a client's Parse of one is answered without a server.
     validated: Mutex<HashSet<String>>,
@@ -241,6 +245,7 @@ impl Pool {
             active: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             server_params: Mutex::new(None),
+            shared_settings: Mutex::new(Settings::default()),
             validated: Mutex::new(HashSet::new()),
             metrics,
         }
@@ -405,7 +410,9 @@ impl Pool {
     ) -> Result<Checkout, CheckoutError> {
         let conn = match self.take_idle().await {
             Some(conn) => conn,
-            None => self.open().await?,
+            // Boxed, because opening a connection is rare and its future
+            // is large, and every checkout future is moved on each call.
+            None => Box::pin(self.open()).await?,
         };
         self.active.fetch_add(1, Ordering::Relaxed);
         self.update_gauges();
@@ -461,7 +468,7 @@ impl Pool {
                 continue;
             }
             if now.duration_since(conn.last_used) >= settings.check_delay
-                && !conn.check(settings.connect_timeout).await
+                && !Box::pin(conn.check(settings.connect_timeout)).await
             {
                 tracing::debug!(server = conn.id, "server connection failed its check");
                 continue;
@@ -610,6 +617,17 @@ impl Pool {
         if params.is_none() {
             *params = Some(Arc::new(ServerParams::new(conn.login_params.clone())));
         }
+    }
+
+    /// Returns `settings` in a map shared with earlier clients that have the
+    /// same settings, so that their server connections compare as equal by
+    /// pointer.
+    pub fn share_settings(&self, settings: BTreeMap<String, String>) -> Settings {
+        let mut shared = self.shared_settings.lock();
+        if **shared != settings {
+            *shared = Arc::new(settings);
+        }
+        shared.clone()
     }
 
     /// Records that `statement` parsed without error on this pool's server.

@@ -5,7 +5,7 @@ mod capture;
 mod client;
 mod server;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use super::backend::BackendError;
 use super::cancel::{CancelHandle, ClientInfo};
 use super::capture::SessionCapture;
 use super::frontend::LoggedIn;
-use super::params;
+use super::params::{self, Settings};
 use super::pending::{Expected, Pending};
 use super::pool::{Checkout, CheckoutError, Pool};
 use super::prepared::Statement;
@@ -74,9 +74,9 @@ pub struct Session {
     /// The client's prepared statement names.
     statements: HashMap<String, Arc<Statement>>,
     /// Session settings the client expects on any server connection.
-    settings: BTreeMap<String, String>,
+    settings: Settings,
     /// Session settings from the client's startup packet.
-    startup_settings: BTreeMap<String, String>,
+    startup_settings: Settings,
     cancel: CancelHandle,
     /// The database name the client connected to.
     database: String,
@@ -367,14 +367,22 @@ impl Session {
             // Another client changed session state here: reset it all.
             sql = conn.take_reset_sql(&self.pooler.config().server_reset_query);
         }
-        if let Some(sync) = params::sync_sql(&conn.applied, &self.settings, false) {
-            if !sql.is_empty() {
-                sql.push_str("; ");
+        // Connections and clients of a pool mostly share one settings map,
+        // which saves comparing the maps entry by entry.
+        if !Arc::ptr_eq(&conn.applied, &self.settings) {
+            if let Some(sync) = params::sync_sql(&conn.applied, &self.settings, false) {
+                if !sql.is_empty() {
+                    sql.push_str("; ");
+                }
+                sql.push_str(&sync);
+            } else if sql.is_empty() {
+                conn.applied = self.settings.clone();
             }
-            sql.push_str(&sync);
         }
         if !sql.is_empty() {
-            match conn.run_internal(&sql).await {
+            // Boxed, because this rare step would otherwise enlarge the
+            // future of every checkout, which is moved on each call.
+            match Box::pin(conn.run_internal(&sql)).await {
                 Ok(None) => {
                     conn.applied = self.settings.clone();
                     conn.dirty_by = None;
@@ -511,7 +519,8 @@ impl Session {
             _ => Some("ROLLBACK".to_string()),
         };
         if let Some(sql) = cleanup {
-            let run = tokio::time::timeout(ROLLBACK_TIMEOUT, conn.run_internal(&sql)).await;
+            let run = Box::pin(conn.run_internal(&sql));
+            let run = tokio::time::timeout(ROLLBACK_TIMEOUT, run).await;
             if !matches!(run, Ok(Ok(_))) || conn.tx_status != b'I' {
                 self.pool.discard(checkout);
                 return;

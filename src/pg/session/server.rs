@@ -2,11 +2,12 @@
 //! skiff's own requests, and watched for state skiff must track.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Flow, Session, FLUSH_THRESHOLD};
 use crate::config::PoolMode;
-use crate::pg::params;
+use crate::pg::params::{self, Settings};
 use crate::pg::pending::{Expected, Request, Undo};
 use crate::pg::protocol::{backend, read_cstr, ErrorFields, Message};
 
@@ -237,9 +238,9 @@ impl Session {
         if params::reported_name(&lowercase).is_none() {
             return;
         }
-        self.settings.insert(lowercase.clone(), value.to_string());
+        Arc::make_mut(&mut self.settings).insert(lowercase.clone(), value.to_string());
         if let Some(checkout) = &mut self.server {
-            checkout.conn.applied.insert(lowercase, value.to_string());
+            Arc::make_mut(&mut checkout.conn.applied).insert(lowercase, value.to_string());
         }
     }
 
@@ -262,7 +263,7 @@ impl Session {
                 // this client are its startup settings, not the server's.
                 // NOTE: RESET of one setting also reverts the others.
                 conn.dirty_by = Some(self.id);
-                conn.applied.clear();
+                conn.applied = Settings::default();
                 self.settings = self.startup_settings.clone();
             }
             b"SET" | b"LISTEN" | b"DECLARE CURSOR" => conn.dirty_by = Some(self.id),
@@ -279,7 +280,7 @@ impl Session {
             // statements go too.
             b"DISCARD ALL" => {
                 conn.statements.clear();
-                conn.applied.clear();
+                conn.applied = Settings::default();
                 conn.dirty_by = Some(self.id);
                 self.statements.clear();
             }
