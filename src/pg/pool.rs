@@ -180,6 +180,10 @@ pub struct Pool {
     pub name: String,
     /// Replaced by a reload or RECONNECT; see `ServerTarget::generation`.
     target: ArcSwap<ServerTarget>,
+    /// The generation of `target`, read at every checkin without loading
+    /// the target. Raised before `target` is replaced, so a connection
+    /// opened with the old target in between counts as stale.
+    generation: AtomicU64,
     /// Replaced by a reload.
     settings: ArcSwap<PoolSettings>,
     permits: Arc<Semaphore>,
@@ -239,6 +243,7 @@ impl Pool {
             stopping: AtomicBool::new(false),
             resumed: Notify::new(),
             name,
+            generation: AtomicU64::new(target.generation),
             target: ArcSwap::from_pointee(target),
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
@@ -312,6 +317,7 @@ impl Pool {
         self.settings.store(Arc::new(settings));
         if target_changed {
             target.generation += 1;
+            self.generation.store(target.generation, Ordering::Release);
             self.target.store(Arc::new(target));
             self.close_idle();
         }
@@ -321,6 +327,7 @@ impl Pool {
     pub fn reconnect(&self) {
         let mut target = (*self.target.load_full()).clone();
         target.generation += 1;
+        self.generation.store(target.generation, Ordering::Release);
         self.target.store(Arc::new(target));
         self.close_idle();
     }
@@ -461,7 +468,7 @@ impl Pool {
             let now = Instant::now();
             let settings = self.settings.load();
             if now.duration_since(conn.created) >= settings.lifetime
-                || conn.cancel_key.generation != self.target.load().generation
+                || conn.cancel_key.generation != self.generation.load(Ordering::Acquire)
                 || conn.closed_while_idle()
             {
                 tracing::debug!(server = conn.id, "closing stale server connection");
@@ -525,7 +532,7 @@ impl Pool {
         let now = Instant::now();
         conn.last_used = now;
         let expired = now.duration_since(conn.created) >= self.settings.load().lifetime
-            || conn.cancel_key.generation != self.target.load().generation;
+            || conn.cancel_key.generation != self.generation.load(Ordering::Acquire);
         let Checkout { conn, permit } = checkout;
         if conn.tx_status == b'I' && !expired {
             // Idle before the permit goes back, so the waiter it wakes
