@@ -2,7 +2,6 @@
 //! halves. An enum rather than a boxed trait object, so a plain connection
 //! costs one branch per call and no allocation.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -142,13 +141,14 @@ impl ReadHalf {
     /// True when the peer has sent nothing and not closed the connection.
     /// As [`Stream::is_idle`], a byte read here is lost. A plain socket
     /// checks the reactor's readiness first, which costs no system call when
-    /// nothing arrived.
+    /// nothing arrived. That check leaves a waker that does nothing in the
+    /// socket's read slot, which the next read replaces with its own.
     pub fn is_idle(&mut self) -> bool {
         match self {
             ReadHalf::Plain(read) => {
-                let readable = std::pin::pin!(read.readable());
                 let mut context = Context::from_waker(Waker::noop());
-                if readable.poll(&mut context).is_pending() {
+                let tcp: &TcpStream = read.as_ref();
+                if tcp.poll_read_ready(&mut context).is_pending() {
                     return true;
                 }
                 let mut probe = [0u8; 1];
