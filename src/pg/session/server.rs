@@ -204,20 +204,28 @@ impl Session {
         checkout.conn.tx_status = status;
         // One clock read serves both durations.
         let now = Instant::now();
+        // The query and the transaction mostly start with the same request,
+        // so their durations are the same and computed once.
+        let mut query_elapsed = None;
         if !self.pending.awaits_server() {
             if let Some(started) = self.query_started.take() {
-                let elapsed = now.duration_since(started).as_micros() as u64;
+                let elapsed = now.duration_since(started);
+                query_elapsed = Some((started, elapsed));
                 self.pool
                     .stats
                     .query_us
-                    .fetch_add(elapsed, Ordering::Relaxed);
+                    .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
             }
         }
         if status != b'I' || self.pending.awaits_server() || self.pending.skipping_to_sync {
             return;
         }
         if let Some(started) = self.transaction_started.take() {
-            let elapsed = now.duration_since(started).as_micros() as u64;
+            let elapsed = match query_elapsed {
+                Some((query_started, elapsed)) if query_started == started => elapsed,
+                _ => now.duration_since(started),
+            };
+            let elapsed = elapsed.as_micros() as u64;
             let stats = &self.pool.stats;
             stats.transaction_us.fetch_add(elapsed, Ordering::Relaxed);
         }
