@@ -363,22 +363,11 @@ async fn login(
     };
     // The pool learned the server's ParameterStatus values from its first
     // login, which happened before the pool existed.
-    let settings = params::startup_settings(&params);
+    let settings = pool.share_settings(params::startup_settings(&params));
     let mut greeting = Vec::with_capacity(512);
     greeting.extend_from_slice(&protocol::authentication(0, &[]));
-    match pool.server_params() {
-        Some(server) if !params::overrides_reported(&settings) => {
-            greeting.extend_from_slice(&server.encoded);
-        }
-        server => {
-            let pairs = server.as_ref().map_or(&[][..], |s| &s.pairs[..]);
-            for (name, value) in params::client_visible(pairs, &settings) {
-                greeting.extend_from_slice(&protocol::parameter_status(&name, &value));
-            }
-        }
-    }
+    greeting.extend_from_slice(&pool.login_parameters(&settings));
     writer.send(&greeting).await?;
-    let settings = pool.share_settings(settings);
     Ok(Login::Session(LoggedIn {
         user,
         database,

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{BackendError, ServerConn, ServerTarget};
 use super::cancel::ServerKey;
-use super::params::Settings;
+use super::params::{self, Settings};
 use super::protocol;
 
 /// Timeouts and limits of a pool.
@@ -60,15 +60,18 @@ pub struct ServerParams {
 
 impl ServerParams {
     fn new(pairs: Vec<(String, String)>) -> ServerParams {
-        let mut encoded = BytesMut::new();
-        for (name, value) in &pairs {
-            encoded.extend_from_slice(&protocol::parameter_status(name, value));
-        }
-        ServerParams {
-            pairs,
-            encoded: encoded.freeze(),
-        }
+        let encoded = encode_parameters(&pairs);
+        ServerParams { pairs, encoded }
     }
+}
+
+/// Encodes one ParameterStatus message per value.
+fn encode_parameters(pairs: &[(String, String)]) -> Bytes {
+    let mut encoded = BytesMut::new();
+    for (name, value) in pairs {
+        encoded.extend_from_slice(&protocol::parameter_status(name, value));
+    }
+    encoded.freeze()
 }
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
@@ -208,6 +211,9 @@ pub struct Pool {
     /// The startup settings of the pool's last client to log in, shared
     /// with the next clients whose settings are equal.
     shared_settings: Mutex<Settings>,
+    /// The login ParameterStatus messages last built for settings that
+    /// override server values, with those settings.
+    login_parameters: Mutex<Option<(Settings, Bytes)>>,
     /// Pooler-wide statement names a server of this pool has parsed without
     /// error; a client's Parse of one is answered without a server.
     validated: Mutex<HashSet<String>>,
@@ -251,6 +257,7 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             server_params: Mutex::new(None),
             shared_settings: Mutex::new(Settings::default()),
+            login_parameters: Mutex::new(None),
             validated: Mutex::new(HashSet::new()),
             metrics,
         }
@@ -616,6 +623,29 @@ impl Pool {
     /// Server ParameterStatus values, once a connection has logged in.
     pub fn server_params(&self) -> Option<Arc<ServerParams>> {
         self.server_params.lock().clone()
+    }
+
+    /// Returns the ParameterStatus messages a client with `settings` gets at
+    /// login: the server's values, overridden by the client's settings.
+    pub fn login_parameters(&self, settings: &Settings) -> Bytes {
+        let Some(server) = self.server_params() else {
+            return encode_parameters(&params::client_visible(&[], settings));
+        };
+        if !params::overrides_reported(settings) {
+            return server.encoded.clone();
+        }
+        // Clients of a pool mostly share one settings map, so the messages
+        // built for the last one usually fit the next. The server's values
+        // never change once learned.
+        let mut cached = self.login_parameters.lock();
+        if let Some((key, encoded)) = &*cached {
+            if Arc::ptr_eq(key, settings) {
+                return encoded.clone();
+            }
+        }
+        let encoded = encode_parameters(&params::client_visible(&server.pairs, settings));
+        *cached = Some((settings.clone(), encoded.clone()));
+        encoded
     }
 
     /// Stores the ParameterStatus values of the pool's first login.
