@@ -184,14 +184,40 @@ async fn waiters_served_first_come_first_served() {
             client.simple_query("SELECT 1").await.unwrap();
             order.lock().unwrap().push(index);
         }));
-        // Each waiter queues before the next one starts.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Each waiter queues before the next one starts. A fixed pause is
+        // not enough on a busy machine, where a spawned client can start
+        // late and queue behind a later one.
+        wait_until_waiting(&skiff, index + 1).await;
     }
     holder.simple_query("COMMIT").await.unwrap();
     for task in tasks {
         task.await.unwrap();
     }
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+}
+
+/// Waits until `count` clients wait for a server connection, as the
+/// pooler's status reports, or panics after 10 s.
+async fn wait_until_waiting(skiff: &Skiff, count: usize) {
+    use ::skiff::admin::Component;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = skiff.pooler.status();
+        let waiting: u64 = status["pools"]
+            .as_array()
+            .expect("pools array")
+            .iter()
+            .filter_map(|pool| pool["clients_waiting"].as_u64())
+            .sum();
+        if waiting == count as u64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} clients waiting, not {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,8 +53,8 @@ impl Request {
     }
 }
 
-/// Longest command name kept without a heap allocation; every Redis
-/// command name is shorter.
+/// Command names up to this many bytes are kept without a heap
+/// allocation. Redis's longest, `GEORADIUSBYMEMBER_RO`, has 20.
 const INLINE_NAME_BYTES: usize = 30;
 
 /// A command name in upper case. Names of ASCII letters up to
@@ -86,7 +86,7 @@ impl CommandName {
 
     pub fn as_str(&self) -> &str {
         match self {
-            // Upper-cased ASCII is still ASCII, so this cannot fail.
+            // `new` stores only ASCII inline, which is valid UTF-8.
             CommandName::Inline { bytes, len } => {
                 std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
             }
@@ -380,7 +380,7 @@ mod tests {
         requests
     }
 
-    /// The decoder's length for `buf`: `Ok(None)` while incomplete.
+    /// Returns the decoder's length for `buf`, `Ok(None)` while incomplete.
     fn decoder_length(buf: &[u8], protocol: Protocol) -> Result<Option<usize>, ()> {
         let decoded = match protocol {
             Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
@@ -390,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn scalar_replies_are_measured_as_the_decoder_measures_them() {
+    fn scalar_reply_scan_matches_decoder() {
         let frames: &[&[u8]] = &[
             b"+OK\r\n",
             b"-ERR wrong number of arguments\r\n",
@@ -441,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn command_names_are_upper_cased_inline_or_on_the_heap() {
+    fn command_name_upper_cases() {
         assert_eq!(CommandName::new(b"get"), "GET");
         assert_eq!(CommandName::new(b"Client"), "CLIENT");
         assert!(matches!(

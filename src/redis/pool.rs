@@ -62,8 +62,8 @@ pub struct Dedicated {
 pub struct Pool {
     settings: PoolSettings,
     /// By node address, so a lookup needs no owned key.
-    /// Looked up on every request; node addresses are not chosen by
-    /// clients, so a fast hash will do.
+    /// Looked up on every request. Node addresses come from the config and
+    /// the cluster, not from clients, so a fast hash is safe here.
     shared: RwLock<HashMap<String, NodeSlots, foldhash::fast::RandomState>>,
     idle: Mutex<HashMap<ConnKey, Vec<RawConn>>>,
     dedicated_limit: Arc<Semaphore>,
