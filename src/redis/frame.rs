@@ -7,6 +7,8 @@ use redis_protocol::resp2::types::BytesFrame as Resp2Frame;
 use redis_protocol::resp3::decode::complete as resp3;
 use redis_protocol::resp3::types::BytesFrame as Resp3Frame;
 
+use super::multibulk::parse_integer;
+
 /// Maximum length of an inline (non-RESP) request line, as in Redis.
 const MAX_INLINE_BYTES: usize = 64 * 1024;
 
@@ -180,13 +182,7 @@ pub fn parse_reply(
 ) -> Result<Option<(Bytes, ReplyKind)>, FrameError> {
     let length = match scalar_reply_length(buf, protocol) {
         Some(length) => length,
-        None => {
-            let decoded = match protocol {
-                Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
-                Protocol::Resp3 => resp3::decode_range(buf).map(|found| found.map(|(_, len)| len)),
-            };
-            decoded.map_err(|err| FrameError::Invalid(err.details().to_string()))?
-        }
+        None => decoded_length(buf, protocol)?,
     };
     let Some(length) = length else {
         if buf.len() > max_bytes {
@@ -203,6 +199,16 @@ pub fn parse_reply(
         _ => ReplyKind::Other,
     };
     Ok(Some((buf.split_to(length).freeze(), kind)))
+}
+
+/// Measures the frame at the start of `buf` with the full decoder. Returns
+/// `Ok(None)` while the frame is incomplete.
+fn decoded_length(buf: &[u8], protocol: Protocol) -> Result<Option<usize>, FrameError> {
+    let decoded = match protocol {
+        Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+        Protocol::Resp3 => resp3::decode_range(buf).map(|found| found.map(|(_, len)| len)),
+    };
+    decoded.map_err(|err| FrameError::Invalid(err.details().to_string()))
 }
 
 /// Measures the most common replies without the full decoder: a simple
@@ -229,15 +235,15 @@ fn scalar_reply_length(buf: &[u8], protocol: Protocol) -> Option<Option<usize>> 
     }
     match first {
         b'+' | b'-' => Some(Some(line_end)),
-        b':' => is_integer(line).then_some(Some(line_end)),
+        b':' => parse_integer(line).map(|_| Some(line_end)),
         _ => {
             if line == b"-1" && protocol == Protocol::Resp2 {
                 return Some(Some(line_end));
             }
-            if line.is_empty() || line.len() > 19 || !line.iter().all(u8::is_ascii_digit) {
+            if line.first() == Some(&b'-') {
                 return None;
             }
-            let length: usize = std::str::from_utf8(line).ok()?.parse().ok()?;
+            let length = usize::try_from(parse_integer(line)?).ok()?;
             let end = line_end.checked_add(length)?.checked_add(2)?;
             if buf.len() < end {
                 return Some(None);
@@ -245,15 +251,6 @@ fn scalar_reply_length(buf: &[u8], protocol: Protocol) -> Option<Option<usize>> 
             (&buf[end - 2..end] == b"\r\n").then_some(Some(end))
         }
     }
-}
-
-/// True for an optionally signed run of decimal digits.
-fn is_integer(text: &[u8]) -> bool {
-    let digits = match text.first() {
-        Some(b'-' | b'+') => &text[1..],
-        _ => text,
-    };
-    !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit)
 }
 
 /// A decoded reply, for the few places that look inside one.
@@ -380,15 +377,6 @@ mod tests {
         requests
     }
 
-    /// Returns the decoder's length for `buf`, `Ok(None)` while incomplete.
-    fn decoder_length(buf: &[u8], protocol: Protocol) -> Result<Option<usize>, ()> {
-        let decoded = match protocol {
-            Protocol::Resp2 => resp2::decode_range(buf).map(|found| found.map(|(_, len)| len)),
-            Protocol::Resp3 => resp3::decode_range(buf).map(|found| found.map(|(_, len)| len)),
-        };
-        decoded.map_err(|_| ())
-    }
-
     #[test]
     fn scalar_reply_scan_matches_decoder() {
         let frames: &[&[u8]] = &[
@@ -419,8 +407,8 @@ mod tests {
                         continue;
                     };
                     assert_eq!(
-                        Ok(fast),
-                        decoder_length(&input, protocol),
+                        Some(fast),
+                        decoded_length(&input, protocol).ok(),
                         "{:?} with {protocol:?}",
                         String::from_utf8_lossy(&input)
                     );
@@ -432,7 +420,7 @@ mod tests {
             assert_eq!(scalar_reply_length(bad, Protocol::Resp2), None);
             let mut buf = BytesMut::from(bad);
             let parsed = parse_reply(&mut buf, Protocol::Resp2, 1024);
-            let decoded = decoder_length(bad, Protocol::Resp2);
+            let decoded = decoded_length(bad, Protocol::Resp2);
             assert_eq!(parsed.is_err(), decoded.is_err());
         }
         // Other kinds are left to the decoder.

@@ -151,7 +151,9 @@ fn number_line(buf: &[u8], at: usize, error: &str) -> Result<Option<(i64, usize)
     }
 }
 
-fn parse_integer(digits: &[u8]) -> Option<i64> {
+/// Parses an optionally negative run of decimal digits, `None` when it is
+/// not one or overflows.
+pub(super) fn parse_integer(digits: &[u8]) -> Option<i64> {
     let (negative, digits) = match digits.split_first() {
         Some((b'-', rest)) => (true, rest),
         _ => (false, digits),

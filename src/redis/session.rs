@@ -79,7 +79,7 @@ impl ClientWriter {
     /// [`ClientWriter::try_write_now`] does, and returns how many bytes
     /// were written.
     fn try_write_start(&self, bytes: &[u8]) -> io::Result<usize> {
-        if self.queued.load(Ordering::Acquire) != 0 || !self.direct.load(Ordering::Relaxed) {
+        if !self.may_write_directly() {
             return Ok(0);
         }
         let mut written = 0;
@@ -92,6 +92,12 @@ impl ClientWriter {
             }
         }
         Ok(written)
+    }
+
+    /// True when the session may write to the socket itself: no queued
+    /// reply is unwritten and the writer sends no invalidation pushes.
+    fn may_write_directly(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0 && self.direct.load(Ordering::Relaxed)
     }
 
     /// Writes all of `bytes`, waiting while the socket is full.
@@ -482,8 +488,7 @@ impl Session {
     fn may_wait_inline(&self) -> bool {
         self.tracking.is_none()
             && !self.reader.has_buffered()
-            && self.writer.queued.load(Ordering::Acquire) == 0
-            && self.writer.direct.load(Ordering::Relaxed)
+            && self.writer.may_write_directly()
             && self.batch.lock().is_empty()
     }
 
@@ -493,15 +498,13 @@ impl Session {
     async fn wait_inline(&mut self, mut in_flight: InFlight) -> Flow {
         let received = tokio::select! {
             biased;
-            received = &mut in_flight.receiver => received,
-            _ = self.reader.half.readable() => {
-                let pending = self.resolved_by_route(Pending::InFlight(in_flight));
-                return self.send(Outgoing::Reply(pending)).await;
-            }
-            _ = &mut self.stopping => {
-                let pending = self.resolved_by_route(Pending::InFlight(in_flight));
-                return self.send(Outgoing::Reply(pending)).await;
-            }
+            received = &mut in_flight.receiver => Some(received),
+            _ = self.reader.half.readable() => None,
+            _ = &mut self.stopping => None,
+        };
+        let Some(received) = received else {
+            let pending = self.resolved_by_route(Pending::InFlight(in_flight));
+            return self.send(Outgoing::Reply(pending)).await;
         };
         let reply = self.router.clone().complete(in_flight, received).await;
         self.send(Outgoing::Reply(Pending::Ready(reply))).await
