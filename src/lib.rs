@@ -10,4 +10,5 @@ pub mod pg;
 pub mod plan;
 pub mod redis;
 pub mod server;
+pub mod threads;
 pub mod tls;

@@ -150,7 +150,9 @@ async fn resp3_client_through_redis_rs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pipelines_keep_reply_order() {
-    let skiff = skiff("upstream_connections = 2").await;
+    // Three shared connections over two session threads: clients on both
+    // threads share some of them.
+    let skiff = skiff("upstream_connections = 3\nthreads = 2").await;
     let mut tasks = Vec::new();
     for client in 0..16 {
         let url = skiff.url(if client % 2 == 0 {

@@ -82,6 +82,12 @@ pub struct RedisConfig {
     /// database. Default 2.
     #[serde(default = "default_upstream_connections")]
     pub upstream_connections: usize,
+    /// Threads serving Redis clients, each running an event loop of its
+    /// own; a client, and the shared upstream connections it uses, stay on
+    /// one thread. Default: half the CPUs skiff may use, at least 1, so a
+    /// sidecar leaves the rest to the application beside it.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// Connections held by one client each (transactions, blocking
     /// commands, subscriptions), across all nodes. Default 1024.
     #[serde(default = "default_max_dedicated_connections")]
@@ -216,6 +222,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("max_clients", &self.max_clients)
             .field("upstream_connections", &self.upstream_connections)
             .field("max_dedicated_connections", &self.max_dedicated_connections)
+            .field("threads", &self.threads)
             .field("connect_timeout", &self.connect_timeout)
             .field("topology_refresh_interval", &self.topology_refresh_interval)
             .field("max_redirects", &self.max_redirects)
@@ -291,6 +298,7 @@ impl RedisConfig {
             ("max_dedicated_connections", self.max_dedicated_connections),
             ("cache_max_bytes", self.cache_max_bytes),
             ("cache_max_entries", self.cache_max_entries),
+            ("threads", self.threads.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Err(format!("[redis] {name} must be at least 1"));
@@ -413,6 +421,17 @@ fn default_client_queue_depth() -> usize {
 fn default_max_clients() -> usize {
     10_000
 }
+impl RedisConfig {
+    /// Threads serving clients: `threads`, or half the CPUs skiff may use.
+    pub fn thread_count(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |cpus| cpus.get() / 2)
+            })
+            .max(1)
+    }
+}
+
 fn default_upstream_connections() -> usize {
     2
 }
@@ -457,6 +476,25 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("up-secret"), "{printed}");
         assert!(!printed.contains("client-secret"), "{printed}");
+    }
+
+    #[test]
+    fn thread_count_defaults_to_half_the_cpus() {
+        let config = Config::parse("[redis]\nnodes = [\"127.0.0.1:7000\"]\n")
+            .unwrap()
+            .redis
+            .unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(config.thread_count(), (cpus / 2).max(1));
+        let config = Config::parse("[redis]\nnodes = [\"127.0.0.1:7000\"]\nthreads = 3\n")
+            .unwrap()
+            .redis
+            .unwrap();
+        assert_eq!(config.thread_count(), 3);
+        let err = Config::parse("[redis]\nnodes = [\"127.0.0.1:7000\"]\nthreads = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[redis] threads must be at least 1"), "{err}");
     }
 
     #[test]

@@ -28,13 +28,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admin::{BoxFuture, Component};
 use crate::config::{RedisConfig, RedisMode};
+use crate::threads::SessionThreads;
 use command::CommandTable;
 use frame::{encode_command, error_text, Protocol, Value};
 use router::Router;
@@ -85,6 +86,14 @@ impl RedisRouter {
             };
             refresh_tasks.extend(task);
         }
+        let threads =
+            match SessionThreads::start("skiff-redis", self.router.config().thread_count()) {
+                Ok(threads) => threads,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the redis session threads");
+                    return;
+                }
+            };
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -104,18 +113,36 @@ impl RedisRouter {
                     .await;
                 continue;
             };
+            // The session moves to a session thread's runtime, which must
+            // register the socket with its own reactor.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "redis accept failed");
+                    continue;
+                }
+            };
             let routes = self.routes.clone();
             let shutdown = shutdown.clone();
+            // Clients whose ids are equal modulo the thread count share a
+            // thread, and ids pick the shared upstream connection, so a
+            // thread's sessions use the connections that thread opened.
+            let client_id = self.router.next_client_id();
             // At info level, so warnings and errors about this client name its
             // address.
             let span = tracing::info_span!("redis_client", peer = %peer);
             let session = async move {
-                tracing::debug!("client connected");
-                session::run(routes, stream, peer, shutdown).await;
-                tracing::debug!("client disconnected");
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        tracing::debug!("client connected");
+                        session::run(routes, stream, peer, client_id, shutdown).await;
+                        tracing::debug!("client disconnected");
+                    }
+                    Err(err) => tracing::warn!(error = %err, "redis accept failed"),
+                }
                 drop(permit);
             };
-            tokio::spawn(session.instrument(span));
+            threads.spawn(client_id, session.instrument(span));
         }
         let all = self.router.config().max_clients as u32;
         let drain = self.router.config().shutdown_timeout;

@@ -65,6 +65,7 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
         current.max_dedicated_connections != new.max_dedicated_connections,
     );
     note("max_clients", current.max_clients != new.max_clients);
+    note("threads", current.threads != new.threads);
     note(
         "topology_refresh_interval",
         current.topology_refresh_interval != new.topology_refresh_interval,
@@ -98,6 +99,7 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     applied.connect_timeout = current.connect_timeout;
     applied.max_reply_bytes = current.max_reply_bytes;
     applied.upstream_connections = current.upstream_connections;
+    applied.threads = current.threads;
     applied.max_dedicated_connections = current.max_dedicated_connections;
     applied.max_clients = current.max_clients;
     applied.topology_refresh_interval = current.topology_refresh_interval;

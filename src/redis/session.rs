@@ -235,11 +235,13 @@ pub struct Session {
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
-/// Serves one client until it disconnects or skiff shuts down.
+/// Serves one client until it disconnects or skiff shuts down. `client_id`
+/// is its CLIENT ID and picks its shared upstream connections.
 pub async fn run(
     routes: Arc<Routes>,
     stream: TcpStream,
     peer: SocketAddr,
+    client_id: u64,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
@@ -256,7 +258,6 @@ pub async fn run(
         replies,
         router.clone(),
     ));
-    let client_id = router.next_client_id();
     let mut session = Session {
         ctx: SessionCtx {
             protocol: Protocol::Resp2,

@@ -443,6 +443,9 @@ async fn write_requests(
 ) -> UpstreamError {
     let mut out = BytesMut::with_capacity(MAX_WRITE_BYTES);
     while let Some(batch) = batches.recv().await {
+        // Let the runtime poll for I/O and run the sessions it wakes before
+        // writing, so requests from many clients leave in one write.
+        tokio::task::yield_now().await;
         let mut next = Some(batch);
         while let Some(batch) = next.take() {
             match batch.replies {

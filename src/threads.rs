@@ -1,0 +1,50 @@
+//! Session threads: a fixed set of threads, each running a single-threaded
+//! tokio runtime, that client sessions are spread over.
+//!
+//! A session, the tasks it spawns and the upstream connections it opens stay
+//! on the thread it was given, so a request, its upstream round trip and the
+//! reply wake no other thread. On a multi-threaded runtime each of those
+//! steps may hand work to another worker, paying a futex or eventfd wake-up
+//! and a context switch per request; on a small machine those cost more
+//! than the request itself.
+
+use std::future::Future;
+use std::io;
+
+use tokio::runtime::{Builder, Handle};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Threads that run sessions until this value is dropped.
+pub struct SessionThreads {
+    handles: Vec<Handle>,
+    _stop: DropGuard,
+}
+
+impl SessionThreads {
+    /// Starts `count` threads (at least one) named `name-N`.
+    pub fn start(name: &str, count: usize) -> io::Result<SessionThreads> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(count.max(1));
+        for index in 0..count.max(1) {
+            let runtime = Builder::new_current_thread().enable_all().build()?;
+            handles.push(runtime.handle().clone());
+            let stopped = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{index}"))
+                .spawn(move || runtime.block_on(stopped.cancelled()))?;
+        }
+        Ok(SessionThreads {
+            handles,
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    /// Runs `task` on thread `index` modulo the thread count.
+    pub fn spawn<F>(&self, index: u64, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let handle = &self.handles[(index % self.handles.len() as u64) as usize];
+        drop(handle.spawn(task));
+    }
+}
