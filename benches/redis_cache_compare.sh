@@ -64,15 +64,16 @@ wait_port() { # host port [netns]
     exit 1
 }
 
-# Writes a skiff config: name listen upstream cache(yes|no)
+# Writes a skiff config: name listen upstream cache(yes|no) [threads]
 skiff_config() {
-    local name=$1 listen=$2 upstream=$3 cache=$4
+    local name=$1 listen=$2 upstream=$3 cache=$4 threads=${5:-}
     {
         echo "[admin]"
         echo "listen = \"127.0.0.1:$(free_port)\""
         echo "[redis]"
         echo "listen = \"$listen\""
         echo "nodes = [\"$upstream\"]"
+        [ -z "$threads" ] || echo "threads = $threads"
         if [ "$cache" = yes ]; then
             printf '[[redis.cache]]\nprefix = "key:"\nmax_ttl = "300s"\n'
         fi
@@ -118,47 +119,45 @@ redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no \
 PIDS+=($!)
 wait_port 127.0.0.1 "$REDIS"
 fill_keys redis-cli -p "$REDIS"
-CACHED=$(free_port); CACHED_ONE=$(free_port); UNCACHED=$(free_port)
+CACHED=$(free_port); CACHED_ALL=$(free_port); UNCACHED=$(free_port)
 skiff_config cached "127.0.0.1:$CACHED" "127.0.0.1:$REDIS" yes
-skiff_config cached-one "127.0.0.1:$CACHED_ONE" "127.0.0.1:$REDIS" yes
+skiff_config cached-all "127.0.0.1:$CACHED_ALL" "127.0.0.1:$REDIS" yes "$(nproc)"
 skiff_config uncached "127.0.0.1:$UNCACHED" "127.0.0.1:$REDIS" no
 SKIFF_LOG=warn target/release/skiff --config "$WORK/cached.toml" >"$WORK/cached.log" 2>&1 &
 PIDS+=($!)
-# The same with one runtime thread: redis-benchmark keeps one of the
-# machine's cores busy, and Redis itself runs on one.
-SKIFF_WORKER_THREADS=1 SKIFF_LOG=warn target/release/skiff --config "$WORK/cached-one.toml" \
-    >"$WORK/cached-one.log" 2>&1 &
+# The same with one Redis thread per core instead of the default half.
+SKIFF_LOG=warn target/release/skiff --config "$WORK/cached-all.toml" >"$WORK/cached-all.log" 2>&1 &
 PIDS+=($!)
 SKIFF_LOG=warn target/release/skiff --config "$WORK/uncached.toml" >"$WORK/uncached.log" 2>&1 &
 PIDS+=($!)
-wait_port 127.0.0.1 "$CACHED"; wait_port 127.0.0.1 "$CACHED_ONE"; wait_port 127.0.0.1 "$UNCACHED"
+wait_port 127.0.0.1 "$CACHED"; wait_port 127.0.0.1 "$CACHED_ALL"; wait_port 127.0.0.1 "$UNCACHED"
 # Warm the caches: every key read once.
 run_get 127.0.0.1 "$CACHED" 16 >/dev/null
-run_get 127.0.0.1 "$CACHED_ONE" 16 >/dev/null
+run_get 127.0.0.1 "$CACHED_ALL" 16 >/dev/null
 
-echo "cached: default runtime threads ($(nproc)); cached-1t: SKIFF_WORKER_THREADS=1"
+echo "cached: default [redis] threads (half the $(nproc) cores); cached-all: threads = $(nproc)"
 echo "requests/s, median of $ROUNDS runs (min-max); ratios of medians"
 for depth in 1 16; do
-    direct=(); uncached=(); cached=(); cached_one=(); upstream=()
+    direct=(); uncached=(); cached=(); cached_all=(); upstream=()
     for _ in $(seq "$ROUNDS"); do
         direct+=("$(run_get 127.0.0.1 "$REDIS" "$depth")")
         uncached+=("$(run_get 127.0.0.1 "$UNCACHED" "$depth")")
         before=$(commands_processed redis-cli -p "$REDIS")
         cached+=("$(run_get 127.0.0.1 "$CACHED" "$depth")")
-        cached_one+=("$(run_get 127.0.0.1 "$CACHED_ONE" "$depth")")
+        cached_all+=("$(run_get 127.0.0.1 "$CACHED_ALL" "$depth")")
         after=$(commands_processed redis-cli -p "$REDIS")
         upstream+=($((after - before)))
     done
     total_upstream=$(python3 -c "import sys; print(sum(int(x) for x in sys.argv[1:]))" "${upstream[@]}")
     per_request=$(python3 -c "print(f'{$total_upstream / (2 * $ROUNDS * $REQUESTS):.5f}')")
     d=$(median "${direct[@]}"); u=$(median "${uncached[@]}")
-    c=$(median "${cached[@]}"); c1=$(median "${cached_one[@]}")
+    c=$(median "${cached[@]}"); ca=$(median "${cached_all[@]}")
     echo "depth $depth:"
     echo "  direct     $(summary "${direct[@]}")"
     echo "  uncached   $(summary "${uncached[@]}")"
     echo "  cached     $(summary "${cached[@]}")"
-    echo "  cached-1t  $(summary "${cached_one[@]}")"
-    echo "  cached/direct $(ratio "$c" "$d")  cached-1t/direct $(ratio "$c1" "$d")  cached/uncached $(ratio "$c" "$u")"
+    echo "  cached-all $(summary "${cached_all[@]}")"
+    echo "  cached/direct $(ratio "$c" "$d")  cached-all/direct $(ratio "$ca" "$d")  cached/uncached $(ratio "$c" "$u")"
     echo "  upstream commands per request served with the cache on: $per_request ($total_upstream in all)"
 done
 

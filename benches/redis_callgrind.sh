@@ -17,7 +17,14 @@ SKIFF=${1:-target/release/skiff}
 REQUESTS=${2:-20000}
 WORK=$(mktemp -d /tmp/skiff-callgrind-XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { until redis-cli -p "$1" ping >/dev/null 2>&1; do sleep 0.2; done; }
+wait_port() { # port; gives up after 60 s
+    local tries=0
+    until redis-cli -p "$1" ping >/dev/null 2>&1; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 300 ] || { echo "nothing answers on port $1" >&2; exit 1; }
+        sleep 0.2
+    done
+}
 
 PIDS=()
 cleanup() {
@@ -46,7 +53,7 @@ measure() {
         printf 'bench:\n  listen: 127.0.0.1:%s\n  hash: fnv1a_64\n  distribution: ketama\n  redis: true\n  servers:\n   - 127.0.0.1:%s:1\n' \
             "$port" "$REDIS" > "$WORK/nutcracker.yml"
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
-            nutcracker -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" 2>>"$WORK/valgrind.log" &
+            nutcracker -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" -a 127.0.0.1 -s "$(free_port)" 2>>"$WORK/valgrind.log" &
     else
         {
             echo "[admin]"

@@ -43,7 +43,14 @@ start_redis() { # port [extra args...]
         --dir "$WORK/$port" --logfile "$WORK/$port/log" "$@" &
     PIDS+=($!)
 }
-wait_port() { until redis-cli -p "$1" ping >/dev/null 2>&1; do sleep 0.1; done; }
+wait_port() { # port; gives up after 30 s
+    local tries=0
+    until redis-cli -p "$1" ping >/dev/null 2>&1; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 300 ] || { echo "nothing answers on port $1" >&2; exit 1; }
+        sleep 0.1
+    done
+}
 
 # Standalone Redis, twemproxy and skiff in front of it.
 REDIS=$(free_port); start_redis "$REDIS"; wait_port "$REDIS"
@@ -57,7 +64,7 @@ bench:
   servers:
    - 127.0.0.1:$REDIS:1
 CONF
-nutcracker -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" &
+nutcracker -c "$WORK/nutcracker.yml" -o "$WORK/nutcracker.log" -a 127.0.0.1 -s "$(free_port)" &
 PIDS+=($!)
 SKIFF=$(free_port); ADMIN=$(free_port)
 cat > "$WORK/standalone.toml" <<CONF
