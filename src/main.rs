@@ -63,13 +63,16 @@ fn main() -> ExitCode {
         }
     }
     skiff::server::init_tracing(cli.log_format);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = std::env::var("SKIFF_WORKER_THREADS")
+    // Half the CPUs by default: skiff runs beside the application it
+    // serves, and on a small machine a second worker costs more in
+    // wake-ups between threads than it adds.
+    let threads = std::env::var("SKIFF_WORKER_THREADS")
         .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        builder.worker_threads(threads);
-    }
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |cpus| cpus.get() / 2))
+        .max(1);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(threads);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
