@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::postgres::{PgServer, CLEAR_USER, MD5_USER, SCRAM_USER};
@@ -174,15 +174,17 @@ async fn waiters_served_first_come_first_served() {
     let db = database("fair_queue");
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
     let holder = skiff.connect("postgres", &db).await;
+    holder
+        .simple_query("CREATE TABLE served (seq serial, waiter int)")
+        .await
+        .unwrap();
     holder.simple_query("BEGIN").await.unwrap();
-    let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for index in 0..5 {
         let client = skiff.connect("postgres", &db).await;
-        let order = order.clone();
         tasks.push(tokio::spawn(async move {
-            client.simple_query("SELECT 1").await.unwrap();
-            order.lock().unwrap().push(index);
+            let sql = format!("INSERT INTO served (waiter) VALUES ({index})");
+            client.simple_query(&sql).await.unwrap();
         }));
         // Each waiter queues before the next one starts. A fixed pause is
         // not enough on a busy machine, where a spawned client can start
@@ -193,7 +195,41 @@ async fn waiters_served_first_come_first_served() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    // The order the server ran the waiters' statements in, which with one
+    // server connection is the order they got it. The order their replies
+    // reach the test's tasks is up to the scheduler.
+    let rows = holder
+        .query("SELECT waiter FROM served ORDER BY seq", &[])
+        .await
+        .unwrap();
+    let order: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(order, vec![0, 1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_hangs_up_while_queued_never_runs_its_query() {
+    let db = database("hang_up_queue");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let holder = skiff.connect("postgres", &db).await;
+    holder
+        .simple_query("CREATE TABLE gave_up (n int)")
+        .await
+        .unwrap();
+    holder.simple_query("BEGIN").await.unwrap();
+    let mut quitter = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
+    quitter
+        .send(&[raw::query("INSERT INTO gave_up VALUES (1)")])
+        .await;
+    wait_until_waiting(&skiff, 1).await;
+    drop(quitter);
+    // It leaves the queue while the only server connection is still busy.
+    wait_until_waiting(&skiff, 0).await;
+    holder.simple_query("COMMIT").await.unwrap();
+    let rows = holder
+        .query_one("SELECT count(*) FROM gave_up", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), 0, "the closed client's INSERT ran");
 }
 
 /// Waits until `count` clients wait for a server connection, as the

@@ -426,24 +426,37 @@ impl Session {
         let cancelled = self.cancel.begin_wait();
         let stop = self.cancel.stop();
         let killed = std::future::poll_fn(|cx| stop.poll_stop(cx, false));
+        // A client that hangs up while queued leaves the queue at once: its
+        // request must not run on a server after it gave up.
+        let hung_up = self.reader.get_ref().closed();
         let result = tokio::select! {
             result = pool.checkout(wait) => Ok(result),
-            _ = cancelled.notified() => Err(false),
-            _ = killed => Err(true),
+            _ = cancelled.notified() => Err(WaitEnded::Cancelled),
+            _ = killed => Err(WaitEnded::Killed),
+            _ = hung_up => Err(WaitEnded::HungUp),
         };
         self.cancel.end_wait();
         match result {
             Ok(Ok(checkout)) => Ok(checkout),
             Ok(Err(err)) => Err(self.checkout_error(err)),
-            Err(true) => {
+            Err(WaitEnded::Killed) => {
                 self.fatal_sent = true;
                 Err(protocol::error_response(Severity::Fatal, "57P01", KILLED))
             }
-            Err(false) => Err(protocol::error_response(
+            Err(WaitEnded::Cancelled) => Err(protocol::error_response(
                 Severity::Error,
                 "57014",
                 "canceling statement due to user request",
             )),
+            Err(WaitEnded::HungUp) => {
+                tracing::debug!("client closed the connection while waiting for a server");
+                self.fatal_sent = true;
+                Err(protocol::error_response(
+                    Severity::Fatal,
+                    "08006",
+                    "client closed the connection while waiting for a server",
+                ))
+            }
         }
     }
 
@@ -610,4 +623,14 @@ impl Session {
             .map(|checkout| checkout.conn.tx_status)
             .unwrap_or(b'I')
     }
+}
+
+/// Why a client's wait for a server connection ended early.
+enum WaitEnded {
+    /// A cancel request for the client arrived.
+    Cancelled,
+    /// An admin KILL or a shutdown ended the client.
+    Killed,
+    /// The client closed its connection.
+    HungUp,
 }
