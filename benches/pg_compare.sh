@@ -3,7 +3,13 @@
 # same pool size) and a direct connection, in one run on one machine, and
 # measures skiff's RSS with 10,000 idle client connections.
 #
-# Usage: benches/pg_compare.sh [seconds per run, default 15]
+# Usage: benches/pg_compare.sh [seconds per run, default 15] [rounds, default 1]
+#
+# With more than one round the three targets take turns in each round, so
+# background load hits them alike, and each figure is the median of the
+# rounds. Each pooler's CPU time per transaction (user and system, read
+# from /proc) is printed too: on a machine whose cores pgbench and
+# PostgreSQL keep busy, it decides how fast a pooler can go.
 # Needs root (PostgreSQL runs as the postgres user) and Debian's pgbouncer,
 # postgresql-15 and python3. Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -11,6 +17,7 @@ cd "$(dirname "$0")/.."
 ulimit -n 20000
 
 DURATION=${1:-15}
+ROUNDS=${2:-1}
 POOL_SIZE=20
 WORK=$(mktemp -d /tmp/skiff-bench-XXXXXX)
 chown postgres:postgres "$WORK"
@@ -27,34 +34,58 @@ start_pgbouncer
 start_skiff target/release/skiff
 
 # Prints "tps failed" for one pgbench run.
+# Prints "tps failed cpu_us_per_transaction" of one pgbench run; the CPU
+# is that of process $4 when given.
 run() {
-    local port=$1 clients=$2 mode=$3 out
+    local port=$1 clients=$2 mode=$3 pid=${4:-} out before=0 after=0
+    [ -n "$pid" ] && before=$(cpu_ticks "$pid")
     out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -S -n -c "$clients" -j 2 -T "$DURATION" -M "$mode" bench 2>&1 || true)
-    local tps failed
+    [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+    local tps failed count
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
     failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' | head -1)
+    count=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' | head -1)
     if echo "$out" | grep -q "aborted\|error"; then
         failed="${failed:-0}+errors"
-        # grep stops reading early, which fails echo with SIGPIPE.
         echo "$out" | grep -m2 "aborted\|error" | sed "s/^/    port $port: /" >&2 || true
     fi
-    echo "${tps:-0} ${failed:-?}"
+    local cpu
+    cpu=$(python3 -c "import os, sys; t = int(sys.argv[2] or 0); print(f'{(int(sys.argv[1])) * 1e6 / os.sysconf(\"SC_CLK_TCK\") / t:.1f}' if t else '0')" \
+        "$((after - before))" "$count")
+    echo "${tps:-0} ${failed:-?} $cpu"
 }
 
-# Prints a/b with two decimals, or n/a when b is zero.
-ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'n/a')" "$1" "$2"; }
+# User and system CPU time of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-printf "%-8s %-9s %12s %12s %12s %10s %10s\n" clients mode direct pgbouncer skiff "skiff/pgb" "skiff/dir"
+ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'n/a')" "$1" "$2"; }
+median() { python3 -c "import statistics, sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.0f}')" "$@"; }
+median1() { python3 -c "import statistics, sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.1f}')" "$@"; }
+# "median" alone for one round, "median (min-max)" for more.
+summary() { python3 -c "import statistics, sys; v = sorted(float(x) for x in sys.argv[1:]); print(f'{statistics.median(v):.0f}' + (f' ({v[0]:.0f}-{v[-1]:.0f})' if len(v) > 1 else ''))" "$@"; }
+# The failure marks of several runs: "0" when all are clean.
+failures() { local f; for f in "$@"; do [ "$f" = 0 ] || { echo "$f"; return; }; done; echo 0; }
+
+echo "tps (failed transactions); medians of $ROUNDS round(s); CPU in us per transaction"
+printf "%-8s %-9s %16s %22s %22s %10s %10s %9s %9s\n" clients mode direct pgbouncer skiff "skiff/pgb" "skiff/dir" "pgb cpu" "skiff cpu"
 declare -A RESULT
 for clients in 50 500; do
     for mode in simple prepared; do
-        read -r direct_tps direct_failed < <(run "$PG_PORT" "$clients" "$mode")
-        read -r bouncer_tps bouncer_failed < <(run "$BOUNCER_PORT" "$clients" "$mode")
-        read -r skiff_tps skiff_failed < <(run "$SKIFF_PORT" "$clients" "$mode")
+        d=(); b=(); s=(); bf=(); sf=(); bc=(); sc=()
+        for _ in $(seq "$ROUNDS"); do
+            read -r tps _ _ < <(run "$PG_PORT" "$clients" "$mode"); d+=("$tps")
+            read -r tps failed cpu < <(run "$BOUNCER_PORT" "$clients" "$mode" "$BOUNCER_PID")
+            b+=("$tps"); bf+=("$failed"); bc+=("$cpu")
+            read -r tps failed cpu < <(run "$SKIFF_PORT" "$clients" "$mode" "$SKIFF_PID")
+            s+=("$tps"); sf+=("$failed"); sc+=("$cpu")
+        done
+        direct_tps=$(median "${d[@]}"); bouncer_tps=$(median "${b[@]}"); skiff_tps=$(median "${s[@]}")
         RESULT["$clients-$mode"]=$bouncer_tps
-        printf "%-8s %-9s %12s %12s %12s %10s %10s\n" "$clients" "$mode" \
-            "$direct_tps" "$bouncer_tps/$bouncer_failed" "$skiff_tps/$skiff_failed" \
-            "$(ratio "$skiff_tps" "$bouncer_tps")" "$(ratio "$skiff_tps" "$direct_tps")"
+        printf "%-8s %-9s %16s %22s %22s %10s %10s %9s %9s\n" "$clients" "$mode" \
+            "$(summary "${d[@]}")" "$(summary "${b[@]}")/$(failures "${bf[@]}")" \
+            "$(summary "${s[@]}")/$(failures "${sf[@]}")" \
+            "$(ratio "$skiff_tps" "$bouncer_tps")" "$(ratio "$skiff_tps" "$direct_tps")" \
+            "$(median1 "${bc[@]}")" "$(median1 "${sc[@]}")"
         if [ "$mode" = prepared ]; then
             simple=${RESULT["$clients-simple"]}
             echo "         skiff prepared vs PgBouncer simple at $clients clients: $(ratio "$skiff_tps" "$simple")"
