@@ -48,3 +48,52 @@ impl SessionThreads {
         drop(handle.spawn(task));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SessionThreads;
+
+    /// Returns the name of the thread that runs task `index`.
+    fn thread_of(threads: &SessionThreads, index: u64) -> String {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        threads.spawn(index, async move {
+            let name = std::thread::current()
+                .name()
+                .unwrap_or_default()
+                .to_string();
+            sender.send(name).unwrap();
+        });
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the task ran")
+    }
+
+    #[test]
+    fn tasks_run_on_index_modulo_count() {
+        let threads = SessionThreads::start("placement", 3).unwrap();
+        assert_eq!(thread_of(&threads, 0), "placement-0");
+        assert_eq!(thread_of(&threads, 4), "placement-1");
+        assert_eq!(thread_of(&threads, 5), "placement-2");
+        assert_eq!(thread_of(&threads, 9), "placement-0");
+    }
+
+    #[test]
+    fn zero_threads_start_one() {
+        let threads = SessionThreads::start("at-least-one", 0).unwrap();
+        assert_eq!(thread_of(&threads, 7), "at-least-one-0");
+    }
+
+    #[test]
+    fn dropping_stops_the_threads() {
+        let threads = SessionThreads::start("stopping", 2).unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel::<()>();
+        // A task that never ends holds the sender until its runtime drops it.
+        threads.spawn(1, async move {
+            let _held = sender;
+            std::future::pending::<()>().await;
+        });
+        drop(threads);
+        let ended = receiver.recv_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(ended, Err(std::sync::mpsc::RecvTimeoutError::Disconnected));
+    }
+}
