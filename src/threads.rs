@@ -4,9 +4,9 @@
 //! A session, the tasks it spawns and the upstream connections it opens stay
 //! on the thread it was given, so a request, its upstream round trip and the
 //! reply wake no other thread. On a multi-threaded runtime each of those
-//! steps may hand work to another worker, paying a futex or eventfd wake-up
-//! and a context switch per request; on a small machine those cost more
-//! than the request itself.
+//! steps may hand work to another worker, which costs a futex or eventfd
+//! wake-up and a context switch. On a small machine those cost more than
+//! the request itself.
 
 use std::future::Future;
 use std::io;
@@ -87,7 +87,7 @@ mod tests {
     fn dropping_stops_the_threads() {
         let threads = SessionThreads::start("stopping", 2).unwrap();
         let (sender, receiver) = std::sync::mpsc::channel::<()>();
-        // A task that never ends holds the sender until its runtime drops it.
+        // A task that never ends keeps the sender until its runtime drops it.
         threads.spawn(1, async move {
             let _held = sender;
             std::future::pending::<()>().await;
