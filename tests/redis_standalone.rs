@@ -774,3 +774,29 @@ async fn idle_clients_use_little_memory() {
     let per_client = resident_bytes().saturating_sub(before) / 2000;
     assert!(per_client < 48 * 1024, "{per_client} bytes per idle client");
 }
+
+/// A thread count beyond the maximum used to pass `skiff check`, then
+/// exhausted file descriptors or overflowed an allocation when the router
+/// started, leaving skiff running with no Redis listener.
+#[test]
+fn check_rejects_huge_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    for threads in ["1025", "100000", "18446744073709551615"] {
+        let path = dir.path().join("skiff.toml");
+        let text = format!("[redis]\nnodes = [\"127.0.0.1:7000\"]\nthreads = {threads}\n");
+        std::fs::write(&path, text).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "threads = {threads} passed check");
+        assert!(
+            stderr.contains(&format!(
+                "[redis] threads is {threads}, more than the maximum"
+            )),
+            "threads = {threads}: {stderr}"
+        );
+    }
+}
