@@ -38,6 +38,9 @@ const INITIAL_WRITE_BUFFER: usize = 1024;
 /// transaction before it closes the server connection instead.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A client's Terminate message: type `X` and a length of 4, no body.
+const TERMINATE: &[u8] = &[protocol::frontend::TERMINATE, 0, 0, 0, 4];
+
 /// The FATAL message of a session ended by KILL or KILL_CLIENT.
 const KILLED: &str = "terminating connection due to administrator command";
 
@@ -427,8 +430,9 @@ impl Session {
         let stop = self.cancel.stop();
         let killed = std::future::poll_fn(|cx| stop.poll_stop(cx, false));
         // A client that hangs up while queued leaves the queue at once: its
-        // request must not run on a server after it gave up.
-        let hung_up = self.reader.get_ref().closed();
+        // request must not run on a server after it gave up. libpq sends
+        // Terminate before it closes, even with a query in flight.
+        let hung_up = self.reader.get_ref().closed_or_sent(TERMINATE);
         let result = tokio::select! {
             result = pool.checkout(wait) => Ok(result),
             _ = cancelled.notified() => Err(WaitEnded::Cancelled),
