@@ -800,3 +800,55 @@ fn check_rejects_huge_thread_count() {
         );
     }
 }
+
+/// Session threads that cannot start are a startup error: skiff used to
+/// log it and keep running with no Redis listener while reporting ready.
+#[test]
+fn skiff_exits_when_threads_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("skiff.toml");
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\
+         [redis]\nlisten = \"127.0.0.1:{}\"\nnodes = [\"127.0.0.1:{}\"]\nthreads = 1000\n",
+        redis_support::free_port(),
+        redis_support::free_port(),
+        redis_support::free_port(),
+    );
+    std::fs::write(&path, text).unwrap();
+    // Each thread's event loop holds file descriptors, so 64 of them run
+    // out long before the thousandth thread.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" --config \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_skiff"))
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = status.unwrap_or_else(|| panic!("skiff still running after 10 s: {stderr}"));
+    assert!(!status.success(), "skiff exited with success: {stderr}");
+    assert!(
+        stderr.contains("cannot start the redis session threads"),
+        "{stderr}"
+    );
+}
