@@ -143,22 +143,11 @@ impl ReadHalf {
     /// the watch: the future then never completes, as it never does for
     /// TLS, whose socket is hidden behind the TLS session.
     pub async fn closed(&self) {
-        self.closed_or_sent(&[]).await
-    }
-
-    /// [`ReadHalf::closed`], which also completes when the unread data is
-    /// exactly `farewell`, a final message the peer sends before closing.
-    /// `farewell` stays unread. Unread data that is only the start of
-    /// `farewell` ends the watch as other data does.
-    pub async fn closed_or_sent(&self, farewell: &[u8]) {
         if let ReadHalf::Plain(read) = self {
             let tcp: &TcpStream = read.as_ref();
-            // One byte more than `farewell`, to see whether more follows it.
-            let mut probe = vec![0u8; farewell.len() + 1];
-            match tcp.peek(&mut probe).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) if !farewell.is_empty() && probe[..read] == *farewell => return,
-                Ok(_) => {}
+            let mut probe = [0u8; 1];
+            if matches!(tcp.peek(&mut probe).await, Ok(0) | Err(_)) {
+                return;
             }
         }
         std::future::pending().await
