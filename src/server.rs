@@ -150,11 +150,21 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
     if let Some(redis_config) = &config.redis {
         let router = RedisRouter::new(redis_config_for(&config, redis_config))
             .map_err(ServerError::Setup)?;
+        // Started before the listener, so skiff exits when the session
+        // threads cannot start (too few file descriptors, for example)
+        // instead of running without its Redis listener.
+        let threads = router.start_threads().map_err(|err| {
+            ServerError::Setup(format!("cannot start the redis session threads: {err}"))
+        })?;
         let listener = bind(&redis_config.listen).await?;
         tracing::info!(listen = %redis_config.listen, "redis router listening");
         components.push(router.clone());
         redis_handle = Some(router.clone());
-        jobs.push(tokio::spawn(router.serve(listener, shutdown.clone())));
+        jobs.push(tokio::spawn(router.serve(
+            listener,
+            threads,
+            shutdown.clone(),
+        )));
     }
 
     let admin_listener = bind(&config.admin.listen).await?;

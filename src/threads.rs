@@ -22,9 +22,13 @@ pub struct SessionThreads {
 
 impl SessionThreads {
     /// Starts `count` threads (at least one) named `name-N`.
+    /// When one fails to start, those already started stop again.
     pub fn start(name: &str, count: usize) -> io::Result<SessionThreads> {
         let stop = CancellationToken::new();
-        let mut handles = Vec::with_capacity(count.max(1));
+        // Armed before the first thread starts, so an early return by `?`
+        // stops the threads started so far.
+        let guard = stop.clone().drop_guard();
+        let mut handles = Vec::new();
         for index in 0..count.max(1) {
             let runtime = Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
@@ -35,7 +39,7 @@ impl SessionThreads {
         }
         Ok(SessionThreads {
             handles,
-            _stop: stop.drop_guard(),
+            _stop: guard,
         })
     }
 

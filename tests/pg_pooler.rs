@@ -232,6 +232,78 @@ async fn client_that_hangs_up_while_queued_never_runs_its_query() {
     assert_eq!(rows.get::<_, i64>(0), 0, "the closed client's INSERT ran");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_terminates_while_queued_never_runs_its_query() {
+    let db = database("terminate_queue");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let holder = skiff.connect("postgres", &db).await;
+    holder
+        .simple_query("CREATE TABLE gave_up (n int)")
+        .await
+        .unwrap();
+    holder.simple_query("BEGIN").await.unwrap();
+    let mut quitter = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
+    quitter
+        .send(&[raw::query("INSERT INTO gave_up VALUES (1)")])
+        .await;
+    wait_until_waiting(&skiff, 1).await;
+    // libpq's PQfinish sends Terminate before closing, even while a query
+    // waits for its reply.
+    quitter.send(&[raw::terminate()]).await;
+    drop(quitter);
+    wait_until_waiting(&skiff, 0).await;
+    holder.simple_query("COMMIT").await.unwrap();
+    let rows = holder
+        .query_one("SELECT count(*) FROM gave_up", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.get::<_, i64>(0),
+        0,
+        "the terminated client's INSERT ran"
+    );
+    let after = skiff.connect("postgres", &db).await;
+    let row = after.query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1, "the pool stopped serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_client_that_hangs_up_while_queued_runs_nothing() {
+    let db = database("pipeline_hang_up_queue");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let holder = skiff.connect("postgres", &db).await;
+    holder
+        .simple_query("CREATE TABLE gave_up (n int)")
+        .await
+        .unwrap();
+    holder.simple_query("BEGIN").await.unwrap();
+    let mut quitter = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
+    // Twenty batches of about 1 kB: more than skiff reads before the
+    // first one queues, so the rest are still unread when the client
+    // closes.
+    let padding = "x".repeat(1000);
+    let mut batches = Vec::new();
+    for _ in 0..20 {
+        batches.push(raw::parse(
+            "",
+            &format!("INSERT INTO gave_up VALUES (1) -- {padding}"),
+        ));
+        batches.push(raw::bind("", "", &[]));
+        batches.push(raw::execute(""));
+        batches.push(raw::sync());
+    }
+    quitter.send(&batches).await;
+    wait_until_waiting(&skiff, 1).await;
+    drop(quitter);
+    wait_until_waiting(&skiff, 0).await;
+    holder.simple_query("COMMIT").await.unwrap();
+    let rows = holder
+        .query_one("SELECT count(*) FROM gave_up", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), 0, "the closed client's INSERTs ran");
+}
+
 /// Waits until `count` clients wait for a server connection, as the
 /// pooler's status reports, or panics after 10 s.
 async fn wait_until_waiting(skiff: &Skiff, count: usize) {

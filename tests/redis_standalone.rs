@@ -774,3 +774,81 @@ async fn idle_clients_use_little_memory() {
     let per_client = resident_bytes().saturating_sub(before) / 2000;
     assert!(per_client < 48 * 1024, "{per_client} bytes per idle client");
 }
+
+/// A thread count beyond the maximum used to pass `skiff check`, then
+/// exhausted file descriptors or overflowed an allocation when the router
+/// started, leaving skiff running with no Redis listener.
+#[test]
+fn check_rejects_huge_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    for threads in ["1025", "100000", "18446744073709551615"] {
+        let path = dir.path().join("skiff.toml");
+        let text = format!("[redis]\nnodes = [\"127.0.0.1:7000\"]\nthreads = {threads}\n");
+        std::fs::write(&path, text).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "threads = {threads} passed check");
+        assert!(
+            stderr.contains(&format!(
+                "[redis] threads is {threads}, more than the maximum"
+            )),
+            "threads = {threads}: {stderr}"
+        );
+    }
+}
+
+/// Session threads that cannot start are a startup error: skiff used to
+/// log it and keep running with no Redis listener while reporting ready.
+#[test]
+fn skiff_exits_when_threads_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("skiff.toml");
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\
+         [redis]\nlisten = \"127.0.0.1:{}\"\nnodes = [\"127.0.0.1:{}\"]\nthreads = 1000\n",
+        redis_support::free_port(),
+        redis_support::free_port(),
+        redis_support::free_port(),
+    );
+    std::fs::write(&path, text).unwrap();
+    // Each thread's event loop holds file descriptors, so 64 of them run
+    // out long before the thousandth thread.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" --config \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_skiff"))
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = status.unwrap_or_else(|| panic!("skiff still running after 10 s: {stderr}"));
+    assert!(!status.success(), "skiff exited with success: {stderr}");
+    assert!(
+        stderr.contains("cannot start the redis session threads"),
+        "{stderr}"
+    );
+}

@@ -86,6 +86,7 @@ pub struct RedisConfig {
     /// own; a client, and the shared upstream connections it uses, stay on
     /// one thread. Default: half the CPUs skiff may use, at least 1, so a
     /// sidecar leaves the rest to the application beside it.
+    /// At most [`MAX_THREADS`].
     #[serde(default)]
     pub threads: Option<usize>,
     /// Connections held by one client each (transactions, blocking
@@ -304,6 +305,11 @@ impl RedisConfig {
                 return Err(format!("[redis] {name} must be at least 1"));
             }
         }
+        if let Some(threads) = self.threads.filter(|&threads| threads > MAX_THREADS) {
+            return Err(format!(
+                "[redis] threads is {threads}, more than the maximum of {MAX_THREADS}"
+            ));
+        }
         self.validate_cache()?;
         super::redis_routes::validate_routes(self)
     }
@@ -428,9 +434,13 @@ impl RedisConfig {
             .unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |cpus| cpus.get() / 2)
             })
-            .max(1)
+            .clamp(1, MAX_THREADS)
     }
 }
+
+/// Largest `[redis] threads`. Each thread holds a stack and an event loop's
+/// file descriptors, so a mistyped count would exhaust them at startup.
+pub const MAX_THREADS: usize = 1024;
 
 fn default_upstream_connections() -> usize {
     2
@@ -495,6 +505,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[redis] threads must be at least 1"), "{err}");
+        let err = Config::parse("[redis]\nnodes = [\"127.0.0.1:7000\"]\nthreads = 1025\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than the maximum of 1024"), "{err}");
     }
 
     #[test]

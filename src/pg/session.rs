@@ -38,6 +38,10 @@ const INITIAL_WRITE_BUFFER: usize = 1024;
 /// transaction before it closes the server connection instead.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bytes of client messages read ahead while the client waits for a server
+/// connection, to see whether it closed behind them.
+const WAIT_READ_AHEAD_BYTES: usize = 64 * 1024;
+
 /// The FATAL message of a session ended by KILL or KILL_CLIENT.
 const KILLED: &str = "terminating connection due to administrator command";
 
@@ -427,8 +431,21 @@ impl Session {
         let stop = self.cancel.stop();
         let killed = std::future::poll_fn(|cx| stop.poll_stop(cx, false));
         // A client that hangs up while queued leaves the queue at once: its
-        // request must not run on a server after it gave up.
-        let hung_up = self.reader.get_ref().closed();
+        // request must not run on a server after it gave up. What it sends
+        // meanwhile (the rest of a pipeline, or the Terminate that libpq
+        // sends before closing) is read ahead, so the close behind it is
+        // seen, up to WAIT_READ_AHEAD_BYTES.
+        let reader = &mut self.reader;
+        let hung_up = async {
+            while reader.buffered_len() < WAIT_READ_AHEAD_BYTES {
+                if reader.read_ahead().await.is_err() {
+                    return;
+                }
+            }
+            // NOTE: a client that sent more than this while queued is not
+            // watched any more, so its requests run even if it hangs up.
+            std::future::pending::<()>().await
+        };
         let result = tokio::select! {
             result = pool.checkout(wait) => Ok(result),
             _ = cancelled.notified() => Err(WaitEnded::Cancelled),

@@ -63,9 +63,21 @@ impl RedisRouter {
         }))
     }
 
-    /// Accepts clients on `listener` until `shutdown` is cancelled, then
-    /// waits for sessions to finish.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    /// Starts the `[redis] threads` threads that [`RedisRouter::serve`] runs
+    /// client sessions on.
+    pub fn start_threads(&self) -> std::io::Result<SessionThreads> {
+        SessionThreads::start("skiff-redis", self.router.config().thread_count())
+    }
+
+    /// Accepts clients on `listener` and runs their sessions on `threads`
+    /// until `shutdown` is cancelled, then waits for sessions to finish and
+    /// stops the threads.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        threads: SessionThreads,
+        shutdown: CancellationToken,
+    ) {
         let mut refresh_tasks = Vec::new();
         for router in self.routes.all() {
             load_upstream_state(router).await;
@@ -86,14 +98,6 @@ impl RedisRouter {
             };
             refresh_tasks.extend(task);
         }
-        let threads =
-            match SessionThreads::start("skiff-redis", self.router.config().thread_count()) {
-                Ok(threads) => threads,
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot start the redis session threads");
-                    return;
-                }
-            };
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -126,7 +130,9 @@ impl RedisRouter {
             let shutdown = shutdown.clone();
             // Clients whose ids are equal modulo the thread count share a
             // thread, and ids pick the shared upstream connection, so a
-            // thread's sessions use the connections that thread opened.
+            // thread's sessions use the connections that thread opened when
+            // upstream_connections is a multiple of the thread count. With
+            // other counts, sessions of several threads share a connection.
             let client_id = self.router.next_client_id();
             // At info level, so warnings and errors about this client name its
             // address.

@@ -101,6 +101,10 @@ pub fn flush() -> Bytes {
     message(b'H', &[])
 }
 
+pub fn terminate() -> Bytes {
+    message(b'X', &[])
+}
+
 pub fn query(sql: &str) -> Bytes {
     protocol::query(sql)
 }

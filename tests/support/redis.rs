@@ -427,7 +427,8 @@ impl Skiff {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(router.clone().serve(listener, shutdown.clone()));
+        let threads = router.start_threads().expect("session threads start");
+        tokio::spawn(router.clone().serve(listener, threads, shutdown.clone()));
         Skiff {
             addr,
             router,
