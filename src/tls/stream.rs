@@ -138,21 +138,6 @@ impl ReadHalf {
         }
     }
 
-    /// Completes when the peer has closed or reset a plain connection with
-    /// nothing left unread. Data waiting to be read is left there and ends
-    /// the watch: the future then never completes, as it never does for
-    /// TLS, whose socket is hidden behind the TLS session.
-    pub async fn closed(&self) {
-        if let ReadHalf::Plain(read) = self {
-            let tcp: &TcpStream = read.as_ref();
-            let mut probe = [0u8; 1];
-            if matches!(tcp.peek(&mut probe).await, Ok(0) | Err(_)) {
-                return;
-            }
-        }
-        std::future::pending().await
-    }
-
     /// True when the peer has sent nothing and not closed the connection.
     /// As [`Stream::is_idle`], a byte read here is lost. A plain socket
     /// checks the reactor's readiness first, which costs no system call when
