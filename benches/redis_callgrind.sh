@@ -21,7 +21,7 @@ wait_port() { # port; gives up after 60 s
     local tries=0
     until redis-cli -p "$1" ping >/dev/null 2>&1; do
         tries=$((tries + 1))
-        [ "$tries" -lt 300 ] || { echo "nothing answers on port $1" >&2; exit 1; }
+        [ "$tries" -lt 300 ] || { echo "no reply to PING on port $1" >&2; exit 1; }
         sleep 0.2
     done
 }

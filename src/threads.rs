@@ -93,7 +93,7 @@ mod tests {
         let (sender, receiver) = std::sync::mpsc::channel::<()>();
         // A task that never ends keeps the sender until its runtime drops it.
         threads.spawn(1, async move {
-            let _held = sender;
+            let _sender = sender;
             std::future::pending::<()>().await;
         });
         drop(threads);

@@ -642,7 +642,7 @@ impl Session {
     }
 }
 
-/// Why a client's wait for a server connection ended early.
+/// The reason a client stopped waiting for a server connection early.
 enum WaitEnded {
     /// A cancel request for the client arrived.
     Cancelled,
