@@ -324,9 +324,9 @@ fn split_pool_name(name: &str) -> (String, String) {
     (database.to_string(), user.to_string())
 }
 
-/// Most bytes [`drain_before_close`] reads and drops.
+/// Maximum bytes [`drain_before_close`] reads and drops.
 const DRAIN_LIMIT_BYTES: usize = 4 * 1024 * 1024;
-/// Longest time [`drain_before_close`] waits for the client to stop sending.
+/// Maximum time [`drain_before_close`] waits for the client to stop sending.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Reads and drops what the client is still sending after a fatal error,
