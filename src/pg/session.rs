@@ -282,6 +282,8 @@ impl Session {
             }
             Err(err) => {
                 self.write_error(Severity::Fatal, "08P01", &err.to_string());
+                self.flush_client().await?;
+                self.reader.discard_before_close().await;
                 Ok(Flow::Close)
             }
         }

@@ -4,10 +4,7 @@
 
 mod show;
 
-use std::time::Duration;
-
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
@@ -71,7 +68,7 @@ pub async fn serve(
             Err(err @ ProtocolError::TooLarge { .. }) => {
                 let error = protocol::error_response(Severity::Fatal, "54000", &err.to_string());
                 writer.send(&error).await?;
-                drain_before_close(reader.get_mut()).await;
+                reader.discard_before_close().await;
                 return Ok(());
             }
             Err(_) => return Ok(()),
@@ -322,27 +319,4 @@ fn mode_name(mode: PoolMode) -> &'static str {
 fn split_pool_name(name: &str) -> (String, String) {
     let (database, user) = name.split_once('/').unwrap_or((name, ""));
     (database.to_string(), user.to_string())
-}
-
-/// Maximum bytes [`drain_before_close`] reads and drops.
-const DRAIN_LIMIT_BYTES: usize = 4 * 1024 * 1024;
-/// Maximum time [`drain_before_close`] waits for the client to stop sending.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Reads and drops what the client is still sending after a fatal error,
-/// until it closes, `DRAIN_LIMIT_BYTES` or `DRAIN_TIMEOUT`. A socket closed
-/// with unread data is reset, and the reset can reach the client before
-/// the error written just before it.
-async fn drain_before_close(reader: &mut ReadHalf) {
-    let mut scratch = [0u8; 8192];
-    let mut left = DRAIN_LIMIT_BYTES;
-    let drain = async {
-        while left > 0 {
-            match reader.read(&mut scratch).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => left = left.saturating_sub(read),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
 }

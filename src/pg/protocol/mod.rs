@@ -130,6 +130,12 @@ pub struct MessageReader<R> {
     keep_buffer: bool,
 }
 
+/// Maximum bytes [`MessageReader::discard_before_close`] reads and drops.
+const DISCARD_LIMIT_BYTES: usize = 4 * 1024 * 1024;
+/// Maximum time [`MessageReader::discard_before_close`] waits for the peer
+/// to stop sending.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Smallest read buffer: small enough for the allocator's fast path.
 const MIN_READ: usize = 1000;
 /// Largest read buffer.
@@ -212,6 +218,26 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     /// message, so a peer blocked on writing to us can go on.
     pub async fn read_ahead(&mut self) -> Result<(), ProtocolError> {
         self.fill().await
+    }
+
+    /// Reads and drops what the peer still sends, until it closes,
+    /// `DISCARD_LIMIT_BYTES` or `DISCARD_TIMEOUT`. Called after a fatal
+    /// error: a socket closed with unread data is reset, and the reset can
+    /// reach the peer before the error written just before it.
+    pub async fn discard_before_close(&mut self) {
+        self.buffer.clear();
+        let mut scratch = [0u8; 8192];
+        let mut left = DISCARD_LIMIT_BYTES;
+        let inner = &mut self.inner;
+        let discard = async {
+            while left > 0 {
+                match inner.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => left = left.saturating_sub(read),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DISCARD_TIMEOUT, discard).await;
     }
 
     /// Number of bytes read but not returned yet.
