@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     let threads = std::env::var("SKIFF_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |cpus| cpus.get() / 2))
+        .unwrap_or_else(skiff::threads::half_the_cpus)
         .max(1);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(threads);

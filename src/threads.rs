@@ -14,6 +14,13 @@ use std::io;
 use tokio::runtime::{Builder, Handle};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+/// Returns half the CPUs the process may use, at least one: the default
+/// thread count of skiff's runtimes, so a sidecar leaves the rest to the
+/// application beside it.
+pub fn half_the_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |cpus| (cpus.get() / 2).max(1))
+}
+
 /// Threads that run sessions until this value is dropped.
 pub struct SessionThreads {
     handles: Vec<Handle>,

@@ -431,14 +431,12 @@ impl RedisConfig {
     /// Threads serving clients: `threads`, or half the CPUs skiff may use.
     pub fn thread_count(&self) -> usize {
         self.threads
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |cpus| cpus.get() / 2)
-            })
+            .unwrap_or_else(crate::threads::half_the_cpus)
             .clamp(1, MAX_THREADS)
     }
 }
 
-/// Largest `[redis] threads`. Each thread holds a stack and an event loop's
+/// Largest `[redis] threads`. Each thread has a stack and an event loop's
 /// file descriptors, so a mistyped count would exhaust them at startup.
 pub const MAX_THREADS: usize = 1024;
 
