@@ -206,102 +206,74 @@ async fn waiters_served_first_come_first_served() {
     assert_eq!(order, vec![0, 1, 2, 3, 4]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_that_hangs_up_while_queued_never_runs_its_query() {
-    let db = database("hang_up_queue");
-    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
-    let holder = skiff.connect("postgres", &db).await;
+/// Queues a client behind a holder of the pool's only server connection,
+/// has it send `messages` and close, and checks that it leaves the queue
+/// while the connection is still held and that none of its INSERTs into
+/// `gave_up` ran. Returns skiff for further checks.
+async fn queued_client_closes(db: &str, messages: &[bytes::Bytes]) -> Skiff {
+    let skiff = Skiff::start(&skiff::config(pg().port, db, "default_pool_size = 1")).await;
+    let holder = skiff.connect("postgres", db).await;
     holder
         .simple_query("CREATE TABLE gave_up (n int)")
         .await
         .unwrap();
     holder.simple_query("BEGIN").await.unwrap();
-    let mut quitter = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    quitter
-        .send(&[raw::query("INSERT INTO gave_up VALUES (1)")])
-        .await;
+
+    let mut quitter = RawClient::connect(skiff.port, "postgres", db, &[]).await;
+    quitter.send(&messages[..1]).await;
     wait_until_waiting(&skiff, 1).await;
+    quitter.send(&messages[1..]).await;
     drop(quitter);
     // It leaves the queue while the only server connection is still busy.
     wait_until_waiting(&skiff, 0).await;
-    holder.simple_query("COMMIT").await.unwrap();
-    let rows = holder
-        .query_one("SELECT count(*) FROM gave_up", &[])
-        .await
-        .unwrap();
-    assert_eq!(rows.get::<_, i64>(0), 0, "the closed client's INSERT ran");
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_that_terminates_while_queued_never_runs_its_query() {
-    let db = database("terminate_queue");
-    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
-    let holder = skiff.connect("postgres", &db).await;
-    holder
-        .simple_query("CREATE TABLE gave_up (n int)")
-        .await
-        .unwrap();
-    holder.simple_query("BEGIN").await.unwrap();
-    let mut quitter = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    quitter
-        .send(&[raw::query("INSERT INTO gave_up VALUES (1)")])
-        .await;
-    wait_until_waiting(&skiff, 1).await;
-    // libpq's PQfinish sends Terminate before closing, even while a query
-    // waits for its reply.
-    quitter.send(&[raw::terminate()]).await;
-    drop(quitter);
-    wait_until_waiting(&skiff, 0).await;
-    holder.simple_query("COMMIT").await.unwrap();
-    let rows = holder
-        .query_one("SELECT count(*) FROM gave_up", &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        rows.get::<_, i64>(0),
-        0,
-        "the terminated client's INSERT ran"
-    );
-    let after = skiff.connect("postgres", &db).await;
-    let row = after.query_one("SELECT 1", &[]).await.unwrap();
-    assert_eq!(row.get::<_, i32>(0), 1, "the pool stopped serving");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelining_client_that_hangs_up_while_queued_runs_nothing() {
-    let db = database("pipeline_hang_up_queue");
-    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
-    let holder = skiff.connect("postgres", &db).await;
-    holder
-        .simple_query("CREATE TABLE gave_up (n int)")
-        .await
-        .unwrap();
-    holder.simple_query("BEGIN").await.unwrap();
-    let mut quitter = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
-    // Twenty batches of about 1 kB: more than skiff reads before the
-    // first one queues, so the rest are still unread when the client
-    // closes.
-    let padding = "x".repeat(1000);
-    let mut batches = Vec::new();
-    for _ in 0..20 {
-        batches.push(raw::parse(
-            "",
-            &format!("INSERT INTO gave_up VALUES (1) -- {padding}"),
-        ));
-        batches.push(raw::bind("", "", &[]));
-        batches.push(raw::execute(""));
-        batches.push(raw::sync());
-    }
-    quitter.send(&batches).await;
-    wait_until_waiting(&skiff, 1).await;
-    drop(quitter);
-    wait_until_waiting(&skiff, 0).await;
     holder.simple_query("COMMIT").await.unwrap();
     let rows = holder
         .query_one("SELECT count(*) FROM gave_up", &[])
         .await
         .unwrap();
     assert_eq!(rows.get::<_, i64>(0), 0, "the closed client's INSERTs ran");
+    skiff
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_client_hang_up_runs_nothing() {
+    let insert = raw::query("INSERT INTO gave_up VALUES (1)");
+    queued_client_closes(&database("hang_up_queue"), &[insert]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_client_terminate_runs_nothing() {
+    let db = database("terminate_queue");
+    // libpq's PQfinish sends Terminate before closing, even while a query
+    // waits for its reply.
+    let messages = [
+        raw::query("INSERT INTO gave_up VALUES (1)"),
+        raw::terminate(),
+    ];
+    let skiff = queued_client_closes(&db, &messages).await;
+
+    let after = skiff.connect("postgres", &db).await;
+    let row = after.query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1, "the pool stopped serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_pipeline_hang_up_runs_nothing() {
+    // Twenty batches of about 1 kB: more than skiff reads before the
+    // first one queues, so the rest are still unread when the client
+    // closes. They are sent in one write, before the client queues.
+    let padding = "x".repeat(1000);
+    let mut batches = bytes::BytesMut::new();
+    for _ in 0..20 {
+        let sql = format!("INSERT INTO gave_up VALUES (1) -- {padding}");
+        batches.extend_from_slice(&raw::parse("", &sql));
+        batches.extend_from_slice(&raw::bind("", "", &[]));
+        batches.extend_from_slice(&raw::execute(""));
+        batches.extend_from_slice(&raw::sync());
+    }
+    let db = database("pipeline_hang_up_queue");
+    queued_client_closes(&db, &[batches.freeze()]).await;
 }
 
 /// Waits until `count` clients wait for a server connection, as the

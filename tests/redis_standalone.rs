@@ -2,6 +2,9 @@
 //! replicas: session commands, exact error strings, ordering under
 //! concurrent pipelined clients, read routing, limits.
 
+#[path = "support/process.rs"]
+#[allow(dead_code)]
+mod process_support;
 #[path = "support/redis.rs"]
 mod redis_support;
 
@@ -815,7 +818,8 @@ fn skiff_exits_when_threads_cannot_start() {
         redis_support::free_port(),
     );
     std::fs::write(&path, text).unwrap();
-    // Each thread's event loop holds file descriptors, so 64 of them run
+
+    // Each thread's event loop uses file descriptors, so 64 of them run
     // out long before the thousandth thread.
     let mut child = std::process::Command::new("sh")
         .args(["-c", "ulimit -n 64 && exec \"$0\" --config \"$1\""])
@@ -825,18 +829,12 @@ fn skiff_exits_when_threads_cannot_start() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = process_support::wait_exit(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     let mut stderr = String::new();
     use std::io::Read;
     child
