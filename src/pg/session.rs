@@ -107,6 +107,8 @@ pub struct Session {
     transaction_started: Option<Instant>,
     /// The client already got the FATAL error that ends the session.
     fatal_sent: bool,
+    /// The output holds a server reply not yet flushed to the client.
+    reply_from_server: bool,
 }
 
 impl Session {
@@ -158,6 +160,7 @@ impl Session {
             cancel,
             stop_deferred: false,
             fatal_sent: false,
+            reply_from_server: false,
         }
     }
 
@@ -199,6 +202,13 @@ impl Session {
             .as_ref()
             .is_some_and(|s| s.conn.has_buffered_message());
         if !server_busy {
+            if std::mem::take(&mut self.reply_from_server) && !self.out.is_empty() {
+                // Let the other sessions woken by the same poll take their
+                // replies first, so replies leave in a burst: a client
+                // process with many connections (pgbench, a thread pool)
+                // then finds several ready per poll instead of one.
+                tokio::task::yield_now().await;
+            }
             self.flush_client().await?;
         }
         if self.server.is_none() && self.out.capacity() > 0 {
@@ -237,6 +247,7 @@ impl Session {
         }
         match event {
             Event::Server(Ok(message)) => {
+                self.reply_from_server = true;
                 let flow = self.on_server_message(message).await?;
                 self.drain_server(flow).await
             }
