@@ -605,7 +605,7 @@ impl Session {
         if self.out.capacity() == 0 {
             // One allocation that fits a typical reply, instead of one per
             // doubling from the first message's size.
-            self.out.reserve(bytes.len().max(INITIAL_WRITE_BUFFER));
+            self.out = BytesMut::with_capacity(bytes.len().max(INITIAL_WRITE_BUFFER));
         }
         self.out.extend_from_slice(bytes);
     }

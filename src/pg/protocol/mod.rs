@@ -256,7 +256,9 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
             // clients cost no read buffers.
             self.buffer = BytesMut::new();
             self.inner.wait_readable().await?;
-            self.buffer.reserve(self.read_size);
+            // A new allocation, not a reserve on the empty buffer, which
+            // takes the longer path of growing a vector.
+            self.buffer = BytesMut::with_capacity(self.read_size);
         } else if self.buffer.is_empty() {
             self.buffer.reserve(self.read_size);
         } else if self.buffer.capacity() - self.buffer.len() < MIN_READ {
