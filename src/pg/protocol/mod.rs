@@ -226,7 +226,9 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     /// reach the peer before the error written just before it.
     pub async fn discard_before_close(&mut self) {
         self.buffer.clear();
-        let mut scratch = [0u8; 8192];
+        // On the heap: an array here would be part of every future that
+        // can reach this call, the whole session's among them.
+        let mut scratch = vec![0u8; 8192];
         let mut left = DISCARD_LIMIT_BYTES;
         let inner = &mut self.inner;
         let discard = async {
