@@ -107,7 +107,7 @@ pub struct Session {
     transaction_started: Option<Instant>,
     /// The client already got the FATAL error that ends the session.
     fatal_sent: bool,
-    /// The output holds a server reply not yet flushed to the client.
+    /// The output contains a server reply not yet flushed to the client.
     reply_from_server: bool,
 }
 
@@ -203,10 +203,10 @@ impl Session {
             .is_some_and(|s| s.conn.has_buffered_message());
         if !server_busy {
             if std::mem::take(&mut self.reply_from_server) && !self.out.is_empty() {
-                // Let the other sessions woken by the same poll take their
-                // replies first, so replies leave in a burst: a client
-                // process with many connections (pgbench, a thread pool)
-                // then finds several ready per poll instead of one.
+                // Yield so the other sessions woken by the same poll take
+                // their replies first and the replies leave in a burst. A
+                // client process with many connections then finds several
+                // ready per poll instead of one.
                 tokio::task::yield_now().await;
             }
             self.flush_client().await?;

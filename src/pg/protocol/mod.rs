@@ -226,8 +226,8 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     /// reach the peer before the error written just before it.
     pub async fn discard_before_close(&mut self) {
         self.buffer.clear();
-        // On the heap: an array here would be part of every future that
-        // can reach this call, the whole session's among them.
+        // A heap buffer, because an array here would enlarge every future
+        // that can reach this call, the session's included.
         let mut scratch = vec![0u8; 8192];
         let mut left = DISCARD_LIMIT_BYTES;
         let inner = &mut self.inner;
@@ -258,8 +258,8 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
             // clients cost no read buffers.
             self.buffer = BytesMut::new();
             self.inner.wait_readable().await?;
-            // A new allocation, not a reserve on the empty buffer, which
-            // takes the longer path of growing a vector.
+            // Allocates directly, because a reserve on the empty buffer
+            // takes the slower path of growing a vector.
             self.buffer = BytesMut::with_capacity(self.read_size);
         } else if self.buffer.is_empty() {
             self.buffer.reserve(self.read_size);
