@@ -345,6 +345,57 @@ async fn idle_connections_are_closed() {
 }
 
 #[tokio::test]
+async fn blocked_request_keeps_its_connection() {
+    // SLS fails, so the small spool fills and a request waits for room
+    // (on_full = "block") far longer than the idle timeout.
+    let mock = mock().await;
+    mock.fail_all(Some(mock_sls::Fault::Status(
+        500,
+        "InternalServerError",
+        "down",
+    )));
+    let dir = tempfile::tempdir().unwrap();
+    let base = harness::sls_config(
+        dir.path(),
+        &mock.endpoint(),
+        "max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"block\"",
+        "",
+    );
+    let text =
+        format!("{base}[logship.ingest]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\n");
+    let logship = harness::start(&text).await;
+    let addr = logship.ingest_addr().unwrap();
+
+    let mut blocked = None;
+    for round in 0..100 {
+        let request = tokio::spawn(async move {
+            let request = PutLogs::new(addr, "app_logs");
+            client::try_put_logs(&request, &log_group(&format!("r{round}"), 5))
+                .await
+                .map(|response| response.status())
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if !request.is_finished() {
+            blocked = Some(request);
+            break;
+        }
+        let status = request.await.unwrap().expect("the request is answered");
+        assert_eq!(status, 200);
+    }
+    let blocked = blocked.expect("a request waits for room in the full spool");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    mock.fail_all(None);
+    let status = tokio::time::timeout(Duration::from_secs(30), blocked)
+        .await
+        .expect("the blocked request is answered once SLS recovers")
+        .unwrap()
+        .expect("the connection of a request being handled is not idle");
+    assert_eq!(status, 200);
+    logship.shutdown().await;
+}
+
+#[tokio::test]
 async fn full_spool_answers_server_busy() {
     let mock = mock().await;
     mock.fail_all(Some(mock_sls::Fault::Status(

@@ -1,12 +1,17 @@
 //! A TCP listener for the ingest endpoint that bounds open connections:
 //! past the limit, new connections wait in the kernel's accept queue until
-//! one closes. A connection idle for longer than the idle timeout is closed.
+//! one closes. A connection idle for longer than the idle timeout is closed,
+//! where a connection whose request skiff is still handling is not idle.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,15 +37,63 @@ impl LimitedListener {
     }
 }
 
+/// The requests of one connection that skiff is handling. The HTTP server
+/// reads from a connection while its handler runs, to notice a client that
+/// hangs up. A handler slower than the idle timeout (a slow disk, or a full
+/// spool with on_full = "block") would otherwise lose its connection.
+#[derive(Clone, Default)]
+pub struct Activity(Arc<ActivityState>);
+
+#[derive(Default)]
+struct ActivityState {
+    handling: AtomicUsize,
+    /// A request ended since the last idle check, so the idle time starts
+    /// again.
+    ended: AtomicBool,
+}
+
+impl Activity {
+    /// Marks a request as being handled until the guard is dropped.
+    pub fn begin(&self) -> Handling {
+        self.0.handling.fetch_add(1, Ordering::AcqRel);
+        Handling(self.clone())
+    }
+
+    fn is_handling(&self) -> bool {
+        self.0.handling.load(Ordering::Acquire) > 0
+    }
+
+    fn take_ended(&self) -> bool {
+        self.0.ended.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// A request being handled, which ends when this is dropped.
+pub struct Handling(Activity);
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        let state = &(self.0).0;
+        state.ended.store(true, Ordering::Release);
+        state.handling.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Connected<IncomingStream<'_, LimitedListener>> for Activity {
+    fn connect_info(stream: IncomingStream<'_, LimitedListener>) -> Self {
+        stream.io().activity.clone()
+    }
+}
+
 /// A connection that gives its permit back when dropped, and fails its next
-/// read once it has been idle for `idle_timeout`.
-// NOTE: a request whose handler waits longer than the idle timeout (a full
-// spool with on_full = "block") loses its connection too.
+/// read once it has been idle for `idle_timeout` with no request being
+/// handled.
 pub struct LimitedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
+    activity: Activity,
 }
 
 impl LimitedStream {
@@ -69,6 +122,7 @@ impl axum::serve::Listener for LimitedListener {
                         _permit: permit,
                         idle_timeout: self.idle_timeout,
                         idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
+                        activity: Activity::default(),
                     };
                     return (stream, addr);
                 }
@@ -95,6 +149,14 @@ impl AsyncRead for LimitedStream {
         let filled = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Pending => {
+                if self.activity.is_handling() {
+                    // The idle time restarts when the request ends, and the
+                    // server reads again after it writes the response.
+                    return Poll::Pending;
+                }
+                if self.activity.take_ended() {
+                    self.touch();
+                }
                 if self.idle.as_mut().poll(cx).is_ready() {
                     let message = "logship ingest connection idle for longer than idle_timeout";
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)));

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -107,6 +107,7 @@ pub async fn serve(
         .route("/logstores/{logstore}", post(put_logs))
         .fallback(unsupported)
         .with_state(state);
+    let app = app.into_make_service_with_connect_info::<listener::Activity>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -178,13 +179,18 @@ async fn unsupported(method: Method, uri: Uri) -> Response {
 
 async fn put_logs(
     State(state): State<Arc<IngestState>>,
+    ConnectInfo(activity): ConnectInfo<listener::Activity>,
     Path(logstore): Path<String>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let request_id = new_request_id();
-    let Ok(_permit) = state.permits.acquire().await else {
+    // Waiting for a request slot is skiff's delay, not an idle client.
+    let waiting = activity.begin();
+    let permit = state.permits.acquire().await;
+    drop(waiting);
+    let Ok(_permit) = permit else {
         let err = sls_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "ServerBusy",
@@ -192,17 +198,20 @@ async fn put_logs(
         );
         return reply(&request_id, Err(err));
     };
-    let result = handle(&state, &logstore, &uri, &headers, body).await;
+    let result = handle(&state, &activity, &logstore, &uri, &headers, body).await;
     reply(&request_id, result)
 }
 
 async fn handle(
     state: &IngestState,
+    activity: &listener::Activity,
     logstore: &str,
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(), SlsError> {
+    // A client that stalls while sending the body is idle, so the body is
+    // read before the request counts as being handled.
     let body = axum::body::to_bytes(body, state.max_body_bytes)
         .await
         .map_err(|_| {
@@ -212,6 +221,7 @@ async fn handle(
                 format!("body exceeds {} bytes", state.max_body_bytes),
             )
         })?;
+    let _handling = activity.begin();
     let raw = check_request(state, logstore, uri, headers, &body)?;
     let project = project_from_host(header_text(headers, "host"));
 
