@@ -6,8 +6,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum::extract::connect_info::Connected;
@@ -47,9 +47,8 @@ pub struct Activity(Arc<ActivityState>);
 #[derive(Default)]
 struct ActivityState {
     handling: AtomicUsize,
-    /// A request ended since the last idle check, so the idle time starts
-    /// again.
-    ended: AtomicBool,
+    /// When the last request ended, which the idle time counts from.
+    ended_at: Mutex<Option<Instant>>,
 }
 
 impl Activity {
@@ -63,8 +62,8 @@ impl Activity {
         self.0.handling.load(Ordering::Acquire) > 0
     }
 
-    fn take_ended(&self) -> bool {
-        self.0.ended.swap(false, Ordering::AcqRel)
+    fn ended_at(&self) -> Option<Instant> {
+        *self.0.ended_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -74,7 +73,7 @@ pub struct Handling(Activity);
 impl Drop for Handling {
     fn drop(&mut self) {
         let state = &(self.0).0;
-        state.ended.store(true, Ordering::Release);
+        *state.ended_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         state.handling.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -100,6 +99,32 @@ impl LimitedStream {
     fn touch(&mut self) {
         let deadline = Instant::now() + self.idle_timeout;
         self.idle.as_mut().reset(deadline);
+    }
+
+    /// Returns the idle error once the deadline has passed with no request
+    /// being handled. The timer stays armed in every other case: the HTTP
+    /// server may not read again after a response until the socket is
+    /// readable, so only the timer can end an idle connection.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if self.activity.is_handling() {
+                self.idle.as_mut().reset(now + self.idle_timeout);
+                continue;
+            }
+            if let Some(ended) = self.activity.ended_at() {
+                let deadline = ended + self.idle_timeout;
+                if deadline > now {
+                    self.idle.as_mut().reset(deadline);
+                    continue;
+                }
+            }
+            let message = "logship ingest connection idle for longer than idle_timeout";
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)));
+        }
     }
 }
 
@@ -148,21 +173,7 @@ impl AsyncRead for LimitedStream {
     ) -> Poll<io::Result<()>> {
         let filled = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
-            Poll::Pending => {
-                if self.activity.is_handling() {
-                    // The idle time restarts when the request ends, and the
-                    // server reads again after it writes the response.
-                    return Poll::Pending;
-                }
-                if self.activity.take_ended() {
-                    self.touch();
-                }
-                if self.idle.as_mut().poll(cx).is_ready() {
-                    let message = "logship ingest connection idle for longer than idle_timeout";
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => self.poll_idle(cx),
             Poll::Ready(result) => {
                 if buf.filled().len() > filled {
                     self.touch();
@@ -192,5 +203,69 @@ impl AsyncWrite for LimitedStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+    use tokio::io::AsyncReadExt;
+
+    const IDLE: Duration = Duration::from_millis(200);
+
+    /// Accepts one connection from a client that then sends nothing.
+    async fn quiet_connection() -> (LimitedStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut limited = LimitedListener::new(listener, 1, IDLE);
+        let client = TcpStream::connect(address).await.unwrap();
+        let (stream, _) = limited.accept().await;
+        (stream, client)
+    }
+
+    /// Reads until the idle error and returns how long that took.
+    async fn time_until_idle_error(stream: &mut LimitedStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 16];
+        let result = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        let error = result.expect("the idle timeout ends the read").unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn idle_connection_closed_after_timeout() {
+        let (mut stream, _client) = quiet_connection().await;
+
+        let waited = time_until_idle_error(&mut stream).await;
+
+        assert!(waited >= IDLE - Duration::from_millis(20), "{waited:?}");
+        assert!(waited < IDLE * 2, "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn long_request_then_idle_closed() {
+        let (mut stream, _client) = quiet_connection().await;
+        let handling = stream.activity.begin();
+        let activity = stream.activity.clone();
+        let ender = tokio::spawn(async move {
+            tokio::time::sleep(IDLE * 3).await;
+            drop(handling);
+            Instant::now()
+        });
+
+        let started = Instant::now();
+        let waited = time_until_idle_error(&mut stream).await;
+        let ended = ender.await.unwrap();
+
+        assert!(activity.ended_at().is_some());
+        // Not closed while the request was handled, then closed one idle
+        // timeout after it ended, with no read in between to rearm it.
+        assert!(
+            waited >= (ended - started) + IDLE - Duration::from_millis(20),
+            "{waited:?}"
+        );
+        assert!(waited < (ended - started) + IDLE * 2, "{waited:?}");
     }
 }
