@@ -187,6 +187,8 @@ async fn put_logs(
 ) -> Response {
     let request_id = new_request_id();
     // Waiting for a request slot is skiff's delay, not an idle client.
+    // NOTE: so a client that sent only headers while every slot is busy
+    // is not closed by idle_timeout until it gets a slot.
     let waiting = activity.begin();
     let permit = state.permits.acquire().await;
     drop(waiting);
