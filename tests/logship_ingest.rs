@@ -344,26 +344,33 @@ async fn idle_connections_are_closed() {
     logship.shutdown().await;
 }
 
-#[tokio::test]
-async fn blocked_request_keeps_its_connection() {
-    // SLS fails, so the small spool fills and a request waits for room
-    // (on_full = "block") far longer than the idle timeout.
+/// Starts an ingest endpoint in front of an SLS that fails every request,
+/// so its 8 kB spool fills, with `on_full` and `extra` in
+/// `[logship.ingest]`. SLS recovers with `mock.fail_all(None)`.
+async fn full_spool_ingest(
+    dir: &std::path::Path,
+    on_full: &str,
+    extra: &str,
+) -> (MockSls, std::sync::Arc<skiff::logship::Logship>) {
     let mock = mock().await;
     mock.fail_all(Some(mock_sls::Fault::Status(
         500,
         "InternalServerError",
         "down",
     )));
-    let dir = tempfile::tempdir().unwrap();
-    let base = harness::sls_config(
-        dir.path(),
-        &mock.endpoint(),
-        "max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"block\"",
-        "",
-    );
-    let text =
-        format!("{base}[logship.ingest]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\n");
+    let spool = format!("max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"{on_full}\"");
+    let base = harness::sls_config(dir, &mock.endpoint(), &spool, "");
+    let text = format!("{base}[logship.ingest]\nlisten = \"127.0.0.1:0\"\n{extra}\n");
     let logship = harness::start(&text).await;
+    (mock, logship)
+}
+
+#[tokio::test]
+async fn blocked_request_keeps_its_connection() {
+    // A request waits for room in the full spool (on_full = "block") far
+    // longer than the idle timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let (mock, logship) = full_spool_ingest(dir.path(), "block", "idle_timeout = \"300ms\"").await;
     let addr = logship.ingest_addr().unwrap();
 
     let mut blocked = None;
@@ -397,21 +404,8 @@ async fn blocked_request_keeps_its_connection() {
 
 #[tokio::test]
 async fn full_spool_answers_server_busy() {
-    let mock = mock().await;
-    mock.fail_all(Some(mock_sls::Fault::Status(
-        500,
-        "InternalServerError",
-        "down",
-    )));
     let dir = tempfile::tempdir().unwrap();
-    let base = harness::sls_config(
-        dir.path(),
-        &mock.endpoint(),
-        "max_spool_bytes = 8192\nmax_batch_bytes = 2048\non_full = \"reject\"",
-        "",
-    );
-    let text = format!("{base}[logship.ingest]\nlisten = \"127.0.0.1:0\"\n");
-    let logship = harness::start(&text).await;
+    let (mock, logship) = full_spool_ingest(dir.path(), "reject", "").await;
     let addr = logship.ingest_addr().unwrap();
     let request = PutLogs::new(addr, "app_logs");
     let mut accepted = 0;
