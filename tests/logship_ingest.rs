@@ -345,8 +345,8 @@ async fn idle_connections_are_closed() {
 }
 
 /// Starts an ingest endpoint in front of an SLS that fails every request,
-/// so its 8 kB spool fills, with `on_full` and `extra` in
-/// `[logship.ingest]`. SLS recovers with `mock.fail_all(None)`.
+/// so its 8 kB spool fills. `on_full` goes into `[logship]` and `extra`
+/// into `[logship.ingest]`. SLS recovers with `mock.fail_all(None)`.
 async fn full_spool_ingest(
     dir: &std::path::Path,
     on_full: &str,
