@@ -29,6 +29,37 @@ fn ingest_config(dir: &std::path::Path, mock: &MockSls, listen: &str, extra: &st
     format!("{base}[logship.ingest]\nlisten = \"{listen}\"\nmax_body_bytes = 65536\n{extra}\n")
 }
 
+/// Starts an ingest endpoint on a free loopback port in front of a new
+/// mock SLS, with `extra` in `[logship.ingest]`. The directory holds the
+/// spool and must outlive the endpoint.
+async fn ingest(
+    extra: &str,
+) -> (
+    MockSls,
+    tempfile::TempDir,
+    std::sync::Arc<skiff::logship::Logship>,
+    std::net::SocketAddr,
+) {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let logship = harness::start(&ingest_config(dir.path(), &mock, "127.0.0.1:0", extra)).await;
+    let addr = logship.ingest_addr().unwrap();
+    (mock, dir, logship, addr)
+}
+
+/// Sends one log within 5 s and checks that it is accepted; `why` says
+/// what freed the way for it.
+async fn assert_served(addr: std::net::SocketAddr, topic: &str, why: &str) {
+    let request = PutLogs::new(addr, "app_logs");
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        put_logs(&request, &log_group(topic, 1)),
+    )
+    .await
+    .expect(why);
+    assert_eq!(response.status(), 200);
+}
+
 async fn error_code(response: reqwest::Response) -> (u16, String, String) {
     let status = response.status().as_u16();
     assert!(response.headers().contains_key("x-log-requestid"));
@@ -42,10 +73,7 @@ async fn error_code(response: reqwest::Response) -> (u16, String, String) {
 
 #[tokio::test]
 async fn signed_requests_in_every_form_are_forwarded() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let logship = harness::start(&ingest_config(dir.path(), &mock, "127.0.0.1:0", "")).await;
-    let addr = logship.ingest_addr().unwrap();
+    let (mock, _dir, logship, addr) = ingest("").await;
     let forms = [
         (Signature::V1, Compression::Lz4),
         (Signature::V1, Compression::Deflate),
@@ -80,10 +108,7 @@ async fn signed_requests_in_every_form_are_forwarded() {
 
 #[tokio::test]
 async fn bad_requests_get_sls_errors() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let logship = harness::start(&ingest_config(dir.path(), &mock, "127.0.0.1:0", "")).await;
-    let addr = logship.ingest_addr().unwrap();
+    let (mock, _dir, logship, addr) = ingest("").await;
     let group = log_group("bad", 2);
 
     let mut wrong_secret = PutLogs::new(addr, "app_logs");
@@ -148,11 +173,8 @@ async fn bad_requests_get_sls_errors() {
 
 #[tokio::test]
 async fn ingest_credentials_override_sls_ones() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
     let extra = "access_key_id = \"ingest-ak\"\naccess_key_secret = \"ingest-secret\"";
-    let logship = harness::start(&ingest_config(dir.path(), &mock, "127.0.0.1:0", extra)).await;
-    let addr = logship.ingest_addr().unwrap();
+    let (mock, _dir, logship, addr) = ingest(extra).await;
     let sls_keys = PutLogs::new(addr, "app_logs");
     let (status, code, _) = error_code(put_logs(&sls_keys, &log_group("a", 1)).await).await;
     assert_eq!((status, code.as_str()), (401, "InvalidAccessKeyId"));
@@ -281,16 +303,7 @@ async fn python_sdk_put_logs() {
 
 #[tokio::test]
 async fn connections_beyond_limit_wait() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let logship = harness::start(&ingest_config(
-        dir.path(),
-        &mock,
-        "127.0.0.1:0",
-        "max_connections = 2",
-    ))
-    .await;
-    let addr = logship.ingest_addr().unwrap();
+    let (_mock, _dir, logship, addr) = ingest("max_connections = 2").await;
     let first = tokio::net::TcpStream::connect(addr).await.unwrap();
     let second = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = PutLogs::new(addr, "app_logs");
@@ -314,16 +327,8 @@ async fn connections_beyond_limit_wait() {
 #[tokio::test]
 async fn idle_connections_are_closed() {
     use tokio::io::AsyncReadExt;
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let logship = harness::start(&ingest_config(
-        dir.path(),
-        &mock,
-        "127.0.0.1:0",
-        "max_connections = 1\nidle_timeout = \"300ms\"",
-    ))
-    .await;
-    let addr = logship.ingest_addr().unwrap();
+    let (_mock, _dir, logship, addr) =
+        ingest("max_connections = 1\nidle_timeout = \"300ms\"").await;
     let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut probe = [0u8; 16];
     let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut probe)).await;
@@ -333,14 +338,59 @@ async fn idle_connections_are_closed() {
     );
 
     // Its slot is free again for a client that sends a request.
-    let request = PutLogs::new(addr, "app_logs");
-    let response = tokio::time::timeout(
-        Duration::from_secs(5),
-        put_logs(&request, &log_group("after-idle", 1)),
-    )
+    assert_served(addr, "after-idle", "served once the idle connection closed").await;
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_body_times_out_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_mock, _dir, logship, addr) =
+        ingest("max_concurrent_requests = 1\nidle_timeout = \"5s\"\nbody_timeout = \"400ms\"")
+            .await;
+
+    // One body byte every 100 ms: never idle, and never done.
+    let slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = slow.into_split();
+    writer
+        .write_all(
+            b"POST /logstores/app_logs/shards/lb HTTP/1.1\r\nHost: dify-logs.127.0.0.1\r\n\
+              Content-Length: 1000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let trickle = async move {
+        for _ in 0..1000 {
+            if writer.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let read_answer = async move {
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        answer
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            _ = trickle => Vec::new(),
+            answer = read_answer => answer,
+        }
+    })
     .await
-    .expect("served once the idle connection closed");
-    assert_eq!(response.status(), 200);
+    .expect("the slow body is answered");
+    let head = String::from_utf8_lossy(&answer);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+
+    // The only request slot is free again.
+    assert_served(addr, "after-slow", "served once the slow body timed out").await;
     logship.shutdown().await;
 }
 

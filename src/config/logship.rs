@@ -161,6 +161,16 @@ pub struct IngestConfig {
     /// Default 60s.
     #[serde(default = "default_ingest_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
+    /// A request's body must arrive in full within this time, counted
+    /// from when the request gets its turn; else it gets 408. This keeps a
+    /// client that sends a few bytes at a time from holding a request slot
+    /// for good. Default 60s.
+    #[serde(default = "default_ingest_body_timeout", with = "duration")]
+    pub body_timeout: Duration,
+}
+
+fn default_ingest_body_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_ingest_idle_timeout() -> Duration {
@@ -188,6 +198,8 @@ impl std::fmt::Debug for IngestConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("max_connections", &self.max_connections)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("body_timeout", &self.body_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -258,6 +270,11 @@ impl LogshipConfig {
                     "[logship.ingest] max_connections, max_concurrent_requests and \
                      max_body_bytes must be positive"
                         .into(),
+                );
+            }
+            if ingest.idle_timeout.is_zero() || ingest.body_timeout.is_zero() {
+                return Err(
+                    "[logship.ingest] idle_timeout and body_timeout must be positive".into(),
                 );
             }
         }

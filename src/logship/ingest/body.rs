@@ -3,10 +3,51 @@
 //! checked against the configured limit.
 
 use std::io::Read;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::http::StatusCode;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 
 use super::{sls_error, SlsError};
+
+/// Reads a request body of at most `limit` bytes, which must arrive
+/// within `deadline`. A body that is too large, too slow or cut short
+/// each gets its own error, so the error counts tell them apart.
+pub(super) async fn read(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, SlsError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let reading = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|err| {
+                sls_error(
+                    StatusCode::BAD_REQUEST,
+                    "PostBodyInvalid",
+                    format!("body ended after {} bytes: {err}", buf.len()),
+                )
+            })?;
+            if chunk.len() > limit - buf.len() {
+                return Err(sls_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PostBodyTooLarge",
+                    format!("body exceeds {limit} bytes"),
+                ));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(deadline, reading).await {
+        Ok(Ok(())) => Ok(buf.freeze()),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Err(sls_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "RequestTimeout",
+            format!("body did not arrive within body_timeout ({deadline:?})"),
+        )),
+    }
+}
 
 /// Decompresses a request body per `x-log-compresstype`.
 pub(super) fn decompress(
@@ -99,5 +140,45 @@ mod tests {
             decompress(&raw, "zstd", "", 1000).err().unwrap().code,
             "UnsupportedCompressType"
         );
+    }
+
+    /// Builds a body sent in `chunks`, then ended by `end`: Ok for its end, an
+    /// error for a broken connection, None for a client that stalls.
+    fn chunked(chunks: &[&'static [u8]], end: Option<Result<(), &'static str>>) -> Body {
+        let parts: Vec<_> = chunks
+            .iter()
+            .map(|chunk| Ok::<Bytes, std::io::Error>(Bytes::from_static(chunk)))
+            .collect();
+        let tail = futures_util::stream::once(async move {
+            match end {
+                Some(Ok(())) => None,
+                Some(Err(message)) => Some(Err(std::io::Error::other(message))),
+                None => std::future::pending().await,
+            }
+        })
+        .filter_map(std::future::ready);
+        Body::from_stream(futures_util::stream::iter(parts).chain(tail))
+    }
+
+    #[tokio::test]
+    async fn body_errors_are_told_apart() {
+        let second = Duration::from_secs(1);
+        let whole = read(chunked(&[b"abc", b"def"], Some(Ok(()))), 6, second).await;
+        assert_eq!(&whole.unwrap()[..], b"abcdef");
+
+        let large = read(chunked(&[b"abc", b"defg"], Some(Ok(()))), 6, second).await;
+        let err = large.err().unwrap();
+        assert_eq!((err.status.as_u16(), err.code), (413, "PostBodyTooLarge"));
+
+        let broken = read(chunked(&[b"abc"], Some(Err("reset"))), 6, second).await;
+        let err = broken.err().unwrap();
+        assert_eq!((err.status.as_u16(), err.code), (400, "PostBodyInvalid"));
+        assert!(err.message.contains("after 3 bytes"), "{}", err.message);
+
+        let started = std::time::Instant::now();
+        let stalled = read(chunked(&[b"abc"], None), 6, Duration::from_millis(50)).await;
+        let err = stalled.err().unwrap();
+        assert_eq!((err.status.as_u16(), err.code), (408, "RequestTimeout"));
+        assert!(started.elapsed() < second);
     }
 }

@@ -34,6 +34,8 @@ pub struct IngestState {
     /// Replaced by a config reload.
     credentials: ArcSwap<Credentials>,
     max_body_bytes: usize,
+    /// Time a request's body has to arrive in full.
+    body_timeout: std::time::Duration,
     shipper: Shipper,
     /// One permit per request in progress.
     permits: tokio::sync::Semaphore,
@@ -86,6 +88,7 @@ impl IngestState {
         Arc::new(IngestState {
             credentials: ArcSwap::from_pointee(Credentials::from_config(config, sls)),
             max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
             shipper,
             permits: tokio::sync::Semaphore::new(config.max_concurrent_requests),
         })
@@ -214,15 +217,7 @@ async fn handle(
 ) -> Result<(), SlsError> {
     // A client that stalls while sending the body is idle, so the body is
     // read before the request counts as being handled.
-    let body = axum::body::to_bytes(body, state.max_body_bytes)
-        .await
-        .map_err(|_| {
-            sls_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PostBodyTooLarge",
-                format!("body exceeds {} bytes", state.max_body_bytes),
-            )
-        })?;
+    let body = body::read(body, state.max_body_bytes, state.body_timeout).await?;
     let _handling = activity.begin();
     let raw = check_request(state, logstore, uri, headers, &body)?;
     let project = project_from_host(header_text(headers, "host"));
