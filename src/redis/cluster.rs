@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::Cache;
-use super::command::CommandTable;
+use super::command::{self, CommandSpec};
 use super::fanout;
 use super::frame::{encode_command, error_text, Request};
 use super::reply;
@@ -153,27 +153,26 @@ pub(super) fn pick_node(
 ) -> Option<(Arc<str>, Role)> {
     let shard = map.shard(slot)?;
     let primary = (shard.primary.clone(), Role::Primary);
-    if !readonly || shard.replicas.is_empty() {
+    let read_from = router.config().read_from;
+    if !readonly || shard.replicas.is_empty() || read_from == ReadFrom::Primary {
         return Some(primary);
     }
-    let up: Vec<&Arc<str>> = shard
-        .replicas
-        .iter()
-        .filter(|a| router.pool.is_up(a))
-        .collect();
-    let replica = |list: &[&Arc<str>]| -> Option<(Arc<str>, Role)> {
-        let addr = list.get(client_id as usize % list.len().max(1))?;
-        Some(((*addr).clone(), Role::Replica))
+    let is_up = |addr: &&Arc<str>| router.pool.is_up(addr);
+    let up = shard.replicas.iter().filter(is_up).count();
+    // Picks the client's replica among the `count` replicas that `filter` keeps.
+    let replica = |count: usize, filter: &dyn Fn(&&Arc<str>) -> bool| {
+        let index = client_id as usize % count.max(1);
+        let addr = shard.replicas.iter().filter(filter).nth(index)?;
+        Some((addr.clone(), Role::Replica))
     };
-    match router.config().read_from {
+    match read_from {
         ReadFrom::Primary => Some(primary),
-        ReadFrom::PreferReplica => replica(&up).or(Some(primary)),
-        ReadFrom::Replica => replica(&up).or_else(|| {
-            let all: Vec<&Arc<str>> = shard.replicas.iter().collect();
-            replica(&all)
-        }),
-        ReadFrom::Any if client_id % (up.len() as u64 + 1) == 0 => Some(primary),
-        ReadFrom::Any => replica(&up).or(Some(primary)),
+        ReadFrom::PreferReplica => replica(up, &is_up).or(Some(primary)),
+        ReadFrom::Replica => {
+            replica(up, &is_up).or_else(|| replica(shard.replicas.len(), &|_| true))
+        }
+        ReadFrom::Any if client_id % (up as u64 + 1) == 0 => Some(primary),
+        ReadFrom::Any => replica(up, &is_up).or(Some(primary)),
     }
 }
 
@@ -183,18 +182,17 @@ pub async fn submit(
     request: Request,
     name: &str,
     ctx: SessionCtx,
-    table: &CommandTable,
-    readonly: bool,
+    spec: Option<CommandSpec>,
 ) -> Pending {
-    let positions = table.key_positions(name, &request);
-    if positions.is_empty() {
+    let readonly = spec.is_some_and(|spec| spec.readonly);
+    let mut positions = command::key_positions(spec.as_ref(), name, &request);
+    let Some(first) = positions.next() else {
         return fanout::keyless(router, request, name, ctx).await;
-    }
-    let slot = key_slot(&request.args[positions[0]]);
-    let same_slot = positions[1..]
-        .iter()
-        .all(|&i| key_slot(&request.args[i]) == slot);
+    };
+    let slot = key_slot(&request.args[first]);
+    let same_slot = positions.all(|i| key_slot(&request.args[i]) == slot);
     if !same_slot {
+        let positions: Vec<usize> = command::key_positions(spec.as_ref(), name, &request).collect();
         let slots: Vec<u16> = positions
             .iter()
             .map(|&i| key_slot(&request.args[i]))

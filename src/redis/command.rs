@@ -41,10 +41,17 @@ pub struct CommandTable {
     /// Looked up for every request. The names come from skiff's list or
     /// the upstream's `COMMAND` reply, never from clients, so a fast hash
     /// without SipHash's flooding resistance fits.
-    specs: HashMap<String, CommandSpec, foldhash::fast::RandomState>,
-    /// Commands with sub-commands (`XINFO`, `OBJECT`), so only their
-    /// requests pay for a second lookup.
+    specs: HashMap<String, Entry, foldhash::fast::RandomState>,
+    /// Commands with sub-commands (`XINFO`, `OBJECT`).
     containers: HashSet<String, foldhash::fast::RandomState>,
+}
+
+/// A command's spec, and whether its sub-commands have specs of their own,
+/// so only their requests pay for a second lookup.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    spec: CommandSpec,
+    has_subcommands: bool,
 }
 
 impl CommandTable {
@@ -90,8 +97,18 @@ impl CommandTable {
     fn insert(&mut self, name: String, spec: CommandSpec) {
         if let Some((container, _)) = name.split_once('|') {
             self.containers.insert(container.to_string());
+            if let Some(entry) = self.specs.get_mut(container) {
+                entry.has_subcommands = true;
+            }
         }
-        self.specs.insert(name, spec);
+        let has_subcommands = self.containers.contains(&name);
+        self.specs.insert(
+            name,
+            Entry {
+                spec,
+                has_subcommands,
+            },
+        );
     }
 
     pub fn len(&self) -> usize {
@@ -105,13 +122,16 @@ impl CommandTable {
     /// Returns the spec of `request`, preferring its sub-command's own spec
     /// (`XINFO STREAM key` has its key where `XINFO` alone has none).
     pub fn get(&self, name: &str, request: &Request) -> Option<&CommandSpec> {
-        if self.containers.contains(name) {
+        let entry = self.specs.get(name);
+        if entry.is_some_and(|entry| entry.has_subcommands)
+            || entry.is_none() && self.containers.contains(name)
+        {
             let sub = request.arg_upper(1).unwrap_or_default();
-            if let Some(spec) = self.specs.get(&format!("{name}|{sub}")) {
-                return Some(spec);
+            if let Some(entry) = self.specs.get(&format!("{name}|{sub}")) {
+                return Some(&entry.spec);
             }
         }
-        self.specs.get(name)
+        entry.map(|entry| &entry.spec)
     }
 
     /// Returns true when `request` only reads, so a replica may serve it.
@@ -121,26 +141,46 @@ impl CommandTable {
 
     /// Returns the argument positions of the keys in `request`.
     pub fn key_positions(&self, name: &str, request: &Request) -> Vec<usize> {
-        let args = &request.args;
-        if let Some(positions) = movable_key_positions(name, request) {
-            return positions.into_iter().filter(|&i| i < args.len()).collect();
+        key_positions(self.get(name, request), name, request).collect()
+    }
+}
+
+/// Returns the argument positions of the keys in `request`, whose spec is
+/// `spec`. Keys whose positions depend on other arguments are found from
+/// those arguments.
+pub fn key_positions(spec: Option<&CommandSpec>, name: &str, request: &Request) -> KeyPositions {
+    let args = &request.args;
+    if let Some(mut positions) = movable_key_positions(name, request) {
+        positions.retain(|&i| i < args.len());
+        return KeyPositions::Listed(positions.into_iter());
+    }
+    let Some(spec) = spec.filter(|spec| spec.first_key > 0 && spec.key_step > 0) else {
+        return KeyPositions::Listed(Vec::new().into_iter());
+    };
+    let count = args.len() as i32;
+    let last = if spec.last_key < 0 {
+        count + spec.last_key
+    } else {
+        spec.last_key.min(count - 1)
+    };
+    KeyPositions::Stepped((spec.first_key..=last).step_by(spec.key_step as usize))
+}
+
+/// The key positions of one request, without a list for the usual case of
+/// keys at fixed steps.
+pub enum KeyPositions {
+    Stepped(std::iter::StepBy<std::ops::RangeInclusive<i32>>),
+    Listed(std::vec::IntoIter<usize>),
+}
+
+impl Iterator for KeyPositions {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            KeyPositions::Stepped(range) => range.next().map(|i| i as usize),
+            KeyPositions::Listed(list) => list.next(),
         }
-        let Some(spec) = self.get(name, request) else {
-            return Vec::new();
-        };
-        if spec.first_key <= 0 || spec.key_step <= 0 {
-            return Vec::new();
-        }
-        let count = args.len() as i32;
-        let last = if spec.last_key < 0 {
-            count + spec.last_key
-        } else {
-            spec.last_key.min(count - 1)
-        };
-        (spec.first_key..=last)
-            .step_by(spec.key_step as usize)
-            .map(|i| i as usize)
-            .collect()
     }
 }
 
@@ -275,6 +315,37 @@ mod tests {
         assert_eq!(keys(&["XINFO", "STREAM", "s"]), vec![2]);
         assert_eq!(keys(&["OBJECT", "ENCODING", "k"]), vec![2]);
         assert_eq!(keys(&["XINFO", "HELP"]), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn subcommand_spec_in_either_order() {
+        let spec = |first_key, readonly| CommandSpec {
+            arity: -2,
+            first_key,
+            last_key: first_key,
+            key_step: 1,
+            readonly,
+        };
+        let stream = request(&["XINFO", "STREAM", "s"]);
+        let help = request(&["XINFO", "HELP"]);
+        for container_first in [true, false] {
+            let mut table = CommandTable {
+                specs: HashMap::default(),
+                containers: HashSet::default(),
+            };
+            let entries = [
+                ("XINFO".to_string(), spec(0, false)),
+                ("XINFO|STREAM".to_string(), spec(2, true)),
+            ];
+            let order = if container_first { [0, 1] } else { [1, 0] };
+            for i in order {
+                table.insert(entries[i].0.clone(), entries[i].1);
+            }
+            assert_eq!(table.key_positions("XINFO", &stream), vec![2]);
+            assert!(table.is_readonly("XINFO", &stream));
+            assert_eq!(table.key_positions("XINFO", &help), Vec::<usize>::new());
+            assert!(!table.is_readonly("XINFO", &help));
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::oneshot::error::RecvError;
 
 use super::cache::{self, Cache};
 use super::cluster::{self, Cluster};
-use super::command::CommandTable;
+use super::command::{CommandSpec, CommandTable};
 use super::frame::{error_text, Protocol, Request};
 use super::pool::{Pool, PoolSettings};
 use super::reply;
@@ -257,33 +257,34 @@ impl Router {
             }
         }
         let table = self.commands();
-        let readonly = table.is_readonly(name, &request);
+        let spec = table.get(name, &request).copied();
+        let readonly = spec.is_some_and(|spec| spec.readonly);
         if !readonly && self.cache.watches_writes() {
             if let Some(invalidation) = self.cache.before_write(name, &request, &table) {
-                let pending = self.route_with(request, name, ctx, &table, readonly).await;
+                let pending = self.route_with(request, name, ctx, spec).await;
                 return invalidation.after(pending, self.clone());
             }
         }
-        self.route_with(request, name, ctx, &table, readonly).await
+        self.route_with(request, name, ctx, spec).await
     }
 
     /// Sends `request` towards its node, bypassing the near cache.
     pub async fn route(self: &Arc<Self>, request: Request, name: &str, ctx: SessionCtx) -> Pending {
-        let table = self.commands();
-        let readonly = table.is_readonly(name, &request);
-        self.route_with(request, name, ctx, &table, readonly).await
+        let spec = self.commands().get(name, &request).copied();
+        self.route_with(request, name, ctx, spec).await
     }
 
+    /// Sends `request`, whose entry in the command table is `spec`.
     async fn route_with(
         self: &Arc<Self>,
         request: Request,
         name: &str,
         ctx: SessionCtx,
-        table: &CommandTable,
-        readonly: bool,
+        spec: Option<CommandSpec>,
     ) -> Pending {
+        let readonly = spec.is_some_and(|spec| spec.readonly);
         if self.cluster.is_some() {
-            return cluster::submit(self, request, name, ctx, table, readonly).await;
+            return cluster::submit(self, request, name, ctx, spec).await;
         }
         if !readonly || self.config().read_from == ReadFrom::Primary {
             return self.route_to_primary(&request, ctx).await;
