@@ -20,6 +20,7 @@ mod routes;
 mod sentinel;
 mod session;
 pub mod slot;
+mod stop;
 mod topology;
 mod transaction;
 mod upstream;
@@ -98,6 +99,8 @@ impl RedisRouter {
             };
             refresh_tasks.extend(task);
         }
+        // Tells the sessions to stop reading requests once skiff shuts down.
+        let stop = stop::StopSignal::new();
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -128,6 +131,7 @@ impl RedisRouter {
             };
             let routes = self.routes.clone();
             let shutdown = shutdown.clone();
+            let stop = stop.clone();
             // Clients whose ids are equal modulo the thread count share a
             // thread, and ids pick the shared upstream connection, so a
             // thread's sessions use the connections that thread opened when
@@ -141,7 +145,7 @@ impl RedisRouter {
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
                         tracing::debug!("client connected");
-                        session::run(routes, stream, peer, client_id, shutdown).await;
+                        session::run(routes, stream, peer, client_id, shutdown, stop).await;
                         tracing::debug!("client disconnected");
                     }
                     Err(err) => tracing::warn!(error = %err, "redis accept failed"),
@@ -150,6 +154,7 @@ impl RedisRouter {
             };
             threads.spawn(client_id, session.instrument(span));
         }
+        stop.stop();
         let all = self.router.config().max_clients as u32;
         let drain = self.router.config().shutdown_timeout;
         if tokio::time::timeout(drain, self.clients.acquire_many(all))

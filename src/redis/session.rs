@@ -3,7 +3,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -12,7 +11,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 use super::cache::{self, ClientTracking};
 use super::command::{pinning, Pinning};
@@ -21,6 +20,7 @@ use super::multibulk;
 use super::reply;
 use super::router::{InFlight, Pending, Router, SessionCtx};
 use super::routes::{RouteId, Routes, MAIN};
+use super::stop::{StopSignal, StopWatch};
 use super::transaction::Transaction;
 
 /// Bytes gathered before the writer flushes to the client.
@@ -232,7 +232,7 @@ pub struct Session {
     pub(super) shutdown: CancellationToken,
     /// Fires when `shutdown` is cancelled. Made once and polled by the read
     /// loop, because a new wait per read registers and unregisters again.
-    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    stopping: StopWatch,
 }
 
 /// Serves one client until it disconnects or skiff shuts down. `client_id`
@@ -243,6 +243,7 @@ pub async fn run(
     peer: SocketAddr,
     client_id: u64,
     shutdown: CancellationToken,
+    stop: Arc<StopSignal>,
 ) {
     let _ = stream.set_nodelay(true);
     let router = routes.main().clone();
@@ -281,7 +282,7 @@ pub async fn run(
         batch: parking_lot::Mutex::new(BytesMut::new()),
         batching: std::sync::atomic::AtomicBool::new(false),
         tracking: None,
-        stopping: Box::pin(shutdown.clone().cancelled_owned()),
+        stopping: stop.watch(),
         shutdown,
         router,
     };
