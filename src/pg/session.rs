@@ -459,7 +459,11 @@ impl Session {
             // watched any more, so its requests run even if it hangs up.
             std::future::pending::<()>().await
         };
+        // The checkout is polled first: when a server connection is handed
+        // over, the other waits are not polled again, which would lock the
+        // cancel notification's list of waiters for nothing.
         let result = tokio::select! {
+            biased;
             result = pool.checkout(wait) => Ok(result),
             _ = cancelled.notified() => Err(WaitEnded::Cancelled),
             _ = killed => Err(WaitEnded::Killed),
