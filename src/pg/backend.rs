@@ -436,6 +436,12 @@ impl ServerConn {
         self.out.extend_from_slice(bytes);
     }
 
+    /// The buffer of bytes queued for the server, for a request encoded
+    /// in place.
+    pub fn out_mut(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
     pub fn queued_len(&self) -> usize {
         self.out.len()
     }

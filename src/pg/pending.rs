@@ -22,9 +22,9 @@ pub enum Request {
         statement: Option<String>,
         client_name: Option<String>,
     },
-    /// Bind of a pooler-wide statement name, if any.
+    /// Bind of a pooler-wide statement, if any.
     Bind {
-        statement: Option<String>,
+        statement: Option<std::sync::Arc<super::prepared::Statement>>,
     },
     /// Describe; `statement` is the client's name of a captured statement
     /// whose parameter types skiff takes from the reply.

@@ -24,7 +24,7 @@ const MAX_REGISTERED_STATEMENTS: usize = 100_000;
 pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
 
 /// One distinct statement, shared by every client that prepared it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Statement {
     /// Pooler-wide name used on server connections.
     pub name: String,

@@ -77,10 +77,10 @@ impl<'a> Bind<'a> {
         })
     }
 
-    /// Encodes this Bind with another statement name.
-    pub fn encode_with_statement(&self, statement: &str) -> Bytes {
-        let mut out =
-            BytesMut::with_capacity(self.rest.len() + self.portal.len() + statement.len() + 8);
+    /// Appends this Bind to `out` with another statement name.
+    pub fn encode_with_statement(&self, statement: &str, out: &mut BytesMut) {
+        let start = out.len();
+        out.reserve(self.rest.len() + self.portal.len() + statement.len() + 7);
         out.put_u8(frontend::BIND);
         out.put_u32(0);
         out.put_slice(self.portal.as_bytes());
@@ -88,9 +88,8 @@ impl<'a> Bind<'a> {
         out.put_slice(statement.as_bytes());
         out.put_u8(0);
         out.put_slice(self.rest);
-        let length = (out.len() - 1) as u32;
-        out[1..5].copy_from_slice(&length.to_be_bytes());
-        out.freeze()
+        let length = (out.len() - start - 1) as u32;
+        out[start + 1..start + 5].copy_from_slice(&length.to_be_bytes());
     }
 }
 
@@ -193,7 +192,10 @@ mod tests {
         let bind = Bind::decode(&original).unwrap();
         assert_eq!(bind.portal, "p1");
         assert_eq!(bind.statement, "s1");
-        let renamed = message(bind.encode_with_statement("skiff_1"));
+        let mut out = BytesMut::from(&b"queued before"[..]);
+        bind.encode_with_statement("skiff_1", &mut out);
+        assert_eq!(&out[..13], b"queued before");
+        let renamed = message(out.split_off(13).freeze());
         let decoded = Bind::decode(&renamed).unwrap();
         assert_eq!(decoded.statement, "skiff_1");
         assert_eq!(decoded.rest, bind.rest);

@@ -309,10 +309,11 @@ impl Session {
             return Ok(());
         }
         self.ensure_prepared(&statement);
-        let renamed = bind.encode_with_statement(&statement.name);
-        self.send(&renamed);
+        if let Some(checkout) = &mut self.server {
+            bind.encode_with_statement(&statement.name, checkout.conn.out_mut());
+        }
         self.expect(Expected::Forward(Request::Bind {
-            statement: Some(statement.name.clone()),
+            statement: Some(statement),
         }));
         Ok(())
     }

@@ -135,12 +135,12 @@ impl Session {
         let fields = ErrorFields::parse(message.body());
         if fields.code == CACHED_PLAN_CHANGED {
             if let Request::Bind {
-                statement: Some(name),
+                statement: Some(statement),
             } = request
             {
                 let conn = &mut self.server.as_mut().expect("server attached").conn;
-                conn.statements.remove(name);
-                conn.needs_close.insert(name.clone());
+                conn.statements.remove(&statement.name);
+                conn.needs_close.insert(statement.name.clone());
             }
         }
         if let Some(failed) = self.pending.pop() {
