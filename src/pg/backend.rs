@@ -436,7 +436,7 @@ impl ServerConn {
         self.out.extend_from_slice(bytes);
     }
 
-    /// The buffer of bytes queued for the server, for a request encoded
+    /// Returns the buffer of bytes queued for the server, for a request encoded
     /// in place.
     pub fn out_mut(&mut self) -> &mut BytesMut {
         &mut self.out
