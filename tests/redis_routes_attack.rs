@@ -346,7 +346,18 @@ async fn script_load_reaches_every_route() {
     assert_eq!(route.cli(&["GET", "celery-chord"]).trim(), "1");
     assert_eq!(main.cli(&["GET", "plain"]).trim(), "1");
 
+    // A script counts as loaded only when every route has it, since an
+    // EVALSHA of it may go to any of them.
+    let main_only = main.cli(&["SCRIPT", "LOAD", "return 7"]);
+    let main_only = main_only.trim();
+    assert_eq!(main.cli(&["SCRIPT", "EXISTS", main_only]).trim(), "1");
+    assert_eq!(
+        raw.call(&["SCRIPT", "EXISTS", &sha, main_only]).await,
+        "*2\r\n:1\r\n:0\r\n"
+    );
+
     assert_eq!(raw.call(&["SCRIPT", "FLUSH"]).await, "+OK\r\n");
     let flushed = raw.call(&["EVALSHA", &sha, "1", "celery-chord"]).await;
     assert!(flushed.starts_with("-NOSCRIPT"), "{flushed}");
+    assert_eq!(raw.call(&["SCRIPT", "EXISTS", &sha]).await, "*1\r\n:0\r\n");
 }

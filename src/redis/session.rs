@@ -449,18 +449,25 @@ impl Session {
         self.ctx.db = self.routes.upstream_db(route, self.client_db);
     }
 
-    /// True for `SCRIPT LOAD` and `SCRIPT FLUSH` when keys pick the route.
-    /// They have no keys, but a later `EVALSHA` goes to the route of its
-    /// keys, so every route must hold the same scripts.
+    /// True for `SCRIPT LOAD`, `SCRIPT FLUSH` and `SCRIPT EXISTS` when keys
+    /// pick the route. They have no keys, but a later `EVALSHA` goes to the
+    /// route of its keys, so every route must hold the same scripts.
     fn loads_scripts_everywhere(&self, request: &Request, name: &str) -> bool {
         name == "SCRIPT"
             && self.keys_pick_route()
-            && matches!(request.arg_upper(1).as_deref(), Some("LOAD" | "FLUSH"))
+            && matches!(
+                request.arg_upper(1).as_deref(),
+                Some("LOAD" | "FLUSH" | "EXISTS")
+            )
     }
 
     /// Sends `request` through every route and returns `[redis]`'s reply
-    /// once all have replied, or the first error among them.
+    /// once all have replied, or the first error among them. For
+    /// `SCRIPT EXISTS`, a script exists only where every route has it, since
+    /// `EVALSHA` may run on any of them.
     async fn submit_to_every_route(&mut self, request: Request, name: &str) -> Pending {
+        let exists = request.arg_upper(1).as_deref() == Some("EXISTS");
+        let protocol = self.ctx.protocol;
         let mut replies = Vec::new();
         let ids: Vec<RouteId> = (0..self.routes.all().count()).collect();
         for id in ids {
@@ -471,14 +478,37 @@ impl Session {
         self.use_route(MAIN);
         Pending::Future(Box::pin(async move {
             let mut first = None;
+            let mut all_have = Vec::new();
             for (router, pending) in replies {
                 let reply = pending.resolve(&router).await;
                 if super::frame::error_text(&reply).is_some() {
                     return reply;
                 }
+                if exists {
+                    let Some(flags) = script_flags(&reply, protocol) else {
+                        return reply::error("ERR unexpected reply to SCRIPT EXISTS");
+                    };
+                    if first.is_none() {
+                        all_have = flags;
+                    } else {
+                        for (have, flag) in all_have.iter_mut().zip(flags) {
+                            *have = *have && flag;
+                        }
+                    }
+                }
                 first.get_or_insert(reply);
             }
-            first.unwrap_or_else(|| reply::error("ERR no upstream node is available"))
+            match first {
+                Some(_) if exists => {
+                    let flags: Vec<Bytes> = all_have
+                        .into_iter()
+                        .map(|have| reply::integer(i64::from(have)))
+                        .collect();
+                    reply::array(&flags)
+                }
+                Some(reply) => reply,
+                None => reply::error("ERR no upstream node is available"),
+            }
         }))
     }
 
@@ -651,6 +681,15 @@ impl Session {
             Err(_) => Flow::Close,
         }
     }
+}
+
+/// Returns, from a `SCRIPT EXISTS` reply, whether each script exists.
+fn script_flags(reply: &Bytes, protocol: Protocol) -> Option<Vec<bool>> {
+    let items = super::frame::Value::decode(reply, protocol)?.into_items()?;
+    items
+        .iter()
+        .map(|item| item.as_int().map(|flag| flag == 1))
+        .collect()
 }
 
 async fn write_replies(
