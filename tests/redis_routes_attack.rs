@@ -361,3 +361,71 @@ async fn script_load_reaches_every_route() {
     assert!(flushed.starts_with("-NOSCRIPT"), "{flushed}");
     assert_eq!(raw.call(&["SCRIPT", "EXISTS", &sha]).await, "*1\r\n:0\r\n");
 }
+
+/// One `SUBSCRIBE` with channels of two routes subscribes each channel on
+/// its route, and the counts in the confirmations run over all of them.
+#[tokio::test]
+async fn subscribe_across_routes() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut subscriber = skiff.raw().await;
+    subscriber
+        .send(&["SUBSCRIBE", "plain-a", "celery-task-meta-1", "plain-b"])
+        .await;
+    let mut confirmed = Vec::new();
+    for _ in 0..3 {
+        confirmed.push(read_text(&mut subscriber).await);
+    }
+    // Each route confirms its own channels in order; the counts follow
+    // the order in which the confirmations reach the client.
+    for (index, confirmation) in confirmed.iter().enumerate() {
+        assert!(
+            confirmation.starts_with("*3\r\n$9\r\nsubscribe\r\n"),
+            "{confirmation}"
+        );
+        assert!(
+            confirmation.ends_with(&format!(":{}\r\n", index + 1)),
+            "{confirmed:?}"
+        );
+    }
+    let position = |channel: &str| {
+        confirmed
+            .iter()
+            .position(|c| c.contains(&format!("\r\n{channel}\r\n")))
+            .unwrap_or_else(|| panic!("{channel} confirmed: {confirmed:?}"))
+    };
+    assert!(position("plain-a") < position("plain-b"));
+    position("celery-task-meta-1");
+    let numsub = |server: &RedisServer, channel: &str| {
+        server
+            .cli(&["PUBSUB", "NUMSUB", channel])
+            .lines()
+            .nth(1)
+            .map(str::to_string)
+    };
+    assert_eq!(numsub(&main, "plain-a").as_deref(), Some("1"));
+    assert_eq!(numsub(&main, "plain-b").as_deref(), Some("1"));
+    assert_eq!(numsub(&route, "celery-task-meta-1").as_deref(), Some("1"));
+    assert_eq!(numsub(&main, "celery-task-meta-1").as_deref(), Some("0"));
+
+    let mut publisher = skiff.raw().await;
+    for channel in ["plain-b", "celery-task-meta-1"] {
+        assert_eq!(publisher.call(&["PUBLISH", channel, "hi"]).await, ":1\r\n");
+        let message = read_text(&mut subscriber).await;
+        assert!(message.contains(channel), "{message}");
+    }
+
+    // A later SUBSCRIBE across routes reuses both connections.
+    subscriber
+        .send(&["SUBSCRIBE", "celery-task-meta-2", "plain-c"])
+        .await;
+    let mut counts: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        counts.push(read_text(&mut subscriber).await);
+    }
+    assert!(counts.iter().any(|c| c.ends_with(":4\r\n")), "{counts:?}");
+    assert!(counts.iter().any(|c| c.ends_with(":5\r\n")), "{counts:?}");
+    assert_eq!(numsub(&route, "celery-task-meta-2").as_deref(), Some("1"));
+    assert_eq!(numsub(&main, "plain-c").as_deref(), Some("1"));
+}

@@ -60,18 +60,66 @@ impl Session {
         if self.drain().await == Flow::Close {
             return Flow::Close;
         }
-        let (subscribed, first) = match self.open_subscription(&request, name).await {
+        let mut groups = match self.split_by_route(&request, name) {
+            Ok(groups) => groups.into_iter(),
+            Err(error) => return self.reply(error).await,
+        };
+        let (route, first_request) = groups.next().expect("a request has one route at least");
+        self.use_route(route);
+        let (subscribed, first) = match self.open_subscription(&first_request, name).await {
             Ok(opened) => opened,
             Err(error) => return self.reply(error).await,
         };
         let mut subscriptions = vec![subscribed];
-        match self.relay_frame(&mut subscriptions, 0, first).await {
-            Ok(()) if subscriptions.is_empty() => return Flow::Continue,
-            Ok(()) => {}
-            Err(end) => return self.end_relay(subscriptions, end),
+        if let Err(end) = self.relay_frame(&mut subscriptions, 0, first).await {
+            return self.end_relay(subscriptions, end);
+        }
+        for (route, group) in groups {
+            if let Err(end) = self
+                .subscribe_on(&mut subscriptions, route, &group, name)
+                .await
+            {
+                return self.end_relay(subscriptions, end);
+            }
+        }
+        if subscriptions.is_empty() {
+            return Flow::Continue;
         }
         let end = self.relay(&mut subscriptions).await;
         self.end_relay(subscriptions, end)
+    }
+
+    /// Splits a `SUBSCRIBE` or `PSUBSCRIBE` into one request per route of
+    /// its channels, in the order of each route's first channel. The
+    /// channels of a route keep their order. Other requests stay whole, and
+    /// one whose keys span routes gives the routes' error.
+    fn split_by_route(
+        &self,
+        request: &Request,
+        name: &str,
+    ) -> Result<Vec<(RouteId, Request)>, Bytes> {
+        if self.routes.is_empty() {
+            return Ok(vec![(self.route, request.clone())]);
+        }
+        if !matches!(name, "SUBSCRIBE" | "PSUBSCRIBE") || request.args.len() < 3 {
+            return Ok(vec![(self.pick_route(request, name)?, request.clone())]);
+        }
+        let mut groups: Vec<(RouteId, Vec<Bytes>)> = Vec::new();
+        for channel in &request.args[1..] {
+            let single = Request::from_args(vec![request.args[0].clone(), channel.clone()]);
+            let route = self.pick_route(&single, name)?;
+            match groups.iter_mut().find(|(id, _)| *id == route) {
+                Some((_, args)) => args.push(channel.clone()),
+                None => groups.push((route, vec![request.args[0].clone(), channel.clone()])),
+            }
+        }
+        if let [(route, _)] = groups.as_slice() {
+            return Ok(vec![(*route, request.clone())]);
+        }
+        Ok(groups
+            .into_iter()
+            .map(|(route, args)| (route, Request::from_args(args)))
+            .collect())
     }
 
     fn end_relay(&self, subscriptions: Vec<Subscribed>, end: RelayEnd) -> Flow {
@@ -284,15 +332,31 @@ impl Session {
         request: Request,
         name: &str,
     ) -> Result<(), RelayEnd> {
-        let route = match self.pick_route(&request, name) {
-            Ok(route) => route,
+        let groups = match self.split_by_route(&request, name) {
+            Ok(groups) => groups,
             Err(error) => return self.relay_to_client(error).await,
         };
+        for (route, group) in groups {
+            self.subscribe_on(subscriptions, route, &group, name)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `request` on the client's subscribed connection to `route`,
+    /// opening that connection when the client has none there yet.
+    async fn subscribe_on(
+        &mut self,
+        subscriptions: &mut Vec<Subscribed>,
+        route: RouteId,
+        request: &Request,
+        name: &str,
+    ) -> Result<(), RelayEnd> {
         if let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) {
             return send_on(sub, &request.raw).await;
         }
         self.use_route(route);
-        match self.open_subscription(&request, name).await {
+        match self.open_subscription(request, name).await {
             Ok((subscribed, first)) => {
                 subscriptions.push(subscribed);
                 let index = subscriptions.len() - 1;

@@ -398,6 +398,8 @@ impl Session {
         if !self.routes.is_empty() {
             match self.pick_route(&request, name) {
                 Ok(route) => self.use_route(route),
+                // Split per route when the client subscribes.
+                Err(_) if matches!(name, "SUBSCRIBE" | "PSUBSCRIBE") => {}
                 Err(error) => return self.reply(error).await,
             }
         }
