@@ -30,8 +30,8 @@ fn ingest_config(dir: &std::path::Path, mock: &MockSls, listen: &str, extra: &st
 }
 
 /// Starts an ingest endpoint on a free loopback port in front of a new
-/// mock SLS, with `extra` in `[logship.ingest]`. The directory holds the
-/// spool and must outlive the endpoint.
+/// mock SLS, with `extra` in `[logship.ingest]`. The spool is in the
+/// directory, which must outlive the endpoint.
 async fn ingest(
     extra: &str,
 ) -> (
@@ -47,7 +47,7 @@ async fn ingest(
     (mock, dir, logship, addr)
 }
 
-/// Sends one log within 5 s and checks that it is accepted; `why` says
+/// Sends one log within 5 s and checks that it is accepted; `why` tells
 /// what freed the way for it.
 async fn assert_served(addr: std::net::SocketAddr, topic: &str, why: &str) {
     let request = PutLogs::new(addr, "app_logs");
@@ -391,6 +391,135 @@ async fn slow_body_times_out_and_frees_its_slot() {
 
     // The only request slot is free again.
     assert_served(addr, "after-slow", "served once the slow body timed out").await;
+    logship.shutdown().await;
+}
+
+const STALLED_HEAD: &[u8] = b"POST /logstores/app_logs/shards/lb HTTP/1.1\r\n\
+                              Host: dify-logs.127.0.0.1\r\nContent-Length: 1000\r\n\r\n";
+
+/// Reads until the end of a response head, or until the connection ends.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Sends one log until it is accepted, retrying ServerBusy as SDKs do;
+/// panics when that takes longer than `limit`.
+async fn served_within(addr: std::net::SocketAddr, limit: Duration) {
+    let request = PutLogs::new(addr, "app_logs");
+    let serve = async {
+        loop {
+            let response = put_logs(&request, &log_group("normal", 1)).await;
+            match response.status().as_u16() {
+                200 => return,
+                503 => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => panic!("status {other}"),
+            }
+        }
+    };
+    tokio::time::timeout(limit, serve)
+        .await
+        .expect("a normal client is served in time");
+}
+
+#[tokio::test]
+async fn stalled_body_gets_request_timeout() {
+    use tokio::io::AsyncWriteExt;
+    // The body stalls: whichever of the two timeouts ends it, the client
+    // is told it timed out, and the connection closes.
+    let (_mock, _dir, logship, addr) =
+        ingest("idle_timeout = \"300ms\"\nbody_timeout = \"300ms\"").await;
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(STALLED_HEAD).await.unwrap();
+    stalled.write_all(b"only part of the body").await.unwrap();
+
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stalled))
+        .await
+        .expect("the stalled body is answered");
+
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_headers_do_not_hold_every_connection() {
+    use tokio::io::AsyncWriteExt;
+    let (_mock, _dir, logship, addr) =
+        ingest("max_connections = 2\nidle_timeout = \"300ms\"\nbody_timeout = \"300ms\"").await;
+    // Two clients send a header byte every 100 ms: never idle, and their
+    // requests never reach a handler.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /logstores/app_logs/shards/lb HTTP/1.1\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            for stream in &mut slow {
+                let _ = stream.write_all(b"a").await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    served_within(addr, Duration::from_secs(5)).await;
+    trickle.abort();
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn queued_stalled_requests_do_not_add_up() {
+    use tokio::io::AsyncWriteExt;
+    let (_mock, _dir, logship, addr) =
+        ingest("max_concurrent_requests = 1\nidle_timeout = \"5s\"\nbody_timeout = \"300ms\"")
+            .await;
+    // Twenty clients send headers and no body. Each may hold the only slot
+    // for body_timeout, but their waits for it count against the same
+    // deadline, so they do not queue up one after the other.
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(STALLED_HEAD).await.unwrap();
+        stalled.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // One after the other they would take 20 x 300 ms.
+    served_within(addr, Duration::from_secs(3)).await;
+    drop(stalled);
+    logship.shutdown().await;
+}
+
+#[tokio::test]
+async fn unread_responses_do_not_hold_connection() {
+    use tokio::io::AsyncWriteExt;
+    let (_mock, _dir, logship, addr) =
+        ingest("max_connections = 1\nidle_timeout = \"300ms\"").await;
+    // The client pipelines requests and reads no response. Once the socket
+    // buffers fill, skiff cannot write and stops reading, so no byte moves.
+    let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let requests = b"POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".repeat(1000);
+    let fill = async { while stuck.write_all(&requests).await.is_ok() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(3), fill).await;
+
+    served_within(addr, Duration::from_secs(5)).await;
+    drop(stuck);
     logship.shutdown().await;
 }
 

@@ -30,8 +30,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
+    // Ten years: far above any timeout or lifetime, and far below where
+    // adding it to the current time would overflow.
+    if seconds > MAX_SECONDS {
+        return Err(format!(
+            "invalid duration {text:?}: longer than the limit of 3650d"
+        ));
+    }
     Ok(Duration::from_secs_f64(seconds))
 }
+
+const MAX_SECONDS: f64 = 3650.0 * 86400.0;
 
 /// Serde adapter: `#[serde(with = "crate::config::duration")]`.
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
@@ -63,6 +72,18 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn rejects_durations_past_the_limit() {
+        assert_eq!(
+            parse_duration("3650d").unwrap(),
+            Duration::from_secs(3650 * 86400)
+        );
+        for text in ["3651d", "99999999999999999999s", "10000000000000000000000d"] {
+            let error = parse_duration(text).unwrap_err();
+            assert!(error.contains("limit of 3650d"), "{text}: {error}");
+        }
     }
 
     #[test]

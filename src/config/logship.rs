@@ -161,10 +161,11 @@ pub struct IngestConfig {
     /// Default 60s.
     #[serde(default = "default_ingest_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
-    /// A request's body must arrive in full within this time, counted
-    /// from when the request gets its turn; else it gets 408. This keeps a
-    /// client that sends a few bytes at a time from holding a request slot
-    /// for good. Default 60s.
+    /// Time a request has for its headers (from their first byte), and
+    /// then for its turn and its whole body. A late body gets 408, a
+    /// request that found no free slot in time 503, and late headers close
+    /// the connection. This keeps clients that send a few bytes at a time
+    /// from holding connections and request slots for good. Default 60s.
     #[serde(default = "default_ingest_body_timeout", with = "duration")]
     pub body_timeout: Duration,
 }

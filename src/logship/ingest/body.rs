@@ -3,7 +3,7 @@
 //! checked against the configured limit.
 
 use std::io::Read;
-use std::time::Duration;
+use tokio::time::Instant;
 
 use axum::body::Body;
 use axum::http::StatusCode;
@@ -13,14 +13,24 @@ use futures_util::StreamExt;
 use super::{sls_error, SlsError};
 
 /// Reads a request body of at most `limit` bytes, which must arrive
-/// within `deadline`. A body that is too large, too slow or cut short
+/// before `deadline`. A body that is too large, too slow or cut short
 /// each gets its own error, so the error counts tell them apart.
-pub(super) async fn read(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, SlsError> {
+pub(super) async fn read(body: Body, limit: usize, deadline: Instant) -> Result<Bytes, SlsError> {
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
     let reading = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|err| {
+                if timed_out(&err) {
+                    return sls_error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "RequestTimeout",
+                        format!(
+                            "body stalled after {} bytes for longer than idle_timeout",
+                            buf.len()
+                        ),
+                    );
+                }
                 sls_error(
                     StatusCode::BAD_REQUEST,
                     "PostBodyInvalid",
@@ -38,15 +48,29 @@ pub(super) async fn read(body: Body, limit: usize, deadline: Duration) -> Result
         }
         Ok(())
     };
-    match tokio::time::timeout(deadline, reading).await {
+    match tokio::time::timeout_at(deadline, reading).await {
         Ok(Ok(())) => Ok(buf.freeze()),
         Ok(Err(err)) => Err(err),
         Err(_) => Err(sls_error(
             StatusCode::REQUEST_TIMEOUT,
             "RequestTimeout",
-            format!("body did not arrive within body_timeout ({deadline:?})"),
+            "body did not arrive within body_timeout",
         )),
     }
+}
+
+/// True when the connection's idle timeout ended the read: the listener
+/// fails a stalled read with `TimedOut`.
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(error) = source {
+        let io_error = error.downcast_ref::<std::io::Error>();
+        if io_error.is_some_and(|io_error| io_error.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Decompresses a request body per `x-log-compresstype`.
@@ -142,9 +166,9 @@ mod tests {
         );
     }
 
-    /// Builds a body sent in `chunks`, then ended by `end`: Ok for its end, an
-    /// error for a broken connection, None for a client that stalls.
-    fn chunked(chunks: &[&'static [u8]], end: Option<Result<(), &'static str>>) -> Body {
+    /// Builds a body sent in `chunks`, then ended by `end`: Ok for its end,
+    /// the kind of a read error, or None for a client that stalls.
+    fn chunked(chunks: &[&'static [u8]], end: Option<Result<(), std::io::ErrorKind>>) -> Body {
         let parts: Vec<_> = chunks
             .iter()
             .map(|chunk| Ok::<Bytes, std::io::Error>(Bytes::from_static(chunk)))
@@ -152,7 +176,7 @@ mod tests {
         let tail = futures_util::stream::once(async move {
             match end {
                 Some(Ok(())) => None,
-                Some(Err(message)) => Some(Err(std::io::Error::other(message))),
+                Some(Err(kind)) => Some(Err(std::io::Error::new(kind, "read failed"))),
                 None => std::future::pending().await,
             }
         })
@@ -162,21 +186,29 @@ mod tests {
 
     #[tokio::test]
     async fn body_errors_are_told_apart() {
-        let second = Duration::from_secs(1);
-        let whole = read(chunked(&[b"abc", b"def"], Some(Ok(()))), 6, second).await;
+        let second = std::time::Duration::from_secs(1);
+        let within = |duration| Instant::now() + duration;
+        let whole = read(chunked(&[b"abc", b"def"], Some(Ok(()))), 6, within(second)).await;
         assert_eq!(&whole.unwrap()[..], b"abcdef");
 
-        let large = read(chunked(&[b"abc", b"defg"], Some(Ok(()))), 6, second).await;
+        let large = read(chunked(&[b"abc", b"defg"], Some(Ok(()))), 6, within(second)).await;
         let err = large.err().unwrap();
         assert_eq!((err.status.as_u16(), err.code), (413, "PostBodyTooLarge"));
 
-        let broken = read(chunked(&[b"abc"], Some(Err("reset"))), 6, second).await;
+        let reset = Some(Err(std::io::ErrorKind::ConnectionReset));
+        let broken = read(chunked(&[b"abc"], reset), 6, within(second)).await;
         let err = broken.err().unwrap();
         assert_eq!((err.status.as_u16(), err.code), (400, "PostBodyInvalid"));
         assert!(err.message.contains("after 3 bytes"), "{}", err.message);
 
-        let started = std::time::Instant::now();
-        let stalled = read(chunked(&[b"abc"], None), 6, Duration::from_millis(50)).await;
+        // The listener's idle timeout fails a stalled read with TimedOut.
+        let idle = Some(Err(std::io::ErrorKind::TimedOut));
+        let idled = read(chunked(&[b"abc"], idle), 6, within(second)).await;
+        let err = idled.err().unwrap();
+        assert_eq!((err.status.as_u16(), err.code), (408, "RequestTimeout"));
+
+        let started = Instant::now();
+        let stalled = read(chunked(&[b"abc"], None), 6, within(second / 20)).await;
         let err = stalled.err().unwrap();
         assert_eq!((err.status.as_u16(), err.code), (408, "RequestTimeout"));
         assert!(started.elapsed() < second);

@@ -1,12 +1,13 @@
 //! A TCP listener for the ingest endpoint that bounds open connections:
 //! past the limit, new connections wait in the kernel's accept queue until
 //! one closes. A connection idle for longer than the idle timeout is closed,
-//! where a connection whose request skiff is still handling is not idle.
+//! where a connection whose request skiff is still handling is not idle, and
+//! so is one whose request headers take longer than the head timeout.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -25,14 +26,24 @@ pub struct LimitedListener {
     listener: TcpListener,
     permits: Arc<Semaphore>,
     idle_timeout: Duration,
+    head_timeout: Duration,
 }
 
 impl LimitedListener {
-    pub fn new(listener: TcpListener, max_connections: usize, idle_timeout: Duration) -> Self {
+    /// Accepts up to `max_connections` at once. A connection idle for
+    /// `idle_timeout`, or whose request head takes `head_timeout` from its
+    /// first bytes, is closed.
+    pub fn new(
+        listener: TcpListener,
+        max_connections: usize,
+        idle_timeout: Duration,
+        head_timeout: Duration,
+    ) -> Self {
         LimitedListener {
             listener,
             permits: Arc::new(Semaphore::new(max_connections)),
             idle_timeout,
+            head_timeout,
         }
     }
 }
@@ -47,6 +58,9 @@ pub struct Activity(Arc<ActivityState>);
 #[derive(Default)]
 struct ActivityState {
     handling: AtomicUsize,
+    /// Requests whose handling began, so the listener can tell when the
+    /// head of a request it reads has arrived in full.
+    begun: AtomicU64,
     /// When the last request ended, which the idle time counts from.
     ended_at: Mutex<Option<Instant>>,
 }
@@ -55,7 +69,12 @@ impl Activity {
     /// Marks a request as being handled until the guard is dropped.
     pub fn begin(&self) -> Handling {
         self.0.handling.fetch_add(1, Ordering::AcqRel);
+        self.0.begun.fetch_add(1, Ordering::AcqRel);
         Handling(self.clone())
+    }
+
+    fn begun(&self) -> u64 {
+        self.0.begun.load(Ordering::Acquire)
     }
 
     fn is_handling(&self) -> bool {
@@ -85,42 +104,76 @@ impl Connected<IncomingStream<'_, LimitedListener>> for Activity {
 }
 
 /// A connection that gives its permit back when dropped, and fails its next
-/// read once it has been idle for `idle_timeout` with no request being
-/// handled.
+/// read or write once it has been idle for `idle_timeout` with no request
+/// being handled, or once a request's head has taken `head_timeout`.
 pub struct LimitedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
     idle_timeout: Duration,
+    head_timeout: Duration,
     idle: Pin<Box<Sleep>>,
     activity: Activity,
+    /// The deadline of the request head being read, and the count of
+    /// requests begun when its first bytes came: once that count grows,
+    /// the head has arrived.
+    head: Option<(Instant, u64)>,
 }
 
 impl LimitedStream {
-    fn touch(&mut self) {
-        let deadline = Instant::now() + self.idle_timeout;
+    /// Notes that bytes moved: the idle time starts again, and bytes read
+    /// between requests start the head deadline. A request that began, or
+    /// a response written (for a request skiff rejected before handling
+    /// it), ends the head.
+    fn touch(&mut self, read: bool) {
+        let now = Instant::now();
+        if !read || self.head_deadline().is_none() {
+            self.head = None;
+        }
+        if read && self.head.is_none() && !self.activity.is_handling() {
+            self.head = Some((now + self.head_timeout, self.activity.begun()));
+        }
+        let mut deadline = now + self.idle_timeout;
+        if let Some((head_deadline, _)) = self.head {
+            deadline = deadline.min(head_deadline);
+        }
         self.idle.as_mut().reset(deadline);
     }
 
+    /// Returns the deadline of the head being read, while no request has
+    /// begun since its first bytes came.
+    fn head_deadline(&self) -> Option<Instant> {
+        let (deadline, at) = self.head?;
+        (at == self.activity.begun() && !self.activity.is_handling()).then_some(deadline)
+    }
+
     /// Returns the idle error once the deadline has passed with no request
-    /// being handled. The timer stays armed in every other case: the HTTP
-    /// server may not read again after a response until the socket is
-    /// readable, so only the timer can end an idle connection.
+    /// being handled, or the head error once a request's head is late. The
+    /// timer stays armed in every other case: the HTTP server may not read
+    /// again after a response until the socket is readable, so only the
+    /// timer can end an idle connection.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if self.idle.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            if self.activity.is_handling() {
-                self.idle.as_mut().reset(now + self.idle_timeout);
-                continue;
+            let head_deadline = self.head_deadline();
+            if head_deadline.is_some_and(|deadline| deadline <= now) {
+                let message = "logship ingest request headers did not arrive within body_timeout";
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)));
             }
-            if let Some(ended) = self.activity.ended_at() {
-                let deadline = ended + self.idle_timeout;
-                if deadline > now {
-                    self.idle.as_mut().reset(deadline);
-                    continue;
+            let mut deadline = None;
+            if self.activity.is_handling() {
+                deadline = Some(now + self.idle_timeout);
+            } else if let Some(ended) = self.activity.ended_at() {
+                deadline = Some(ended + self.idle_timeout).filter(|&deadline| deadline > now);
+            }
+            if let Some(mut deadline) = deadline {
+                if let Some(head_deadline) = head_deadline {
+                    deadline = deadline.min(head_deadline);
                 }
+                self.idle.as_mut().reset(deadline);
+                continue;
             }
             let message = "logship ingest connection idle for longer than idle_timeout";
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)));
@@ -146,8 +199,10 @@ impl axum::serve::Listener for LimitedListener {
                         stream,
                         _permit: permit,
                         idle_timeout: self.idle_timeout,
+                        head_timeout: self.head_timeout,
                         idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
                         activity: Activity::default(),
+                        head: None,
                     };
                     return (stream, addr);
                 }
@@ -176,7 +231,7 @@ impl AsyncRead for LimitedStream {
             Poll::Pending => self.poll_idle(cx),
             Poll::Ready(result) => {
                 if buf.filled().len() > filled {
-                    self.touch();
+                    self.touch(true);
                 }
                 Poll::Ready(result)
             }
@@ -191,8 +246,12 @@ impl AsyncWrite for LimitedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
-            self.touch();
+        match result {
+            Poll::Ready(Ok(written)) if written > 0 => self.touch(false),
+            // A client that reads no responses stops the HTTP server
+            // reading too, so the idle timer must be checked here.
+            Poll::Pending => return self.poll_idle(cx).map(|result| result.map(|()| 0)),
+            _ => {}
         }
         result
     }
@@ -218,7 +277,7 @@ mod tests {
     async fn quiet_connection() -> (LimitedStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let mut limited = LimitedListener::new(listener, 1, IDLE);
+        let mut limited = LimitedListener::new(listener, 1, IDLE, IDLE * 10);
         let client = TcpStream::connect(address).await.unwrap();
         let (stream, _) = limited.accept().await;
         (stream, client)

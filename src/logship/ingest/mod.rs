@@ -34,7 +34,7 @@ pub struct IngestState {
     /// Replaced by a config reload.
     credentials: ArcSwap<Credentials>,
     max_body_bytes: usize,
-    /// Time a request's body has to arrive in full.
+    /// Time a request has for its turn and its body, and for its headers.
     body_timeout: std::time::Duration,
     shipper: Shipper,
     /// One permit per request in progress.
@@ -103,7 +103,9 @@ pub async fn serve(
     state: Arc<IngestState>,
     shutdown: CancellationToken,
 ) {
-    let listener = listener::LimitedListener::new(listener, max_connections, idle_timeout);
+    let listener =
+        listener::LimitedListener::new(listener, max_connections, idle_timeout, state.body_timeout);
+    let permits_state = state.clone();
     let app = Router::new()
         .route("/logstores/{logstore}/shards/lb", post(put_logs))
         .route("/logstores/{logstore}/shards/route", post(put_logs))
@@ -112,7 +114,11 @@ pub async fn serve(
         .with_state(state);
     let app = app.into_make_service_with_connect_info::<listener::Activity>();
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            // Requests still waiting for a slot get ServerBusy at once.
+            permits_state.permits.close();
+        })
         .await;
     if let Err(err) = result {
         tracing::error!(error = %err, "logship ingest endpoint failed");
@@ -150,7 +156,7 @@ fn reply(request_id: &str, result: Result<(), SlsError>) -> Response {
             tracing::debug!(code = err.code, message = %err.message, request_id, "ingest request rejected");
             metrics::counter!("skiff_logship_ingest_errors_total", "code" => err.code).increment(1);
             let body = serde_json::json!({ "errorCode": err.code, "errorMessage": err.message });
-            (
+            let mut response = (
                 err.status,
                 [
                     ("x-log-requestid", request_id.to_string()),
@@ -158,7 +164,19 @@ fn reply(request_id: &str, result: Result<(), SlsError>) -> Response {
                 ],
                 body.to_string(),
             )
-                .into_response()
+                .into_response();
+            // The rest of such a body is not read, so the connection cannot
+            // carry another request.
+            if matches!(
+                err.status,
+                StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE
+            ) {
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            response
         }
     }
 }
@@ -189,21 +207,33 @@ async fn put_logs(
     body: Body,
 ) -> Response {
     let request_id = new_request_id();
-    // Waiting for a request slot is skiff's delay, not an idle client.
-    // NOTE: so a client that sent only headers while every slot is busy
-    // is not closed by idle_timeout until it gets a slot.
+    // The wait for a request slot and the body share one deadline, so
+    // clients that stall their bodies hold up a queued request for at most
+    // body_timeout. Waiting for a slot is skiff's delay, not an idle client.
+    let deadline = tokio::time::Instant::now() + state.body_timeout;
     let waiting = activity.begin();
-    let permit = state.permits.acquire().await;
+    let permit = tokio::time::timeout_at(deadline, state.permits.acquire()).await;
     drop(waiting);
-    let Ok(_permit) = permit else {
-        let err = sls_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServerBusy",
-            "shutting down",
-        );
-        return reply(&request_id, Err(err));
+    let _permit = match permit {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) => {
+            let err = sls_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServerBusy",
+                "shutting down",
+            );
+            return reply(&request_id, Err(err));
+        }
+        Err(_) => {
+            let err = sls_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServerBusy",
+                "every request slot stayed busy for body_timeout; retry later",
+            );
+            return reply(&request_id, Err(err));
+        }
     };
-    let result = handle(&state, &activity, &logstore, &uri, &headers, body).await;
+    let result = handle(&state, &activity, &logstore, &uri, &headers, body, deadline).await;
     reply(&request_id, result)
 }
 
@@ -214,10 +244,11 @@ async fn handle(
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
+    deadline: tokio::time::Instant,
 ) -> Result<(), SlsError> {
     // A client that stalls while sending the body is idle, so the body is
     // read before the request counts as being handled.
-    let body = body::read(body, state.max_body_bytes, state.body_timeout).await?;
+    let body = body::read(body, state.max_body_bytes, deadline).await?;
     let _handling = activity.begin();
     let raw = check_request(state, logstore, uri, headers, &body)?;
     let project = project_from_host(header_text(headers, "host"));
