@@ -77,12 +77,13 @@ pub struct ClientSnapshot {
 struct CancelTarget {
     /// The server connection the client is using.
     server: Option<Arc<ServerKey>>,
-    /// Woken when the client waits for a server connection.
-    waiting: Option<Arc<Notify>>,
-    /// The notifier for the client's next wait, reused to save an
-    /// allocation per wait. A cancel request that wakes it drops it,
-    /// because a wake-up its wait did not consume would end the next wait.
-    next_waiting: Option<Arc<Notify>>,
+    /// The signal a cancel request raises while the client waits for a
+    /// server connection.
+    waiting: Option<Arc<WaitCancel>>,
+    /// The signal for the client's next wait, reused to save an
+    /// allocation per wait. A cancel request that raises it drops it,
+    /// because a raised signal would end the next wait at once.
+    next_waiting: Option<Arc<WaitCancel>>,
     /// Cancel requests being sent to `server` right now.
     sending: usize,
     /// Woken when a cancel request to `server` has been processed.
@@ -109,6 +110,38 @@ struct ClientEntry {
     info: Arc<ClientInfo>,
     target: Mutex<CancelTarget>,
     stop: StopSignal,
+}
+
+/// A cancel request for a client waiting for a server connection. Its wait
+/// polls it beside the checkout, and an atomic flag and waker cost less
+/// than a `Notify`, whose waiter list each poll and drop locks.
+#[derive(Default)]
+pub struct WaitCancel {
+    raised: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl WaitCancel {
+    fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Completes once a cancel request arrived, at once if one already did.
+    pub async fn cancelled(&self) {
+        std::future::poll_fn(|cx| {
+            if self.raised.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Checked again after registering, so a raise in between is seen.
+            if self.raised.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// Shutdown and KILL requests for one session. The session polls it at
@@ -211,7 +244,7 @@ impl CancelRegistry {
             let mut target = slot.target.lock();
             if let Some(waiting) = target.waiting.clone() {
                 metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
-                waiting.notify_one();
+                waiting.raise();
                 target.next_waiting = None;
                 return;
             }
@@ -406,15 +439,12 @@ impl CancelHandle {
     }
 
     /// Marks the client as waiting for a server connection; a cancel request
-    /// wakes the returned notifier.
-    pub fn begin_wait(&self) -> Arc<Notify> {
+    /// raises the returned signal.
+    pub fn begin_wait(&self) -> Arc<WaitCancel> {
         let mut target = self.slot.target.lock();
-        let notify = target
-            .next_waiting
-            .get_or_insert_with(|| Arc::new(Notify::new()))
-            .clone();
-        target.waiting = Some(notify.clone());
-        notify
+        let signal = target.next_waiting.get_or_insert_with(Arc::default).clone();
+        target.waiting = Some(signal.clone());
+        signal
     }
 
     pub fn end_wait(&self) {

@@ -460,12 +460,11 @@ impl Session {
             std::future::pending::<()>().await
         };
         // The checkout is polled first: when a server connection is handed
-        // over, the other waits are not polled again, which would lock the
-        // cancel notification's list of waiters for nothing.
+        // over, the other waits are not polled again for nothing.
         let result = tokio::select! {
             biased;
             result = pool.checkout(wait) => Ok(result),
-            _ = cancelled.notified() => Err(WaitEnded::Cancelled),
+            _ = cancelled.cancelled() => Err(WaitEnded::Cancelled),
             _ = killed => Err(WaitEnded::Killed),
             _ = hung_up => Err(WaitEnded::HungUp),
         };
