@@ -122,9 +122,20 @@ fn pg_failed_login(port: u16, user: &str) -> SocketAddr {
 }
 
 /// Sends `AUTH` with a wrong password to skiff's Redis listener from a known
-/// local address and closes. Returns that address.
+/// local address and closes. Returns that address. The listener may come up
+/// after the PostgreSQL one that the start waited for, so the connection is
+/// tried again for up to 10 seconds.
 fn redis_failed_auth(port: u16) -> SocketAddr {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => panic!("skiff's Redis listener on port {port}: {err}"),
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
