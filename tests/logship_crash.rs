@@ -183,14 +183,18 @@ fn write_ingest_config(
     max_spool_bytes: u64,
 ) -> SocketAddr {
     let ingest: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // An admin port of its own: the default one may be taken by another
+    // skiff on the machine.
     let text = format!(
-        "[logship]\nspool_dir = \"{spool}\"\nlinger = \"30ms\"\n\
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [logship]\nspool_dir = \"{spool}\"\nlinger = \"30ms\"\n\
          max_spool_bytes = {max_spool_bytes}\n\
          [logship.sls]\nendpoint = \"{endpoint}\"\nproject = \"dify-logs\"\n\
          access_key_id = \"test-ak\"\naccess_key_secret = \"test-secret\"\n\
          retry_initial_backoff = \"20ms\"\nretry_max_backoff = \"100ms\"\n\
          [logship.ingest]\nlisten = \"{ingest}\"\n",
         spool = spool.display(),
+        admin = free_port(),
     );
     std::fs::write(config, text).unwrap();
     ingest
