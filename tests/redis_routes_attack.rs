@@ -429,3 +429,45 @@ async fn subscribe_across_routes() {
     assert_eq!(numsub(&route, "celery-task-meta-2").as_deref(), Some("1"));
     assert_eq!(numsub(&main, "plain-c").as_deref(), Some("1"));
 }
+
+/// A plain UNSUBSCRIBE leaves shard channels subscribed, as in Redis, so
+/// the connection that carries them must not go back to the pool, where
+/// another client would get their messages.
+#[tokio::test]
+async fn shard_subscription_never_reaches_another_client() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut first = skiff.raw().await;
+    pipeline(
+        &mut first,
+        &[
+            &["SUBSCRIBE", "plain-channel"],
+            &["SSUBSCRIBE", "plain-shard"],
+        ],
+    )
+    .await;
+    assert!(read_text(&mut first).await.ends_with(":1\r\n"));
+    let shard = read_text(&mut first).await;
+    assert!(
+        shard.contains("ssubscribe") && shard.ends_with(":1\r\n"),
+        "{shard}"
+    );
+    first.send(&["UNSUBSCRIBE"]).await;
+    let unsubscribed = read_text(&mut first).await;
+    assert!(unsubscribed.ends_with(":0\r\n"), "{unsubscribed}");
+
+    let mut other = skiff.raw().await;
+    let other_reply = other.call(&["SUBSCRIBE", "plain-other"]).await;
+    assert!(other_reply.contains("plain-other"), "{other_reply}");
+    let mut publisher = skiff.raw().await;
+    assert_eq!(
+        publisher
+            .call(&["SPUBLISH", "plain-shard", "for the first client"])
+            .await,
+        ":1\r\n"
+    );
+    let message = read_text(&mut first).await;
+    assert!(message.contains("for the first client"), "{message}");
+    assert_silent(&mut other, "a client subscribed to another channel").await;
+}

@@ -31,8 +31,19 @@ struct Subscribed {
     /// through other routes and change the session's router.
     router: Arc<Router>,
     dedicated: Dedicated,
-    /// Subscriptions on this connection, from its latest confirmation.
+    /// Channels and patterns subscribed on this connection, from its latest
+    /// confirmation of that kind.
     count: i64,
+    /// Shard channels subscribed on this connection. Redis counts them
+    /// apart: `UNSUBSCRIBE` confirms 0 while shard channels remain.
+    shard_count: i64,
+}
+
+impl Subscribed {
+    /// True while the connection carries any subscription.
+    fn is_subscribed(&self) -> bool {
+        self.count != 0 || self.shard_count != 0
+    }
 }
 
 /// Something that happened while the client is subscribed.
@@ -169,6 +180,7 @@ impl Session {
             router,
             dedicated,
             count: 0,
+            shard_count: 0,
         };
         Ok((subscribed, frame))
     }
@@ -217,32 +229,40 @@ impl Session {
         index: usize,
         frame: Bytes,
     ) -> Result<(), RelayEnd> {
-        let (frame, count) = self.count_subscriptions(subscriptions, index, frame);
+        let (frame, counted) = self.count_subscriptions(subscriptions, index, frame);
         self.relay_to_client(frame).await?;
-        if count == Some(0) {
+        if counted && !subscriptions[index].is_subscribed() {
             self.release_if_unsubscribed(subscriptions, index).await?;
         }
         Ok(())
     }
 
     /// Records the count of a confirmation frame on connection `index`, and
-    /// returns the frame with the count replaced by the client's total over
-    /// all its connections, with the connection's own count.
+    /// returns the frame with the count replaced by the client's total of
+    /// that kind over all its connections, and whether it was a
+    /// confirmation.
     fn count_subscriptions(
         &self,
         subscriptions: &mut [Subscribed],
         index: usize,
         frame: Bytes,
-    ) -> (Bytes, Option<i64>) {
-        let Some(count) = confirmation_count(&frame, self.ctx.protocol) else {
-            return (frame, None);
+    ) -> (Bytes, bool) {
+        let Some((shard, count)) = confirmation_count(&frame, self.ctx.protocol) else {
+            return (frame, false);
         };
-        subscriptions[index].count = count;
-        if subscriptions.len() == 1 {
-            return (frame, Some(count));
+        if shard {
+            subscriptions[index].shard_count = count;
+        } else {
+            subscriptions[index].count = count;
         }
-        let total = subscriptions.iter().map(|sub| sub.count).sum();
-        (with_count(&frame, total), Some(count))
+        if subscriptions.len() == 1 {
+            return (frame, true);
+        }
+        let total = subscriptions
+            .iter()
+            .map(|sub| if shard { sub.shard_count } else { sub.count })
+            .sum();
+        (with_count(&frame, total), true)
     }
 
     async fn relay_to_client(&self, frame: Bytes) -> Result<(), RelayEnd> {
@@ -279,7 +299,7 @@ impl Session {
             let (frame, _) = self.count_subscriptions(subscriptions, index, frame);
             self.relay_to_client(frame).await?;
         }
-        if subscriptions[index].count == 0 {
+        if !subscriptions[index].is_subscribed() {
             let released = subscriptions.remove(index);
             released.router.pool.checkin(released.dedicated);
         }
@@ -395,7 +415,11 @@ impl Session {
                 None => groups.push((route, vec![channel.clone()])),
             }
         }
-        let total: i64 = subscriptions.iter().map(|sub| sub.count).sum();
+        let shard = name == "SUNSUBSCRIBE";
+        let total: i64 = subscriptions
+            .iter()
+            .map(|sub| if shard { sub.shard_count } else { sub.count })
+            .sum();
         for (route, channels) in groups {
             let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) else {
                 // Not subscribed there: confirmed with the unchanged total,
@@ -451,23 +475,19 @@ async fn send_on(sub: &mut Subscribed, raw: &[u8]) -> Result<(), RelayEnd> {
 
 /// Returns the count of a subscribe or unsubscribe confirmation, `None` for
 /// any other frame.
-fn confirmation_count(frame: &Bytes, protocol: Protocol) -> Option<i64> {
+fn confirmation_count(frame: &Bytes, protocol: Protocol) -> Option<(bool, i64)> {
     let items = Value::decode(frame, protocol).and_then(Value::into_items)?;
     let kind = items.first()?.as_bytes()?.to_ascii_lowercase();
-    let is_confirmation = matches!(
-        &kind[..],
-        b"subscribe"
-            | b"psubscribe"
-            | b"ssubscribe"
-            | b"unsubscribe"
-            | b"punsubscribe"
-            | b"sunsubscribe"
-    );
-    if !is_confirmation || items.len() != 3 {
+    let shard = match &kind[..] {
+        b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe" => false,
+        b"ssubscribe" | b"sunsubscribe" => true,
+        _ => return None,
+    };
+    if items.len() != 3 {
         return None;
     }
     match items.get(2)? {
-        Value::Int(count) => Some(*count),
+        Value::Int(count) => Some((shard, *count)),
         _ => None,
     }
 }
@@ -529,11 +549,13 @@ mod tests {
     #[test]
     fn confirmation_counts_are_read() {
         let last = Bytes::from_static(b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n");
-        assert_eq!(confirmation_count(&last, Protocol::Resp2), Some(0));
+        assert_eq!(confirmation_count(&last, Protocol::Resp2), Some((false, 0)));
         let more = Bytes::from_static(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:2\r\n");
-        assert_eq!(confirmation_count(&more, Protocol::Resp2), Some(2));
+        assert_eq!(confirmation_count(&more, Protocol::Resp2), Some((false, 2)));
+        let shard = Bytes::from_static(b"*3\r\n$10\r\nssubscribe\r\n$2\r\nch\r\n:1\r\n");
+        assert_eq!(confirmation_count(&shard, Protocol::Resp2), Some((true, 1)));
         let push = Bytes::from_static(b">3\r\n$12\r\npunsubscribe\r\n$1\r\np\r\n:0\r\n");
-        assert_eq!(confirmation_count(&push, Protocol::Resp3), Some(0));
+        assert_eq!(confirmation_count(&push, Protocol::Resp3), Some((false, 0)));
         let message = Bytes::from_static(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\n0\r\n");
         assert_eq!(confirmation_count(&message, Protocol::Resp2), None);
     }
