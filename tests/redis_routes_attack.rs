@@ -471,3 +471,23 @@ async fn shard_subscription_never_reaches_another_client() {
     assert!(message.contains("for the first client"), "{message}");
     assert_silent(&mut other, "a client subscribed to another channel").await;
 }
+
+/// A SUBSCRIBE split across routes whose second route cannot be reached
+/// gets the error and then the connection closes, so the client does not
+/// stay subscribed to half of its channels; one that reconnects
+/// subscribes to all of them again.
+#[tokio::test]
+async fn subscribe_with_route_down_closes_client() {
+    let main = RedisServer::start(&[]);
+    let mut route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    route.kill();
+    let mut client = skiff.raw().await;
+    client
+        .send(&["SUBSCRIBE", "plain-a", "celery-task-meta-1", "plain-b"])
+        .await;
+    let first = read_text(&mut client).await;
+    assert!(first.contains("plain-a"), "{first}");
+    let rest = client.read_to_close().await;
+    assert!(rest.starts_with("-ERR"), "{rest}");
+}

@@ -87,7 +87,7 @@ impl Session {
         }
         for (route, group) in groups {
             if let Err(end) = self
-                .subscribe_on(&mut subscriptions, route, &group, name)
+                .subscribe_on(&mut subscriptions, route, &group, name, true)
                 .await
             {
                 return self.end_relay(subscriptions, end);
@@ -356,21 +356,28 @@ impl Session {
             Ok(groups) => groups,
             Err(error) => return self.relay_to_client(error).await,
         };
+        let split = groups.len() > 1;
         for (route, group) in groups {
-            self.subscribe_on(subscriptions, route, &group, name)
+            self.subscribe_on(subscriptions, route, &group, name, split)
                 .await?;
         }
         Ok(())
     }
 
     /// Sends `request` on the client's subscribed connection to `route`,
-    /// opening that connection when the client has none there yet.
+    /// opening that connection when the client has none there yet. When
+    /// the request is one part of a request split across routes (`split`),
+    /// a route that cannot be opened closes the client after the error.
+    /// Other parts may have subscribed, and a client left half subscribed
+    /// would wait for messages that never come, where one that reconnects
+    /// subscribes again to all of its channels.
     async fn subscribe_on(
         &mut self,
         subscriptions: &mut Vec<Subscribed>,
         route: RouteId,
         request: &Request,
         name: &str,
+        split: bool,
     ) -> Result<(), RelayEnd> {
         if let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) {
             return send_on(sub, &request.raw).await;
@@ -382,7 +389,15 @@ impl Session {
                 let index = subscriptions.len() - 1;
                 self.relay_frame(subscriptions, index, first).await
             }
-            Err(error) => self.relay_to_client(error).await,
+            Err(error) => {
+                self.relay_to_client(error).await?;
+                if split {
+                    tracing::debug!(client.addr = %self.peer,
+                        "closing a client whose subscription across routes failed on one");
+                    return Err(RelayEnd::Close);
+                }
+                Ok(())
+            }
         }
     }
 

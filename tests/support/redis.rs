@@ -522,6 +522,16 @@ impl RawClient {
             .expect("reply within 10 seconds")
     }
 
+    /// Reads until skiff closes the connection and returns everything not
+    /// read yet, as text; panics after 10 seconds.
+    pub async fn read_to_close(&mut self) -> String {
+        let read = async { while self.stream.read_buf(&mut self.buf).await.unwrap_or(0) > 0 {} };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the connection closes within 10 seconds");
+        String::from_utf8_lossy(&self.buf.split()).into_owned()
+    }
+
     /// Sends a command and returns its reply as text.
     pub async fn call(&mut self, args: &[&str]) -> String {
         self.send(args).await;
