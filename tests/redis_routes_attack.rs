@@ -491,3 +491,36 @@ async fn subscribe_with_route_down_closes_client() {
     let rest = client.read_to_close().await;
     assert!(rest.starts_with("-ERR"), "{rest}");
 }
+
+/// A subscription inside MULTI or after WATCH is rejected: the pinned
+/// connection goes back to the pool afterwards, and a subscription left on
+/// it would hand the next client that uses it this client's messages.
+#[tokio::test]
+async fn subscribe_inside_transaction_is_rejected() {
+    let main = RedisServer::start(&[]);
+    let route = RedisServer::start(&[]);
+    let skiff = celery_skiff(&main, &route).await;
+    let mut raw = skiff.raw().await;
+
+    assert_eq!(raw.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(raw.call(&["SET", "queued", "1"]).await, "+QUEUED\r\n");
+    let subscribe = raw.call(&["SUBSCRIBE", "plain-tx"]).await;
+    assert!(subscribe.starts_with("-ERR SUBSCRIBE "), "{subscribe}");
+    assert_eq!(
+        raw.call(&["EXEC"]).await,
+        "-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(raw.call(&["WATCH", "queued"]).await, "+OK\r\n");
+    let subscribe = raw.call(&["SSUBSCRIBE", "plain-tx"]).await;
+    assert!(subscribe.starts_with("-ERR SSUBSCRIBE "), "{subscribe}");
+    assert_eq!(raw.call(&["UNWATCH"]).await, "+OK\r\n");
+
+    let numsub = main.cli(&["PUBSUB", "NUMSUB", "plain-tx"]);
+    assert_eq!(numsub.lines().nth(1), Some("0"), "{numsub}");
+    assert_eq!(
+        main.cli(&["PUBSUB", "SHARDNUMSUB", "plain-tx"])
+            .lines()
+            .nth(1),
+        Some("0")
+    );
+}

@@ -288,8 +288,9 @@ impl Session {
                 return self.reply(reply).await;
             }
             // These change the pinned connection's own state, which would
-            // then leak to the next client that uses it.
-            "AUTH" | "HELLO" | "CLIENT" | "SELECT" => {
+            // then leak to the next client that uses it: a subscription
+            // would hand that client the first one's messages.
+            "AUTH" | "HELLO" | "CLIENT" | "SELECT" | "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" => {
                 // Inside MULTI, the rejection makes EXEC discard the
                 // transaction, as Redis does for a command that fails to
                 // queue. Otherwise the queued writes would run in the
