@@ -47,8 +47,8 @@ async fn ingest(
     (mock, dir, logship, addr)
 }
 
-/// Sends one log within 5 s and checks that it is accepted; `why` tells
-/// what freed the way for it.
+/// Sends one log within 5 s and checks that it is accepted. `why` is the
+/// panic message, naming what freed the way for it.
 async fn assert_served(addr: std::net::SocketAddr, topic: &str, why: &str) {
     let request = PutLogs::new(addr, "app_logs");
     let response = tokio::time::timeout(
@@ -433,8 +433,8 @@ async fn served_within(addr: std::net::SocketAddr, limit: Duration) {
 #[tokio::test]
 async fn stalled_body_gets_request_timeout() {
     use tokio::io::AsyncWriteExt;
-    // The body stalls: whichever of the two timeouts ends it, the client
-    // is told it timed out, and the connection closes.
+    // The body stalls. Whichever of the two timeouts ends it, the reply is
+    // 408, and the connection closes.
     let (_mock, _dir, logship, addr) =
         ingest("idle_timeout = \"300ms\"\nbody_timeout = \"300ms\"").await;
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();

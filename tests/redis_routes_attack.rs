@@ -473,8 +473,8 @@ async fn shard_subscription_never_reaches_another_client() {
 }
 
 /// A SUBSCRIBE split across routes whose second route cannot be reached
-/// gets the error and then the connection closes, so the client does not
-/// stay subscribed to half of its channels; one that reconnects
+/// gets the error, and then the connection closes. So the client does not
+/// stay subscribed to half of its channels, and once it reconnects it
 /// subscribes to all of them again.
 #[tokio::test]
 async fn subscribe_with_route_down_closes_client() {
