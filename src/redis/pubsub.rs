@@ -44,6 +44,16 @@ impl Subscribed {
     fn is_subscribed(&self) -> bool {
         self.count != 0 || self.shard_count != 0
     }
+
+    /// Returns the subscriptions of one kind: shard channels when `shard`,
+    /// else channels and patterns.
+    fn count_of(&self, shard: bool) -> i64 {
+        if shard {
+            self.shard_count
+        } else {
+            self.count
+        }
+    }
 }
 
 /// Something that happened while the client is subscribed.
@@ -115,22 +125,35 @@ impl Session {
         if !matches!(name, "SUBSCRIBE" | "PSUBSCRIBE") || request.args.len() < 3 {
             return Ok(vec![(self.pick_route(request, name)?, request.clone())]);
         }
-        let mut groups: Vec<(RouteId, Vec<Bytes>)> = Vec::new();
-        for channel in &request.args[1..] {
-            let single = Request::from_args(vec![request.args[0].clone(), channel.clone()]);
-            let route = self.pick_route(&single, name)?;
-            match groups.iter_mut().find(|(id, _)| *id == route) {
-                Some((_, args)) => args.push(channel.clone()),
-                None => groups.push((route, vec![request.args[0].clone(), channel.clone()])),
-            }
-        }
+        let groups = self.channels_by_route(request, name);
         if let [(route, _)] = groups.as_slice() {
             return Ok(vec![(*route, request.clone())]);
         }
         Ok(groups
             .into_iter()
-            .map(|(route, args)| (route, Request::from_args(args)))
+            .map(|(route, channels)| {
+                let mut args = vec![request.args[0].clone()];
+                args.extend(channels);
+                (route, Request::from_args(args))
+            })
             .collect())
+    }
+
+    /// Groups the channels (or patterns) of a subscription command by
+    /// route, in the order of each route's first channel, keeping their
+    /// order within a route.
+    fn channels_by_route(&self, request: &Request, name: &str) -> Vec<(RouteId, Vec<Bytes>)> {
+        let mut groups: Vec<(RouteId, Vec<Bytes>)> = Vec::new();
+        for channel in &request.args[1..] {
+            let single = Request::from_args(vec![request.args[0].clone(), channel.clone()]);
+            // One channel always has one route.
+            let route = self.pick_route(&single, name).unwrap_or(MAIN);
+            match groups.iter_mut().find(|(id, _)| *id == route) {
+                Some((_, channels)) => channels.push(channel.clone()),
+                None => groups.push((route, vec![channel.clone()])),
+            }
+        }
+        groups
     }
 
     fn end_relay(&self, subscriptions: Vec<Subscribed>, end: RelayEnd) -> Flow {
@@ -258,10 +281,7 @@ impl Session {
         if subscriptions.len() == 1 {
             return (frame, true);
         }
-        let total = subscriptions
-            .iter()
-            .map(|sub| if shard { sub.shard_count } else { sub.count })
-            .sum();
+        let total = subscriptions.iter().map(|sub| sub.count_of(shard)).sum();
         (with_count(&frame, total), true)
     }
 
@@ -420,21 +440,9 @@ impl Session {
             }
             return Ok(());
         }
-        let mut groups: Vec<(RouteId, Vec<Bytes>)> = Vec::new();
-        for channel in &request.args[1..] {
-            let single = Request::from_args(vec![request.args[0].clone(), channel.clone()]);
-            // One channel always has one route.
-            let route = self.pick_route(&single, name).unwrap_or(MAIN);
-            match groups.iter_mut().find(|(id, _)| *id == route) {
-                Some((_, channels)) => channels.push(channel.clone()),
-                None => groups.push((route, vec![channel.clone()])),
-            }
-        }
+        let groups = self.channels_by_route(&request, name);
         let shard = name == "SUNSUBSCRIBE";
-        let total: i64 = subscriptions
-            .iter()
-            .map(|sub| if shard { sub.shard_count } else { sub.count })
-            .sum();
+        let total: i64 = subscriptions.iter().map(|sub| sub.count_of(shard)).sum();
         for (route, channels) in groups {
             let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) else {
                 // Not subscribed there: confirmed with the unchanged total,
