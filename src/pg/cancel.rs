@@ -130,18 +130,24 @@ impl WaitCancel {
     /// Completes once a cancel request arrived, at once if one already did.
     pub async fn cancelled(&self) {
         std::future::poll_fn(|cx| {
-            if self.raised.load(Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // Checked again after registering, so a raise in between is seen.
-            if self.raised.load(Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            Poll::Pending
+            poll_raised(&self.waker, cx, || self.raised.load(Ordering::Acquire))
         })
         .await
     }
+}
+
+/// Polls a flag that another task raises and then wakes `waker`: ready
+/// once `raised` returns true.
+fn poll_raised(waker: &AtomicWaker, cx: &mut Context<'_>, raised: impl Fn() -> bool) -> Poll<()> {
+    if raised() {
+        return Poll::Ready(());
+    }
+    waker.register(cx.waker());
+    // Checked again after registering, so a raise in between is seen.
+    if raised() {
+        return Poll::Ready(());
+    }
+    Poll::Pending
 }
 
 /// Shutdown and KILL requests for one session. The session polls it at
@@ -174,15 +180,9 @@ impl StopSignal {
         } else {
             KILLED
         };
-        if self.state.load(Ordering::Acquire) & mask != 0 {
-            return Poll::Ready(());
-        }
-        self.waker.register(cx.waker());
-        // Checked again after registering, so a raise in between is seen.
-        if self.state.load(Ordering::Acquire) & mask != 0 {
-            return Poll::Ready(());
-        }
-        Poll::Pending
+        poll_raised(&self.waker, cx, || {
+            self.state.load(Ordering::Acquire) & mask != 0
+        })
     }
 }
 
