@@ -47,16 +47,16 @@ async fn ingest(
     (mock, dir, logship, addr)
 }
 
-/// Sends one log within 5 s and checks that it is accepted. `why` is the
-/// panic message, naming what freed the way for it.
-async fn assert_served(addr: std::net::SocketAddr, topic: &str, why: &str) {
+/// Sends one log within 5 s and checks that it is accepted.
+/// `panic_message` names what freed the way for it.
+async fn assert_served(addr: std::net::SocketAddr, topic: &str, panic_message: &str) {
     let request = PutLogs::new(addr, "app_logs");
     let response = tokio::time::timeout(
         Duration::from_secs(5),
         put_logs(&request, &log_group(topic, 1)),
     )
     .await
-    .expect(why);
+    .expect(panic_message);
     assert_eq!(response.status(), 200);
 }
 
@@ -342,63 +342,11 @@ async fn idle_connections_are_closed() {
     logship.shutdown().await;
 }
 
-#[tokio::test]
-async fn slow_body_times_out_and_frees_its_slot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_mock, _dir, logship, addr) =
-        ingest("max_concurrent_requests = 1\nidle_timeout = \"5s\"\nbody_timeout = \"400ms\"")
-            .await;
-
-    // One body byte every 100 ms: never idle, and never done.
-    let slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut reader, mut writer) = slow.into_split();
-    writer
-        .write_all(
-            b"POST /logstores/app_logs/shards/lb HTTP/1.1\r\nHost: dify-logs.127.0.0.1\r\n\
-              Content-Length: 1000\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let trickle = async move {
-        for _ in 0..1000 {
-            if writer.write_all(b"x").await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let read_answer = async move {
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            match reader.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&chunk[..n]),
-            }
-        }
-        answer
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(5), async {
-        tokio::select! {
-            _ = trickle => Vec::new(),
-            answer = read_answer => answer,
-        }
-    })
-    .await
-    .expect("the slow body is answered");
-    let head = String::from_utf8_lossy(&answer);
-    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
-
-    // The only request slot is free again.
-    assert_served(addr, "after-slow", "served once the slow body timed out").await;
-    logship.shutdown().await;
-}
-
 const STALLED_HEAD: &[u8] = b"POST /logstores/app_logs/shards/lb HTTP/1.1\r\n\
                               Host: dify-logs.127.0.0.1\r\nContent-Length: 1000\r\n\r\n";
 
 /// Reads until the end of a response head, or until the connection ends.
-async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -409,6 +357,40 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test]
+async fn slow_body_times_out_and_frees_its_slot() {
+    use tokio::io::AsyncWriteExt;
+    let (_mock, _dir, logship, addr) =
+        ingest("max_concurrent_requests = 1\nidle_timeout = \"5s\"\nbody_timeout = \"400ms\"")
+            .await;
+
+    // One body byte every 100 ms: never idle, and never done.
+    let slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = slow.into_split();
+    writer.write_all(STALLED_HEAD).await.unwrap();
+    let trickle = async move {
+        for _ in 0..1000 {
+            if writer.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let head = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            _ = trickle => String::new(),
+            head = read_head(&mut reader) => head,
+        }
+    })
+    .await
+    .expect("the slow body is answered");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+
+    // The only request slot is free again.
+    assert_served(addr, "after-slow", "served once the slow body timed out").await;
+    logship.shutdown().await;
 }
 
 /// Sends one log until it is accepted, retrying ServerBusy as SDKs do;
