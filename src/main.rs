@@ -63,14 +63,7 @@ fn main() -> ExitCode {
         }
     }
     skiff::server::init_tracing(cli.log_format);
-    // Half the CPUs by default: skiff runs beside the application it
-    // serves, and on a small machine a second worker costs more in
-    // wake-ups between threads than it adds.
-    let threads = std::env::var("SKIFF_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or_else(skiff::threads::half_the_cpus)
-        .max(1);
+    let threads = skiff::threads::worker_threads();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(threads);
     let runtime = match builder.enable_all().build() {

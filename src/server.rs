@@ -14,6 +14,7 @@ use crate::control::Control;
 use crate::logship::Logship;
 use crate::pg;
 use crate::redis::RedisRouter;
+use crate::threads::SessionThreads;
 
 /// Failure to start skiff.
 #[derive(Debug, thiserror::Error)]
@@ -140,11 +141,19 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), ServerError
         let shipper = logship.as_ref().map(|l| l.shipper());
         let pooler = pg::Pooler::new(pg_config.clone(), &config, shipper)
             .map_err(|err| ServerError::Setup(err.to_string()))?;
+        let threads =
+            SessionThreads::start("skiff-pg", crate::threads::worker_threads()).map_err(|err| {
+                ServerError::Setup(format!("cannot start the postgres session threads: {err}"))
+            })?;
         let listener = bind(&pg_config.listen).await?;
         tracing::info!(listen = %pg_config.listen, "postgres pooler listening");
         components.push(pooler.clone());
         pooler_handle = Some(pooler.clone());
-        jobs.push(tokio::spawn(pooler.serve(listener, shutdown.clone())));
+        jobs.push(tokio::spawn(pooler.serve(
+            listener,
+            threads,
+            shutdown.clone(),
+        )));
     }
 
     if let Some(redis_config) = &config.redis {

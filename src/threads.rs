@@ -7,6 +7,10 @@
 //! steps may hand work to another worker, which costs a futex or eventfd
 //! wake-up and a context switch. On a small machine those cost more than
 //! the request itself.
+//!
+//! A PostgreSQL server connection stays with the thread that opened it, so
+//! with more than one thread, a session that borrows it from the pool may
+//! be woken from another thread.
 
 use std::future::Future;
 use std::io;
@@ -19,6 +23,18 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 /// application beside it.
 pub fn half_the_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |cpus| (cpus.get() / 2).max(1))
+}
+
+/// The number of runtime threads, and of PostgreSQL session threads:
+/// `SKIFF_WORKER_THREADS`, or half the CPUs. Half by default, because skiff
+/// runs beside the application it serves, and on a small machine a second
+/// thread costs more in wake-ups between threads than it adds.
+pub fn worker_threads() -> usize {
+    std::env::var("SKIFF_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(half_the_cpus)
+        .max(1)
 }
 
 /// Threads that run sessions until this value is dropped.

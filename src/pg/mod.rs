@@ -33,6 +33,7 @@ use crate::config::{ClientSslMode, Config, PgConfig, PgDatabase, SslMode};
 use crate::control::Control;
 use crate::logship::capture::Capture;
 use crate::logship::Shipper;
+use crate::threads::SessionThreads;
 use crate::tls::{self, TlsAcceptor, TlsConnector, Verify};
 
 use self::auth::UserList;
@@ -129,10 +130,18 @@ impl Pooler {
         }))
     }
 
-    /// Accepts clients until `shutdown`, then waits for running
-    /// transactions to finish, at most `shutdown_timeout`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    /// Accepts clients until `shutdown` and runs their sessions on
+    /// `threads`, then waits for running transactions to finish, at most
+    /// `shutdown_timeout`, closes the idle server connections and stops
+    /// the threads.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        threads: SessionThreads,
+        shutdown: CancellationToken,
+    ) {
         let tracker = TaskTracker::new();
+        let mut next_thread = 0u64;
         let reaper = tokio::spawn(self.clone().reap_idle(shutdown.clone()));
         loop {
             tokio::select! {
@@ -140,11 +149,27 @@ impl Pooler {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
+                        // The session moves to a session thread's runtime,
+                        // which registers the socket with its own reactor.
+                        let stream = match stream.into_std() {
+                            Ok(stream) => stream,
+                            Err(err) => {
+                                tracing::warn!(error = %err, "accept failed");
+                                continue;
+                            }
+                        };
                         let pooler = self.clone();
                         let token = shutdown.clone();
-                        tracker.spawn(async move {
-                            frontend::handle_client(pooler, stream, peer, token).await;
+                        let session = tracker.track_future(async move {
+                            match tokio::net::TcpStream::from_std(stream) {
+                                Ok(stream) => {
+                                    frontend::handle_client(pooler, stream, peer, token).await;
+                                }
+                                Err(err) => tracing::warn!(error = %err, "accept failed"),
+                            }
                         });
+                        threads.spawn(next_thread, session);
+                        next_thread = next_thread.wrapping_add(1);
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "accept failed");
@@ -167,9 +192,13 @@ impl Pooler {
             );
         }
         reaper.abort();
-        for pool in self.pools.lock().values() {
-            pool.close_idle();
+        // Server connections are registered with the session threads'
+        // reactors, so they are closed before the threads stop.
+        let pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
+        for pool in pools {
+            pool.close_idle_now().await;
         }
+        drop(threads);
     }
 
     async fn reap_idle(self: Arc<Self>, shutdown: CancellationToken) {

@@ -620,6 +620,15 @@ impl Pool {
         self.update_gauges();
     }
 
+    /// Closes every idle connection and waits until each has sent its
+    /// Terminate (at most 100 ms each, all at once), for the end of a
+    /// shutdown.
+    pub async fn close_idle_now(&self) {
+        let drained: Vec<Box<ServerConn>> = self.idle.lock().drain(..).collect();
+        self.update_gauges();
+        futures_util::future::join_all(drained.into_iter().map(|conn| conn.terminate())).await;
+    }
+
     /// Server ParameterStatus values, once a connection has logged in.
     pub fn server_params(&self) -> Option<Arc<ServerParams>> {
         self.server_params.lock().clone()

@@ -213,7 +213,7 @@ impl Session {
         }
         if self.server.is_none() && self.out.capacity() > 0 {
             // An idle client keeps no write buffer.
-            self.out = BytesMut::new();
+            protocol::spare::give(std::mem::take(&mut self.out));
         }
         let can_stop = self.can_stop_now();
         let event = {
@@ -606,9 +606,9 @@ impl Session {
 
     fn write(&mut self, bytes: &[u8]) {
         if self.out.capacity() == 0 {
-            // One allocation that fits a typical reply, instead of one per
-            // doubling from the first message's size.
-            self.out = BytesMut::with_capacity(bytes.len().max(INITIAL_WRITE_BUFFER));
+            // One buffer that fits a typical reply, instead of one
+            // allocation per doubling from the first message's size.
+            self.out = protocol::spare::take(bytes.len().max(INITIAL_WRITE_BUFFER));
         }
         self.out.extend_from_slice(bytes);
     }

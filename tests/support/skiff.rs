@@ -29,7 +29,10 @@ impl Skiff {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pooler.clone().serve(listener, shutdown.clone()));
+        // Two session threads, so a server connection opened by one
+        // thread's session is also borrowed by the other's.
+        let threads = skiff::threads::SessionThreads::start("skiff-pg-test", 2).unwrap();
+        let task = tokio::spawn(pooler.clone().serve(listener, threads, shutdown.clone()));
         Skiff {
             port,
             pooler,

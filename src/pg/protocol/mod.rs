@@ -6,6 +6,7 @@
 
 mod builders;
 mod extended;
+pub mod spare;
 mod startup;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -256,11 +257,9 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
         if self.buffer.is_empty() && !self.keep_buffer {
             // Let go of the buffer while waiting, so thousands of idle
             // clients cost no read buffers.
-            self.buffer = BytesMut::new();
+            spare::give(std::mem::take(&mut self.buffer));
             self.inner.wait_readable().await?;
-            // Allocates directly, because a reserve on the empty buffer
-            // takes the slower path of growing a vector.
-            self.buffer = BytesMut::with_capacity(self.read_size);
+            self.buffer = spare::take(self.read_size);
         } else if self.buffer.is_empty() {
             self.buffer.reserve(self.read_size);
         } else if self.buffer.capacity() - self.buffer.len() < MIN_READ {

@@ -402,46 +402,76 @@ impl Session {
 
 /// Words whose presence in SQL means it may change session state without a
 /// SET command tag: set_config(), advisory locks, temporary tables, held
-/// cursors and LISTEN. Their first letters differ, so a byte selects at most
-/// one of them.
+/// cursors and LISTEN. Each is at least `PREFIX` bytes long, and no two end
+/// their first `PREFIX` bytes with the same byte.
 const SESSION_STATE_HINTS: [&[u8]; 5] = [b"set_config", b"advisory", b"temp", b"hold", b"listen"];
 
-/// For each byte, 1 + the index of the hint that starts with it in either
-/// case, or 0.
-const HINT_BY_FIRST_BYTE: [u8; 256] = {
-    let mut table = [0u8; 256];
-    let mut index = 0;
-    while index < SESSION_STATE_HINTS.len() {
-        let first = SESSION_STATE_HINTS[index][0];
-        table[first as usize] = index as u8 + 1;
-        table[first.to_ascii_uppercase() as usize] = index as u8 + 1;
-        index += 1;
+/// Length of the hint prefixes the scan compares first.
+const PREFIX: usize = 4;
+
+/// For each byte, in either case: how far a `PREFIX`-byte window whose last
+/// byte it is can move before a hint's prefix could fit it, or, when it
+/// ends a hint's prefix, 0 and that hint's index in `SKIP_HINT`.
+const SKIP: [u8; 256] = skip_table().0;
+const SKIP_HINT: [u8; 256] = skip_table().1;
+
+const fn skip_table() -> ([u8; 256], [u8; 256]) {
+    let mut skip = [PREFIX as u8; 256];
+    let mut hint_of = [0u8; 256];
+    let mut hint = 0;
+    while hint < SESSION_STATE_HINTS.len() {
+        let mut at = 0;
+        while at < PREFIX {
+            let byte = SESSION_STATE_HINTS[hint][at];
+            let distance = (PREFIX - 1 - at) as u8;
+            let mut case = 0;
+            while case < 2 {
+                let key = if case == 0 {
+                    byte
+                } else {
+                    byte.to_ascii_uppercase()
+                } as usize;
+                if distance == 0 {
+                    assert!(
+                        skip[key] != 0 || hint_of[key] as usize == hint,
+                        "two hints end their prefixes with one byte"
+                    );
+                    hint_of[key] = hint as u8;
+                }
+                if distance < skip[key] {
+                    skip[key] = distance;
+                }
+                case += 1;
+            }
+            at += 1;
+        }
+        hint += 1;
     }
-    table
-};
+    (skip, hint_of)
+}
 
 /// Checks for any of the hints, ignoring ASCII case. It runs on every
-/// Query, so a byte that starts no hint costs one table lookup, and a
-/// candidate is compared in full only when its second letter matches too.
+/// Query, so it looks at the last byte of a `PREFIX`-byte window and skips
+/// as far as that byte allows (Horspool's method for several words, which
+/// works here because a byte ends the prefix of at most one hint).
 fn mentions_session_state(sql: &[u8]) -> bool {
-    // Every hint is longer than one byte, so the last byte starts none.
-    for (start, pair) in sql.windows(2).enumerate() {
-        let hint = HINT_BY_FIRST_BYTE[pair[0] as usize];
-        if hint == 0 {
+    let mut end = PREFIX - 1;
+    while end < sql.len() {
+        let last = sql[end] as usize;
+        let skip = SKIP[last];
+        if skip != 0 {
+            end += skip as usize;
             continue;
         }
-        let hint = SESSION_STATE_HINTS[hint as usize - 1];
-        // Every hint's second byte is a lowercase letter, and `| 0x20`
-        // lowercases exactly the two bytes that spell it.
-        if pair[1] | 0x20 != hint[1] {
-            continue;
-        }
+        let hint = SESSION_STATE_HINTS[SKIP_HINT[last] as usize];
+        let start = end + 1 - PREFIX;
         let matched = sql
             .get(start..start + hint.len())
             .is_some_and(|window| window.eq_ignore_ascii_case(hint));
         if matched {
             return true;
         }
+        end += 1;
     }
     false
 }
@@ -526,6 +556,51 @@ mod tests {
         assert!(!mentions_session_state(b"t"));
         assert!(mentions_session_state(b"TEMP"));
         assert!(!mentions_session_state(b"select 'hol'"));
+        assert!(mentions_session_state(b"x temporary"));
+        assert!(mentions_session_state(b"select pg_try_advisory_lock(1)"));
+        assert!(!mentions_session_state(b"select 'set_conf'"));
+        assert!(!mentions_session_state(b"adv"));
+    }
+
+    /// The skipping scan agrees with a plain search at every offset, in
+    /// both cases, with each hint cut short and whole.
+    #[test]
+    fn session_state_scan_matches_plain_search() {
+        let plain = |sql: &[u8]| {
+            SESSION_STATE_HINTS.iter().any(|hint| {
+                sql.windows(hint.len())
+                    .any(|window| window.eq_ignore_ascii_case(hint))
+            })
+        };
+        // Random strings over the hints' own letters, so near misses abound.
+        let letters = b"setconfigadvisorytemphldlisn_ SETAD";
+        let mut seed = 0x2545_f491_u32;
+        for _ in 0..20_000 {
+            let mut sql = Vec::new();
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            for _ in 0..(seed >> 16) % 24 {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                sql.push(letters[(seed >> 16) as usize % letters.len()]);
+            }
+            assert_eq!(mentions_session_state(&sql), plain(&sql), "{sql:?}");
+        }
+        for hint in SESSION_STATE_HINTS {
+            for cut in 1..=hint.len() {
+                for pad in 0..6 {
+                    for upper in [false, true] {
+                        let mut sql = b"x t_l".repeat(pad);
+                        let part = &hint[..cut];
+                        if upper {
+                            sql.extend(part.to_ascii_uppercase());
+                        } else {
+                            sql.extend_from_slice(part);
+                        }
+                        sql.extend_from_slice(&b"dpi"[..pad % 4]);
+                        assert_eq!(mentions_session_state(&sql), plain(&sql), "{sql:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
