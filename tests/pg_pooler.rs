@@ -169,6 +169,63 @@ async fn query_wait_timeout_reports_error() {
     waiter.simple_query("SELECT 1").await.unwrap();
 }
 
+/// Each queued client gets its timeout error at its own deadline: clients
+/// that start waiting one after another time out one after another, and a
+/// client that starts waiting after an earlier one was served still times
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_wait_timeout_per_waiter() {
+    let db = database("wait_timeout_each");
+    let extra = "default_pool_size = 1\nquery_wait_timeout = \"600ms\"";
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, extra)).await;
+    let holder = skiff.connect("postgres", &db).await;
+    holder.simple_query("BEGIN").await.unwrap();
+
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let waiter = skiff.connect("postgres", &db).await;
+        waits.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let query = waiter.simple_query("SELECT 1");
+            let err = tokio::time::timeout(Duration::from_secs(10), query)
+                .await
+                .expect("the wait ends")
+                .unwrap_err();
+            (started.elapsed(), db_error_message(&err))
+        }));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for wait in waits {
+        let (elapsed, message) = wait.await.unwrap();
+        assert!(message.contains("query_wait_timeout"), "{message}");
+        assert!(elapsed >= Duration::from_millis(600), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(2500), "{elapsed:?}");
+    }
+
+    // A client served before its deadline leaves the watchdog an earlier
+    // wake-up than the next client's deadline.
+    let served = skiff.connect("postgres", &db).await;
+    let serve = tokio::spawn(async move { served.simple_query("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    holder.simple_query("COMMIT").await.unwrap();
+    serve.await.unwrap().unwrap();
+    holder.simple_query("BEGIN").await.unwrap();
+    let late = skiff.connect("postgres", &db).await;
+    let started = Instant::now();
+    let query = late.simple_query("SELECT 1");
+    let err = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("the wait ends")
+        .unwrap_err();
+    assert!(
+        db_error_message(&err).contains("query_wait_timeout"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    holder.simple_query("COMMIT").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_served_first_come_first_served() {
     let db = database("fair_queue");

@@ -79,11 +79,11 @@ struct CancelTarget {
     server: Option<Arc<ServerKey>>,
     /// The signal a cancel request raises while the client waits for a
     /// server connection.
-    waiting: Option<Arc<WaitCancel>>,
+    waiting: Option<Arc<WaitFlag>>,
     /// The signal for the client's next wait, reused to save an
     /// allocation per wait. A cancel request that raises it drops it,
     /// because a raised signal would end the next wait at once.
-    next_waiting: Option<Arc<WaitCancel>>,
+    next_waiting: Option<Arc<WaitFlag>>,
     /// Cancel requests being sent to `server` right now.
     sending: usize,
     /// Woken when a cancel request to `server` has been processed.
@@ -112,23 +112,30 @@ struct ClientEntry {
     stop: StopSignal,
 }
 
-/// A cancel request for a client waiting for a server connection. Its wait
-/// polls it beside the checkout, and an atomic flag and waker cost less
-/// than a `Notify`, whose waiter list each poll and drop locks.
+/// A flag that ends a client's wait for a server connection: a cancel
+/// request raises one, and the pool's wait watchdog another at the wait's
+/// deadline. The wait polls it beside the checkout, and an atomic flag and
+/// waker cost less than a `Notify`, whose waiter list each poll and drop
+/// locks.
 #[derive(Default)]
-pub struct WaitCancel {
+pub struct WaitFlag {
     raised: AtomicBool,
     waker: AtomicWaker,
 }
 
-impl WaitCancel {
-    fn raise(&self) {
+impl WaitFlag {
+    pub fn raise(&self) {
         self.raised.store(true, Ordering::Release);
         self.waker.wake();
     }
 
-    /// Completes once a cancel request arrived, at once if one already did.
-    pub async fn cancelled(&self) {
+    /// Lowers the flag for the next wait.
+    pub fn lower(&self) {
+        self.raised.store(false, Ordering::Relaxed);
+    }
+
+    /// Completes once the flag is raised, at once if it is already.
+    pub async fn raised(&self) {
         std::future::poll_fn(|cx| {
             poll_raised(&self.waker, cx, || self.raised.load(Ordering::Acquire))
         })
@@ -138,7 +145,11 @@ impl WaitCancel {
 
 /// Polls a flag that another task raises and then wakes `waker`: ready
 /// once `raised` returns true.
-fn poll_raised(waker: &AtomicWaker, cx: &mut Context<'_>, raised: impl Fn() -> bool) -> Poll<()> {
+pub(super) fn poll_raised(
+    waker: &AtomicWaker,
+    cx: &mut Context<'_>,
+    raised: impl Fn() -> bool,
+) -> Poll<()> {
     if raised() {
         return Poll::Ready(());
     }
@@ -440,7 +451,7 @@ impl CancelHandle {
 
     /// Marks the client as waiting for a server connection; a cancel request
     /// raises the returned signal.
-    pub fn begin_wait(&self) -> Arc<WaitCancel> {
+    pub fn begin_wait(&self) -> Arc<WaitFlag> {
         let mut target = self.slot.target.lock();
         let signal = target.next_waiting.get_or_insert_with(Arc::default).clone();
         target.waiting = Some(signal.clone());

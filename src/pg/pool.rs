@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{BackendError, ServerConn, ServerTarget};
-use super::cancel::ServerKey;
+use super::cancel::{ServerKey, WaitFlag};
 use super::params::{self, Settings};
 use super::protocol;
 
@@ -107,11 +107,33 @@ pub struct PoolStats {
     pub transaction_us: AtomicU64,
     /// Server connections logging in now.
     pub logins: AtomicUsize,
-    /// When each client waiting for a server connection started waiting,
-    /// ordered by ticket; at most one entry per waiting client. Waits end
+    /// The clients waiting for a server connection.
+    waits: Mutex<Waits>,
+}
+
+/// Clients waiting for a permit, and the state of the pool's wait
+/// watchdog. One watchdog task per pool ends waits past their deadline,
+/// instead of a timer per wait.
+#[derive(Default)]
+struct Waits {
+    /// At most one entry per waiting client, ordered by ticket. Waits end
     /// mostly in ticket order, because permits are handed out first come,
     /// first served, so entries are removed near the front.
-    waiting_since: Mutex<VecDeque<(u64, Instant)>>,
+    queue: VecDeque<Wait>,
+    /// The time the watchdog wakes up at next, when it sleeps until one.
+    /// A wait whose deadline is earlier wakes it up.
+    watched_until: Option<Instant>,
+    /// The watchdog task was started.
+    watchdog: bool,
+}
+
+/// One client's wait for a permit.
+struct Wait {
+    ticket: u64,
+    started: Instant,
+    deadline: Instant,
+    /// Raised by the watchdog once `deadline` passed, and taken then.
+    expiry: Option<Arc<WaitFlag>>,
 }
 
 /// One count in a gauge of things in progress, taken back on drop, so a
@@ -141,9 +163,36 @@ struct Waiter<'a> {
 }
 
 impl<'a> Waiter<'a> {
-    fn start(pool: &'a Pool, now: Instant) -> Waiter<'a> {
+    /// Queues a wait that `expiry` ends at `deadline`, and starts the
+    /// pool's watchdog or wakes it up when it would wake up later.
+    fn start(
+        pool: &'a Arc<Pool>,
+        now: Instant,
+        deadline: Instant,
+        expiry: &Arc<WaitFlag>,
+    ) -> Waiter<'a> {
         let ticket = NEXT_WAIT_TICKET.fetch_add(1, Ordering::Relaxed);
-        insert_by_ticket(&mut pool.stats.waiting_since.lock(), ticket, now);
+        let wait = Wait {
+            ticket,
+            started: now,
+            deadline,
+            expiry: Some(expiry.clone()),
+        };
+        let (start_watchdog, wake_watchdog) = {
+            let mut waits = pool.stats.waits.lock();
+            insert_by_ticket(&mut waits.queue, wait);
+            let earlier = waits.watched_until.is_none_or(|until| deadline < until);
+            if earlier {
+                waits.watched_until = Some(deadline);
+            }
+            let start = !std::mem::replace(&mut waits.watchdog, true);
+            (start, earlier)
+        };
+        if start_watchdog {
+            tokio::spawn(watch_waits(Arc::downgrade(pool), pool.wait_added.clone()));
+        } else if wake_watchdog {
+            pool.wait_added.notify_one();
+        }
         pool.set_waiting(1);
         Waiter { pool, ticket }
     }
@@ -151,29 +200,55 @@ impl<'a> Waiter<'a> {
 
 /// Inserts a wait in ticket order. Tickets are taken before the lock, so a
 /// later ticket may be queued already, but rarely more than a few.
-fn insert_by_ticket(waiting: &mut VecDeque<(u64, Instant)>, ticket: u64, now: Instant) {
-    let later = waiting
+fn insert_by_ticket(queue: &mut VecDeque<Wait>, wait: Wait) {
+    let later = queue
         .iter()
         .rev()
-        .take_while(|(queued, _)| *queued > ticket)
+        .take_while(|queued| queued.ticket > wait.ticket)
         .count();
-    waiting.insert(waiting.len() - later, (ticket, now));
+    queue.insert(queue.len() - later, wait);
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        let mut waiting = self.pool.stats.waiting_since.lock();
+        let mut waits = self.pool.stats.waits.lock();
+        let queue = &mut waits.queue;
         // Waits mostly end in ticket order, so the front is tried first.
-        if waiting
-            .front()
-            .is_some_and(|(ticket, _)| *ticket == self.ticket)
-        {
-            waiting.pop_front();
-        } else if let Ok(index) = waiting.binary_search_by_key(&self.ticket, |(t, _)| *t) {
-            waiting.remove(index);
+        if queue.front().is_some_and(|wait| wait.ticket == self.ticket) {
+            queue.pop_front();
+        } else if let Ok(index) = queue.binary_search_by_key(&self.ticket, |wait| wait.ticket) {
+            queue.remove(index);
         }
-        drop(waiting);
+        drop(waits);
         self.pool.set_waiting(-1);
+    }
+}
+
+/// Runs the pool's wait watchdog: sleeps until the earliest deadline of
+/// the queued waits, raises the expiry of each wait past its deadline, and
+/// sleeps again. A wait with an earlier deadline than the one it sleeps
+/// until wakes it up through `added`. It ends with its pool.
+async fn watch_waits(pool: Weak<Pool>, added: Arc<Notify>) {
+    loop {
+        let notified = added.notified();
+        tokio::pin!(notified);
+        // Registered before the queue is read, so a wait queued after the
+        // read wakes this loop up.
+        notified.as_mut().enable();
+        let next = match pool.upgrade() {
+            Some(pool) => pool.expire_waits(Instant::now()),
+            None => return,
+        };
+        match next {
+            Some(deadline) => {
+                let deadline = tokio::time::Instant::from_std(deadline);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = notified => {}
+                }
+            }
+            None => notified.await,
+        }
     }
 }
 
@@ -199,6 +274,9 @@ pub struct Pool {
     /// RESUME can come any more.
     stopping: AtomicBool,
     resumed: Notify,
+    /// Wakes the wait watchdog up for a wait that ends before the time it
+    /// sleeps until, and when the pool is dropped.
+    wait_added: Arc<Notify>,
     /// Boxed, because a connection moves in and out at every checkout and
     /// a box moves as one pointer.
     #[allow(clippy::vec_box)]
@@ -248,6 +326,7 @@ impl Pool {
             paused: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             resumed: Notify::new(),
+            wait_added: Arc::new(Notify::new()),
             name,
             generation: AtomicU64::new(target.generation),
             target: ArcSwap::from_pointee(target),
@@ -265,12 +344,16 @@ impl Pool {
 
     /// Waits up to `wait` for a server connection, reusing an idle one when
     /// it is still healthy and opening one otherwise. A paused pool makes
-    /// the wait last until RESUME, within the same `wait`.
-    pub async fn checkout(&self, wait: Duration) -> Result<Checkout, CheckoutError> {
-        let deadline = tokio::time::Instant::now() + wait;
+    /// the wait last until RESUME, within the same `wait`. The pool's wait
+    /// watchdog raises `expiry` once `wait` has passed.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        wait: Duration,
+        expiry: &Arc<WaitFlag>,
+    ) -> Result<Checkout, CheckoutError> {
         let permit = match self.try_permit() {
             Some(permit) => permit,
-            None => self.wait_for_permit(deadline, wait).await?,
+            None => self.wait_for_permit(wait, expiry).await?,
         };
         self.checkout_with(permit).await
     }
@@ -437,24 +520,29 @@ impl Pool {
     /// wait may be dropped midway (a cancel request or KILL ends it), so
     /// the waiting count is kept by a guard.
     async fn wait_for_permit(
-        &self,
-        deadline: tokio::time::Instant,
+        self: &Arc<Self>,
         wait: Duration,
+        expiry: &Arc<WaitFlag>,
     ) -> Result<OwnedSemaphorePermit, CheckoutError> {
         let started = Instant::now();
-        let waiter = Waiter::start(self, started);
+        let deadline = started + wait;
+        // No raise of an earlier wait can come any more: the watchdog
+        // raises only waits still queued, and that one left the queue.
+        expiry.lower();
+        let waiter = Waiter::start(self, started, deadline, expiry);
         let acquired = async {
-            self.wait_while_paused(deadline)
+            self.wait_while_paused(tokio::time::Instant::from_std(deadline))
                 .await
                 .map_err(|err| match err {
                     CheckoutError::Timeout(_) => CheckoutError::Timeout(wait),
                     other => other,
                 })?;
-            let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned());
-            match permit.await {
-                Ok(Ok(permit)) => Ok(permit),
-                Ok(Err(_)) => Err(CheckoutError::Closed),
-                Err(_) => Err(CheckoutError::Timeout(wait)),
+            tokio::select! {
+                biased;
+                permit = self.permits.clone().acquire_owned() => {
+                    permit.map_err(|_| CheckoutError::Closed)
+                }
+                _ = expiry.raised() => Err(CheckoutError::Timeout(wait)),
             }
         }
         .await;
@@ -740,11 +828,34 @@ impl Pool {
     /// zero when no client waits.
     pub fn oldest_wait(&self) -> Duration {
         self.stats
-            .waiting_since
+            .waits
             .lock()
+            .queue
             .front()
-            .map(|(_, since)| since.elapsed())
+            .map(|wait| wait.started.elapsed())
             .unwrap_or_default()
+    }
+
+    /// Raises the expiry of each queued wait whose deadline is not after
+    /// `now`, and returns the earliest deadline of the others, which the
+    /// watchdog sleeps until.
+    fn expire_waits(&self, now: Instant) -> Option<Instant> {
+        let mut waits = self.stats.waits.lock();
+        let mut next: Option<Instant> = None;
+        for wait in waits.queue.iter_mut() {
+            if wait.expiry.is_none() {
+                continue;
+            }
+            if wait.deadline <= now {
+                if let Some(expiry) = wait.expiry.take() {
+                    expiry.raise();
+                }
+            } else if next.is_none_or(|next| wait.deadline < next) {
+                next = Some(wait.deadline);
+            }
+        }
+        waits.watched_until = next;
+        next
     }
 
     fn set_waiting(&self, delta: isize) {
@@ -762,6 +873,13 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The watchdog finds the pool gone and ends.
+        self.wait_added.notify_one();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,11 +887,17 @@ mod tests {
     #[test]
     fn waits_stay_in_ticket_order() {
         let now = Instant::now();
-        let mut waiting = VecDeque::new();
+        let mut queue = VecDeque::new();
         for ticket in [1, 3, 2, 5, 4] {
-            insert_by_ticket(&mut waiting, ticket, now);
+            let wait = Wait {
+                ticket,
+                started: now,
+                deadline: now,
+                expiry: None,
+            };
+            insert_by_ticket(&mut queue, wait);
         }
-        let tickets: Vec<u64> = waiting.iter().map(|(ticket, _)| *ticket).collect();
+        let tickets: Vec<u64> = queue.iter().map(|wait| wait.ticket).collect();
         assert_eq!(tickets, [1, 2, 3, 4, 5]);
     }
 }

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendError;
-use super::cancel::{CancelHandle, ClientInfo};
+use super::cancel::{CancelHandle, ClientInfo, WaitFlag};
 use super::capture::SessionCapture;
 use super::frontend::LoggedIn;
 use super::params::{self, Settings};
@@ -109,6 +109,9 @@ pub struct Session {
     fatal_sent: bool,
     /// The output contains a server reply not yet flushed to the client.
     reply_from_server: bool,
+    /// Raised by the pool when a wait for a server connection lasted
+    /// `query_wait_timeout`; one for all the session's waits.
+    wait_expiry: Arc<WaitFlag>,
 }
 
 impl Session {
@@ -161,6 +164,7 @@ impl Session {
             stop_deferred: false,
             fatal_sent: false,
             reply_from_server: false,
+            wait_expiry: Arc::default(),
         }
     }
 
@@ -463,8 +467,8 @@ impl Session {
         // over, the other waits are not polled again for nothing.
         let result = tokio::select! {
             biased;
-            result = pool.checkout(wait) => Ok(result),
-            _ = cancelled.cancelled() => Err(WaitEnded::Cancelled),
+            result = pool.checkout(wait, &self.wait_expiry) => Ok(result),
+            _ = cancelled.raised() => Err(WaitEnded::Cancelled),
             _ = killed => Err(WaitEnded::Killed),
             _ = hung_up => Err(WaitEnded::HungUp),
         };
