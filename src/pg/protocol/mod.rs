@@ -137,8 +137,9 @@ const DISCARD_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 /// to stop sending.
 const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Smallest read buffer: small enough for the allocator's fast path.
-const MIN_READ: usize = 1000;
+/// Smallest read buffer: small enough for the allocator's fast path, and
+/// the room a spare buffer offers, so a read buffer can be a spare one.
+const MIN_READ: usize = spare::SPARE_ROOM;
 /// Largest read buffer.
 const MAX_READ: usize = 64 * 1024;
 
@@ -218,6 +219,12 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     /// Reads whatever the socket has into the buffer without returning a
     /// message, so a peer blocked on writing to us can go on.
     pub async fn read_ahead(&mut self) -> Result<(), ProtocolError> {
+        if self.buffer.is_empty() {
+            // Waits before the buffer is let go of: the request split off
+            // it is usually still alive while it waits, so the buffer
+            // could not go back to the spare list yet.
+            self.inner.wait_readable().await?;
+        }
         self.fill().await
     }
 

@@ -57,15 +57,21 @@ pub fn give(mut buffer: BytesMut) {
 mod tests {
     use super::*;
 
+    /// Returns how many spare buffers this thread keeps.
+    fn kept() -> usize {
+        SPARES.with(|spares| spares.borrow().len())
+    }
+
     #[test]
     fn spare_given_is_taken_again() {
         let mut buffer = BytesMut::with_capacity(SPARE_ROOM);
         buffer.extend_from_slice(b"reply");
-        let address = buffer.as_ptr();
         give(buffer);
+        assert_eq!(kept(), 1);
         let again = take(SPARE_ROOM);
-        assert_eq!(again.as_ptr(), address);
+        assert_eq!(kept(), 0);
         assert!(again.is_empty());
+        assert!(again.capacity() >= SPARE_ROOM);
     }
 
     #[test]
@@ -73,10 +79,8 @@ mod tests {
         let mut buffer = BytesMut::with_capacity(SPARE_ROOM);
         buffer.extend_from_slice(&[7u8; 900]);
         let message = buffer.split_to(900).freeze();
-        let address = message.as_ptr();
         give(buffer);
-        let other = take(SPARE_ROOM);
-        assert_ne!(other.as_ptr(), address);
+        assert_eq!(kept(), 0);
         assert_eq!(message[..], [7u8; 900][..]);
     }
 
@@ -84,20 +88,36 @@ mod tests {
     fn spare_after_messages_dropped_kept_whole() {
         let mut buffer = BytesMut::with_capacity(SPARE_ROOM);
         buffer.extend_from_slice(&[7u8; 900]);
-        let message = buffer.split_to(900).freeze();
-        let address = message.as_ptr();
-        drop(message);
+        drop(buffer.split_to(900).freeze());
         give(buffer);
-        let again = take(SPARE_ROOM);
-        assert_eq!(again.as_ptr(), address);
-        assert!(again.capacity() >= SPARE_ROOM);
+        assert_eq!(kept(), 1);
+        assert!(take(SPARE_ROOM).capacity() >= SPARE_ROOM);
+    }
+
+    /// A client's read buffer, after a request was split off it and
+    /// dropped, is kept for the next read.
+    #[test]
+    fn spare_read_buffer_reused() {
+        let mut buffer = take(super::super::MIN_READ);
+        buffer.extend_from_slice(&[b'Q'; 60]);
+        drop(buffer.split_to(60).freeze());
+        give(buffer);
+        assert_eq!(kept(), 1);
+        take(super::super::MIN_READ);
+        assert_eq!(kept(), 0);
     }
 
     #[test]
     fn spare_too_large_freed() {
-        let buffer = BytesMut::with_capacity(MAX_SPARE_CAPACITY * 2);
-        let address = buffer.as_ptr();
-        give(buffer);
-        assert_ne!(take(SPARE_ROOM).as_ptr(), address);
+        give(BytesMut::with_capacity(MAX_SPARE_CAPACITY * 2));
+        assert_eq!(kept(), 0);
+    }
+
+    #[test]
+    fn spare_list_bounded() {
+        for _ in 0..MAX_SPARES + 10 {
+            give(BytesMut::with_capacity(SPARE_ROOM));
+        }
+        assert_eq!(kept(), MAX_SPARES);
     }
 }
