@@ -533,7 +533,9 @@ impl Session {
         let received = tokio::select! {
             biased;
             received = &mut in_flight.receiver => Some(received),
-            _ = self.reader.half.readable() => None,
+            // The socket's own read slot, which the next read uses too,
+            // instead of a waiter queued in a locked list by `readable`.
+            _ = std::future::poll_fn(|cx| self.reader.half.as_ref().poll_read_ready(cx)) => None,
             _ = &mut self.stopping => None,
         };
         let Some(received) = received else {

@@ -94,7 +94,7 @@ impl Stream {
     /// show, so for TLS this returns at once.
     pub async fn readable(&self) -> io::Result<()> {
         match self {
-            Stream::Plain(tcp) => tcp.readable().await,
+            Stream::Plain(tcp) => read_ready(tcp).await,
             Stream::Tls(_) => Ok(()),
         }
     }
@@ -116,6 +116,13 @@ impl Stream {
     }
 }
 
+/// Waits for read readiness in the socket's own read slot, which the
+/// reads that follow use too. `TcpStream::readable` would queue a waiter
+/// in a list that it locks at each wait and wake-up.
+async fn read_ready(tcp: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await
+}
+
 /// Polls one read with a waker that does nothing: pending means no data
 /// and no close.
 fn read_is_pending<R: AsyncRead>(reader: Pin<&mut R>) -> bool {
@@ -133,7 +140,7 @@ impl ReadHalf {
     /// See [`Stream::readable`].
     pub async fn readable(&self) -> io::Result<()> {
         match self {
-            ReadHalf::Plain(read) => read.readable().await,
+            ReadHalf::Plain(read) => read_ready(read.as_ref()).await,
             ReadHalf::Tls(_) => Ok(()),
         }
     }
