@@ -219,10 +219,11 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     /// Reads whatever the socket has into the buffer without returning a
     /// message, so a peer blocked on writing to us can go on.
     pub async fn read_ahead(&mut self) -> Result<(), ProtocolError> {
-        if self.buffer.is_empty() {
-            // Waits before the buffer is let go of: the request split off
-            // it is usually still alive while it waits, so the buffer
-            // could not go back to the spare list yet.
+        if self.buffer.is_empty() || self.buffer.capacity() - self.buffer.len() < MIN_READ {
+            // Waits before the buffer is let go of or grown: a request
+            // split off it is usually still alive while it waits, so the
+            // buffer could neither go back to the spare list nor grow in
+            // place yet.
             self.inner.wait_readable().await?;
         }
         self.fill().await
