@@ -226,6 +226,61 @@ async fn query_wait_timeout_per_waiter() {
     holder.simple_query("COMMIT").await.unwrap();
 }
 
+/// A reload that shortens query_wait_timeout ends the waits under way at
+/// the new deadline, counted from when each began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_wait_timeout_reload_applies_to_queued() {
+    let db = database("wait_timeout_reload");
+    let extra = "default_pool_size = 1\nquery_wait_timeout = \"30s\"";
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, extra)).await;
+    let holder = skiff.connect("postgres", &db).await;
+    holder.simple_query("BEGIN").await.unwrap();
+    let waiter = skiff.connect("postgres", &db).await;
+    let started = Instant::now();
+    let wait = tokio::spawn(async move { waiter.simple_query("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let shorter = "default_pool_size = 1\nquery_wait_timeout = \"800ms\"";
+    let config = skiff::config(pg().port, &db, shorter);
+    let root = ::skiff::config::Config::parse(&config).unwrap();
+    skiff
+        .pooler
+        .reload(root.postgres.clone().unwrap(), &root)
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the wait ends")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        db_error_message(&err).contains("query_wait_timeout"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    holder.simple_query("COMMIT").await.unwrap();
+}
+
+/// query_wait_timeout = "0s" means no limit, as in PgBouncer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_wait_timeout_zero_waits() {
+    let db = database("wait_timeout_zero");
+    let extra = "default_pool_size = 1\nquery_wait_timeout = \"0s\"";
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, extra)).await;
+    let holder = skiff.connect("postgres", &db).await;
+    holder.simple_query("BEGIN").await.unwrap();
+    let waiter = skiff.connect("postgres", &db).await;
+    let wait = tokio::spawn(async move { waiter.simple_query("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!wait.is_finished());
+    holder.simple_query("COMMIT").await.unwrap();
+    let rows = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the wait ends")
+        .unwrap();
+    assert!(rows.is_ok(), "{rows:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_served_first_come_first_served() {
     let db = database("fair_queue");

@@ -296,6 +296,7 @@ fn pool_settings(config: &PgConfig, db: &PgDatabase) -> PoolSettings {
         idle_timeout: config.server_idle_timeout,
         check_delay: config.server_check_delay,
         max_prepared_statements: config.max_prepared_statements,
+        wait_timeout: config.query_wait_timeout,
     }
 }
 

@@ -30,6 +30,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     pub check_delay: Duration,
     pub max_prepared_statements: usize,
+    /// Longest wait for a server connection (`query_wait_timeout`); zero
+    /// for no limit. A reload applies it to the waits under way too.
+    pub wait_timeout: Duration,
 }
 
 /// Failure to get a server connection.
@@ -127,12 +130,12 @@ struct Waits {
     watchdog: bool,
 }
 
-/// One client's wait for a permit.
+/// One client's wait for a permit. Its deadline is `started` plus the
+/// pool's current `wait_timeout`.
 struct Wait {
     ticket: u64,
     started: Instant,
-    deadline: Instant,
-    /// Raised by the watchdog once `deadline` passed, and taken then.
+    /// Raised by the watchdog once the deadline passed, and taken then.
     expiry: Option<Arc<WaitFlag>>,
 }
 
@@ -163,27 +166,28 @@ struct Waiter<'a> {
 }
 
 impl<'a> Waiter<'a> {
-    /// Queues a wait that `expiry` ends at `deadline`, and starts the
-    /// pool's watchdog or wakes it up when it would wake up later.
+    /// Queues a wait that `expiry` ends at `deadline` (none for no limit),
+    /// and starts the pool's watchdog or wakes it up when it would wake up
+    /// later.
     fn start(
         pool: &'a Arc<Pool>,
         now: Instant,
-        deadline: Instant,
+        deadline: Option<Instant>,
         expiry: &Arc<WaitFlag>,
     ) -> Waiter<'a> {
         let ticket = NEXT_WAIT_TICKET.fetch_add(1, Ordering::Relaxed);
         let wait = Wait {
             ticket,
             started: now,
-            deadline,
             expiry: Some(expiry.clone()),
         };
         let (start_watchdog, wake_watchdog) = {
             let mut waits = pool.stats.waits.lock();
             insert_by_ticket(&mut waits.queue, wait);
-            let earlier = waits.watched_until.is_none_or(|until| deadline < until);
+            let earlier = deadline
+                .is_some_and(|deadline| waits.watched_until.is_none_or(|until| deadline < until));
             if earlier {
-                waits.watched_until = Some(deadline);
+                waits.watched_until = deadline;
             }
             let start = !std::mem::replace(&mut waits.watchdog, true);
             (start, earlier)
@@ -342,18 +346,18 @@ impl Pool {
         }
     }
 
-    /// Waits up to `wait` for a server connection, reusing an idle one when
-    /// it is still healthy and opening one otherwise. A paused pool makes
-    /// the wait last until RESUME, within the same `wait`. The pool's wait
-    /// watchdog raises `expiry` once `wait` has passed.
+    /// Waits up to `query_wait_timeout` for a server connection, reusing
+    /// an idle one when it is still healthy and opening one otherwise. A
+    /// paused pool makes the wait last until RESUME, within the same
+    /// timeout. The pool's wait watchdog raises `expiry` once the timeout
+    /// has passed.
     pub async fn checkout(
         self: &Arc<Self>,
-        wait: Duration,
         expiry: &Arc<WaitFlag>,
     ) -> Result<Checkout, CheckoutError> {
         let permit = match self.try_permit() {
             Some(permit) => permit,
-            None => self.wait_for_permit(wait, expiry).await?,
+            None => self.wait_for_permit(expiry).await?,
         };
         self.checkout_with(permit).await
     }
@@ -405,6 +409,8 @@ impl Pool {
         drop(current);
         self.resize(settings.size);
         self.settings.store(Arc::new(settings));
+        // The watchdog applies a new query_wait_timeout to the queued waits.
+        self.wait_added.notify_one();
         if target_changed {
             target.generation += 1;
             self.generation.store(target.generation, Ordering::Release);
@@ -476,8 +482,9 @@ impl Pool {
         self.resumed.notify_waiters();
     }
 
-    /// Waits while the pool is paused, until `deadline` or shutdown.
-    async fn wait_while_paused(&self, deadline: tokio::time::Instant) -> Result<(), CheckoutError> {
+    /// Waits while the pool is paused, until `expiry` is raised or
+    /// shutdown.
+    async fn wait_while_paused(&self, expiry: &WaitFlag) -> Result<(), CheckoutError> {
         // Most waits find the pool running: skip registering with `resumed`,
         // which takes its lock. A PAUSE right after this check is the same
         // as one just before the checkout began.
@@ -494,8 +501,9 @@ impl Pool {
             if self.stopping.load(Ordering::Acquire) {
                 return Err(CheckoutError::ShuttingDown);
             }
-            if tokio::time::timeout_at(deadline, resumed).await.is_err() {
-                return Err(CheckoutError::Timeout(Duration::ZERO));
+            tokio::select! {
+                _ = resumed => {}
+                _ = expiry.raised() => return Err(self.timed_out()),
             }
         }
     }
@@ -516,33 +524,28 @@ impl Pool {
         Ok(Checkout { conn, permit })
     }
 
-    /// Queues for a permit behind earlier waiters, until `deadline`. The
-    /// wait may be dropped midway (a cancel request or KILL ends it), so
-    /// the waiting count is kept by a guard.
+    /// Queues for a permit behind earlier waiters, until the watchdog
+    /// raises `expiry`. The wait may be dropped midway (a cancel request or
+    /// KILL ends it), so the waiting count is kept by a guard.
     async fn wait_for_permit(
         self: &Arc<Self>,
-        wait: Duration,
         expiry: &Arc<WaitFlag>,
     ) -> Result<OwnedSemaphorePermit, CheckoutError> {
         let started = Instant::now();
-        let deadline = started + wait;
+        let timeout = self.settings.load().wait_timeout;
+        let deadline = (!timeout.is_zero()).then(|| started + timeout);
         // No raise of an earlier wait can come any more: the watchdog
         // raises only waits still queued, and that one left the queue.
         expiry.lower();
         let waiter = Waiter::start(self, started, deadline, expiry);
         let acquired = async {
-            self.wait_while_paused(tokio::time::Instant::from_std(deadline))
-                .await
-                .map_err(|err| match err {
-                    CheckoutError::Timeout(_) => CheckoutError::Timeout(wait),
-                    other => other,
-                })?;
+            self.wait_while_paused(expiry).await?;
             tokio::select! {
                 biased;
                 permit = self.permits.clone().acquire_owned() => {
                     permit.map_err(|_| CheckoutError::Closed)
                 }
-                _ = expiry.raised() => Err(CheckoutError::Timeout(wait)),
+                _ = expiry.raised() => Err(self.timed_out()),
             }
         }
         .await;
@@ -838,24 +841,34 @@ impl Pool {
 
     /// Raises the expiry of each queued wait whose deadline is not after
     /// `now`, and returns the earliest deadline of the others, which the
-    /// watchdog sleeps until.
+    /// watchdog sleeps until. No wait has a deadline when `wait_timeout`
+    /// is zero.
     fn expire_waits(&self, now: Instant) -> Option<Instant> {
+        let timeout = self.settings.load().wait_timeout;
         let mut waits = self.stats.waits.lock();
         let mut next: Option<Instant> = None;
-        for wait in waits.queue.iter_mut() {
-            if wait.expiry.is_none() {
-                continue;
-            }
-            if wait.deadline <= now {
-                if let Some(expiry) = wait.expiry.take() {
-                    expiry.raise();
+        if !timeout.is_zero() {
+            for wait in waits.queue.iter_mut() {
+                if wait.expiry.is_none() {
+                    continue;
                 }
-            } else if next.is_none_or(|next| wait.deadline < next) {
-                next = Some(wait.deadline);
+                let deadline = wait.started + timeout;
+                if deadline <= now {
+                    if let Some(expiry) = wait.expiry.take() {
+                        expiry.raise();
+                    }
+                } else if next.is_none_or(|next| deadline < next) {
+                    next = Some(deadline);
+                }
             }
         }
         waits.watched_until = next;
         next
+    }
+
+    /// The error of a wait the watchdog ended.
+    fn timed_out(&self) -> CheckoutError {
+        CheckoutError::Timeout(self.settings.load().wait_timeout)
     }
 
     fn set_waiting(&self, delta: isize) {
@@ -892,7 +905,6 @@ mod tests {
             let wait = Wait {
                 ticket,
                 started: now,
-                deadline: now,
                 expiry: None,
             };
             insert_by_ticket(&mut queue, wait);

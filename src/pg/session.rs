@@ -436,7 +436,6 @@ impl Session {
     /// ends the wait, as it would end a running query, and a KILL ends it
     /// before the request reaches a server.
     async fn wait_for_server(&mut self) -> Result<Checkout, Bytes> {
-        let wait = self.pooler.config().query_wait_timeout;
         let pool = self.pool.clone();
         if let Some(permit) = pool.try_permit() {
             return pool
@@ -467,7 +466,7 @@ impl Session {
         // over, the other waits are not polled again for nothing.
         let result = tokio::select! {
             biased;
-            result = pool.checkout(wait, &self.wait_expiry) => Ok(result),
+            result = pool.checkout(&self.wait_expiry) => Ok(result),
             _ = cancelled.raised() => Err(WaitEnded::Cancelled),
             _ = killed => Err(WaitEnded::Killed),
             _ = hung_up => Err(WaitEnded::HungUp),
