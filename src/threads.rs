@@ -25,10 +25,11 @@ pub fn half_the_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |cpus| (cpus.get() / 2).max(1))
 }
 
-/// The number of runtime threads, and of PostgreSQL session threads:
-/// `SKIFF_WORKER_THREADS`, or half the CPUs. Half by default, because skiff
-/// runs beside the application it serves, and on a small machine a second
-/// thread costs more in wake-ups between threads than it adds.
+/// Returns the number of runtime threads, and of PostgreSQL session
+/// threads: `SKIFF_WORKER_THREADS`, or half the CPUs. Half by default,
+/// because skiff runs beside the application it serves, and on a small
+/// machine a second thread costs more in wake-ups between threads than it
+/// adds.
 pub fn worker_threads() -> usize {
     std::env::var("SKIFF_WORKER_THREADS")
         .ok()

@@ -30,8 +30,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     pub check_delay: Duration,
     pub max_prepared_statements: usize,
-    /// Longest wait for a server connection (`query_wait_timeout`); zero
-    /// for no limit. A reload applies it to the waits under way too.
+    /// Maximum wait for a server connection (`query_wait_timeout`), or
+    /// zero for no limit. A reload applies it to the waits under way too.
     pub wait_timeout: Duration,
 }
 
@@ -866,7 +866,7 @@ impl Pool {
         next
     }
 
-    /// The error of a wait the watchdog ended.
+    /// Returns the error of a wait the watchdog ended.
     fn timed_out(&self) -> CheckoutError {
         CheckoutError::Timeout(self.settings.load().wait_timeout)
     }

@@ -30,8 +30,8 @@ use crate::tls::{ReadHalf, WriteHalf};
 /// Output is written once this many bytes are buffered, even mid-batch.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
 
-/// Size of a client's write buffer when a reply starts, the size of a
-/// spare buffer; replies that are larger grow it.
+/// Size of a client's write buffer when a reply starts, which is the size
+/// of a spare buffer. Larger replies grow it.
 const INITIAL_WRITE_BUFFER: usize = protocol::spare::SPARE_ROOM;
 
 /// Maximum time skiff waits for a ROLLBACK of a disconnected client's
