@@ -10,5 +10,6 @@ pub mod pg;
 pub mod plan;
 pub mod redis;
 pub mod server;
+pub mod signal;
 pub mod threads;
 pub mod tls;

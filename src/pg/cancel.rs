@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::backend::ServerTls;
 use super::protocol;
 use crate::config::SslMode;
+use crate::signal::poll_raised;
 use crate::tls::Stream;
 
 /// The server process a client is attached to.
@@ -141,24 +142,6 @@ impl WaitFlag {
         })
         .await
     }
-}
-
-/// Polls a flag that another task raises and then wakes `waker`: ready
-/// once `raised` returns true.
-pub(super) fn poll_raised(
-    waker: &AtomicWaker,
-    cx: &mut Context<'_>,
-    raised: impl Fn() -> bool,
-) -> Poll<()> {
-    if raised() {
-        return Poll::Ready(());
-    }
-    waker.register(cx.waker());
-    // Checked again after registering, so a raise in between is seen.
-    if raised() {
-        return Poll::Ready(());
-    }
-    Poll::Pending
 }
 
 /// Shutdown and KILL requests for one session. The session polls it at

@@ -704,20 +704,26 @@ impl Pool {
 
     /// Closes every idle connection, for shutdown and after a server restart.
     pub fn close_idle(&self) {
-        let drained: Vec<Box<ServerConn>> = self.idle.lock().drain(..).collect();
-        for conn in drained {
+        for conn in self.take_all_idle() {
             tokio::spawn(conn.terminate());
         }
-        self.update_gauges();
     }
 
     /// Closes every idle connection and waits until each has sent its
     /// Terminate (at most 100 ms each, all at once), for the end of a
     /// shutdown.
     pub async fn close_idle_now(&self) {
+        let drained = self.take_all_idle();
+        futures_util::future::join_all(drained.into_iter().map(|conn| conn.terminate())).await;
+    }
+
+    /// Removes every idle connection from the pool and returns them, boxed
+    /// as the idle list keeps them.
+    #[allow(clippy::vec_box)]
+    fn take_all_idle(&self) -> Vec<Box<ServerConn>> {
         let drained: Vec<Box<ServerConn>> = self.idle.lock().drain(..).collect();
         self.update_gauges();
-        futures_util::future::join_all(drained.into_iter().map(|conn| conn.terminate())).await;
+        drained
     }
 
     /// Server ParameterStatus values, once a connection has logged in.

@@ -3,8 +3,9 @@
 //!
 //! A session's read loop waits on it beside every read, so it is polled
 //! about twice per request. A `CancellationToken` future locks the token's
-//! list of waiters, shared by every session, on each poll. Here a poll is an atomic load and, when
-//! the waker is the same as last time, a compare-and-swap.
+//! list of waiters, shared by every session, on each poll. Here a poll is
+//! an atomic load and, when the waker is the same as last time, a
+//! compare-and-swap.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,6 +16,8 @@ use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
+
+use crate::signal::poll_raised;
 
 /// Stops every session that watches it.
 #[derive(Default)]
@@ -68,16 +71,7 @@ impl Future for StopWatch {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.signal.is_stopped() {
-            return Poll::Ready(());
-        }
-        self.waker.register(cx.waker());
-        // A stop between the first check and the registration woke no one,
-        // so the flag is checked again.
-        if self.signal.is_stopped() {
-            return Poll::Ready(());
-        }
-        Poll::Pending
+        poll_raised(&self.waker, cx, || self.signal.is_stopped())
     }
 }
 
