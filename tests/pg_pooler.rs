@@ -169,6 +169,24 @@ async fn query_wait_timeout_reports_error() {
     waiter.simple_query("SELECT 1").await.unwrap();
 }
 
+/// Waits for `future`, at most 10 s: a queued client's wait that does not
+/// end fails the test instead of hanging it.
+async fn within_10s<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("the wait ends")
+}
+
+/// Runs a query on a client queued for a server connection and returns
+/// how long it waited and the error message it got.
+async fn queued_query_error(client: &tokio_postgres::Client) -> (Duration, String) {
+    let started = Instant::now();
+    let err = within_10s(client.simple_query("SELECT 1"))
+        .await
+        .unwrap_err();
+    (started.elapsed(), db_error_message(&err))
+}
+
 /// Each queued client gets its timeout error at its own deadline: clients
 /// that start waiting one after another time out one after another, and a
 /// client that starts waiting after an earlier one was served still times
@@ -184,15 +202,9 @@ async fn query_wait_timeout_per_waiter() {
     let mut waits = Vec::new();
     for _ in 0..3 {
         let waiter = skiff.connect("postgres", &db).await;
-        waits.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let query = waiter.simple_query("SELECT 1");
-            let err = tokio::time::timeout(Duration::from_secs(10), query)
-                .await
-                .expect("the wait ends")
-                .unwrap_err();
-            (started.elapsed(), db_error_message(&err))
-        }));
+        waits.push(tokio::spawn(
+            async move { queued_query_error(&waiter).await },
+        ));
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for wait in waits {
@@ -211,18 +223,10 @@ async fn query_wait_timeout_per_waiter() {
     serve.await.unwrap().unwrap();
     holder.simple_query("BEGIN").await.unwrap();
     let late = skiff.connect("postgres", &db).await;
-    let started = Instant::now();
-    let query = late.simple_query("SELECT 1");
-    let err = tokio::time::timeout(Duration::from_secs(10), query)
-        .await
-        .expect("the wait ends")
-        .unwrap_err();
-    assert!(
-        db_error_message(&err).contains("query_wait_timeout"),
-        "{err:?}"
-    );
-    assert!(started.elapsed() >= Duration::from_millis(600));
-    assert!(started.elapsed() < Duration::from_millis(2500));
+    let (elapsed, message) = queued_query_error(&late).await;
+    assert!(message.contains("query_wait_timeout"), "{message}");
+    assert!(elapsed >= Duration::from_millis(600), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(2500), "{elapsed:?}");
     holder.simple_query("COMMIT").await.unwrap();
 }
 
@@ -247,11 +251,7 @@ async fn query_wait_timeout_reload_applies_to_queued() {
         .pooler
         .reload(root.postgres.clone().unwrap(), &root)
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .expect("the wait ends")
-        .unwrap()
-        .unwrap_err();
+    let err = within_10s(wait).await.unwrap().unwrap_err();
     assert!(
         db_error_message(&err).contains("query_wait_timeout"),
         "{err:?}"
@@ -274,10 +274,7 @@ async fn query_wait_timeout_zero_waits() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!wait.is_finished());
     holder.simple_query("COMMIT").await.unwrap();
-    let rows = tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .expect("the wait ends")
-        .unwrap();
+    let rows = within_10s(wait).await.unwrap();
     assert!(rows.is_ok(), "{rows:?}");
 }
 
