@@ -122,6 +122,15 @@ pub struct PgConfig {
     /// tracking.
     #[serde(default = "default_max_prepared_statements")]
     pub max_prepared_statements: usize,
+    /// In transaction mode, while every server connection is busy, write
+    /// the simple Query of the client that has waited longest behind a
+    /// running one, so the server goes on to it without waiting for skiff.
+    /// Only one-statement SELECT, INSERT, UPDATE, DELETE, WITH, VALUES and
+    /// TABLE queries that change no session state go either side. Such a
+    /// Query waits for the one before it even when another connection
+    /// frees up first. Default true.
+    #[serde(default = "default_true")]
+    pub pipeline_queries: bool,
     /// Maximum time a SIGTERM waits for running transactions. Default 30s.
     #[serde(default = "default_shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
@@ -327,6 +336,9 @@ fn default_server_reset_query() -> String {
     "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
      SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
         .into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_max_prepared_statements() -> usize {
     1000

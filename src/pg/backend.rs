@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use super::auth;
 use super::cancel::ServerKey;
 use super::params::Settings;
+use super::pipeline::Delivery;
 use super::prepared::ServerStatements;
 use super::protocol::{self, backend, ErrorFields, Message, MessageReader, ProtocolError};
 use crate::config::SslMode;
@@ -137,6 +138,14 @@ const INITIAL_WRITE_BUFFER: usize = 8192;
 /// read ahead at all.
 const MAX_READ_AHEAD: usize = 16 * 1024 * 1024;
 
+/// Maximum wait for the reply to a queued Query after a cancel request
+/// for the Query before it; see [`ServerConn::settle_behind`].
+const SETTLE_WAIT: Duration = Duration::from_millis(500);
+/// Largest reply to a queued Query read ahead that way.
+const SETTLE_BYTES: usize = 1024 * 1024;
+/// SQLSTATE of a statement ended by a cancel request.
+const QUERY_CANCELED: &str = "57014";
+
 /// One logged-in connection to PostgreSQL.
 pub struct ServerConn {
     pub id: u64,
@@ -168,6 +177,11 @@ pub struct ServerConn {
     pub needs_close: HashSet<String>,
     /// A client ran SQL-level PREPARE, so a reset must also DEALLOCATE ALL.
     pub sql_prepared: bool,
+    /// Another client's Query written behind the running one.
+    pub behind: Option<super::pipeline::Behind>,
+    /// Set when the reply to the Query behind was read ahead: what became
+    /// of it.
+    pub delivery: Option<super::pipeline::Delivery>,
 }
 
 impl ServerConn {
@@ -251,6 +265,7 @@ impl ServerConn {
                 connected_at: SystemTime::now(),
                 generation: target.generation,
                 tls: None,
+                cancels: Arc::default(),
             }),
             address: addr,
             login_params: Vec::new(),
@@ -262,6 +277,8 @@ impl ServerConn {
             tx_status: b'I',
             needs_close: HashSet::new(),
             sql_prepared: false,
+            behind: None,
+            delivery: None,
         });
         let tls_for_cancel = tls.filter(|_| encrypted).cloned();
         conn.login(target, tls_for_cancel)
@@ -315,6 +332,7 @@ impl ServerConn {
                         connected_at: self.cancel_key.connected_at,
                         generation: target.generation,
                         tls,
+                        cancels: Arc::default(),
                     });
                     return Ok(());
                 }
@@ -460,6 +478,41 @@ impl ServerConn {
         self.out = out;
         protocol::clear_write_buffer(&mut self.out);
         result.map_err(|err| self.protocol_error(ProtocolError::Io(err)))
+    }
+
+    /// Reads ahead the reply to the Query queued behind, after a cancel
+    /// request went to the server for the client whose Query ran first.
+    /// When that cancel ended the queued Query instead, the reply is
+    /// dropped and the Query is to be sent again. The server confirmed each
+    /// such cancel before the earlier client let go of the connection, so
+    /// a Query it hit ends within moments. A queued Query still running
+    /// after `SETTLE_WAIT`, or whose reply grows past `SETTLE_BYTES`, is
+    /// handed over as it is.
+    // NOTE: a cancel that lands on such a long Query still ends it with a
+    // 57014 error that its client did not ask for.
+    pub async fn settle_behind(&mut self) -> Result<Delivery, BackendError> {
+        let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+        loop {
+            let cancelled = |tag: u8, body: &[u8]| {
+                tag == backend::ERROR_RESPONSE && ErrorFields::parse(body).code == QUERY_CANCELED
+            };
+            if let Some((count, hit)) = self.reader.scan_to(backend::READY_FOR_QUERY, cancelled) {
+                if !hit {
+                    return Ok(Delivery::Sent);
+                }
+                for _ in 0..count {
+                    self.read().await?;
+                }
+                return Ok(Delivery::Resend);
+            }
+            if self.reader.buffered_len() >= SETTLE_BYTES {
+                return Ok(Delivery::Sent);
+            }
+            match tokio::time::timeout_at(deadline, self.reader.read_ahead()).await {
+                Err(_) => return Ok(Delivery::Sent),
+                Ok(result) => result.map_err(|err| self.protocol_error(err))?,
+            }
+        }
     }
 
     async fn write_reading(&mut self, out: &mut BytesMut) -> std::io::Result<()> {

@@ -39,6 +39,9 @@ pub struct ServerKey {
     /// Set when the server connection is encrypted: its cancel request is
     /// sent over TLS too, so the key never crosses the network in clear.
     pub tls: Option<ServerTls>,
+    /// Cancel requests skiff has begun to send for this process, counted
+    /// before each is sent.
+    pub cancels: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Client facts the admin console shows, fixed at login.
@@ -249,8 +252,17 @@ impl CancelRegistry {
             // The client keeps this server connection until the cancel is
             // processed, so the cancel cannot reach the next client's query.
             target.sending += 1;
+            server.cancels.fetch_add(1, Ordering::AcqRel);
             (server, slot.clone())
         };
+        send_tracked(target, slot).await;
+    }
+}
+
+/// Sends a cancel request for `target` on behalf of the client of `slot`,
+/// which counted it in `sending` already, and counts it done.
+async fn send_tracked(target: Arc<ServerKey>, slot: Slot) {
+    {
         metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
         let outcome = send_cancel(&target).await;
         let mut state = slot.target.lock();
@@ -443,6 +455,28 @@ impl CancelHandle {
 
     pub fn end_wait(&self) {
         self.slot.target.lock().waiting = None;
+    }
+
+    /// True while a cancel request for the client is being sent.
+    pub fn is_sending(&self) -> bool {
+        self.slot.target.lock().sending > 0
+    }
+
+    /// Sends a cancel request to the attached server as a client's cancel
+    /// request would, for one that came while the client's Query was
+    /// queued behind another client's. [`CancelHandle::detach`] waits for
+    /// it like for any other.
+    pub fn cancel_attached(&self) {
+        let server = {
+            let mut target = self.slot.target.lock();
+            let Some(server) = target.server.clone() else {
+                return;
+            };
+            target.sending += 1;
+            server.cancels.fetch_add(1, Ordering::AcqRel);
+            server
+        };
+        tokio::spawn(send_tracked(server, self.slot.clone()));
     }
 
     pub fn info(&self) -> &Arc<ClientInfo> {

@@ -11,6 +11,7 @@ mod frontend;
 mod manage;
 mod params;
 mod pending;
+mod pipeline;
 pub mod plan;
 mod pool;
 mod prepared;

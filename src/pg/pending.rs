@@ -132,6 +132,10 @@ impl Pending {
         self.queue.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// True when some slot still waits for the server.
     pub fn awaits_server(&self) -> bool {
         self.queue.iter().any(|slot| !slot.is_local())

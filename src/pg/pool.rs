@@ -19,6 +19,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::backend::{BackendError, ServerConn, ServerTarget};
 use super::cancel::{ServerKey, WaitFlag};
 use super::params::{self, Settings};
+use super::pipeline::{Behind, Delivery, Parked};
 use super::protocol;
 
 /// Timeouts and limits of a pool.
@@ -86,6 +87,8 @@ struct PoolMetrics {
     waiting: Gauge,
     wait_seconds: Histogram,
     connects: Counter,
+    /// Queries written behind another client's on a busy connection.
+    queued: Counter,
     queries: Counter,
     transactions: Counter,
 }
@@ -137,6 +140,8 @@ struct Wait {
     started: Instant,
     /// Raised by the watchdog once the deadline passed, and taken then.
     expiry: Option<Arc<WaitFlag>>,
+    /// The client's simple Query, when it may be written behind another.
+    parked: Option<Arc<Parked>>,
 }
 
 /// One count in a gauge of things in progress, taken back on drop, so a
@@ -163,6 +168,7 @@ static NEXT_WAIT_TICKET: AtomicU64 = AtomicU64::new(1);
 struct Waiter<'a> {
     pool: &'a Pool,
     ticket: u64,
+    started: Instant,
 }
 
 impl<'a> Waiter<'a> {
@@ -174,12 +180,14 @@ impl<'a> Waiter<'a> {
         now: Instant,
         deadline: Option<Instant>,
         expiry: &Arc<WaitFlag>,
+        parked: Option<&Arc<Parked>>,
     ) -> Waiter<'a> {
         let ticket = NEXT_WAIT_TICKET.fetch_add(1, Ordering::Relaxed);
         let wait = Wait {
             ticket,
             started: now,
             expiry: Some(expiry.clone()),
+            parked: parked.cloned(),
         };
         let (start_watchdog, wake_watchdog) = {
             let mut waits = pool.stats.waits.lock();
@@ -198,7 +206,11 @@ impl<'a> Waiter<'a> {
             pool.wait_added.notify_one();
         }
         pool.set_waiting(1);
-        Waiter { pool, ticket }
+        Waiter {
+            pool,
+            ticket,
+            started: now,
+        }
     }
 }
 
@@ -225,6 +237,7 @@ impl Drop for Waiter<'_> {
         }
         drop(waits);
         self.pool.set_waiting(-1);
+        self.pool.record_wait(self.started);
     }
 }
 
@@ -320,6 +333,7 @@ impl Pool {
             waiting: gauge!("skiff_pg_clients_waiting", &label),
             wait_seconds: histogram!("skiff_pg_checkout_wait_seconds", &label),
             connects: counter!("skiff_pg_server_connects_total", &label),
+            queued: counter!("skiff_pg_queued_queries_total", &label),
             queries: counter!("skiff_pg_queries_total", &label),
             transactions: counter!("skiff_pg_transactions_total", &label),
         };
@@ -354,10 +368,11 @@ impl Pool {
     pub async fn checkout(
         self: &Arc<Self>,
         expiry: &Arc<WaitFlag>,
+        parked: Option<&Arc<Parked>>,
     ) -> Result<Checkout, CheckoutError> {
         let permit = match self.try_permit() {
             Some(permit) => permit,
-            None => self.wait_for_permit(expiry).await?,
+            None => self.wait_for_permit(expiry, parked).await?,
         };
         self.checkout_with(permit).await
     }
@@ -530,6 +545,7 @@ impl Pool {
     async fn wait_for_permit(
         self: &Arc<Self>,
         expiry: &Arc<WaitFlag>,
+        parked: Option<&Arc<Parked>>,
     ) -> Result<OwnedSemaphorePermit, CheckoutError> {
         let started = Instant::now();
         let timeout = self.settings.load().wait_timeout;
@@ -537,7 +553,7 @@ impl Pool {
         // No raise of an earlier wait can come any more: the watchdog
         // raises only waits still queued, and that one left the queue.
         expiry.lower();
-        let waiter = Waiter::start(self, started, deadline, expiry);
+        let waiter = Waiter::start(self, started, deadline, expiry, parked);
         let acquired = async {
             self.wait_while_paused(expiry).await?;
             tokio::select! {
@@ -550,6 +566,11 @@ impl Pool {
         }
         .await;
         drop(waiter);
+        acquired
+    }
+
+    /// Counts a finished wait for a server connection.
+    fn record_wait(&self, started: Instant) {
         let waited = started.elapsed();
         self.metrics.wait_seconds.record(waited.as_secs_f64());
         let waited_us = waited.as_micros() as u64;
@@ -557,7 +578,6 @@ impl Pool {
         self.stats
             .max_wait_us
             .fetch_max(waited_us, Ordering::Relaxed);
-        acquired
     }
 
     async fn take_idle(&self) -> Option<Box<ServerConn>> {
@@ -623,14 +643,64 @@ impl Pool {
         }
     }
 
+    /// Writes the simple Query of the client that has waited longest behind
+    /// the Query `conn` runs now, when that client parked one that fits the
+    /// connection's settings. `cancels` is the connection's count of cancel
+    /// requests sent, read before the running client's cancel state was
+    /// checked. The client gets the connection at [`Pool::checkin`].
+    pub fn queue_behind(&self, conn: &mut ServerConn, cancels: u64) {
+        if conn.behind.is_some() || self.is_paused() {
+            return;
+        }
+        let Some(parked) = self.first_parked(conn) else {
+            return;
+        };
+        if parked.queue(cancels) {
+            self.metrics.queued.increment(1);
+            conn.queue(&parked.bytes);
+            conn.behind = Some(Behind::new(parked.clone()));
+        }
+    }
+
+    /// Finds the parked Query of the client that has waited longest, when
+    /// that client parked one and it fits `conn`'s settings. Waits whose
+    /// Query went to a connection already are passed over. The first other
+    /// wait decides, so no client is served before an older one.
+    fn first_parked(&self, conn: &ServerConn) -> Option<Arc<Parked>> {
+        let waits = self.stats.waits.lock();
+        let next = waits.queue.iter().find(|wait| {
+            wait.parked
+                .as_ref()
+                .is_none_or(|parked| parked.is_waiting())
+        });
+        let parked = next.and_then(|wait| wait.parked.clone())?;
+        let fits = Arc::ptr_eq(&conn.applied, &parked.settings)
+            && conn.dirty_by.is_none_or(|id| id == parked.client);
+        fits.then_some(parked)
+    }
+
     /// Gives a connection back; it is closed instead when it is too old.
+    /// A connection with a Query queued behind goes to that Query's client
+    /// instead, as long as no transaction was left open.
     pub fn checkin(&self, mut checkout: Checkout) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(behind) = checkout.conn.behind.take() {
+            if checkout.conn.tx_status == b'I' {
+                let delivery = checkout.conn.delivery.take().unwrap_or(Delivery::Sent);
+                behind.take().hand(checkout, delivery);
+                return;
+            }
+            // The queued Query ran inside the open transaction, which ends
+            // with the connection, so nothing of it stays.
+            drop(behind);
+            self.discard(checkout);
+            return;
+        }
         let conn = &mut checkout.conn;
         let now = Instant::now();
         conn.last_used = now;
         let expired = now.duration_since(conn.created) >= self.settings.load().lifetime
             || conn.cancel_key.generation != self.generation.load(Ordering::Acquire);
+        self.active.fetch_sub(1, Ordering::Relaxed);
         let Checkout { conn, permit } = checkout;
         if conn.tx_status == b'I' && !expired {
             // Idle before the permit goes back, so the waiter it wakes
@@ -650,7 +720,8 @@ impl Pool {
     }
 
     /// Drops a connection that is broken or in an unknown state.
-    pub fn discard(&self, checkout: Checkout) {
+    pub fn discard(&self, mut checkout: Checkout) {
+        drop(checkout.conn.behind.take());
         self.active.fetch_sub(1, Ordering::Relaxed);
         tokio::spawn(checkout.conn.terminate());
         self.release_permit(checkout.permit);
@@ -660,7 +731,8 @@ impl Pool {
     /// Drops a connection whose query is still running: sends the server a
     /// cancel request first and keeps the pool slot until the connection is
     /// closed, so the server process is gone before the slot is reused.
-    pub fn discard_running(self: &Arc<Self>, checkout: Checkout) {
+    pub fn discard_running(self: &Arc<Self>, mut checkout: Checkout) {
+        drop(checkout.conn.behind.take());
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.update_gauges();
         let Checkout { conn, permit } = checkout;
@@ -912,6 +984,7 @@ mod tests {
                 ticket,
                 started: now,
                 expiry: None,
+                parked: None,
             };
             insert_by_ticket(&mut queue, wait);
         }

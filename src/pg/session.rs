@@ -20,6 +20,7 @@ use super::capture::SessionCapture;
 use super::frontend::LoggedIn;
 use super::params::{self, Settings};
 use super::pending::{Expected, Pending};
+use super::pipeline::{Delivery, Parked};
 use super::pool::{Checkout, CheckoutError, Pool};
 use super::prepared::Statement;
 use super::protocol::{self, Message, MessageReader, ProtocolError, Severity};
@@ -196,7 +197,10 @@ impl Session {
     }
 
     async fn step(&mut self) -> std::io::Result<Flow> {
-        if !self.reader.has_buffered_message() {
+        // While another client's Query is queued behind this client's, the
+        // client's next messages wait: they would go behind that Query.
+        let client_held = self.holds_queue();
+        if client_held || !self.reader.has_buffered_message() {
             if let Err(err) = self.flush_server().await {
                 return self.server_lost(err).await;
             }
@@ -243,7 +247,7 @@ impl Session {
                 biased;
                 message = server_read => Event::Server(message),
                 _ = stop => Event::Shutdown,
-                message = reader.read() => Event::Client(message),
+                message = reader.read(), if !client_held => Event::Client(message),
             }
         };
         if let Event::Server(Ok(m)) = &event {
@@ -310,7 +314,7 @@ impl Session {
     /// first, as in the select. Server bytes still in the socket are read
     /// after the batch, and the pending queue keeps replies in order.
     async fn drain_client(&mut self, mut flow: Flow) -> std::io::Result<Flow> {
-        while flow == Flow::Continue && self.reader.has_buffered_message() {
+        while flow == Flow::Continue && self.reader.has_buffered_message() && !self.holds_queue() {
             let server_busy = self
                 .server
                 .as_ref()
@@ -346,6 +350,14 @@ impl Session {
         Ok(flow)
     }
 
+    /// True when the attached server connection has another client's Query
+    /// queued behind this client's.
+    fn holds_queue(&self) -> bool {
+        self.server
+            .as_ref()
+            .is_some_and(|checkout| checkout.conn.behind.is_some())
+    }
+
     /// True when the client can be disconnected for shutdown without
     /// cutting a transaction short.
     fn can_stop_now(&self) -> bool {
@@ -378,10 +390,25 @@ impl Session {
     /// session settings in line with the client's. On failure returns the
     /// ErrorResponse the client should get.
     async fn ensure_server(&mut self) -> Result<(), Bytes> {
+        self.ensure_server_sending(None).await.map(|_| ())
+    }
+
+    /// [`Session::ensure_server`] for a simple Query that may be queued
+    /// behind another client's while this client waits (`query`). Returns
+    /// true when the connection comes with the Query sent already.
+    async fn ensure_server_sending(&mut self, query: Option<&[u8]>) -> Result<bool, Bytes> {
         if self.server.is_some() {
-            return Ok(());
+            return Ok(false);
         }
-        let mut checkout = self.wait_for_server().await?;
+        let (mut checkout, handed) = self.wait_for_server(query).await?;
+        if let Some(handed) = handed {
+            self.cancel.attach(Some(checkout.conn.cancel_key.clone()));
+            self.server = Some(checkout);
+            if handed.cancelled {
+                self.cancel.cancel_attached();
+            }
+            return Ok(handed.delivery == Delivery::Sent);
+        }
         let conn = &mut checkout.conn;
         let mut sql = String::new();
         if conn.dirty_by.is_some_and(|id| id != self.id) {
@@ -429,20 +456,33 @@ impl Session {
         }
         self.cancel.attach(Some(checkout.conn.cancel_key.clone()));
         self.server = Some(checkout);
-        Ok(())
+        Ok(false)
     }
 
     /// Checks out a server connection; a cancel request from the client
     /// ends the wait, as it would end a running query, and a KILL ends it
-    /// before the request reaches a server.
-    async fn wait_for_server(&mut self) -> Result<Checkout, Bytes> {
+    /// before the request reaches a server. With `query`, the client's
+    /// simple Query, a busy connection may take the Query on while the
+    /// client waits. That connection then comes with the Query's outcome.
+    async fn wait_for_server(
+        &mut self,
+        query: Option<&[u8]>,
+    ) -> Result<(Checkout, Option<Handed>), Bytes> {
         let pool = self.pool.clone();
         if let Some(permit) = pool.try_permit() {
             return pool
                 .checkout_with(permit)
                 .await
+                .map(|checkout| (checkout, None))
                 .map_err(|err| self.checkout_error(err));
         }
+        let parked = query.map(|query| {
+            Parked::new(
+                Bytes::copy_from_slice(query),
+                self.settings.clone(),
+                self.id,
+            )
+        });
         let cancelled = self.cancel.begin_wait();
         let stop = self.cancel.stop();
         let killed = std::future::poll_fn(|cx| stop.poll_stop(cx, false));
@@ -462,36 +502,85 @@ impl Session {
             // watched any more, so its requests run even if it hangs up.
             std::future::pending::<()>().await
         };
+        let handed = async {
+            match &parked {
+                Some(parked) => parked.handed().await,
+                None => std::future::pending().await,
+            }
+        };
         // The checkout is polled first: when a server connection is handed
         // over, the other waits are not polled again for nothing.
         let result = tokio::select! {
             biased;
-            result = pool.checkout(&self.wait_expiry) => Ok(result),
+            _ = handed => Err(WaitEnded::Handed),
+            result = pool.checkout(&self.wait_expiry, parked.as_ref()) => Ok(result),
             _ = cancelled.raised() => Err(WaitEnded::Cancelled),
             _ = killed => Err(WaitEnded::Killed),
             _ = hung_up => Err(WaitEnded::HungUp),
         };
         self.cancel.end_wait();
-        match result {
-            Ok(Ok(checkout)) => Ok(checkout),
-            Ok(Err(err)) => Err(self.checkout_error(err)),
-            Err(WaitEnded::Killed) => {
-                self.fatal_sent = true;
-                Err(protocol::error_response(Severity::Fatal, "57P01", KILLED))
+        // A Query written behind another's runs whatever ended the wait, so
+        // the wait goes on until its connection is handed over.
+        let queued = match &parked {
+            Some(parked) => parked.finish().await,
+            None => Ok(None),
+        };
+        match queued {
+            Ok(None) => {}
+            Ok(Some((checkout, delivery))) => {
+                let cancelled = matches!(result, Err(WaitEnded::Cancelled));
+                match result {
+                    // A permit came too: that connection goes back.
+                    Ok(Ok(extra)) => pool.checkin(extra),
+                    Err(ended @ (WaitEnded::Killed | WaitEnded::HungUp)) => {
+                        self.fatal_sent = true;
+                        match delivery {
+                            Delivery::Sent => pool.discard_running(checkout),
+                            Delivery::Resend => pool.checkin(checkout),
+                        }
+                        return Err(ended.fatal_error());
+                    }
+                    Err(WaitEnded::Cancelled) if delivery == Delivery::Resend => {
+                        pool.checkin(checkout);
+                        return Err(WaitEnded::Cancelled.error());
+                    }
+                    _ => {}
+                }
+                return Ok((
+                    checkout,
+                    Some(Handed {
+                        delivery,
+                        cancelled,
+                    }),
+                ));
             }
-            Err(WaitEnded::Cancelled) => Err(protocol::error_response(
-                Severity::Error,
-                "57014",
-                "canceling statement due to user request",
-            )),
-            Err(WaitEnded::HungUp) => {
-                tracing::debug!("client closed the connection while waiting for a server");
-                self.fatal_sent = true;
-                Err(protocol::error_response(
-                    Severity::Fatal,
+            Err(_lost) => {
+                if let Ok(Ok(extra)) = result {
+                    pool.checkin(extra);
+                }
+                metrics::counter!("skiff_pg_errors_total", "kind" => "server_lost").increment(1);
+                return Err(protocol::error_response(
+                    Severity::Error,
                     "08006",
-                    "client closed the connection while waiting for a server",
-                ))
+                    "server connection lost while the query waited to run on it",
+                ));
+            }
+        }
+        match result {
+            Ok(Ok(checkout)) => Ok((checkout, None)),
+            Ok(Err(err)) => Err(self.checkout_error(err)),
+            Err(WaitEnded::Handed) => Err(protocol::error_response(
+                Severity::Error,
+                "08006",
+                "server connection lost while the query waited to run on it",
+            )),
+            Err(ended @ WaitEnded::Cancelled) => Err(ended.error()),
+            Err(ended) => {
+                if matches!(ended, WaitEnded::HungUp) {
+                    tracing::debug!("client closed the connection while waiting for a server");
+                }
+                self.fatal_sent = true;
+                Err(ended.fatal_error())
             }
         }
     }
@@ -527,7 +616,34 @@ impl Session {
             self.pool.discard(checkout);
             return;
         }
+        self.check_in(checkout).await;
+    }
+
+    /// Gives a connection back once the Query queued behind, if any, is
+    /// settled.
+    async fn check_in(&self, mut checkout: Checkout) {
+        if let Err(err) = Self::settle_behind(&mut checkout).await {
+            tracing::debug!(error = %err, "server failed before a queued query's reply");
+            self.pool.discard(checkout);
+            return;
+        }
         self.pool.checkin(checkout);
+    }
+
+    /// Before a connection with another client's Query queued behind is
+    /// handed over: reads that Query's reply ahead when a cancel request
+    /// went to the server after the Query was queued.
+    async fn settle_behind(checkout: &mut Checkout) -> Result<(), BackendError> {
+        let conn = &mut checkout.conn;
+        let cancels = conn.cancel_key.cancels.load(Ordering::Acquire);
+        let exposed = conn
+            .behind
+            .as_ref()
+            .is_some_and(|behind| behind.parked().exposed(cancels));
+        if exposed {
+            conn.delivery = Some(conn.settle_behind().await?);
+        }
+        Ok(())
     }
 
     /// Returns the server connection when the client leaves: rolled back
@@ -541,6 +657,29 @@ impl Session {
             // KILL closes the server connection too, so nothing the client
             // left running goes on.
             self.pool.discard_running(checkout);
+            return;
+        }
+        if self.pending.awaits_server() && checkout.conn.behind.is_some() && reusable {
+            // Another client's Query waits behind the running one: this
+            // one's reply is read and dropped, and the connection goes on
+            // to that client.
+            let conn = &mut checkout.conn;
+            let drained = tokio::time::timeout(ROLLBACK_TIMEOUT, async {
+                conn.flush().await?;
+                loop {
+                    let message = conn.read().await?;
+                    if message.tag() == super::protocol::backend::READY_FOR_QUERY {
+                        conn.tx_status = message.body().first().copied().unwrap_or(b'E');
+                        return Ok::<(), BackendError>(());
+                    }
+                }
+            })
+            .await;
+            if !matches!(drained, Ok(Ok(()))) || self.unsynced {
+                self.pool.discard(checkout);
+                return;
+            }
+            self.check_in(checkout).await;
             return;
         }
         if self.pending.awaits_server() {
@@ -663,10 +802,44 @@ impl Session {
 
 /// The reason a client stopped waiting for a server connection early.
 enum WaitEnded {
+    /// A busy connection took on the client's Query and was handed over,
+    /// or lost.
+    Handed,
     /// A cancel request for the client arrived.
     Cancelled,
     /// An admin KILL or a shutdown ended the client.
     Killed,
     /// The client closed its connection.
     HungUp,
+}
+
+impl WaitEnded {
+    /// Builds the ErrorResponse for a wait that a cancel request ended.
+    fn error(&self) -> Bytes {
+        protocol::error_response(
+            Severity::Error,
+            "57014",
+            "canceling statement due to user request",
+        )
+    }
+
+    /// Builds the FATAL ErrorResponse for a wait that ends the session.
+    fn fatal_error(&self) -> Bytes {
+        match self {
+            WaitEnded::HungUp => protocol::error_response(
+                Severity::Fatal,
+                "08006",
+                "client closed the connection while waiting for a server",
+            ),
+            _ => protocol::error_response(Severity::Fatal, "57P01", KILLED),
+        }
+    }
+}
+
+/// A connection handed over with the client's Query on it.
+struct Handed {
+    delivery: Delivery,
+    /// A cancel request for the client came while its Query was queued.
+    /// It is sent once the connection is attached to the client.
+    cancelled: bool,
 }

@@ -91,3 +91,8 @@ pub fn config(pg_port: u16, dbname: &str, postgres_extra: &str) -> String {
          [[postgres.databases]]\nname = \"{dbname}\"\nhost = \"127.0.0.1\"\nport = {pg_port}\n"
     )
 }
+
+/// The Prometheus text of every metric recorded in this test process.
+pub fn metrics_text() -> String {
+    skiff::admin::install_recorder().render()
+}

@@ -251,6 +251,29 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
         let _ = tokio::time::timeout(DISCARD_TIMEOUT, discard).await;
     }
 
+    /// Looks through the whole messages buffered, without taking them, up
+    /// to the first one tagged `last`. Returns how many messages that is,
+    /// `last` included, and whether `matches` held for any of them; `None`
+    /// when no `last` message is buffered whole.
+    pub fn scan_to(&self, last: u8, matches: impl Fn(u8, &[u8]) -> bool) -> Option<(usize, bool)> {
+        let mut rest = &self.buffer[..];
+        let mut count = 0;
+        let mut found = false;
+        while let Some(Ok(length)) = frame_length(rest) {
+            if rest.len() < length {
+                return None;
+            }
+            let (message, after) = rest.split_at(length);
+            count += 1;
+            found |= matches(message[0], &message[5..]);
+            if message[0] == last {
+                return Some((count, found));
+            }
+            rest = after;
+        }
+        None
+    }
+
     /// Number of bytes read but not returned yet.
     pub fn buffered_len(&self) -> usize {
         self.buffer.len()

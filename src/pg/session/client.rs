@@ -3,8 +3,12 @@
 
 use std::sync::Arc;
 
+use std::sync::atomic::Ordering;
+
 use super::{Flow, Session, FLUSH_THRESHOLD};
+use crate::config::PoolMode;
 use crate::pg::pending::{Expected, Request, Undo};
+use crate::pg::pipeline;
 use crate::pg::prepared::{Statement, MAX_CLIENT_STATEMENTS};
 use crate::pg::protocol::{
     self, backend, frontend, read_cstr, Bind, Message, Parse, Severity, Target, TARGET_PORTAL,
@@ -78,13 +82,52 @@ impl Session {
     /// Forwards a message as it is, attaching a server first.
     async fn forward(&mut self, raw: &[u8], request: Request) -> Result<(), String> {
         let simple = request.ends_with_ready();
-        if let Err(error) = self.ensure_server().await {
-            self.fail_request(error, simple);
-            return Ok(());
+        // A plain simple Query may go behind another client's on a busy
+        // server connection, and have another client's go behind it.
+        let queueable = self.mode == PoolMode::Transaction
+            && self.pooler.config().pipeline_queries
+            && raw.first() == Some(&frontend::QUERY)
+            && self.pending.is_empty()
+            && !self.unsynced
+            && query_sql(raw)
+                .is_some_and(|sql| pipeline::statement_may_queue(sql, mentions_session_state));
+        let sent = match self.ensure_server_sending(queueable.then_some(raw)).await {
+            Ok(sent) => sent,
+            Err(error) => {
+                self.fail_request(error, simple);
+                return Ok(());
+            }
+        };
+        if !sent {
+            self.send(raw);
         }
-        self.send(raw);
         self.expect(Expected::Forward(request));
+        // A connection handed over with the Query on it comes with the next
+        // client's Query queued already, when one was waiting.
+        if queueable && !sent {
+            self.queue_next_behind();
+        }
         Ok(())
+    }
+
+    /// Writes the Query of the client that has waited longest behind this
+    /// client's, when the server connection is outside a transaction and
+    /// no cancel request for this client is on its way.
+    fn queue_next_behind(&mut self) {
+        let Some(checkout) = &mut self.server else {
+            return;
+        };
+        let conn = &mut checkout.conn;
+        if conn.tx_status != b'I' || self.pending.len() != 1 {
+            return;
+        }
+        // Read before the cancel state: a cancel request that starts after
+        // this read counts, and one under way now stops the queueing.
+        let cancels = conn.cancel_key.cancels.load(Ordering::Acquire);
+        if self.cancel.is_sending() {
+            return;
+        }
+        self.pool.queue_behind(conn, cancels);
     }
 
     /// Answers a request skiff could not send with an error: a simple query
@@ -448,6 +491,13 @@ const fn skip_table() -> ([u8; 256], [u8; 256]) {
         hint += 1;
     }
     (skip, hint_of)
+}
+
+/// Returns the SQL of a raw simple Query message, without its NUL.
+fn query_sql(raw: &[u8]) -> Option<&[u8]> {
+    let body = raw.get(5..)?;
+    let end = body.iter().position(|&byte| byte == 0)?;
+    Some(&body[..end])
 }
 
 /// Checks for any of the hints, ignoring ASCII case. It runs on every

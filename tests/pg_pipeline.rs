@@ -1,0 +1,278 @@
+//! Queries queued behind a running one (`pipeline_queries`): with every
+//! server connection busy, the simple Query of the client that has waited
+//! longest is written behind another client's, and that client gets the
+//! connection when the first Query ends. Each client must still get its
+//! own reply, and nothing that happens to the first Query may reach it.
+
+mod support;
+
+use std::time::Duration;
+
+use support::postgres::PgServer;
+use support::skiff::{self, Skiff};
+use tokio_postgres::SimpleQueryMessage;
+
+fn pg() -> &'static PgServer {
+    support::postgres::shared()
+}
+
+fn database(name: &str) -> String {
+    pg().create_database(name);
+    name.to_string()
+}
+
+/// Reads `skiff_pg_queued_queries_total` for the pool of `db` and the
+/// postgres user.
+fn queued_queries(db: &str) -> u64 {
+    let text = skiff::metrics_text();
+    let prefix = format!("skiff_pg_queued_queries_total{{pool=\"{db}/postgres\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |value| value.trim().parse().expect("a counter value"))
+}
+
+/// Returns the first column of the first row of a simple query's reply.
+fn first_value(messages: &[SimpleQueryMessage]) -> String {
+    messages
+        .iter()
+        .find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+fn error_code(err: &tokio_postgres::Error) -> String {
+    err.as_db_error()
+        .map(|db| db.code().code().to_string())
+        .unwrap_or_else(|| format!("not a database error: {err}"))
+}
+
+async fn within_20s<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), future)
+        .await
+        .expect("finishes in time")
+}
+
+/// Waits for every task, at most 20 s in all, and fails on a panic in any.
+async fn join_within_20s(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    within_20s(async {
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_gets_its_own_reply() {
+    let db = database("pipeline_replies");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 2")).await;
+    let mut tasks = Vec::new();
+    for id in 0..60 {
+        let client = skiff.connect("postgres", &db).await;
+        tasks.push(tokio::spawn(async move {
+            for round in 0..30 {
+                let sql = format!("SELECT '{id}:{round}:' || pg_backend_pid()");
+                let messages = client.simple_query(&sql).await.unwrap();
+                let value = first_value(&messages);
+                assert!(
+                    value.starts_with(&format!("{id}:{round}:")),
+                    "client {id} round {round} got {value}"
+                );
+            }
+        }));
+    }
+    join_within_20s(tasks).await;
+    assert!(
+        queued_queries(&db) > 0,
+        "no query was queued behind another"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_stay_with_their_query() {
+    let db = database("pipeline_errors");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let failing = skiff.connect("postgres", &db).await;
+    let failing_task = tokio::spawn(async move {
+        for _ in 0..100 {
+            let err = failing.simple_query("SELECT 1/0").await.unwrap_err();
+            assert_eq!(error_code(&err), "22012");
+        }
+    });
+    let mut tasks = vec![failing_task];
+    for id in 0..4 {
+        let client = skiff.connect("postgres", &db).await;
+        tasks.push(tokio::spawn(async move {
+            for round in 0..100 {
+                let sql = format!("SELECT {id} * 1000 + {round}");
+                let messages = client.simple_query(&sql).await.unwrap();
+                assert_eq!(first_value(&messages), (id * 1000 + round).to_string());
+            }
+        }));
+    }
+    join_within_20s(tasks).await;
+    assert!(
+        queued_queries(&db) > 0,
+        "no query was queued behind another"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_spare_queued_queries() {
+    let db = database("pipeline_cancels");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let sleeper = skiff.connect("postgres", &db).await;
+    let token = sleeper.cancel_token();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Cancels at uneven gaps, so some land while the short sleep runs and
+    // some as it ends, when the queued Query starts right after it.
+    let canceller = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut gap = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+                gap = gap % 9 + 1;
+                tokio::time::sleep(Duration::from_millis(gap)).await;
+            }
+        })
+    };
+    let sleeper_task = tokio::spawn(async move {
+        for _ in 0..150 {
+            match sleeper.simple_query("SELECT pg_sleep(0.003)").await {
+                Ok(_) => {}
+                Err(err) => assert_eq!(error_code(&err), "57014"),
+            }
+        }
+    });
+    let mut tasks = Vec::new();
+    for id in 0..3 {
+        let client = skiff.connect("postgres", &db).await;
+        tasks.push(tokio::spawn(async move {
+            for round in 0..150 {
+                let sql = format!("SELECT {id} * 1000 + {round} FROM pg_sleep(0.001)");
+                let messages = client
+                    .simple_query(&sql)
+                    .await
+                    .unwrap_or_else(|err| panic!("client {id} round {round}: {err}"));
+                assert_eq!(first_value(&messages), (id * 1000 + round).to_string());
+            }
+        }));
+    }
+    tasks.push(sleeper_task);
+    join_within_20s(tasks).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    canceller.await.unwrap();
+    assert!(
+        queued_queries(&db) > 0,
+        "no query was queued behind another"
+    );
+}
+
+/// Runs `sql` on a new client in the background. On a pool of one,
+/// clients started this way in turn queue up in that order.
+async fn start_query(
+    skiff: &Skiff,
+    db: &str,
+    sql: &'static str,
+) -> tokio::task::JoinHandle<Result<String, tokio_postgres::Error>> {
+    let client = skiff.connect("postgres", db).await;
+    let task = tokio::spawn(async move {
+        let result = client.simple_query(sql).await;
+        result.map(|messages| first_value(&messages))
+    });
+    // Long enough for the query to reach skiff before the next one.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_query_outlives_leaving_client() {
+    let db = database("pipeline_leaver");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    // The holder keeps the one connection while the next two queue up; the
+    // leaver then gets it, and the waiter's query goes behind the leaver's.
+    let holder = start_query(&skiff, &db, "SELECT 1 FROM pg_sleep(0.3)").await;
+    let leaver = start_query(&skiff, &db, "SELECT 2 FROM pg_sleep(1)").await;
+    let waiter = start_query(&skiff, &db, "SELECT 42").await;
+    assert_eq!(within_20s(holder).await.unwrap().unwrap(), "1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(queued_queries(&db) > 0, "the query was not queued");
+    // Dropping the task drops the client, which closes its connection
+    // while its query still runs.
+    leaver.abort();
+    assert_eq!(within_20s(waiter).await.unwrap().unwrap(), "42");
+    // The connection went on to the waiter and back to the pool.
+    let next = skiff.connect("postgres", &db).await;
+    let messages = within_20s(next.simple_query("SELECT 7")).await.unwrap();
+    assert_eq!(first_value(&messages), "7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_query_server_dies() {
+    let db = database("pipeline_server_lost");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let holder = start_query(&skiff, &db, "SELECT 1 FROM pg_sleep(0.3)").await;
+    let doomed = start_query(&skiff, &db, "SELECT 2 FROM pg_sleep(5)").await;
+    let queued = skiff.connect("postgres", &db).await;
+    let queued_task = tokio::spawn(async move {
+        let result = queued
+            .simple_query("SELECT 42")
+            .await
+            .map(|m| first_value(&m));
+        (result, queued)
+    });
+    assert_eq!(within_20s(holder).await.unwrap().unwrap(), "1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(queued_queries(&db) > 0, "the query was not queued");
+    let direct = skiff::connect(&pg().direct(&db)).await;
+    direct
+        .simple_query(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+        ))
+        .await
+        .unwrap();
+    assert!(within_20s(doomed).await.unwrap().is_err());
+    let (result, queued) = within_20s(queued_task).await.unwrap();
+    // The Query was queued behind the killed one, so it never ran: the
+    // client hears that the server connection went, and its next query
+    // works on a new one.
+    assert_eq!(error_code(&result.unwrap_err()), "08006");
+    let messages = within_20s(queued.simple_query("SELECT 43")).await.unwrap();
+    assert_eq!(first_value(&messages), "43");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_queued_behind_transactions() {
+    let db = database("pipeline_ineligible");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let first = skiff.connect("postgres", &db).await;
+    let second = skiff.connect("postgres", &db).await;
+    // A transaction keeps the connection; the other client's plain query
+    // must wait for its end, not run inside it.
+    first.simple_query("BEGIN").await.unwrap();
+    first
+        .simple_query("CREATE TEMP TABLE t (v int) ON COMMIT DROP")
+        .await
+        .unwrap();
+    let probe = tokio::spawn(async move {
+        let messages = second
+            .simple_query(
+                "SELECT count(*) FROM pg_class WHERE relname = 't' AND relpersistence = 't'",
+            )
+            .await
+            .unwrap();
+        first_value(&messages)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !probe.is_finished(),
+        "the query ran inside the open transaction"
+    );
+    first.simple_query("COMMIT").await.unwrap();
+    assert_eq!(within_20s(probe).await.unwrap(), "0");
+    assert_eq!(queued_queries(&db), 0, "a query went behind a transaction");
+}
