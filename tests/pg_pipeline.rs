@@ -126,6 +126,7 @@ async fn cancels_spare_queued_queries() {
     let sleeper = skiff.connect("postgres", &db).await;
     let token = sleeper.cancel_token();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
     // Cancels at uneven gaps, so some land while the short sleep runs and
     // some as it ends, when the queued Query starts right after it.
     let canceller = {
@@ -139,6 +140,7 @@ async fn cancels_spare_queued_queries() {
             }
         })
     };
+
     let sleeper_task = tokio::spawn(async move {
         for _ in 0..150 {
             match sleeper.simple_query("SELECT pg_sleep(0.003)").await {
@@ -147,6 +149,7 @@ async fn cancels_spare_queued_queries() {
             }
         }
     });
+
     let mut tasks = Vec::new();
     for id in 0..3 {
         let client = skiff.connect("postgres", &db).await;
@@ -161,6 +164,7 @@ async fn cancels_spare_queued_queries() {
             }
         }));
     }
+
     tasks.push(sleeper_task);
     join_within_20s(tasks).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -216,6 +220,7 @@ async fn queued_query_server_dies() {
     let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
     let holder = start_query(&skiff, &db, "SELECT 1 FROM pg_sleep(0.3)").await;
     let doomed = start_query(&skiff, &db, "SELECT 2 FROM pg_sleep(5)").await;
+
     let queued = skiff.connect("postgres", &db).await;
     let queued_task = tokio::spawn(async move {
         let result = queued
@@ -224,9 +229,11 @@ async fn queued_query_server_dies() {
             .map(|m| first_value(&m));
         (result, queued)
     });
+
     assert_eq!(within_20s(holder).await.unwrap().unwrap(), "1");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(queued_queries(&db) > 0, "the query was not queued");
+
     let direct = skiff::connect(&pg().direct(&db)).await;
     direct
         .simple_query(&format!(
@@ -235,6 +242,7 @@ async fn queued_query_server_dies() {
         ))
         .await
         .unwrap();
+
     assert!(within_20s(doomed).await.unwrap().is_err());
     let (result, queued) = within_20s(queued_task).await.unwrap();
     // The Query was queued behind the killed one, so it never ran: the
@@ -275,4 +283,61 @@ async fn nothing_queued_behind_transactions() {
     first.simple_query("COMMIT").await.unwrap();
     assert_eq!(within_20s(probe).await.unwrap(), "0");
     assert_eq!(queued_queries(&db), 0, "a query went behind a transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_get_own_replies() {
+    let db = database("pipeline_prepared");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 2")).await;
+    let mut tasks = Vec::new();
+    for id in 0..40i32 {
+        let client = skiff.connect("postgres", &db).await;
+        tasks.push(tokio::spawn(async move {
+            let statement = client
+                .prepare("SELECT $1::int * 1000 + $2::int, pg_backend_pid()")
+                .await
+                .unwrap();
+            for round in 0..40i32 {
+                let row = client.query_one(&statement, &[&id, &round]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), id * 1000 + round, "client {id}");
+            }
+        }));
+    }
+    join_within_20s(tasks).await;
+    assert!(
+        queued_queries(&db) > 0,
+        "no request was queued behind another"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_errors_stay_with_their_request() {
+    let db = database("pipeline_prepared_errors");
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let mut tasks = Vec::new();
+    for id in 0..5i32 {
+        let client = skiff.connect("postgres", &db).await;
+        tasks.push(tokio::spawn(async move {
+            let statement = client.prepare("SELECT 100 / $1::int").await.unwrap();
+            for round in 0..60i32 {
+                // Client 0 divides by zero every time; the others never do.
+                let divisor = if id == 0 { 0 } else { 1 + (round % 5) };
+                match client.query_one(&statement, &[&divisor]).await {
+                    Ok(row) => {
+                        assert_ne!(id, 0, "client 0 got a row");
+                        assert_eq!(row.get::<_, i32>(0), 100 / divisor);
+                    }
+                    Err(err) => {
+                        assert_eq!(id, 0, "client {id} got {err}");
+                        assert_eq!(error_code(&err), "22012");
+                    }
+                }
+            }
+        }));
+    }
+    join_within_20s(tasks).await;
+    assert!(
+        queued_queries(&db) > 0,
+        "no request was queued behind another"
+    );
 }

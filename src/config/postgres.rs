@@ -123,12 +123,13 @@ pub struct PgConfig {
     #[serde(default = "default_max_prepared_statements")]
     pub max_prepared_statements: usize,
     /// In transaction mode, while every server connection is busy, write
-    /// the simple Query of the client that has waited longest behind a
-    /// running one, so the server goes on to it without waiting for skiff.
-    /// Only one-statement SELECT, INSERT, UPDATE, DELETE, WITH, VALUES and
-    /// TABLE queries that change no session state go either side. Such a
-    /// Query waits for the one before it even when another connection
-    /// frees up first. Default true.
+    /// the request of the client that has waited longest behind a running
+    /// one, so the server goes on to it without waiting for skiff. A
+    /// request is a simple Query or a Bind, Execute and Sync of one
+    /// prepared statement. Only one-statement SELECT, INSERT, UPDATE,
+    /// DELETE, WITH, VALUES and TABLE queries that change no session state
+    /// go either side. A queued request waits for the one before it even
+    /// when another connection frees up first. Default true.
     #[serde(default = "default_true")]
     pub pipeline_queries: bool,
     /// Maximum time a SIGTERM waits for running transactions. Default 30s.

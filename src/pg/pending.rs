@@ -136,6 +136,10 @@ impl Pending {
         self.queue.len()
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Expected> {
+        self.queue.iter()
+    }
+
     /// True when some slot still waits for the server.
     pub fn awaits_server(&self) -> bool {
         self.queue.iter().any(|slot| !slot.is_local())

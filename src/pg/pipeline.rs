@@ -1,9 +1,14 @@
 //! Queries queued behind a running one on a server connection.
 //!
 //! In transaction mode, when every server connection of a pool is busy,
-//! the simple Query of the client that has waited longest is written to a
-//! busy connection right behind the Query it runs. That client gets the
-//! connection as soon as the first Query's ReadyForQuery comes back.
+//! the request of the client that has waited longest is written to a busy
+//! connection right behind the request it runs. That client gets the
+//! connection as soon as the first request's ReadyForQuery comes back. A
+//! request here is a simple Query, or a Bind, Execute and Sync of one
+//! prepared statement that the connection has prepared already. A Describe
+//! of the unnamed portal may come between them, as libpq, pgx and
+//! tokio-postgres send a prepared query. The text below calls either a
+//! Query.
 //! PostgreSQL reads the next Query as it finishes the first, instead of
 //! going to sleep until skiff has read the reply and written the next
 //! request. With 500 pgbench clients on a pool of 20, that sleep and
@@ -52,9 +57,15 @@ enum State {
     Done,
 }
 
-/// A waiting client's simple Query, offered to busy server connections.
+/// A waiting client's request, offered to busy server connections: a
+/// simple Query, or a Bind, Execute and Sync (a portal Describe between
+/// them allowed) of one prepared statement.
 pub struct Parked {
+    /// The request as the server gets it.
     pub bytes: bytes::Bytes,
+    /// The pooler-wide statement the request binds, which the connection
+    /// must have prepared.
+    pub statement: Option<String>,
     /// The client's session settings: the connection's must be the same.
     pub settings: Settings,
     pub client: u64,
@@ -66,9 +77,15 @@ pub struct Parked {
 }
 
 impl Parked {
-    pub fn new(bytes: bytes::Bytes, settings: Settings, client: u64) -> Arc<Parked> {
+    pub fn new(
+        bytes: bytes::Bytes,
+        statement: Option<String>,
+        settings: Settings,
+        client: u64,
+    ) -> Arc<Parked> {
         Arc::new(Parked {
             bytes,
+            statement,
             settings,
             client,
             cancels_at_queue: Default::default(),
@@ -140,6 +157,15 @@ impl Parked {
     pub fn is_waiting(&self) -> bool {
         matches!(*self.state.lock(), State::Waiting)
     }
+}
+
+/// A request a waiting client offers to be queued behind another's.
+#[derive(Clone, Copy)]
+pub struct Offer<'a> {
+    /// The request as the server gets it.
+    pub bytes: &'a [u8],
+    /// The pooler-wide statement it binds, if any.
+    pub statement: Option<&'a str>,
 }
 
 /// A Query written behind the one a connection runs. Dropping it without

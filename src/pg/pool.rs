@@ -674,7 +674,12 @@ impl Pool {
                 .is_none_or(|parked| parked.is_waiting())
         });
         let parked = next.and_then(|wait| wait.parked.clone())?;
-        let fits = Arc::ptr_eq(&conn.applied, &parked.settings)
+        let prepared = parked
+            .statement
+            .as_ref()
+            .is_none_or(|name| conn.statements.contains(name) && !conn.needs_close.contains(name));
+        let fits = prepared
+            && Arc::ptr_eq(&conn.applied, &parked.settings)
             && conn.dirty_by.is_none_or(|id| id == parked.client);
         fits.then_some(parked)
     }

@@ -33,6 +33,10 @@ pub struct Statement {
     /// Its SQL may change session state without a SET command tag, so
     /// every Execute of it does so again.
     pub changes_session_state: bool,
+    /// Its SQL is one plain statement that may have another client's
+    /// request queued behind it, or be queued itself; see
+    /// `pipeline::statement_may_queue`.
+    pub may_queue: bool,
 }
 
 /// Identity of a statement across Parse messages: query bytes, parameter
@@ -54,12 +58,14 @@ pub struct Registry {
 
 impl Registry {
     /// Returns the shared statement for a client's Parse, creating it on
-    /// first sight. `changes_session_state` must depend on the query alone.
+    /// first sight. `changes_session_state` and `may_queue` must depend on
+    /// the query alone.
     pub fn intern(
         &self,
         parse: &Parse,
         search_path: Option<&str>,
         changes_session_state: bool,
+        may_queue: bool,
     ) -> Arc<Statement> {
         let key = (
             parse.query_bytes.clone(),
@@ -79,6 +85,7 @@ impl Registry {
             parse: parse.encode_as(&name),
             name,
             changes_session_state,
+            may_queue,
         });
         map.insert(key, statement.clone());
         statement
@@ -146,6 +153,11 @@ impl ServerStatements {
         self.used.clear();
     }
 
+    /// True when `name` is prepared here, without marking it used.
+    pub fn contains(&self, name: &str) -> bool {
+        self.used.contains_key(name)
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.used.len()
@@ -171,10 +183,10 @@ mod tests {
     #[test]
     fn same_query_gets_same_name() {
         let registry = Registry::default();
-        let a = registry.intern(&parse("select 1"), None, false);
-        let b = registry.intern(&parse("select 1"), None, false);
-        let c = registry.intern(&parse("select 2"), None, false);
-        let d = registry.intern(&parse("select 1"), Some("tenant_a"), false);
+        let a = registry.intern(&parse("select 1"), None, false, false);
+        let b = registry.intern(&parse("select 1"), None, false, false);
+        let c = registry.intern(&parse("select 2"), None, false, false);
+        let d = registry.intern(&parse("select 1"), Some("tenant_a"), false, false);
         assert_eq!(a.name, b.name);
         assert_ne!(a.name, c.name);
         assert_ne!(a.name, d.name);

@@ -20,7 +20,7 @@ use super::capture::SessionCapture;
 use super::frontend::LoggedIn;
 use super::params::{self, Settings};
 use super::pending::{Expected, Pending};
-use super::pipeline::{Delivery, Parked};
+use super::pipeline::{Delivery, Offer, Parked};
 use super::pool::{Checkout, CheckoutError, Pool};
 use super::prepared::Statement;
 use super::protocol::{self, Message, MessageReader, ProtocolError, Severity};
@@ -113,6 +113,12 @@ pub struct Session {
     /// Raised by the pool when a wait for a server connection lasted
     /// `query_wait_timeout`; one for all the session's waits.
     wait_expiry: Arc<WaitFlag>,
+    /// Client messages still to come whose bytes went to the server
+    /// already, queued behind another client's request.
+    sent_ahead: usize,
+    /// The current extended-protocol batch went to the server queued
+    /// behind another client's, so nothing is queued behind it.
+    batch_sent_ahead: bool,
 }
 
 impl Session {
@@ -166,6 +172,8 @@ impl Session {
             fatal_sent: false,
             reply_from_server: false,
             wait_expiry: Arc::default(),
+            sent_ahead: 0,
+            batch_sent_ahead: false,
         }
     }
 
@@ -319,7 +327,9 @@ impl Session {
                 .server
                 .as_ref()
                 .is_some_and(|s| s.conn.has_buffered_message());
-            if server_busy {
+            // Messages that went to the server ahead are taken first: the
+            // replies to them need their expectations queued.
+            if server_busy && self.sent_ahead == 0 {
                 break;
             }
             let result = self.reader.read().await;
@@ -393,14 +403,14 @@ impl Session {
         self.ensure_server_sending(None).await.map(|_| ())
     }
 
-    /// [`Session::ensure_server`] for a simple Query that may be queued
-    /// behind another client's while this client waits (`query`). Returns
-    /// true when the connection comes with the Query sent already.
-    async fn ensure_server_sending(&mut self, query: Option<&[u8]>) -> Result<bool, Bytes> {
+    /// [`Session::ensure_server`] for a request that may be queued behind
+    /// another client's while this client waits (`offer`). Returns true
+    /// when the connection comes with the request sent already.
+    async fn ensure_server_sending(&mut self, offer: Option<Offer<'_>>) -> Result<bool, Bytes> {
         if self.server.is_some() {
             return Ok(false);
         }
-        let (mut checkout, handed) = self.wait_for_server(query).await?;
+        let (mut checkout, handed) = self.wait_for_server(offer).await?;
         if let Some(handed) = handed {
             self.cancel.attach(Some(checkout.conn.cancel_key.clone()));
             self.server = Some(checkout);
@@ -466,7 +476,7 @@ impl Session {
     /// client waits. That connection then comes with the Query's outcome.
     async fn wait_for_server(
         &mut self,
-        query: Option<&[u8]>,
+        offer: Option<Offer<'_>>,
     ) -> Result<(Checkout, Option<Handed>), Bytes> {
         let pool = self.pool.clone();
         if let Some(permit) = pool.try_permit() {
@@ -476,9 +486,10 @@ impl Session {
                 .map(|checkout| (checkout, None))
                 .map_err(|err| self.checkout_error(err));
         }
-        let parked = query.map(|query| {
+        let parked = offer.map(|offer| {
             Parked::new(
-                Bytes::copy_from_slice(query),
+                Bytes::copy_from_slice(offer.bytes),
+                offer.statement.map(str::to_string),
                 self.settings.clone(),
                 self.id,
             )
@@ -784,8 +795,14 @@ impl Session {
         }
     }
 
-    /// Queues bytes for the attached server connection.
+    /// Queues bytes for the attached server connection, unless they are
+    /// those of a client message that went to the server queued behind
+    /// another client's request.
     fn send(&mut self, bytes: &[u8]) {
+        if self.sent_ahead > 0 {
+            self.sent_ahead -= 1;
+            return;
+        }
         if let Some(checkout) = &mut self.server {
             checkout.conn.queue(bytes);
         }

@@ -251,6 +251,26 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
         let _ = tokio::time::timeout(DISCARD_TIMEOUT, discard).await;
     }
 
+    /// Returns the whole messages buffered, without taking them, up to and
+    /// including the first one tagged `last`; `None` when no such message
+    /// is buffered whole.
+    pub fn peek_to(&self, last: u8) -> Option<Vec<&[u8]>> {
+        let mut rest = &self.buffer[..];
+        let mut messages = Vec::new();
+        while let Some(Ok(length)) = frame_length(rest) {
+            if rest.len() < length {
+                return None;
+            }
+            let (message, after) = rest.split_at(length);
+            messages.push(message);
+            if message[0] == last {
+                return Some(messages);
+            }
+            rest = after;
+        }
+        None
+    }
+
     /// Looks through the whole messages buffered, without taking them, up
     /// to the first one tagged `last`. Returns how many messages that is,
     /// `last` included, and whether `matches` held for any of them; `None`

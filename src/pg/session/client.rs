@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use std::sync::atomic::Ordering;
 
+use bytes::BytesMut;
+
 use super::{Flow, Session, FLUSH_THRESHOLD};
 use crate::config::PoolMode;
 use crate::pg::pending::{Expected, Request, Undo};
@@ -91,7 +93,11 @@ impl Session {
             && !self.unsynced
             && query_sql(raw)
                 .is_some_and(|sql| pipeline::statement_may_queue(sql, mentions_session_state));
-        let sent = match self.ensure_server_sending(queueable.then_some(raw)).await {
+        let offer = queueable.then_some(pipeline::Offer {
+            bytes: raw,
+            statement: None,
+        });
+        let sent = match self.ensure_server_sending(offer).await {
             Ok(sent) => sent,
             Err(error) => {
                 self.fail_request(error, simple);
@@ -104,10 +110,39 @@ impl Session {
         self.expect(Expected::Forward(request));
         // A connection handed over with the Query on it comes with the next
         // client's Query queued already, when one was waiting.
-        if queueable && !sent {
+        if queueable && !sent && self.pending.len() == 1 {
             self.queue_next_behind();
         }
         Ok(())
+    }
+
+    /// True when the extended-protocol batch just ended by a Sync may have
+    /// another client's request queued behind it. The batch must be one
+    /// Bind of a plain prepared statement, perhaps a portal Describe, and
+    /// one Execute. Only a Parse or Close that skiff sent may come with it.
+    fn batch_may_queue(&self) -> bool {
+        if self.mode != PoolMode::Transaction
+            || !self.pooler.config().pipeline_queries
+            || self.pooler.capture.is_some()
+            || self.client_skipping
+            || self.pending.skipping_to_sync
+        {
+            return false;
+        }
+        let (mut binds, mut executes) = (0, 0);
+        for expected in self.pending.iter() {
+            match expected {
+                Expected::Forward(Request::Bind {
+                    statement: Some(statement),
+                }) if statement.may_queue && !statement.changes_session_state => binds += 1,
+                Expected::Forward(Request::Describe { statement: None })
+                | Expected::Forward(Request::Sync)
+                | Expected::Injected(Request::Parse { .. } | Request::Close) => {}
+                Expected::Forward(Request::Execute) => executes += 1,
+                _ => return false,
+            }
+        }
+        binds == 1 && executes == 1
     }
 
     /// Writes the Query of the client that has waited longest behind this
@@ -118,7 +153,7 @@ impl Session {
             return;
         };
         let conn = &mut checkout.conn;
-        if conn.tx_status != b'I' || self.pending.len() != 1 {
+        if conn.tx_status != b'I' {
             return;
         }
         // Read before the cancel state: a cancel request that starts after
@@ -256,7 +291,9 @@ impl Session {
         }
         let search_path = self.settings.get("search_path").map(String::as_str);
         let statements = &self.pooler.statements;
-        let statement = statements.intern(&parse, search_path, changes_session_state);
+        let may_queue =
+            pipeline::statement_may_queue(parse.query.as_bytes(), mentions_session_state);
+        let statement = statements.intern(&parse, search_path, changes_session_state, may_queue);
         if self.pool.is_validated(&statement.name) && self.tx_status() != b'E' {
             // A server of this pool parsed the same statement before, so the
             // Parse is answered now and sent to a server only when a Bind or
@@ -347,18 +384,73 @@ impl Session {
             let request = Request::Bind { statement: None };
             return self.forward(&message.raw, request).await;
         };
-        if let Err(error) = self.ensure_server().await {
-            self.fail_request(error, false);
-            return Ok(());
-        }
+        // A Bind, Execute and Sync of one plain statement, buffered whole,
+        // may be queued behind another client's request while this client
+        // waits.
+        let batch = self.queueable_batch(&bind, &statement);
+        let offer = batch.as_ref().map(|(bytes, _)| pipeline::Offer {
+            bytes,
+            statement: Some(&statement.name),
+        });
+        let sent = match self.ensure_server_sending(offer).await {
+            Ok(sent) => sent,
+            Err(error) => {
+                self.fail_request(error, false);
+                return Ok(());
+            }
+        };
         self.ensure_prepared(&statement);
-        if let Some(checkout) = &mut self.server {
+        if sent {
+            // The messages after the Bind went with it.
+            self.sent_ahead = batch.map_or(0, |(_, after)| after);
+            self.batch_sent_ahead = true;
+        } else if let Some(checkout) = &mut self.server {
             bind.encode_with_statement(&statement.name, checkout.conn.out_mut());
         }
         self.expect(Expected::Forward(Request::Bind {
             statement: Some(statement),
         }));
         Ok(())
+    }
+
+    /// Returns the server's bytes of a Bind of `statement` with the
+    /// Describe, Execute and Sync buffered after it, and the count of those
+    /// messages, when they may be queued behind another client's request.
+    /// That takes one plain statement, the unnamed portal, and nothing else
+    /// before the Sync.
+    fn queueable_batch(&self, bind: &Bind, statement: &Statement) -> Option<(BytesMut, usize)> {
+        let queueable = self.mode == PoolMode::Transaction
+            && self.pooler.config().pipeline_queries
+            && self.pooler.capture.is_none()
+            && statement.may_queue
+            && !statement.changes_session_state
+            && bind.portal.is_empty()
+            && self.server.is_none()
+            && self.pending.is_empty()
+            && !self.unsynced;
+        if !queueable {
+            return None;
+        }
+        let after = self.reader.peek_to(frontend::SYNC)?;
+        let plain = match after.as_slice() {
+            [describe, execute, _sync] => {
+                describe[0] == frontend::DESCRIBE
+                    && &describe[5..] == b"P\0"
+                    && execute[0] == frontend::EXECUTE
+                    && execute.get(5) == Some(&0)
+            }
+            [execute, _sync] => execute[0] == frontend::EXECUTE && execute.get(5) == Some(&0),
+            _ => false,
+        };
+        if !plain {
+            return None;
+        }
+        let mut bytes = BytesMut::new();
+        bind.encode_with_statement(&statement.name, &mut bytes);
+        for message in &after {
+            bytes.extend_from_slice(message);
+        }
+        Some((bytes, after.len()))
     }
 
     async fn on_describe(&mut self, message: Message) -> Result<(), String> {
@@ -435,6 +527,10 @@ impl Session {
         if self.server.is_some() {
             self.send(&message.raw);
             self.expect(Expected::Forward(Request::Sync));
+            let sent_ahead = std::mem::take(&mut self.batch_sent_ahead);
+            if !sent_ahead && self.batch_may_queue() {
+                self.queue_next_behind();
+            }
         } else {
             let ready = protocol::ready_for_query(b'I');
             self.expect(Expected::Local(ready));
