@@ -341,3 +341,52 @@ async fn prepared_errors_stay_with_their_request() {
         "no request was queued behind another"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_bind_survives_a_plan_change() {
+    let db = database("pipeline_plan_change");
+    let direct = skiff::connect(&pg().direct(&db)).await;
+    direct
+        .batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    let first = skiff.connect("postgres", &db).await;
+    let second = skiff.connect("postgres", &db).await;
+    let sql = "SELECT a FROM t";
+    let (first_statement, second_statement) = (
+        first.prepare(sql).await.unwrap(),
+        second.prepare(sql).await.unwrap(),
+    );
+    first.query(&first_statement, &[]).await.unwrap();
+    second.query(&second_statement, &[]).await.unwrap();
+
+    // The server's cached plan now returns another type. The column
+    // count stays, so the client takes the rows without decoding them.
+    direct
+        .batch_execute("ALTER TABLE t ALTER COLUMN a TYPE text")
+        .await
+        .unwrap();
+    let before = queued_queries(&db);
+
+    // A holder keeps the connection until both Binds wait, so the second
+    // one is queued behind the first.
+    let holder = start_query(&skiff, &db, "SELECT 1 FROM pg_sleep(0.3)").await;
+    let first_task = tokio::spawn(async move { first.query(&first_statement, &[]).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second_task = tokio::spawn(async move { second.query(&second_statement, &[]).await });
+    assert_eq!(within_20s(holder).await.unwrap().unwrap(), "1");
+
+    // The first Bind may get the error once, as without queueing; the
+    // queued one is sent again on a fresh prepare instead.
+    if let Err(err) = within_20s(first_task).await.unwrap() {
+        assert_eq!(error_code(&err), "0A000");
+    }
+    let second_result = within_20s(second_task).await.unwrap();
+    assert!(
+        second_result.is_ok(),
+        "the queued Bind failed: {:?}",
+        second_result.err()
+    );
+    assert!(queued_queries(&db) > before, "the Bind was not queued");
+}

@@ -145,6 +145,9 @@ const SETTLE_WAIT: Duration = Duration::from_millis(500);
 const SETTLE_BYTES: usize = 1024 * 1024;
 /// SQLSTATE of a statement ended by a cancel request.
 const QUERY_CANCELED: &str = "57014";
+/// SQLSTATE of "cached plan must not change result type", which a Bind
+/// of a statement prepared before a DDL change gets.
+const CACHED_PLAN_CHANGED: &str = "0A000";
 
 /// One logged-in connection to PostgreSQL.
 pub struct ServerConn {
@@ -481,9 +484,11 @@ impl ServerConn {
     }
 
     /// Reads ahead the reply to the Query queued behind, after a cancel
-    /// request went to the server for the client whose Query ran first.
-    /// When that cancel ended the queued Query instead, the reply is
-    /// dropped and the Query is to be sent again. The server confirmed each
+    /// request went to the server for the client whose Query ran first, or
+    /// after that client's Bind found the plan of the queued Query's
+    /// statement changed. When the queued Query failed the same way, its
+    /// reply is dropped and the Query is to be sent again, which prepares
+    /// the statement afresh first. The server confirmed each
     /// such cancel before the earlier client let go of the connection, so
     /// a Query it hit ends within moments. A queued Query still running
     /// after `SETTLE_WAIT`, or whose reply grows past `SETTLE_BYTES`, is
@@ -494,7 +499,11 @@ impl ServerConn {
         let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
         loop {
             let cancelled = |tag: u8, body: &[u8]| {
-                tag == backend::ERROR_RESPONSE && ErrorFields::parse(body).code == QUERY_CANCELED
+                tag == backend::ERROR_RESPONSE
+                    && matches!(
+                        ErrorFields::parse(body).code.as_str(),
+                        QUERY_CANCELED | CACHED_PLAN_CHANGED
+                    )
             };
             if let Some((count, hit)) = self.reader.scan_to(backend::READY_FOR_QUERY, cancelled) {
                 if !hit {

@@ -643,14 +643,19 @@ impl Session {
 
     /// Before a connection with another client's Query queued behind is
     /// handed over: reads that Query's reply ahead when a cancel request
-    /// went to the server after the Query was queued.
+    /// went to the server after the Query was queued, or when the plan of
+    /// the statement it binds changed.
     async fn settle_behind(checkout: &mut Checkout) -> Result<(), BackendError> {
         let conn = &mut checkout.conn;
         let cancels = conn.cancel_key.cancels.load(Ordering::Acquire);
-        let exposed = conn
-            .behind
-            .as_ref()
-            .is_some_and(|behind| behind.parked().exposed(cancels));
+        let exposed = conn.behind.as_ref().is_some_and(|behind| {
+            let parked = behind.parked();
+            let plan_changed = parked
+                .statement
+                .as_ref()
+                .is_some_and(|name| conn.needs_close.contains(name));
+            parked.exposed(cancels) || plan_changed
+        });
         if exposed {
             conn.delivery = Some(conn.settle_behind().await?);
         }
