@@ -87,7 +87,7 @@ struct PoolMetrics {
     waiting: Gauge,
     wait_seconds: Histogram,
     connects: Counter,
-    /// Queries written behind another client's on a busy connection.
+    /// Requests written behind another client's on a busy connection.
     queued: Counter,
     queries: Counter,
     transactions: Counter,
