@@ -389,4 +389,13 @@ async fn queued_bind_survives_a_plan_change() {
         second_result.err()
     );
     assert!(queued_queries(&db) > before, "the Bind was not queued");
+
+    // Nothing of either request is left on the connection for the next
+    // client.
+    let next = skiff.connect("postgres", &db).await;
+    let messages = within_20s(next.simple_query("SELECT 7")).await.unwrap();
+    assert_eq!(first_value(&messages), "7");
+    let statement = next.prepare(sql).await.unwrap();
+    let rows = within_20s(next.query(&statement, &[])).await.unwrap();
+    assert_eq!(rows.len(), 1);
 }

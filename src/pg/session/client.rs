@@ -399,13 +399,20 @@ impl Session {
                 return Ok(());
             }
         };
-        self.ensure_prepared(&statement);
         if sent {
-            // The messages after the Bind went with it.
+            // The connection had the statement when the Bind was queued,
+            // and nothing may go to the server after the Bind now. The
+            // messages after the Bind went with it.
+            if let Some(checkout) = &mut self.server {
+                checkout.conn.statements.touch(&statement.name);
+            }
             self.sent_ahead = batch.map_or(0, |(_, after)| after);
             self.batch_sent_ahead = true;
-        } else if let Some(checkout) = &mut self.server {
-            bind.encode_with_statement(&statement.name, checkout.conn.out_mut());
+        } else {
+            self.ensure_prepared(&statement);
+            if let Some(checkout) = &mut self.server {
+                bind.encode_with_statement(&statement.name, checkout.conn.out_mut());
+            }
         }
         self.expect(Expected::Forward(Request::Bind {
             statement: Some(statement),
