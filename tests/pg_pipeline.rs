@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use support::postgres::PgServer;
+use support::raw::{self, RawClient};
 use support::skiff::{self, Skiff};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -398,4 +399,73 @@ async fn queued_bind_survives_a_plan_change() {
     let statement = next.prepare(sql).await.unwrap();
     let rows = within_20s(next.query(&statement, &[])).await.unwrap();
     assert_eq!(rows.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_queued_inside_extended_begin() {
+    let db = database("pipeline_extended_begin");
+    let direct = skiff::connect(&pg().direct(&db)).await;
+    direct
+        .batch_execute("CREATE TABLE acks (client int)")
+        .await
+        .unwrap();
+    let skiff = Skiff::start(&skiff::config(pg().port, &db, "default_pool_size = 1")).await;
+    // Two clients with the same startup settings, so either one's request
+    // fits a connection the other used.
+    let mut queued = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
+    queued
+        .send(&[raw::parse("q", "INSERT INTO acks VALUES (2)"), raw::sync()])
+        .await;
+    within_20s(queued.recv_until_ready()).await;
+    let mut running = RawClient::connect(skiff.port, "postgres", &db, &[]).await;
+    running
+        .send(&[
+            raw::parse("b", "BEGIN"),
+            raw::parse("i", "INSERT INTO acks VALUES (1)"),
+            raw::sync(),
+        ])
+        .await;
+    within_20s(running.recv_until_ready()).await;
+
+    // BEGIN through Bind, Execute and Flush: the transaction is open, but
+    // no ReadyForQuery has reported it yet.
+    running
+        .send(&[raw::bind("", "b", &[]), raw::execute(""), raw::flush()])
+        .await;
+    for _ in 0..2 {
+        within_20s(running.recv()).await;
+    }
+    let queued_task = tokio::spawn(async move {
+        queued
+            .send(&[raw::bind("", "q", &[]), raw::execute(""), raw::sync()])
+            .await;
+        raw::tags(&queued.recv_until_ready().await)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // This batch ends the BEGIN's extended run; the waiting client's
+    // INSERT must not go behind it, into the open transaction.
+    running
+        .send(&[raw::bind("", "i", &[]), raw::execute(""), raw::sync()])
+        .await;
+    let replies = within_20s(running.recv_until_ready()).await;
+    assert_eq!(raw::tags(&replies), "2CZ");
+    assert_eq!(&replies.last().unwrap().body[..], b"T");
+    running.send(&[raw::query("COMMIT")]).await;
+    assert_eq!(
+        raw::tags(&within_20s(running.recv_until_ready()).await),
+        "CZ"
+    );
+
+    assert_eq!(within_20s(queued_task).await.unwrap(), "2CZ");
+    let rows = direct
+        .query_one("SELECT count(*) FROM acks", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), 2);
+    assert_eq!(
+        queued_queries(&db),
+        0,
+        "a request went into the transaction"
+    );
 }

@@ -185,6 +185,9 @@ pub struct ServerConn {
     /// Set when the reply to the Query behind was read ahead: what became
     /// of it.
     pub delivery: Option<super::pipeline::Delivery>,
+    /// A cancel request that the server did not confirm may still reach
+    /// this connection, so it closes when it is next given back.
+    pub retire: bool,
 }
 
 impl ServerConn {
@@ -282,6 +285,7 @@ impl ServerConn {
             sql_prepared: false,
             behind: None,
             delivery: None,
+            retire: false,
         });
         let tls_for_cancel = tls.filter(|_| encrypted).cloned();
         conn.login(target, tls_for_cancel)

@@ -457,9 +457,11 @@ impl CancelHandle {
         self.slot.target.lock().waiting = None;
     }
 
-    /// True while a cancel request for the client is being sent.
-    pub fn is_sending(&self) -> bool {
-        self.slot.target.lock().sending > 0
+    /// True while a cancel request for the client is being sent, or one
+    /// sent to its server was not confirmed and may still arrive.
+    pub fn cancel_pending(&self) -> bool {
+        let target = self.slot.target.lock();
+        target.sending > 0 || target.unconfirmed
     }
 
     /// Sends a cancel request to the attached server as a client's cancel

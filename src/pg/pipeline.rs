@@ -18,10 +18,12 @@
 //! transaction open nor change session state (see
 //! [`statement_may_queue`]), so the second runs exactly as it would have
 //! on the idle connection. A cancel request for the first client that the
-//! server acts on after the first Query ended would hit the second one;
-//! the first client's session then reads the second reply ahead before it
-//! lets go of the connection and, when it is that cancel's error, has the
-//! Query sent again (see [`super::backend::ServerConn::settle_behind`]).
+//! server acts on after the first Query ended would hit the second one.
+//! So would the plan change that a Bind of the same statement found just
+//! before. In both cases the first client's session reads the second
+//! reply ahead before it lets go of the connection. When that reply is the
+//! same error, the session drops it and has the Query sent again (see
+//! [`super::backend::ServerConn::settle_behind`]).
 
 use std::sync::Arc;
 
@@ -201,8 +203,8 @@ impl Drop for Behind {
 /// (a trailing semicolon aside) that starts with SELECT, INSERT, UPDATE,
 /// DELETE, WITH, VALUES or TABLE, because such a statement runs in a
 /// transaction of its own that it cannot leave open, and starts no COPY.
-/// It must also not match `changes_session_state`, so it sets nothing that
-/// outlives it. A semicolon inside a string fails the check, which only
+/// It must also neither mention pg_settings nor match
+/// `changes_session_state`, so it sets nothing that outlives it. A semicolon inside a string fails the check, which only
 /// means the Query is not queued.
 pub fn statement_may_queue(sql: &[u8], changes_session_state: impl Fn(&[u8]) -> bool) -> bool {
     let text = sql.trim_ascii();
@@ -226,7 +228,11 @@ pub fn statement_may_queue(sql: &[u8], changes_session_state: impl Fn(&[u8]) -> 
     ]
     .iter()
     .any(|keyword| word.eq_ignore_ascii_case(keyword));
-    plain && !changes_session_state(sql)
+    // An UPDATE of pg_settings is a SET in disguise.
+    let touches_settings = sql
+        .windows(b"pg_settings".len())
+        .any(|window| window.eq_ignore_ascii_case(b"pg_settings"));
+    plain && !touches_settings && !changes_session_state(sql)
 }
 
 #[cfg(test)]
@@ -272,6 +278,7 @@ mod tests {
             "LISTEN c",
             "DISCARD ALL",
             "PREPARE p AS SELECT 1",
+            "UPDATE pg_settings SET setting = 'UTC' WHERE name = 'TimeZone'",
             "",
         ] {
             assert!(!statement_may_queue(sql.as_bytes(), never), "{sql}");

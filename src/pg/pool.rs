@@ -704,7 +704,8 @@ impl Pool {
         let now = Instant::now();
         conn.last_used = now;
         let expired = now.duration_since(conn.created) >= self.settings.load().lifetime
-            || conn.cancel_key.generation != self.generation.load(Ordering::Acquire);
+            || conn.cancel_key.generation != self.generation.load(Ordering::Acquire)
+            || conn.retire;
         self.active.fetch_sub(1, Ordering::Relaxed);
         let Checkout { conn, permit } = checkout;
         if conn.tx_status == b'I' && !expired {

@@ -119,6 +119,9 @@ pub struct Session {
     /// The current extended-protocol batch went to the server queued
     /// behind another client's, so nothing is queued behind it.
     batch_sent_ahead: bool,
+    /// The last Bind came first after a ReadyForQuery, with no request in
+    /// flight and none since.
+    bind_after_ready: bool,
 }
 
 impl Session {
@@ -174,6 +177,7 @@ impl Session {
             wait_expiry: Arc::default(),
             sent_ahead: 0,
             batch_sent_ahead: false,
+            bind_after_ready: false,
         }
     }
 
@@ -573,7 +577,7 @@ impl Session {
                 return Err(protocol::error_response(
                     Severity::Error,
                     "08006",
-                    "server connection lost while the query waited to run on it",
+                    "server connection lost after the query was sent to it, so the query may have run",
                 ));
             }
         }
@@ -583,7 +587,7 @@ impl Session {
             Err(WaitEnded::Handed) => Err(protocol::error_response(
                 Severity::Error,
                 "08006",
-                "server connection lost while the query waited to run on it",
+                "server connection lost after the query was sent to it, so the query may have run",
             )),
             Err(ended @ WaitEnded::Cancelled) => Err(ended.error()),
             Err(ended) => {
@@ -616,9 +620,16 @@ impl Session {
             return;
         };
         if !self.cancel.detach().await {
-            // A late cancel request could hit the next client's query.
-            self.pool.discard(checkout);
-            return;
+            if checkout.conn.behind.is_none() {
+                // A late cancel request could hit the next client's query.
+                self.pool.discard(checkout);
+                return;
+            }
+            // The queued request is on the server already, so its client
+            // still gets the connection, which then closes.
+            // NOTE: the late cancel can still end that request after the
+            // reply read-ahead gave up on it.
+            checkout.conn.retire = true;
         }
         if std::mem::take(&mut self.session_state_changed) {
             checkout.conn.dirty_by = Some(self.id);
@@ -669,17 +680,18 @@ impl Session {
             return;
         };
         let reusable = self.cancel.detach().await;
-        if self.cancel.info().kill.is_cancelled() {
-            // KILL closes the server connection too, so nothing the client
-            // left running goes on.
-            self.pool.discard_running(checkout);
-            return;
-        }
-        if self.pending.awaits_server() && checkout.conn.behind.is_some() && reusable {
+        let killed = self.cancel.info().kill.is_cancelled();
+        if self.pending.awaits_server() && checkout.conn.behind.is_some() {
             // Another client's Query waits behind the running one: this
             // one's reply is read and dropped, and the connection goes on
-            // to that client.
+            // to that client. A KILL still cancels the running query; the
+            // reply read-ahead keeps that cancel off the queued one.
             let conn = &mut checkout.conn;
+            if killed {
+                conn.cancel_key.cancels.fetch_add(1, Ordering::AcqRel);
+                super::cancel::send_cancel(&conn.cancel_key).await;
+            }
+            conn.retire |= !reusable;
             let drained = tokio::time::timeout(ROLLBACK_TIMEOUT, async {
                 conn.flush().await?;
                 loop {
@@ -691,11 +703,20 @@ impl Session {
                 }
             })
             .await;
-            if !matches!(drained, Ok(Ok(()))) || self.unsynced {
+            // The drained reply ended the client's one request (a simple
+            // Query or a batch up to its Sync), so the connection is as
+            // clean as its transaction status shows; checkin checks that.
+            if !matches!(drained, Ok(Ok(()))) {
                 self.pool.discard(checkout);
                 return;
             }
             self.check_in(checkout).await;
+            return;
+        }
+        if killed {
+            // KILL closes the server connection too, so nothing the client
+            // left running goes on.
+            self.pool.discard_running(checkout);
             return;
         }
         if self.pending.awaits_server() {

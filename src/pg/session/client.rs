@@ -129,6 +129,9 @@ impl Session {
         {
             return false;
         }
+        if !self.bind_after_ready {
+            return false;
+        }
         let (mut binds, mut executes) = (0, 0);
         for expected in self.pending.iter() {
             match expected {
@@ -159,7 +162,7 @@ impl Session {
         // Read before the cancel state: a cancel request that starts after
         // this read counts, and one under way now stops the queueing.
         let cancels = conn.cancel_key.cancels.load(Ordering::Acquire);
-        if self.cancel.is_sending() {
+        if self.cancel.cancel_pending() {
             return;
         }
         self.pool.queue_behind(conn, cancels);
@@ -370,6 +373,9 @@ impl Session {
             "" => None,
             name => self.statements.get(name).cloned(),
         };
+        // Nothing since the last ReadyForQuery: the batch this Bind starts
+        // runs outside any transaction the client opened.
+        self.bind_after_ready = self.pending.is_empty() && !self.unsynced;
         // A server connection reset since the Parse loses the state again.
         // NOTE: a named statement that skiff does not track (with
         // max_prepared_statements = 0) is not checked here.
