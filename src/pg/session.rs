@@ -703,9 +703,9 @@ impl Session {
                 }
             })
             .await;
-            // The drained reply ended the client's one request (a simple
-            // Query or a batch up to its Sync), so the connection is as
-            // clean as its transaction status shows; checkin checks that.
+            // The drained reply ended the client's one request, a simple
+            // Query or a batch up to its Sync. The connection is then as
+            // clean as its transaction status shows, which checkin checks.
             if !matches!(drained, Ok(Ok(()))) {
                 self.pool.discard(checkout);
                 return;

@@ -92,7 +92,7 @@ pub fn config(pg_port: u16, dbname: &str, postgres_extra: &str) -> String {
     )
 }
 
-/// The Prometheus text of every metric recorded in this test process.
+/// Renders every metric recorded in this test process as Prometheus text.
 pub fn metrics_text() -> String {
     skiff::admin::install_recorder().render()
 }
