@@ -501,15 +501,16 @@ impl ServerConn {
     // 57014 error that its client did not ask for.
     pub async fn settle_behind(&mut self) -> Result<Delivery, BackendError> {
         let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+        let failed_unrun = |tag: u8, body: &[u8]| {
+            tag == backend::ERROR_RESPONSE
+                && matches!(
+                    ErrorFields::parse(body).code.as_str(),
+                    QUERY_CANCELED | CACHED_PLAN_CHANGED
+                )
+        };
         loop {
-            let cancelled = |tag: u8, body: &[u8]| {
-                tag == backend::ERROR_RESPONSE
-                    && matches!(
-                        ErrorFields::parse(body).code.as_str(),
-                        QUERY_CANCELED | CACHED_PLAN_CHANGED
-                    )
-            };
-            if let Some((count, hit)) = self.reader.scan_to(backend::READY_FOR_QUERY, cancelled) {
+            if let Some((count, hit)) = self.reader.scan_to(backend::READY_FOR_QUERY, failed_unrun)
+            {
                 if !hit {
                     return Ok(Delivery::Sent);
                 }

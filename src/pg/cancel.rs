@@ -40,7 +40,7 @@ pub struct ServerKey {
     /// sent over TLS too, so the key never crosses the network in clear.
     pub tls: Option<ServerTls>,
     /// Cancel requests skiff has begun to send for this process, counted
-    /// before each is sent.
+    /// by [`send_cancel`] before each is sent.
     pub cancels: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -252,7 +252,6 @@ impl CancelRegistry {
             // The client keeps this server connection until the cancel is
             // processed, so the cancel cannot reach the next client's query.
             target.sending += 1;
-            server.cancels.fetch_add(1, Ordering::AcqRel);
             (server, slot.clone())
         };
         send_tracked(target, slot).await;
@@ -262,20 +261,18 @@ impl CancelRegistry {
 /// Sends a cancel request for `target` on behalf of the client of `slot`,
 /// which counted it in `sending` already, and counts it done.
 async fn send_tracked(target: Arc<ServerKey>, slot: Slot) {
-    {
-        metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
-        let outcome = send_cancel(&target).await;
-        let mut state = slot.target.lock();
-        state.sending -= 1;
-        let same_server = state
-            .server
-            .as_ref()
-            .is_some_and(|server| server.server_id == target.server_id);
-        if outcome == CancelOutcome::Unconfirmed && same_server {
-            state.unconfirmed = true;
-        }
-        state.sent.notify_waiters();
+    metrics::counter!("skiff_pg_cancel_requests_total").increment(1);
+    let outcome = send_cancel(&target).await;
+    let mut state = slot.target.lock();
+    state.sending -= 1;
+    let same_server = state
+        .server
+        .as_ref()
+        .is_some_and(|server| server.server_id == target.server_id);
+    if outcome == CancelOutcome::Unconfirmed && same_server {
+        state.unconfirmed = true;
     }
+    state.sent.notify_waiters();
 }
 
 impl CancelRegistry {
@@ -352,8 +349,9 @@ pub enum CancelOutcome {
 
 /// Sends a CancelRequest for a server process, then waits up to 2 s for the
 /// server to close that connection. The server closes it once it has
-/// signalled the process.
+/// signalled the process. Each call counts in the process's `cancels`.
 pub async fn send_cancel(target: &ServerKey) -> CancelOutcome {
+    target.cancels.fetch_add(1, Ordering::AcqRel);
     let request = protocol::cancel_request(target.process_id, target.secret_key);
     let mut written = false;
     let send = async {
@@ -475,7 +473,6 @@ impl CancelHandle {
                 return;
             };
             target.sending += 1;
-            server.cancels.fetch_add(1, Ordering::AcqRel);
             server
         };
         tokio::spawn(send_tracked(server, self.slot.clone()));

@@ -9,6 +9,7 @@
 //! of the unnamed portal may come between them, as libpq, pgx and
 //! tokio-postgres send a prepared query. The text below calls either a
 //! Query.
+//!
 //! PostgreSQL reads the next Query as it finishes the first, instead of
 //! going to sleep until skiff has read the reply and written the next
 //! request. With 500 pgbench clients on a pool of 20, that sleep and
@@ -38,8 +39,9 @@ use super::pool::Checkout;
 pub enum Delivery {
     /// The Query went to the server; its reply comes next.
     Sent,
-    /// A cancel meant for the client before ended the Query, so nothing
-    /// of it ran: the client sends it again.
+    /// A cancel meant for the client before, or the plan change that
+    /// client's Bind found, ended the Query before anything of it ran, so
+    /// the client sends it again.
     Resend,
 }
 

@@ -475,9 +475,9 @@ impl Session {
 
     /// Checks out a server connection; a cancel request from the client
     /// ends the wait, as it would end a running query, and a KILL ends it
-    /// before the request reaches a server. With `query`, the client's
-    /// simple Query, a busy connection may take the Query on while the
-    /// client waits. That connection then comes with the Query's outcome.
+    /// before the request reaches a server. With `offer`, a busy connection
+    /// may take the client's request on while the client waits. That
+    /// connection then comes with the request's outcome.
     async fn wait_for_server(
         &mut self,
         offer: Option<Offer<'_>>,
@@ -574,21 +574,13 @@ impl Session {
                     pool.checkin(extra);
                 }
                 metrics::counter!("skiff_pg_errors_total", "kind" => "server_lost").increment(1);
-                return Err(protocol::error_response(
-                    Severity::Error,
-                    "08006",
-                    "server connection lost after the query was sent to it, so the query may have run",
-                ));
+                return Err(queued_request_lost());
             }
         }
         match result {
             Ok(Ok(checkout)) => Ok((checkout, None)),
             Ok(Err(err)) => Err(self.checkout_error(err)),
-            Err(WaitEnded::Handed) => Err(protocol::error_response(
-                Severity::Error,
-                "08006",
-                "server connection lost after the query was sent to it, so the query may have run",
-            )),
+            Err(WaitEnded::Handed) => Err(queued_request_lost()),
             Err(ended @ WaitEnded::Cancelled) => Err(ended.error()),
             Err(ended) => {
                 if matches!(ended, WaitEnded::HungUp) {
@@ -688,7 +680,6 @@ impl Session {
             // reply read-ahead keeps that cancel off the queued one.
             let conn = &mut checkout.conn;
             if killed {
-                conn.cancel_key.cancels.fetch_add(1, Ordering::AcqRel);
                 super::cancel::send_cancel(&conn.cancel_key).await;
             }
             conn.retire |= !reusable;
@@ -877,6 +868,16 @@ impl WaitEnded {
             _ => protocol::error_response(Severity::Fatal, "57P01", KILLED),
         }
     }
+}
+
+/// Builds the ErrorResponse for a queued request whose connection failed:
+/// the request was on the server, so it may have run.
+fn queued_request_lost() -> Bytes {
+    protocol::error_response(
+        Severity::Error,
+        "08006",
+        "server connection lost after the query was sent to it, so the query may have run",
+    )
 }
 
 /// A connection handed over with the client's Query on it.

@@ -276,22 +276,11 @@ impl<R: AsyncRead + WaitReadable + Unpin> MessageReader<R> {
     /// `last` included, and whether `matches` held for any of them; `None`
     /// when no `last` message is buffered whole.
     pub fn scan_to(&self, last: u8, matches: impl Fn(u8, &[u8]) -> bool) -> Option<(usize, bool)> {
-        let mut rest = &self.buffer[..];
-        let mut count = 0;
-        let mut found = false;
-        while let Some(Ok(length)) = frame_length(rest) {
-            if rest.len() < length {
-                return None;
-            }
-            let (message, after) = rest.split_at(length);
-            count += 1;
-            found |= matches(message[0], &message[5..]);
-            if message[0] == last {
-                return Some((count, found));
-            }
-            rest = after;
-        }
-        None
+        let messages = self.peek_to(last)?;
+        let found = messages
+            .iter()
+            .any(|message| matches(message[0], &message[5..]));
+        Some((messages.len(), found))
     }
 
     /// Number of bytes read but not returned yet.

@@ -84,15 +84,21 @@ impl Session {
     /// Forwards a message as it is, attaching a server first.
     async fn forward(&mut self, raw: &[u8], request: Request) -> Result<(), String> {
         let simple = request.ends_with_ready();
-        // A plain simple Query may go behind another client's on a busy
-        // server connection, and have another client's go behind it.
-        let queueable = self.mode == PoolMode::Transaction
-            && self.pooler.config().pipeline_queries
-            && raw.first() == Some(&frontend::QUERY)
-            && self.pending.is_empty()
-            && !self.unsynced
-            && query_sql(raw)
-                .is_some_and(|sql| pipeline::statement_may_queue(sql, mentions_session_state));
+        if let Err(error) = self.ensure_server().await {
+            self.fail_request(error, simple);
+            return Ok(());
+        }
+        self.send(raw);
+        self.expect(Expected::Forward(request));
+        Ok(())
+    }
+
+    /// Forwards a simple Query. With `may_queue` (its SQL is one plain
+    /// statement) it may go behind another client's Query on a busy server
+    /// connection, and have another client's go behind it.
+    async fn forward_query(&mut self, raw: &[u8], may_queue: bool) -> Result<(), String> {
+        let queueable =
+            may_queue && self.queueing_enabled() && self.pending.is_empty() && !self.unsynced;
         let offer = queueable.then_some(pipeline::Offer {
             bytes: raw,
             statement: None,
@@ -100,20 +106,26 @@ impl Session {
         let sent = match self.ensure_server_sending(offer).await {
             Ok(sent) => sent,
             Err(error) => {
-                self.fail_request(error, simple);
+                self.fail_request(error, true);
                 return Ok(());
             }
         };
         if !sent {
             self.send(raw);
         }
-        self.expect(Expected::Forward(request));
-        // A connection handed over with the Query on it comes with the next
-        // client's Query queued already, when one was waiting.
+        self.expect(Expected::Forward(Request::Query));
+        // A Query that went ahead has most likely run already, so another
+        // one written behind it now would find the server asleep.
         if queueable && !sent && self.pending.len() == 1 {
             self.queue_next_behind();
         }
         Ok(())
+    }
+
+    /// True when requests may be queued behind each other: transaction
+    /// mode with `pipeline_queries` on.
+    fn queueing_enabled(&self) -> bool {
+        self.mode == PoolMode::Transaction && self.pooler.config().pipeline_queries
     }
 
     /// True when the extended-protocol batch just ended by a Sync may have
@@ -121,8 +133,7 @@ impl Session {
     /// Bind of a plain prepared statement, perhaps a portal Describe, and
     /// one Execute. Only a Parse or Close that skiff sent may come with it.
     fn batch_may_queue(&self) -> bool {
-        if self.mode != PoolMode::Transaction
-            || !self.pooler.config().pipeline_queries
+        if !self.queueing_enabled()
             || self.pooler.capture.is_some()
             || self.client_skipping
             || self.pending.skipping_to_sync
@@ -188,9 +199,11 @@ impl Session {
             .position(|&byte| byte == 0)
             .ok_or("malformed Query message")?;
         let sql = &body[..end];
-        if mentions_session_state(sql) {
+        let changes_session_state = mentions_session_state(sql);
+        if changes_session_state {
             self.session_state_changed = true;
         }
+        let may_queue = pipeline::statement_may_queue(sql, |_| changes_session_state);
         match classify_statement_sql(sql) {
             StatementSql::DeallocateAll => self.statements.clear(),
             StatementSql::Deallocate(name) if self.statements.contains_key(&name) => {
@@ -214,7 +227,7 @@ impl Session {
                 return Ok(());
             }
         }
-        self.forward(&message.raw, Request::Query).await
+        self.forward_query(&message.raw, may_queue).await
     }
 
     async fn on_execute(&mut self, message: Message) -> Result<(), String> {
@@ -432,8 +445,7 @@ impl Session {
     /// That takes one plain statement, the unnamed portal, and nothing else
     /// before the Sync.
     fn queueable_batch(&self, bind: &Bind, statement: &Statement) -> Option<(BytesMut, usize)> {
-        let queueable = self.mode == PoolMode::Transaction
-            && self.pooler.config().pipeline_queries
+        let queueable = self.queueing_enabled()
             && self.pooler.capture.is_none()
             && statement.may_queue
             && !statement.changes_session_state
@@ -600,13 +612,6 @@ const fn skip_table() -> ([u8; 256], [u8; 256]) {
         hint += 1;
     }
     (skip, hint_of)
-}
-
-/// Returns the SQL of a raw simple Query message, without its NUL.
-fn query_sql(raw: &[u8]) -> Option<&[u8]> {
-    let body = raw.get(5..)?;
-    let end = body.iter().position(|&byte| byte == 0)?;
-    Some(&body[..end])
 }
 
 /// Checks for any of the hints, ignoring ASCII case. It runs on every
