@@ -185,6 +185,52 @@ async fn concurrent_pipelines_keep_reply_order() {
 }
 
 #[tokio::test]
+async fn stalled_upstream_holds_requests_in_order() {
+    // A server of its own, stopped while clients pipeline far more than
+    // the loopback buffers and skiff's queue per connection hold.
+    let server = redis_support::RedisServer::start(&[]);
+    let body = format!(
+        "mode = \"standalone\"\nnodes = [\"{}\"]\nupstream_connections = 1",
+        server.addr()
+    );
+    let skiff = Skiff::start(&body).await;
+    let mut warm = skiff.client(Protocol::Resp2).await;
+    let _: () = warm.set("stall:warm", 1).await.unwrap();
+    server.signal("STOP");
+    let mut tasks = Vec::new();
+    for client in 0..8 {
+        let url = skiff.url(Protocol::Resp2);
+        tasks.push(tokio::spawn(async move {
+            let mut conn = redis_support::connect_redis_rs(&url).await;
+            let mut pipe = redis::pipe();
+            for i in 0..40 {
+                let key = format!("stall:{client}:{i}");
+                let value = format!("{client}:{i}:").repeat(20_000);
+                pipe.set(&key, &value).ignore().get(&key);
+            }
+            let values: Vec<String> = pipe.query_async(&mut conn).await.unwrap();
+            for (i, value) in values.iter().enumerate() {
+                assert_eq!(*value, format!("{client}:{i}:").repeat(20_000));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        tasks.iter().all(|task| !task.is_finished()),
+        "a pipeline finished while the server was stopped"
+    );
+    server.signal("CONT");
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("every pipeline finishes once the server resumes")
+            .unwrap();
+    }
+    let warm_value: i64 = warm.get("stall:warm").await.unwrap();
+    assert_eq!(warm_value, 1);
+}
+
+#[tokio::test]
 async fn replica_policy_sends_reads_to_replicas() {
     let servers = servers();
     let skiff = skiff("read_from = \"replica\"").await;

@@ -403,7 +403,7 @@ async fn call(
     let conn = router.pool.shared(&key, ctx.client_id as usize).await?;
     let mut batch = encode_command(&["ASKING"]).to_vec();
     batch.extend_from_slice(&request.raw);
-    let mut receivers = conn.send(Bytes::from(batch), 2).await?;
+    let mut receivers = conn.send(&batch, 2).await?;
     let reply = receivers.pop().expect("two receivers");
     reply
         .await

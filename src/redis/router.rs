@@ -411,12 +411,12 @@ impl Router {
         ctx: SessionCtx,
     ) -> Result<ReplyReceiver, UpstreamError> {
         let conn = self.shared_conn(addr, ctx).await?;
-        match conn.send_one(request.raw.clone()).await {
+        match conn.send_one(&request.raw).await {
             // The connection died since the pool handed it out: the pool
             // replaces it, and nothing was written, so one retry is safe.
             Err(UpstreamError::NotSent { .. }) => {
                 let conn = self.shared_conn(addr, ctx).await?;
-                conn.send_one(request.raw.clone()).await
+                conn.send_one(&request.raw).await
             }
             result => result,
         }
@@ -427,12 +427,12 @@ impl Router {
     pub(super) async fn send_batch(
         &self,
         addr: &str,
-        bytes: Bytes,
+        bytes: &[u8],
         count: usize,
         ctx: SessionCtx,
     ) -> Result<Vec<ReplyReceiver>, UpstreamError> {
         let conn = self.shared_conn(addr, ctx).await?;
-        match conn.send(bytes.clone(), count).await {
+        match conn.send(bytes, count).await {
             // As in `send`: nothing was written, so one retry is safe.
             Err(UpstreamError::NotSent { .. }) => {
                 let conn = self.shared_conn(addr, ctx).await?;

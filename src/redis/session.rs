@@ -28,6 +28,9 @@ const MAX_WRITE_BYTES: usize = 64 * 1024;
 /// Bytes of ready replies a session gathers before queueing them for its
 /// writer as one item.
 const MAX_BATCH_BYTES: usize = 16 * 1024;
+/// Replies in flight a session holds before queueing them for its writer
+/// as one item.
+const MAX_HELD_REPLIES: usize = 64;
 /// Read buffer space for an idle client; kept small because thousands of
 /// idle clients each hold one.
 const IDLE_READ_BYTES: usize = 4 * 1024;
@@ -43,6 +46,8 @@ const MIN_READ_BYTES: usize = 16 * 1024;
 /// An item for the session's writer, queued in request order.
 pub enum Outgoing {
     Reply(Pending),
+    /// Replies of consecutive requests, in request order.
+    Replies(Vec<Pending>),
     /// From here on, count replies and interleave the client's
     /// invalidation pushes (`CLIENT TRACKING ON`).
     Track(Arc<ClientTracking>),
@@ -50,6 +55,17 @@ pub enum Outgoing {
     Barrier(oneshot::Sender<()>),
     /// Flush and close the connection.
     Close,
+}
+
+impl Outgoing {
+    /// The permits of the writer's `room` the item takes: one per reply,
+    /// and one for any other item.
+    fn replies(&self) -> u32 {
+        match self {
+            Outgoing::Replies(list) => list.len() as u32,
+            _ => 1,
+        }
+    }
 }
 
 /// The client socket's write half, shared by the session and its writer
@@ -64,6 +80,9 @@ pub struct ClientWriter {
     /// Cleared for good once the writer may send invalidation pushes
     /// (`CLIENT TRACKING`), because it writes them whenever they arrive.
     direct: AtomicBool,
+    /// One permit per reply the queue may still take: `client_queue_depth`
+    /// in all. Closed when the writer stops.
+    room: tokio::sync::Semaphore,
 }
 
 impl ClientWriter {
@@ -214,7 +233,11 @@ pub struct Session {
     pub(super) authenticated: bool,
     pub(super) name: Option<Bytes>,
     pub(super) reader: ClientReader,
-    pub(super) queue: mpsc::Sender<Outgoing>,
+    /// Bounded by the writer's `room`, counted in replies.
+    pub(super) queue: mpsc::UnboundedSender<Outgoing>,
+    /// Most replies held at once: [`MAX_HELD_REPLIES`], or fewer when
+    /// `client_queue_depth` is smaller.
+    max_held: usize,
     writer: Arc<ClientWriter>,
     pub(super) transaction: Option<Transaction>,
     /// Ready replies not yet queued for the writer. While the client has
@@ -222,6 +245,11 @@ pub struct Session {
     /// as one item, which saves a queue handoff and often a write per
     /// request for pipelining clients.
     batch: parking_lot::Mutex<BytesMut>,
+    /// Replies not yet ready, held while the client has more requests
+    /// buffered and queued for the writer as one item, with the replies
+    /// gathered in `batch` after them. A pipelining client's requests then
+    /// cost one queue handoff per read instead of one each.
+    held: parking_lot::Mutex<Vec<Pending>>,
     /// True while replies may be gathered: set for each request the read
     /// loop handles, cleared by [`Session::drain`] before a pinned
     /// connection relays replies outside the read loop.
@@ -248,11 +276,13 @@ pub async fn run(
     let _ = stream.set_nodelay(true);
     let router = routes.main().clone();
     let (read_half, write_half) = stream.into_split();
-    let (queue, replies) = mpsc::channel(router.config().client_queue_depth);
+    let depth = router.config().client_queue_depth;
+    let (queue, replies) = mpsc::unbounded_channel();
     let client_writer = Arc::new(ClientWriter {
         half: write_half,
         queued: AtomicUsize::new(0),
         direct: AtomicBool::new(true),
+        room: tokio::sync::Semaphore::new(depth.min(tokio::sync::Semaphore::MAX_PERMITS)),
     });
     let writer = tokio::spawn(write_replies(
         client_writer.clone(),
@@ -277,9 +307,11 @@ pub async fn run(
             max_request_bytes: router.config().max_request_bytes,
         },
         queue,
+        max_held: MAX_HELD_REPLIES.min(depth),
         writer: client_writer,
         transaction: None,
         batch: parking_lot::Mutex::new(BytesMut::new()),
+        held: parking_lot::Mutex::new(Vec::new()),
         batching: std::sync::atomic::AtomicBool::new(false),
         tracking: None,
         stopping: stop.watch(),
@@ -524,6 +556,7 @@ impl Session {
             && !self.reader.has_buffered()
             && self.writer.may_write_directly()
             && self.batch.lock().is_empty()
+            && self.held.lock().is_empty()
     }
 
     /// Waits for the reply of `in_flight` and writes it, unless the client
@@ -565,10 +598,16 @@ impl Session {
     }
 
     pub(super) async fn send(&self, mut item: Outgoing) -> Flow {
-        if let Outgoing::Reply(Pending::Ready(bytes)) = &item {
-            if self.gather(bytes) {
+        match item {
+            Outgoing::Reply(Pending::Ready(ref bytes)) if self.gather(bytes) => {
                 return Flow::Continue;
             }
+            Outgoing::Reply(Pending::Ready(_)) => {}
+            Outgoing::Reply(pending) => match self.hold(pending) {
+                Some(pending) => item = Outgoing::Reply(pending),
+                None => return Flow::Continue,
+            },
+            _ => {}
         }
         if self.flush_batch().await == Flow::Close {
             return Flow::Close;
@@ -590,23 +629,52 @@ impl Session {
         Flow::Continue
     }
 
-    /// Queues `item` for the writer task.
+    /// Queues `item` for the writer task, waiting while the queue holds
+    /// `client_queue_depth` replies.
     async fn enqueue(&self, item: Outgoing) -> Flow {
-        self.writer.queued.fetch_add(1, Ordering::Relaxed);
-        match self.queue.send(item).await {
-            Ok(()) => Flow::Continue,
+        match self.writer.room.acquire_many(item.replies()).await {
+            Ok(permits) => permits.forget(),
             // The writer stopped: the client is gone.
+            Err(_) => return Flow::Close,
+        }
+        self.writer.queued.fetch_add(1, Ordering::Relaxed);
+        match self.queue.send(item) {
+            Ok(()) => Flow::Continue,
             Err(_) => Flow::Close,
         }
+    }
+
+    /// True while replies may wait in the session: the read loop handles
+    /// requests, no invalidation push can come between replies, and the
+    /// client has more requests buffered.
+    fn may_gather(&self) -> bool {
+        self.batching.load(Ordering::Relaxed)
+            && self.tracking.is_none()
+            && self.reader.has_buffered()
+    }
+
+    /// Holds a reply not yet ready when the client has more requests
+    /// buffered; returns it when it must be queued now.
+    fn hold(&self, pending: Pending) -> Option<Pending> {
+        if !self.may_gather() {
+            return Some(pending);
+        }
+        let mut held = self.held.lock();
+        if held.len() >= self.max_held {
+            return Some(pending);
+        }
+        let mut batch = self.batch.lock();
+        if !batch.is_empty() {
+            held.push(Pending::Ready(batch.split().freeze()));
+        }
+        held.push(pending);
+        None
     }
 
     /// Adds a ready reply to the batch when the client has more requests
     /// buffered; false when it must be queued now.
     fn gather(&self, reply: &Bytes) -> bool {
-        let allowed = self.batching.load(Ordering::Relaxed)
-            && self.tracking.is_none()
-            && self.reader.has_buffered();
-        if !allowed {
+        if !self.may_gather() {
             return false;
         }
         let mut batch = self.batch.lock();
@@ -619,6 +687,22 @@ impl Session {
 
     /// Queues the gathered replies for the writer.
     pub(super) async fn flush_batch(&self) -> Flow {
+        let held = {
+            let mut held = self.held.lock();
+            if held.is_empty() {
+                None
+            } else {
+                let mut held = std::mem::take(&mut *held);
+                let mut batch = self.batch.lock();
+                if !batch.is_empty() {
+                    held.push(Pending::Ready(batch.split().freeze()));
+                }
+                Some(held)
+            }
+        };
+        if let Some(held) = held {
+            return self.enqueue(Outgoing::Replies(held)).await;
+        }
         // Gathering is off while tracking is on, so no reply here counts
         // for a tracking client's pushes. The batch is written in place, so
         // its buffer is kept for the next one unless part of it must be
@@ -696,11 +780,22 @@ fn script_flags(reply: &Bytes, protocol: Protocol) -> Option<Vec<bool>> {
         .collect()
 }
 
+/// Closes the writer's `room` when the writer stops, so a session waiting
+/// for room hears that the client is gone.
+struct CloseRoom(Arc<ClientWriter>);
+
+impl Drop for CloseRoom {
+    fn drop(&mut self) {
+        self.0.room.close();
+    }
+}
+
 async fn write_replies(
     writer: Arc<ClientWriter>,
-    mut replies: mpsc::Receiver<Outgoing>,
+    mut replies: mpsc::UnboundedReceiver<Outgoing>,
     router: Arc<Router>,
 ) {
+    let _close = CloseRoom(writer.clone());
     let mut out = BytesMut::new();
     // Set once the client turns on tracking; `written` counts the replies
     // written since, to place its invalidation pushes.
@@ -730,6 +825,8 @@ async fn write_replies(
         let Some(item) = item else {
             break;
         };
+        // Room for more, as a bounded channel frees a slot on receipt.
+        writer.room.add_permits(item.replies() as usize);
         taken += 1;
         match item {
             Outgoing::Reply(pending) => {
@@ -748,6 +845,19 @@ async fn write_replies(
                 if let Some(pushes) = &tracking {
                     written += 1;
                     pushes.take_due(written, &mut out);
+                }
+            }
+            // Never queued while tracking is on, so no push goes between.
+            Outgoing::Replies(list) => {
+                for pending in list {
+                    let bytes = pending.resolve(&router).await;
+                    out.extend_from_slice(&bytes);
+                    if out.len() >= MAX_WRITE_BYTES {
+                        if writer.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                    }
                 }
             }
             Outgoing::Track(pushes) => {

@@ -3,7 +3,6 @@
 //! shared by many clients with replies matched to requests in FIFO order.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,15 +11,18 @@ use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 use super::frame::{encode_command, error_text, parse_reply, FrameError, Protocol, ReplyKind};
 use crate::tls::{self, ReadHalf, Stream, TlsConnector, WriteHalf};
 
-/// Batches waiting to be written on one pipelined connection.
-const WRITE_QUEUE_DEPTH: usize = 1024;
-/// Bytes gathered from queued batches into one write.
-const MAX_WRITE_BYTES: usize = 64 * 1024;
+/// Bytes of requests queued on one pipelined connection above which a
+/// sender waits for the writer. One request of any size may always be
+/// queued below it.
+const MAX_QUEUED_BYTES: usize = 1024 * 1024;
+/// Capacity of a write buffer kept for the next write; a larger one, left
+/// by a large request, is let go.
+const MAX_KEPT_BYTES: usize = 256 * 1024;
 
 /// Failure talking to an upstream server.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -300,38 +302,52 @@ type ReplySender = oneshot::Sender<Result<Bytes, UpstreamError>>;
 /// A pending reply, resolved when the upstream's reply arrives.
 pub type ReplyReceiver = oneshot::Receiver<Result<Bytes, UpstreamError>>;
 
-struct Batch {
-    bytes: Bytes,
-    replies: Replies,
+/// What the clients of a pipelined connection share with its task.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer when requests are queued on an empty queue.
+    queued: Notify,
+    /// Wakes senders that wait for room once the writer takes the queue.
+    room: Notify,
 }
 
-/// The senders of a batch's replies, in request order. A single request
-/// needs no list.
-enum Replies {
-    One(ReplySender),
-    Many(Vec<ReplySender>),
+struct Queue {
+    /// Requests not yet taken by the writer, back to back.
+    out: BytesMut,
+    /// One sender per request queued or written whose reply has not
+    /// arrived, in request order. Requests are added to `out` and their
+    /// senders here under one lock, so the two orders agree.
+    pending: VecDeque<ReplySender>,
+    /// Set when the connection has failed; nothing more is queued.
+    closed: bool,
 }
 
 /// A connection shared by many clients: requests are written in the order
 /// they are queued, and replies are handed out in the same order.
 pub struct Pipelined {
     pub addr: String,
-    queue: mpsc::Sender<Batch>,
-    alive: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl Pipelined {
     /// Takes over `conn`, running its reader and writer on a task.
     pub fn spawn(conn: RawConn) -> Pipelined {
-        let (queue, batches) = mpsc::channel(WRITE_QUEUE_DEPTH);
-        let alive = Arc::new(AtomicBool::new(true));
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                out: BytesMut::new(),
+                pending: VecDeque::new(),
+                closed: false,
+            }),
+            queued: Notify::new(),
+            room: Notify::new(),
+        });
         let addr = conn.addr.clone();
-        tokio::spawn(run_pipelined(conn, batches, alive.clone()));
-        Pipelined { addr, queue, alive }
+        tokio::spawn(run_pipelined(conn, shared.clone()));
+        Pipelined { addr, shared }
     }
 
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed) && !self.queue.is_closed()
+        !self.shared.queue.lock().closed
     }
 
     /// Queues `bytes`, which hold `count` requests, and returns one receiver
@@ -339,7 +355,7 @@ impl Pipelined {
     /// command after it cannot be split by another client's request.
     pub async fn send(
         &self,
-        bytes: Bytes,
+        bytes: &[u8],
         count: usize,
     ) -> Result<Vec<ReplyReceiver>, UpstreamError> {
         let mut senders = Vec::with_capacity(count);
@@ -349,36 +365,51 @@ impl Pipelined {
             senders.push(sender);
             receivers.push(receiver);
         }
-        let batch = Batch {
-            bytes,
-            replies: Replies::Many(senders),
-        };
-        self.queue_batch(batch).await?;
+        self.queue(bytes, senders).await?;
         Ok(receivers)
     }
 
     /// Queues `bytes`, which hold one request, and returns its receiver.
-    pub async fn send_one(&self, bytes: Bytes) -> Result<ReplyReceiver, UpstreamError> {
+    pub async fn send_one(&self, bytes: &[u8]) -> Result<ReplyReceiver, UpstreamError> {
         let (sender, receiver) = oneshot::channel();
-        let batch = Batch {
-            bytes,
-            replies: Replies::One(sender),
-        };
-        self.queue_batch(batch).await?;
+        self.queue(bytes, std::iter::once(sender)).await?;
         Ok(receiver)
     }
 
-    async fn queue_batch(&self, batch: Batch) -> Result<(), UpstreamError> {
-        self.queue
-            .send(batch)
-            .await
-            .map_err(|_| UpstreamError::NotSent {
-                addr: self.addr.clone(),
-            })
+    /// Appends `bytes` to the queue and `senders` to the pending replies,
+    /// waiting while more than [`MAX_QUEUED_BYTES`] wait to be written.
+    async fn queue(
+        &self,
+        bytes: &[u8],
+        senders: impl IntoIterator<Item = ReplySender>,
+    ) -> Result<(), UpstreamError> {
+        loop {
+            // Made before the check, so a wake-up between the two is kept.
+            let room = self.shared.room.notified();
+            {
+                let mut queue = self.shared.queue.lock();
+                if queue.closed {
+                    return Err(UpstreamError::NotSent {
+                        addr: self.addr.clone(),
+                    });
+                }
+                if queue.out.len() < MAX_QUEUED_BYTES {
+                    let was_empty = queue.out.is_empty();
+                    queue.out.extend_from_slice(bytes);
+                    queue.pending.extend(senders);
+                    drop(queue);
+                    if was_empty {
+                        self.shared.queued.notify_one();
+                    }
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
     }
 }
 
-async fn run_pipelined(conn: RawConn, batches: mpsc::Receiver<Batch>, alive: Arc<AtomicBool>) {
+async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
     let RawConn {
         addr,
         gauge,
@@ -388,20 +419,25 @@ async fn run_pipelined(conn: RawConn, batches: mpsc::Receiver<Batch>, alive: Arc
         max_reply_bytes,
     } = conn;
     let (reader, writer) = stream.into_split();
-    // Requests written whose replies have not arrived. There is no bound: each
-    // entry is a reply that a client's bounded reply queue waits for (a
-    // split multi-key command waits for one per slot), so the client limit
-    // and `client_queue_depth` bound the total.
-    let pending: Arc<Mutex<VecDeque<ReplySender>>> = Arc::default();
-    let reading = read_replies(reader, buf, protocol, max_reply_bytes, &addr, &pending);
-    let writing = write_requests(writer, batches, &addr, &pending);
+    // The pending replies have no bound of their own: each is one that a
+    // client's bounded reply queue waits for (a split multi-key command
+    // waits for one per slot), so the client limit and
+    // `client_queue_depth` bound the total.
+    let reading = read_replies(reader, buf, protocol, max_reply_bytes, &addr, &shared);
+    let writing = write_requests(writer, &addr, &shared);
     let error = tokio::select! {
         error = reading => error,
         error = writing => error,
     };
-    alive.store(false, Ordering::Relaxed);
     tracing::debug!(upstream = %addr, error = %error, "upstream connection closed");
-    for sender in pending.lock().drain(..) {
+    let pending = {
+        let mut queue = shared.queue.lock();
+        queue.closed = true;
+        queue.out = BytesMut::new();
+        std::mem::take(&mut queue.pending)
+    };
+    shared.room.notify_waiters();
+    for sender in pending {
         let _ = sender.send(Err(error.clone()));
     }
     drop(gauge);
@@ -413,7 +449,7 @@ async fn read_replies(
     protocol: Protocol,
     max_bytes: usize,
     addr: &str,
-    pending: &Mutex<VecDeque<ReplySender>>,
+    shared: &Shared,
 ) -> UpstreamError {
     loop {
         let (frame, kind) = match read_frame(&mut reader, &mut buf, protocol, max_bytes, addr).await
@@ -424,7 +460,7 @@ async fn read_replies(
         if kind == ReplyKind::Push {
             continue;
         }
-        let Some(sender) = pending.lock().pop_front() else {
+        let Some(sender) = shared.queue.lock().pending.pop_front() else {
             return UpstreamError::Io {
                 addr: addr.to_string(),
                 message: "reply without a pending request".into(),
@@ -435,35 +471,34 @@ async fn read_replies(
     }
 }
 
-async fn write_requests(
-    mut writer: WriteHalf,
-    mut batches: mpsc::Receiver<Batch>,
-    addr: &str,
-    pending: &Mutex<VecDeque<ReplySender>>,
-) -> UpstreamError {
-    let mut out = BytesMut::with_capacity(MAX_WRITE_BYTES);
-    while let Some(batch) = batches.recv().await {
+async fn write_requests(mut writer: WriteHalf, addr: &str, shared: &Shared) -> UpstreamError {
+    // The writer swaps this buffer with the queue's, so neither is
+    // allocated again while their size stays ordinary.
+    let mut out = BytesMut::new();
+    loop {
+        shared.queued.notified().await;
         // Let the runtime poll for I/O and run the sessions it wakes before
         // writing, so requests from many clients leave in one write.
         tokio::task::yield_now().await;
-        let mut next = Some(batch);
-        while let Some(batch) = next.take() {
-            match batch.replies {
-                Replies::One(sender) => pending.lock().push_back(sender),
-                Replies::Many(senders) => pending.lock().extend(senders),
+        loop {
+            {
+                let mut queue = shared.queue.lock();
+                if queue.out.is_empty() {
+                    break;
+                }
+                std::mem::swap(&mut queue.out, &mut out);
             }
-            out.extend_from_slice(&batch.bytes);
-            if out.len() < MAX_WRITE_BYTES {
-                next = batches.try_recv().ok();
+            shared.room.notify_waiters();
+            if let Err(err) = writer.send(&out).await {
+                return UpstreamError::Io {
+                    addr: addr.to_string(),
+                    message: err.to_string(),
+                };
+            }
+            out.clear();
+            if out.capacity() > MAX_KEPT_BYTES {
+                out = BytesMut::new();
             }
         }
-        if let Err(err) = writer.send(&out).await {
-            return UpstreamError::Io {
-                addr: addr.to_string(),
-                message: err.to_string(),
-            };
-        }
-        out.clear();
     }
-    UpstreamError::Closed { addr: addr.into() }
 }

@@ -162,6 +162,16 @@ impl RedisServer {
         }
     }
 
+    /// Stops (`STOP`) or resumes (`CONT`) the server process, as a stalled
+    /// host would.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     /// Stops the server at once, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -129,7 +129,7 @@ async fn fill(
     batch.extend_from_slice(&request.raw);
     batch.extend_from_slice(&pttl);
     let sent_at = Instant::now();
-    let mut receivers = match router.send_batch(&addr, batch.freeze(), 2, ctx).await {
+    let mut receivers = match router.send_batch(&addr, &batch, 2, ctx).await {
         Ok(receivers) => receivers,
         Err(err) if err.nothing_sent() => return router.route(request, command, ctx).await,
         Err(err) => return Pending::Ready(router.upstream_failure(&err, role)),
@@ -456,7 +456,7 @@ async fn fill_mget(router: &Arc<Router>, group: Vec<Miss>, ctx: SessionCtx) -> P
     }
     let sent_at = Instant::now();
     let count = group.len() + 1;
-    let mut receivers = match router.send_batch(&addr, batch.freeze(), count, ctx).await {
+    let mut receivers = match router.send_batch(&addr, &batch, count, ctx).await {
         Ok(receivers) => receivers.into_iter(),
         Err(err) if err.nothing_sent() => return router.route(request, "MGET", ctx).await,
         Err(err) => return Pending::Ready(router.upstream_failure(&err, role)),
