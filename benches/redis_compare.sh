@@ -6,6 +6,10 @@
 # Usage: benches/redis_compare.sh [requests per run, default 200000]
 #                                 [rounds, default 1]
 #
+# Runs at pipeline depth 16 send five times as many requests, so that
+# they last about as long as those at depth 1 instead of a fraction of a
+# second.
+#
 # With more than one round the targets take turns in each round, so
 # background load hits them alike, and each figure is the median of the
 # rounds. The proxies' CPU time per request (user and system, from /proc)
@@ -113,18 +117,19 @@ wait_port "$TWEM"; wait_port "$SKIFF"; wait_port "$SKIFF_CLUSTER"
 # Prints "get_rps set_rps cpu_us_per_request" for one redis-benchmark run;
 # the CPU is that of process $3 when it is not "-".
 run() { # port pipeline pid [extra args]
-    local port=$1 pipeline=$2 pid=$3 before=0 after=0; shift 3
+    local port=$1 pipeline=$2 pid=$3 before=0 after=0 requests=$REQUESTS; shift 3
+    [ "$pipeline" = 1 ] || requests=$((REQUESTS * 5))
     [ "$pid" = - ] || before=$(cpu_ticks "$pid")
     # A run that takes over 2 minutes is reported as 0 instead of hanging.
     local rates
-    rates=$(timeout 120 redis-benchmark -h 127.0.0.1 -p "$port" -t get,set -c 50 -r 100000 -n "$REQUESTS" \
+    rates=$(timeout 120 redis-benchmark -h 127.0.0.1 -p "$port" -t get,set -c 50 -r 100000 -n "$requests" \
         -P "$pipeline" --csv "$@" 2>/dev/null |
         python3 -c 'import csv, sys
 rows = {r[0]: r[1] for r in csv.reader(sys.stdin) if len(r) > 1}
 print(rows.get("GET", "0"), rows.get("SET", "0"))')
     [ "$pid" = - ] || after=$(cpu_ticks "$pid")
     echo "$rates $(python3 -c "import os, sys; print(f'{int(sys.argv[1]) * 1e6 / os.sysconf(\"SC_CLK_TCK\") / (2 * int(sys.argv[2])):.2f}')" \
-        "$((after - before))" "$REQUESTS")"
+        "$((after - before))" "$requests")"
 }
 # User and system CPU time of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -150,7 +155,7 @@ for pipeline in 1 16; do
     printf "%-3s %-4s %12s %12s %12s %10s %10s\n" "$pipeline" SET "$direct_set" "$twem_set" "$skiff_set" \
         "$(ratio "$skiff_set" "$twem_set")" "$(ratio "$skiff_set" "$direct_set")"
 done
-echo "(standalone; redis-benchmark -t get,set -c 50 -r 100000 -n $REQUESTS; cpu over both commands)"
+echo "(standalone; redis-benchmark -t get,set -c 50 -r 100000 -n $REQUESTS, five times that at depth 16; cpu over both commands)"
 
 printf "\n%-3s %-4s %14s %12s %10s %9s\n" P cmd "direct --cluster" skiff "skiff/dir" "skiff cpu"
 for pipeline in 1 16; do

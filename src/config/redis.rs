@@ -79,9 +79,11 @@ pub struct RedisConfig {
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
     /// Shared pipelined connections per upstream node, RESP version and
-    /// database. Default 2.
-    #[serde(default = "default_upstream_connections")]
-    pub upstream_connections: usize,
+    /// database. Default: one per session thread (`threads`), so a
+    /// thread's clients share the connections that thread opened, and
+    /// each connection carries as many requests per write as it can.
+    #[serde(default)]
+    pub upstream_connections: Option<usize>,
     /// Threads serving Redis clients, each running an event loop of its
     /// own; a client, and the shared upstream connections it uses, stay on
     /// one thread. Default: half the CPUs skiff may use, at least 1, so a
@@ -295,7 +297,10 @@ impl RedisConfig {
             ("max_reply_bytes", self.max_reply_bytes),
             ("client_queue_depth", self.client_queue_depth),
             ("max_clients", self.max_clients),
-            ("upstream_connections", self.upstream_connections),
+            (
+                "upstream_connections",
+                self.upstream_connections.unwrap_or(1),
+            ),
             ("max_dedicated_connections", self.max_dedicated_connections),
             ("cache_max_bytes", self.cache_max_bytes),
             ("cache_max_entries", self.cache_max_entries),
@@ -434,15 +439,19 @@ impl RedisConfig {
             .unwrap_or_else(crate::threads::half_the_cpus)
             .clamp(1, MAX_THREADS)
     }
+
+    /// Shared connections per node: `upstream_connections`, or one per
+    /// session thread.
+    pub fn upstream_connection_count(&self) -> usize {
+        self.upstream_connections
+            .unwrap_or_else(|| self.thread_count())
+    }
 }
 
 /// Largest `[redis] threads`. Each thread has a stack and an event loop's
 /// file descriptors, so a mistyped count would exhaust them at startup.
 pub const MAX_THREADS: usize = 1024;
 
-fn default_upstream_connections() -> usize {
-    2
-}
 fn default_max_dedicated_connections() -> usize {
     1024
 }
@@ -484,6 +493,27 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("up-secret"), "{printed}");
         assert!(!printed.contains("client-secret"), "{printed}");
+    }
+
+    #[test]
+    fn upstream_connections_default_to_one_per_thread() {
+        let parse = |extra: &str| {
+            let text = format!("[redis]\nnodes = [\"127.0.0.1:7000\"]\n{extra}");
+            Config::parse(&text).unwrap().redis.unwrap()
+        };
+        assert_eq!(parse("threads = 3\n").upstream_connection_count(), 3);
+        let both = parse("threads = 3\nupstream_connections = 5\n");
+        assert_eq!(both.upstream_connection_count(), 5);
+        let config = parse("");
+        assert_eq!(config.upstream_connection_count(), config.thread_count());
+        let err =
+            Config::parse("[redis]\nnodes = [\"127.0.0.1:7000\"]\nupstream_connections = 0\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("upstream_connections must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

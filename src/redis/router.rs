@@ -143,7 +143,7 @@ impl Router {
             false => None,
         };
         let pool = Pool::new(PoolSettings {
-            shared_per_node: config.upstream_connections,
+            shared_per_node: config.upstream_connection_count(),
             max_dedicated: config.max_dedicated_connections,
             readonly: cluster_mode,
             username: config.username.clone(),

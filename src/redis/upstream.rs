@@ -3,6 +3,7 @@
 //! shared by many clients with replies matched to requests in FIFO order.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -309,6 +310,8 @@ struct Shared {
     queued: Notify,
     /// Wakes senders that wait for room once the writer takes the queue.
     room: Notify,
+    /// Cleared with `Queue::closed`, read without the lock.
+    alive: AtomicBool,
 }
 
 struct Queue {
@@ -340,6 +343,7 @@ impl Pipelined {
             }),
             queued: Notify::new(),
             room: Notify::new(),
+            alive: AtomicBool::new(true),
         });
         let addr = conn.addr.clone();
         tokio::spawn(run_pipelined(conn, shared.clone()));
@@ -347,7 +351,7 @@ impl Pipelined {
     }
 
     pub fn is_alive(&self) -> bool {
-        !self.shared.queue.lock().closed
+        self.shared.alive.load(Ordering::Relaxed)
     }
 
     /// Queues `bytes`, which hold `count` requests, and returns one receiver
@@ -433,6 +437,7 @@ async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
     let pending = {
         let mut queue = shared.queue.lock();
         queue.closed = true;
+        shared.alive.store(false, Ordering::Relaxed);
         queue.out = BytesMut::new();
         std::mem::take(&mut queue.pending)
     };
