@@ -231,6 +231,27 @@ async fn stalled_upstream_holds_requests_in_order() {
 }
 
 #[tokio::test]
+async fn small_queue_depth_serves_mixed_pipelines() {
+    // Replies skiff writes itself (PING) between replies from the server
+    // (GET), in one write, with a reply queue of one and of two replies.
+    for depth in [1, 2, 3] {
+        let skiff = skiff(&format!("client_queue_depth = {depth}\nthreads = 2")).await;
+        let mut client = skiff.raw().await;
+        assert_eq!(client.call(&["SET", "mixed:a", "1"]).await, "+OK\r\n");
+        let mut pipeline = Vec::new();
+        for _ in 0..100 {
+            pipeline.extend_from_slice(&skiff::redis::frame::encode_command(&["PING"]));
+            pipeline.extend_from_slice(&skiff::redis::frame::encode_command(&["GET", "mixed:a"]));
+        }
+        client.send_bytes(&pipeline).await;
+        for i in 0..100 {
+            assert_eq!(client.read().await, "+PONG\r\n", "depth {depth}, PING {i}");
+            assert_eq!(client.read().await, "$1\r\n1\r\n", "depth {depth}, GET {i}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn replica_policy_sends_reads_to_replicas() {
     let servers = servers();
     let skiff = skiff("read_from = \"replica\"").await;

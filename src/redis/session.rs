@@ -31,6 +31,9 @@ const MAX_BATCH_BYTES: usize = 16 * 1024;
 /// Replies in flight a session holds before queueing them for its writer
 /// as one item.
 const MAX_HELD_REPLIES: usize = 64;
+/// Most permits of a client's reply queue, whatever `client_queue_depth`
+/// says: far more replies than a client can have outstanding.
+const MAX_ROOM: u32 = 1 << 24;
 /// Read buffer space for an idle client; kept small because thousands of
 /// idle clients each hold one.
 const IDLE_READ_BYTES: usize = 4 * 1024;
@@ -83,6 +86,9 @@ pub struct ClientWriter {
     /// One permit per reply the queue may still take: `client_queue_depth`
     /// in all. Closed when the writer stops.
     room: tokio::sync::Semaphore,
+    /// All the permits of `room`. No item asks for more, since that wait
+    /// would never end.
+    room_size: u32,
 }
 
 impl ClientWriter {
@@ -235,8 +241,9 @@ pub struct Session {
     pub(super) reader: ClientReader,
     /// Bounded by the writer's `room`, counted in replies.
     pub(super) queue: mpsc::UnboundedSender<Outgoing>,
-    /// Most replies held at once: [`MAX_HELD_REPLIES`], or fewer when
-    /// `client_queue_depth` is smaller.
+    /// Most entries of a list of held replies: [`MAX_HELD_REPLIES`], or
+    /// `client_queue_depth` when smaller, since the list takes a permit of
+    /// the writer's `room` per entry.
     max_held: usize,
     writer: Arc<ClientWriter>,
     pub(super) transaction: Option<Transaction>,
@@ -278,11 +285,13 @@ pub async fn run(
     let (read_half, write_half) = stream.into_split();
     let depth = router.config().client_queue_depth;
     let (queue, replies) = mpsc::unbounded_channel();
+    let room_size = u32::try_from(depth).unwrap_or(u32::MAX).min(MAX_ROOM);
     let client_writer = Arc::new(ClientWriter {
         half: write_half,
         queued: AtomicUsize::new(0),
         direct: AtomicBool::new(true),
-        room: tokio::sync::Semaphore::new(depth.min(tokio::sync::Semaphore::MAX_PERMITS)),
+        room: tokio::sync::Semaphore::new(room_size as usize),
+        room_size,
     });
     let writer = tokio::spawn(write_replies(
         client_writer.clone(),
@@ -632,7 +641,8 @@ impl Session {
     /// Queues `item` for the writer task, waiting while the queue holds
     /// `client_queue_depth` replies.
     async fn enqueue(&self, item: Outgoing) -> Flow {
-        match self.writer.room.acquire_many(item.replies()).await {
+        let permits = item.replies().min(self.writer.room_size);
+        match self.writer.room.acquire_many(permits).await {
             Ok(permits) => permits.forget(),
             // The writer stopped: the client is gone.
             Err(_) => return Flow::Close,
@@ -660,10 +670,13 @@ impl Session {
             return Some(pending);
         }
         let mut held = self.held.lock();
-        if held.len() >= self.max_held {
+        let mut batch = self.batch.lock();
+        // The list takes the gathered batch, this reply, and at the flush
+        // the replies gathered after it: all within `max_held`.
+        let entries = held.len() + usize::from(!batch.is_empty()) + 2;
+        if entries > self.max_held {
             return Some(pending);
         }
-        let mut batch = self.batch.lock();
         if !batch.is_empty() {
             held.push(Pending::Ready(batch.split().freeze()));
         }
@@ -826,7 +839,9 @@ async fn write_replies(
             break;
         };
         // Room for more, as a bounded channel frees a slot on receipt.
-        writer.room.add_permits(item.replies() as usize);
+        writer
+            .room
+            .add_permits(item.replies().min(writer.room_size) as usize);
         taken += 1;
         match item {
             Outgoing::Reply(pending) => {

@@ -3,11 +3,12 @@
 //! shared by many clients with replies matched to requests in FIFO order.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
@@ -21,6 +22,11 @@ use crate::tls::{self, ReadHalf, Stream, TlsConnector, WriteHalf};
 /// sender waits for the writer. One request of any size may always be
 /// queued below it.
 const MAX_QUEUED_BYTES: usize = 1024 * 1024;
+/// Queued bytes from which a sender writes to a plain connection itself
+/// when the writer is not writing.
+const DIRECT_WRITE_BYTES: usize = 8 * 1024;
+/// Replies from this size up are copied out of the read buffer.
+const OWN_ALLOCATION_BYTES: usize = 64 * 1024;
 /// Capacity of a write buffer kept for the next write; a larger one, left
 /// by a large request, is let go.
 const MAX_KEPT_BYTES: usize = 256 * 1024;
@@ -283,8 +289,14 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
                 addr: addr.to_string(),
                 message: err.to_string(),
             })?;
-        if let Some(frame) = parsed {
-            return Ok(frame);
+        if let Some((frame, kind)) = parsed {
+            // A large reply gets an allocation of its own: cut out of the
+            // read buffer, it would keep the whole buffer, often twice its
+            // size, for as long as it waits for its client.
+            if frame.len() >= OWN_ALLOCATION_BYTES {
+                return Ok((Bytes::copy_from_slice(&frame), kind));
+            }
+            return Ok((frame, kind));
         }
         let read = stream
             .read_buf(buf)
@@ -312,6 +324,9 @@ struct Shared {
     room: Notify,
     /// Cleared with `Queue::closed`, read without the lock.
     alive: AtomicBool,
+    /// The write half of a plain TCP connection, which senders may write
+    /// to directly (see [`DIRECT_WRITE_BYTES`]). Unset for TLS.
+    plain: std::sync::OnceLock<tokio::net::tcp::OwnedWriteHalf>,
 }
 
 struct Queue {
@@ -323,6 +338,9 @@ struct Queue {
     pending: VecDeque<ReplySender>,
     /// Set when the connection has failed; nothing more is queued.
     closed: bool,
+    /// Set while the writer has bytes taken from `out` not yet written;
+    /// senders then must not write directly.
+    writing: bool,
 }
 
 /// A connection shared by many clients: requests are written in the order
@@ -340,10 +358,12 @@ impl Pipelined {
                 out: BytesMut::new(),
                 pending: VecDeque::new(),
                 closed: false,
+                writing: false,
             }),
             queued: Notify::new(),
             room: Notify::new(),
             alive: AtomicBool::new(true),
+            plain: std::sync::OnceLock::new(),
         });
         let addr = conn.addr.clone();
         tokio::spawn(run_pipelined(conn, shared.clone()));
@@ -401,14 +421,40 @@ impl Pipelined {
                     let was_empty = queue.out.is_empty();
                     queue.out.extend_from_slice(bytes);
                     queue.pending.extend(senders);
+                    let wrote = self.write_directly(&mut queue);
+                    let wake = !queue.out.is_empty() && (was_empty || wrote);
                     drop(queue);
-                    if was_empty {
+                    if wake {
                         self.shared.queued.notify_one();
                     }
                     return Ok(());
                 }
             }
             room.await;
+        }
+    }
+}
+
+impl Pipelined {
+    /// Writes what the socket takes of a queue of at least
+    /// [`DIRECT_WRITE_BYTES`], when the writer is not writing, and returns
+    /// true if it wrote anything. The server then starts on these requests
+    /// while the sessions still parse the rest of a burst, instead of
+    /// receiving the whole burst in one write at the end.
+    fn write_directly(&self, queue: &mut Queue) -> bool {
+        if queue.writing || queue.out.len() < DIRECT_WRITE_BYTES {
+            return false;
+        }
+        let Some(half) = self.shared.plain.get() else {
+            return false;
+        };
+        match half.try_write(&queue.out) {
+            Ok(written) => {
+                queue.out.advance(written);
+                written > 0
+            }
+            // A full socket, or an error the writer meets and reports.
+            Err(_) => false,
         }
     }
 }
@@ -423,6 +469,13 @@ async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
         max_reply_bytes,
     } = conn;
     let (reader, writer) = stream.into_split();
+    let writer = match writer {
+        WriteHalf::Plain(half) => {
+            let _ = shared.plain.set(half);
+            None
+        }
+        tls => Some(tls),
+    };
     // The pending replies have no bound of their own: each is one that a
     // client's bounded reply queue waits for (a split multi-key command
     // waits for one per slot), so the client limit and
@@ -476,7 +529,22 @@ async fn read_replies(
     }
 }
 
-async fn write_requests(mut writer: WriteHalf, addr: &str, shared: &Shared) -> UpstreamError {
+/// Writes all of `bytes` to the plain connection's write half.
+async fn write_plain(half: &tokio::net::tcp::OwnedWriteHalf, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match half.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes = &bytes[written..],
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => half.writable().await?,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the queued requests: through `tls` for TLS, else through the
+/// plain write half in `shared`.
+async fn write_requests(mut tls: Option<WriteHalf>, addr: &str, shared: &Shared) -> UpstreamError {
     // The writer swaps this buffer with the queue's, so neither is
     // allocated again while their size stays ordinary.
     let mut out = BytesMut::new();
@@ -489,12 +557,19 @@ async fn write_requests(mut writer: WriteHalf, addr: &str, shared: &Shared) -> U
             {
                 let mut queue = shared.queue.lock();
                 if queue.out.is_empty() {
+                    queue.writing = false;
                     break;
                 }
                 std::mem::swap(&mut queue.out, &mut out);
+                queue.writing = true;
             }
             shared.room.notify_waiters();
-            if let Err(err) = writer.send(&out).await {
+            let written = match (&mut tls, shared.plain.get()) {
+                (Some(tls), _) => tls.send(&out).await,
+                (None, Some(half)) => write_plain(half, &out).await,
+                (None, None) => Err(io::ErrorKind::NotConnected.into()),
+            };
+            if let Err(err) = written {
                 return UpstreamError::Io {
                     addr: addr.to_string(),
                     message: err.to_string(),
