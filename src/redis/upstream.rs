@@ -24,7 +24,7 @@ use crate::tls::{self, ReadHalf, Stream, TlsConnector, WriteHalf};
 const MAX_QUEUED_BYTES: usize = 1024 * 1024;
 /// Queued bytes from which a sender writes to a plain connection itself
 /// when the writer is not writing.
-const DIRECT_WRITE_BYTES: usize = 8 * 1024;
+const DIRECT_WRITE_BYTES: usize = 4 * 1024;
 /// Replies from this size up are copied out of the read buffer.
 const OWN_ALLOCATION_BYTES: usize = 64 * 1024;
 /// Capacity of a write buffer kept for the next write; a larger one, left
