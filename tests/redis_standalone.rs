@@ -196,6 +196,7 @@ async fn stalled_upstream_holds_requests_in_order() {
     let skiff = Skiff::start(&body).await;
     let mut warm = skiff.client(Protocol::Resp2).await;
     let _: () = warm.set("stall:warm", 1).await.unwrap();
+
     server.signal("STOP");
     let mut tasks = Vec::new();
     for client in 0..8 {
@@ -214,11 +215,13 @@ async fn stalled_upstream_holds_requests_in_order() {
             }
         }));
     }
+
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         tasks.iter().all(|task| !task.is_finished()),
         "a pipeline finished while the server was stopped"
     );
+
     server.signal("CONT");
     for task in tasks {
         tokio::time::timeout(Duration::from_secs(20), task)
@@ -233,7 +236,7 @@ async fn stalled_upstream_holds_requests_in_order() {
 #[tokio::test]
 async fn small_queue_depth_serves_mixed_pipelines() {
     // Replies skiff writes itself (PING) between replies from the server
-    // (GET), in one write, with a reply queue of one and of two replies.
+    // (GET), in one write, with reply queues of one, two and three replies.
     for depth in [1, 2, 3] {
         let skiff = skiff(&format!("client_queue_depth = {depth}\nthreads = 2")).await;
         let mut client = skiff.raw().await;

@@ -28,11 +28,12 @@ const MAX_WRITE_BYTES: usize = 64 * 1024;
 /// Bytes of ready replies a session gathers before queueing them for its
 /// writer as one item.
 const MAX_BATCH_BYTES: usize = 16 * 1024;
-/// Replies in flight a session holds before queueing them for its writer
-/// as one item.
+/// Maximum replies in flight a session keeps before queueing them for its
+/// writer as one item.
 const MAX_HELD_REPLIES: usize = 64;
-/// Most permits of a client's reply queue, whatever `client_queue_depth`
-/// says: far more replies than a client can have outstanding.
+/// Maximum permits of a client's reply queue, whatever the value of
+/// `client_queue_depth`: far more replies than a client can have
+/// outstanding.
 const MAX_ROOM: u32 = 1 << 24;
 /// Read buffer space for an idle client; kept small because thousands of
 /// idle clients each hold one.
@@ -61,8 +62,8 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    /// The permits of the writer's `room` the item takes: one per reply,
-    /// and one for any other item.
+    /// Returns the permits of the writer's `room` the item takes: one per
+    /// reply, and one for any other item.
     fn replies(&self) -> u32 {
         match self {
             Outgoing::Replies(list) => list.len() as u32,
@@ -86,7 +87,7 @@ pub struct ClientWriter {
     /// One permit per reply the queue may still take: `client_queue_depth`
     /// in all. Closed when the writer stops.
     room: tokio::sync::Semaphore,
-    /// All the permits of `room`. No item asks for more, since that wait
+    /// All the permits of `room`. No item requests more, since that wait
     /// would never end.
     room_size: u32,
 }
@@ -241,7 +242,7 @@ pub struct Session {
     pub(super) reader: ClientReader,
     /// Bounded by the writer's `room`, counted in replies.
     pub(super) queue: mpsc::UnboundedSender<Outgoing>,
-    /// Most entries of a list of held replies: [`MAX_HELD_REPLIES`], or
+    /// Maximum entries of a list of held replies: [`MAX_HELD_REPLIES`], or
     /// `client_queue_depth` when smaller, since the list takes a permit of
     /// the writer's `room` per entry.
     max_held: usize,
@@ -638,7 +639,7 @@ impl Session {
         Flow::Continue
     }
 
-    /// Queues `item` for the writer task, waiting while the queue holds
+    /// Queues `item` for the writer task, waiting while the queue contains
     /// `client_queue_depth` replies.
     async fn enqueue(&self, item: Outgoing) -> Flow {
         let permits = item.replies().min(self.writer.room_size);

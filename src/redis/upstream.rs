@@ -315,7 +315,7 @@ type ReplySender = oneshot::Sender<Result<Bytes, UpstreamError>>;
 /// A pending reply, resolved when the upstream's reply arrives.
 pub type ReplyReceiver = oneshot::Receiver<Result<Bytes, UpstreamError>>;
 
-/// What the clients of a pipelined connection share with its task.
+/// State shared by the clients of a pipelined connection and its task.
 struct Shared {
     queue: Mutex<Queue>,
     /// Wakes the writer when requests are queued on an empty queue.
