@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
@@ -324,9 +325,6 @@ struct Shared {
     room: Notify,
     /// Cleared with `Queue::closed`, read without the lock.
     alive: AtomicBool,
-    /// The write half of a plain TCP connection, which senders may write
-    /// to directly (see [`DIRECT_WRITE_BYTES`]). Unset for TLS.
-    plain: std::sync::OnceLock<tokio::net::tcp::OwnedWriteHalf>,
 }
 
 struct Queue {
@@ -341,6 +339,16 @@ struct Queue {
     /// Set while the writer has bytes taken from `out` not yet written;
     /// senders then must not write directly.
     writing: bool,
+    /// The write half of a plain TCP connection, which senders may write
+    /// to directly (see [`DIRECT_WRITE_BYTES`]). None for TLS, and once
+    /// the connection has closed, so the socket closes with the task.
+    plain: Option<Arc<OwnedWriteHalf>>,
+}
+
+/// Where the writer task writes.
+enum Output {
+    Plain(Arc<OwnedWriteHalf>),
+    Tls(WriteHalf),
 }
 
 /// A connection shared by many clients: requests are written in the order
@@ -359,11 +367,11 @@ impl Pipelined {
                 pending: VecDeque::new(),
                 closed: false,
                 writing: false,
+                plain: None,
             }),
             queued: Notify::new(),
             room: Notify::new(),
             alive: AtomicBool::new(true),
-            plain: std::sync::OnceLock::new(),
         });
         let addr = conn.addr.clone();
         tokio::spawn(run_pipelined(conn, shared.clone()));
@@ -445,7 +453,7 @@ impl Pipelined {
         if queue.writing || queue.out.len() < DIRECT_WRITE_BYTES {
             return false;
         }
-        let Some(half) = self.shared.plain.get() else {
+        let Some(half) = &queue.plain else {
             return false;
         };
         match half.try_write(&queue.out) {
@@ -469,19 +477,20 @@ async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
         max_reply_bytes,
     } = conn;
     let (reader, writer) = stream.into_split();
-    let writer = match writer {
+    let output = match writer {
         WriteHalf::Plain(half) => {
-            let _ = shared.plain.set(half);
-            None
+            let half = Arc::new(half);
+            shared.queue.lock().plain = Some(half.clone());
+            Output::Plain(half)
         }
-        tls => Some(tls),
+        tls => Output::Tls(tls),
     };
     // The pending replies have no bound of their own: each is one that a
     // client's bounded reply queue waits for (a split multi-key command
     // waits for one per slot), so the client limit and
     // `client_queue_depth` bound the total.
     let reading = read_replies(reader, buf, protocol, max_reply_bytes, &addr, &shared);
-    let writing = write_requests(writer, &addr, &shared);
+    let writing = write_requests(output, &addr, &shared);
     let error = tokio::select! {
         error = reading => error,
         error = writing => error,
@@ -492,6 +501,7 @@ async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
         queue.closed = true;
         shared.alive.store(false, Ordering::Relaxed);
         queue.out = BytesMut::new();
+        queue.plain = None;
         std::mem::take(&mut queue.pending)
     };
     shared.room.notify_waiters();
@@ -530,7 +540,7 @@ async fn read_replies(
 }
 
 /// Writes all of `bytes` to the plain connection's write half.
-async fn write_plain(half: &tokio::net::tcp::OwnedWriteHalf, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_plain(half: &OwnedWriteHalf, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match half.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -542,9 +552,8 @@ async fn write_plain(half: &tokio::net::tcp::OwnedWriteHalf, mut bytes: &[u8]) -
     Ok(())
 }
 
-/// Writes the queued requests: through `tls` for TLS, else through the
-/// plain write half in `shared`.
-async fn write_requests(mut tls: Option<WriteHalf>, addr: &str, shared: &Shared) -> UpstreamError {
+/// Writes the queued requests to `output`.
+async fn write_requests(mut output: Output, addr: &str, shared: &Shared) -> UpstreamError {
     // The writer swaps this buffer with the queue's, so neither is
     // allocated again while their size stays ordinary.
     let mut out = BytesMut::new();
@@ -564,10 +573,9 @@ async fn write_requests(mut tls: Option<WriteHalf>, addr: &str, shared: &Shared)
                 queue.writing = true;
             }
             shared.room.notify_waiters();
-            let written = match (&mut tls, shared.plain.get()) {
-                (Some(tls), _) => tls.send(&out).await,
-                (None, Some(half)) => write_plain(half, &out).await,
-                (None, None) => Err(io::ErrorKind::NotConnected.into()),
+            let written = match &mut output {
+                Output::Plain(half) => write_plain(half, &out).await,
+                Output::Tls(tls) => tls.send(&out).await,
             };
             if let Err(err) = written {
                 return UpstreamError::Io {
