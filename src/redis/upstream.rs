@@ -345,7 +345,7 @@ struct Queue {
     plain: Option<Arc<OwnedWriteHalf>>,
 }
 
-/// Where the writer task writes.
+/// The socket half the writer task writes to.
 enum Output {
     Plain(Arc<OwnedWriteHalf>),
     Tls(WriteHalf),
