@@ -69,10 +69,13 @@ pub struct RedisConfig {
     /// cannot skip a reply it has not read.
     #[serde(default = "default_max_frame_bytes")]
     pub max_reply_bytes: usize,
-    /// Replies a client may have outstanding before skiff stops reading its
-    /// requests, so a client that does not read cannot grow memory. Default
-    /// 1024. The bound counts replies, not bytes: the worst case is this
-    /// many replies of up to `max_reply_bytes` each.
+    /// Replies a client may have queued for writing before skiff stops
+    /// reading its requests, so a client that does not read cannot grow
+    /// memory. Default 1024. The bound counts replies, not bytes. On top of
+    /// it, a session keeps up to 64 replies (at most this many) from one
+    /// read of a pipelining client before queueing them, and its writer
+    /// keeps the item it is writing. The worst case is therefore about
+    /// twice this many replies of up to `max_reply_bytes` each.
     #[serde(default = "default_client_queue_depth")]
     pub client_queue_depth: usize,
     /// Client connections accepted at once. Default 10000.

@@ -315,6 +315,9 @@ pub struct Retry {
 
 /// Follows redirects and retries for one command, at most `max_redirects`
 /// hops, and returns the final reply. A redirect is never returned raw.
+// NOTE: the command is sent again when its reply is resolved. By then the
+// slot map has moved on, so while the slot migrates, later commands of the
+// same pipeline for that slot can reach the new node and run before it.
 pub async fn follow(
     router: Arc<Router>,
     retry: Retry,
