@@ -257,7 +257,7 @@ pub struct Session {
     /// buffered and queued for the writer as one item, with the replies
     /// gathered in `batch` after them. A pipelining client's requests then
     /// cost one queue handoff per read instead of one each.
-    held: parking_lot::Mutex<Vec<Pending>>,
+    held_replies: parking_lot::Mutex<Vec<Pending>>,
     /// True while replies may be gathered: set for each request the read
     /// loop handles, cleared by [`Session::drain`] before a pinned
     /// connection relays replies outside the read loop.
@@ -321,7 +321,7 @@ pub async fn run(
         writer: client_writer,
         transaction: None,
         batch: parking_lot::Mutex::new(BytesMut::new()),
-        held: parking_lot::Mutex::new(Vec::new()),
+        held_replies: parking_lot::Mutex::new(Vec::new()),
         batching: std::sync::atomic::AtomicBool::new(false),
         tracking: None,
         stopping: stop.watch(),
@@ -566,7 +566,7 @@ impl Session {
             && !self.reader.has_buffered()
             && self.writer.may_write_directly()
             && self.batch.lock().is_empty()
-            && self.held.lock().is_empty()
+            && self.held_replies.lock().is_empty()
     }
 
     /// Waits for the reply of `in_flight` and writes it, unless the client
@@ -670,7 +670,7 @@ impl Session {
         if !self.may_gather() {
             return Some(pending);
         }
-        let mut held = self.held.lock();
+        let mut held = self.held_replies.lock();
         let mut batch = self.batch.lock();
         // The list takes the gathered batch, this reply, and at the flush
         // the replies gathered after it: all within `max_held`.
@@ -702,7 +702,7 @@ impl Session {
     /// Queues the gathered replies for the writer.
     pub(super) async fn flush_batch(&self) -> Flow {
         let held = {
-            let mut held = self.held.lock();
+            let mut held = self.held_replies.lock();
             if held.is_empty() {
                 None
             } else {
