@@ -139,6 +139,12 @@ impl ClientWriter {
         Ok(())
     }
 
+    /// Returns the permits of `room` that `item` takes while queued, never
+    /// more than `room` has.
+    fn permits(&self, item: &Outgoing) -> u32 {
+        item.replies().min(self.room_size)
+    }
+
     /// Marks `taken` queued items as written.
     fn release(&self, taken: &mut usize) {
         if *taken > 0 {
@@ -642,8 +648,12 @@ impl Session {
     /// Queues `item` for the writer task, waiting while the queue contains
     /// `client_queue_depth` replies.
     async fn enqueue(&self, item: Outgoing) -> Flow {
-        let permits = item.replies().min(self.writer.room_size);
-        match self.writer.room.acquire_many(permits).await {
+        match self
+            .writer
+            .room
+            .acquire_many(self.writer.permits(&item))
+            .await
+        {
             Ok(permits) => permits.forget(),
             // The writer stopped: the client is gone.
             Err(_) => return Flow::Close,
@@ -678,9 +688,7 @@ impl Session {
         if entries > self.max_held {
             return Some(pending);
         }
-        if !batch.is_empty() {
-            held.push(Pending::Ready(batch.split().freeze()));
-        }
+        move_batch(&mut held, &mut batch);
         held.push(pending);
         None
     }
@@ -703,18 +711,12 @@ impl Session {
     pub(super) async fn flush_batch(&self) -> Flow {
         let held = {
             let mut held = self.held_replies.lock();
-            if held.is_empty() {
-                None
-            } else {
-                let mut held = std::mem::take(&mut *held);
-                let mut batch = self.batch.lock();
-                if !batch.is_empty() {
-                    held.push(Pending::Ready(batch.split().freeze()));
-                }
-                Some(held)
+            if !held.is_empty() {
+                move_batch(&mut held, &mut self.batch.lock());
             }
+            std::mem::take(&mut *held)
         };
-        if let Some(held) = held {
+        if !held.is_empty() {
             return self.enqueue(Outgoing::Replies(held)).await;
         }
         // Gathering is off while tracking is on, so no reply here counts
@@ -785,6 +787,14 @@ impl Session {
     }
 }
 
+/// Moves the replies gathered in `batch`, if any, to the end of `held`, so
+/// they keep their place after the replies held before them.
+fn move_batch(held: &mut Vec<Pending>, batch: &mut BytesMut) {
+    if !batch.is_empty() {
+        held.push(Pending::Ready(batch.split().freeze()));
+    }
+}
+
 /// Returns, from a `SCRIPT EXISTS` reply, whether each script exists.
 fn script_flags(reply: &Bytes, protocol: Protocol) -> Option<Vec<bool>> {
     let items = super::frame::Value::decode(reply, protocol)?.into_items()?;
@@ -840,9 +850,7 @@ async fn write_replies(
             break;
         };
         // Room for more, as a bounded channel frees a slot on receipt.
-        writer
-            .room
-            .add_permits(item.replies().min(writer.room_size) as usize);
+        writer.room.add_permits(writer.permits(&item) as usize);
         taken += 1;
         match item {
             Outgoing::Reply(pending) => {
