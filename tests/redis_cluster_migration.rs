@@ -322,3 +322,69 @@ async fn transaction_follows_moved_slot() {
     );
     assert_eq!(multi.call(&["EXEC"]).await, "*2\r\n+PONG\r\n:2\r\n");
 }
+
+/// skiff learns a slot's new owner from another client while a pipelined
+/// write waits on the old owner. The next write of the pipeline must not
+/// reach the new owner before the first one is redirected there.
+#[tokio::test]
+async fn pipeline_order_survives_map_change() {
+    let _serial = serial().lock().await;
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    // Reads go to replicas, so a read learns of the move from the old
+    // owner's replica while the old owner is stopped.
+    let body = format!(
+        "mode = \"cluster\"\nnodes = {}\ntopology_refresh_interval = \"1h\"\nread_from = \"replica\"",
+        cluster.seeds_toml()
+    );
+    let skiff = Skiff::start(&body).await;
+    let key = "migrate:order";
+    let slot = key_slot(key.as_bytes()).to_string();
+    let (owner, target) = owner_and_other(cluster, key);
+    let owner_replica = cluster
+        .replicas()
+        .into_iter()
+        .find(|node| node.info_field("replication", "master_port") == owner.port.to_string())
+        .expect("the owner has a replica");
+    let mut writer = skiff.raw().await;
+    let mut reader = skiff.raw().await;
+    assert_eq!(writer.call(&["DEL", key]).await, ":0\r\n");
+    assert_eq!(reader.call(&["GET", key]).await, "$-1\r\n");
+
+    start_migration(owner, target, &slot);
+    finish_migration(cluster, target, &slot);
+    owner.signal("STOP");
+    let resumed = Resume(owner);
+    // Sent to the old owner, where it waits.
+    writer.send(&["SET", key, "first"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The old owner's replica replies MOVED, and skiff's map now names the
+    // new owner for the slot.
+    let redirected = || owner_replica.command_stat("get", "rejected_calls");
+    let replica_redirects = redirected();
+    assert_eq!(reader.call(&["GET", key]).await, "$-1\r\n");
+    assert_eq!(
+        redirected(),
+        replica_redirects + 1,
+        "the old owner's replica redirected the read"
+    );
+    writer.send(&["APPEND", key, "+second"]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(resumed);
+
+    assert_eq!(String::from_utf8_lossy(&writer.read().await), "+OK\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&writer.read().await),
+        ":12\r\n",
+        "APPEND ran after SET"
+    );
+    assert_eq!(target.cli(&["GET", key]).trim(), "first+second");
+}
+
+/// Resumes a stopped server when dropped, also when a test fails.
+struct Resume<'a>(&'a RedisServer);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.0.signal("CONT");
+    }
+}

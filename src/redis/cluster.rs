@@ -2,6 +2,7 @@
 //! command, and MOVED, ASK, TRYAGAIN and CLUSTERDOWN handled so the client
 //! never sees a redirect.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,8 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 pub struct Cluster {
     seeds: Vec<String>,
     map: RwLock<Arc<ClusterMap>>,
+    /// The version of `map`, read by sessions before each command.
+    version: AtomicU64,
     refresh: Notify,
     last_refresh: Mutex<Option<Instant>>,
     /// Told of every slot map change, to drop cached replies of moved slots.
@@ -44,6 +47,7 @@ impl Cluster {
     pub fn new(seeds: Vec<String>, cache: Arc<Cache>) -> Cluster {
         Cluster {
             map: RwLock::new(Arc::new(ClusterMap::empty())),
+            version: AtomicU64::new(0),
             seeds,
             refresh: Notify::new(),
             last_refresh: Mutex::new(None),
@@ -82,10 +86,28 @@ impl Cluster {
     fn apply_moved(&self, slot: u16, addr: &str) {
         let moved = {
             let mut map = self.map.write();
-            *map = Arc::new(map.with_moved(slot, addr));
+            let current = map.shard(slot).is_some_and(|shard| &*shard.primary == addr);
+            if current {
+                return;
+            }
+            let moved = map.with_moved(slot, addr);
+            self.install(&mut map, moved);
             map.clone()
         };
         self.cache.slot_moved(slot, &moved);
+    }
+
+    /// Returns the version of the slot map in force, without a lock.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Replaces the map in `current`, which the write lock guards, by
+    /// `map` with the next version.
+    fn install(&self, current: &mut Arc<ClusterMap>, mut map: ClusterMap) {
+        map.version = current.version + 1;
+        self.version.store(map.version, Ordering::Release);
+        *current = Arc::new(map);
     }
 
     /// Reloads the slot map from the known nodes, then the seeds.
@@ -94,10 +116,20 @@ impl Cluster {
         let mut candidates = self.map().nodes();
         candidates.extend(self.seeds.iter().cloned());
         candidates.dedup();
-        let map = Arc::new(topology::discover(&candidates, settings).await?);
+        let map = topology::discover(&candidates, settings).await?;
         metrics::counter!("skiff_redis_topology_refreshes_total").increment(1);
-        let old = std::mem::replace(&mut *self.map.write(), map.clone());
-        self.cache.cluster_map_changed(&old, &map);
+        // An unchanged map keeps its version, so that sessions keep
+        // sending without waiting for their earlier commands.
+        let (old, new) = {
+            let mut current = self.map.write();
+            if current.routes_like(&map) {
+                return Ok(());
+            }
+            let old = current.clone();
+            self.install(&mut current, map);
+            (old, current.clone())
+        };
+        self.cache.cluster_map_changed(&old, &new);
         Ok(())
     }
 }
@@ -184,10 +216,14 @@ pub async fn submit(
     ctx: SessionCtx,
     spec: Option<CommandSpec>,
 ) -> Pending {
+    let map = router.cluster.as_ref().expect("cluster mode").map();
+    if ctx.map_version != 0 && ctx.map_version != map.version {
+        return route_in_order(router, request, name, ctx, spec);
+    }
     let readonly = spec.is_some_and(|spec| spec.readonly);
     let mut positions = command::key_positions(spec.as_ref(), name, &request);
     let Some(first) = positions.next() else {
-        return fanout::keyless(router, request, name, ctx).await;
+        return fanout::keyless(router, &map, request, name, ctx).await;
     };
     let slot = key_slot(&request.args[first]);
     let same_slot = positions.all(|i| key_slot(&request.args[i]) == slot);
@@ -197,25 +233,49 @@ pub async fn submit(
             .iter()
             .map(|&i| key_slot(&request.args[i]))
             .collect();
-        return match fanout::split(router, &request, name, &positions, &slots, ctx).await {
+        return match fanout::split(router, &map, &request, name, &positions, &slots, ctx).await {
             Some(pending) => pending,
             None => Pending::Ready(reply::error(reply::CROSSSLOT)),
         };
     }
-    submit_to_slot(router, request, slot, readonly, ctx).await
+    submit_to_slot(router, &map, request, slot, readonly, ctx).await
+}
+
+/// Routes a command once the writer reaches its reply, after the final
+/// replies of the session's earlier commands. Those went by the map of
+/// version `ctx.map_version`, which has changed since. Sent now, the command
+/// could reach a slot's new owner before an earlier command to the same
+/// slot, redirected from the old owner, is sent there again.
+fn route_in_order(
+    router: &Arc<Router>,
+    request: Request,
+    name: &str,
+    ctx: SessionCtx,
+    spec: Option<CommandSpec>,
+) -> Pending {
+    let ctx = SessionCtx {
+        map_version: 0,
+        ..ctx
+    };
+    let router = router.clone();
+    let name = name.to_string();
+    Pending::Future(Box::pin(async move {
+        let pending = Box::pin(submit(&router, request, &name, ctx, spec)).await;
+        pending.resolve(&router).await
+    }))
 }
 
 /// Writes `request` to the node serving `slot`; failures before anything
 /// was written become a retry on the slower path.
 pub async fn submit_to_slot(
     router: &Arc<Router>,
+    map: &ClusterMap,
     request: Request,
     slot: u16,
     readonly: bool,
     ctx: SessionCtx,
 ) -> Pending {
-    let map = router.cluster.as_ref().expect("cluster mode").map();
-    let Some((addr, role)) = pick_node(router, &map, slot, readonly, ctx.client_id) else {
+    let Some((addr, role)) = pick_node(router, map, slot, readonly, ctx.client_id) else {
         let retry = Retry {
             request,
             slot: Some(slot),
@@ -315,9 +375,9 @@ pub struct Retry {
 
 /// Follows redirects and retries for one command, at most `max_redirects`
 /// hops, and returns the final reply. A redirect is never returned raw.
-// NOTE: the command is sent again when its reply is resolved. By then the
-// slot map has moved on, so while the slot migrates, later commands of the
-// same pipeline for that slot can reach the new node and run before it.
+/// The writer resolves a client's replies in order, so redirects of one
+/// client are followed in its order. The session's map order (`order.rs`)
+/// keeps later commands from reaching the new node first.
 pub async fn follow(
     router: Arc<Router>,
     retry: Retry,

@@ -11,6 +11,7 @@ use super::frame::{error_text, Protocol, Request, Value};
 use super::reply;
 use super::router::{Pending, Role, Router, SessionCtx};
 use super::slot::key_slot;
+use super::topology::ClusterMap;
 use super::upstream::UpstreamError;
 
 /// Bits of a cluster SCAN cursor that carry the primary's index.
@@ -19,12 +20,13 @@ const NODE_BITS: u32 = 10;
 /// Routes a command without keys.
 pub async fn keyless(
     router: &Arc<Router>,
+    map: &ClusterMap,
     request: Request,
     name: &str,
     ctx: SessionCtx,
 ) -> Pending {
     let cluster = router.cluster.as_ref().expect("cluster mode");
-    let primaries = cluster.map().primaries();
+    let primaries = map.primaries();
     if primaries.is_empty() {
         cluster.request_refresh();
         return Pending::Ready(reply::error("CLUSTERDOWN Hash slot not served"));
@@ -33,7 +35,7 @@ pub async fn keyless(
         // SUBSCRIBE goes to the channel's slot owner too, so PUBLISH returns
         // the count of subscribers that skiff's clients hold on that node.
         let slot = key_slot(&request.args[1]);
-        return submit_to_slot(router, request, slot, false, ctx).await;
+        return submit_to_slot(router, map, request, slot, false, ctx).await;
     }
     let router = router.clone();
     let merge = match name {
@@ -204,6 +206,7 @@ fn next_scan_cursor(node_cursor: u64, index: usize, primaries: usize) -> u64 {
 /// order. Returns `None` for commands that cannot be split.
 pub async fn split(
     router: &Arc<Router>,
+    map: &ClusterMap,
     request: &Request,
     name: &str,
     positions: &[usize],
@@ -233,7 +236,7 @@ pub async fn split(
             args.extend_from_slice(&request.args[position..=position + values_per_key]);
         }
         let part = Request::from_args(args);
-        pending.push(submit_to_slot(router, part, *slot, readonly, ctx).await);
+        pending.push(submit_to_slot(router, map, part, *slot, readonly, ctx).await);
     }
 
     let router = router.clone();

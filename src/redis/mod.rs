@@ -11,6 +11,7 @@ pub mod frame;
 mod inline;
 mod local;
 mod multibulk;
+mod order;
 mod pool;
 mod pubsub;
 mod reload;

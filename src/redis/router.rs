@@ -14,6 +14,7 @@ use super::cache::{self, Cache};
 use super::cluster::{self, Cluster};
 use super::command::{CommandSpec, CommandTable};
 use super::frame::{error_text, Protocol, Request};
+use super::order::Outstanding;
 use super::pool::{Pool, PoolSettings};
 use super::reply;
 use super::upstream::{ReplyReceiver, UpstreamError, UpstreamTls};
@@ -27,6 +28,10 @@ pub struct SessionCtx {
     pub protocol: Protocol,
     pub db: u32,
     pub client_id: u64,
+    /// In cluster mode, the slot map version the session's outstanding
+    /// commands went by. A command that finds another map in force is
+    /// routed after them. 0 when order does not depend on the map.
+    pub map_version: u64,
 }
 
 /// The node role a command went to, a metric label.
@@ -78,6 +83,9 @@ pub struct InFlight {
     started: Instant,
     /// Kept in cluster mode to follow a redirect.
     pub(super) retry: Option<cluster::Retry>,
+    /// Counts the command among the session's outstanding ones until the
+    /// reply, redirects followed, is final.
+    pub(super) outstanding: Option<Outstanding>,
 }
 
 /// A primary and its replicas, for standalone and sentinel modes.
@@ -334,6 +342,7 @@ impl Router {
             role,
             started: Instant::now(),
             retry: None,
+            outstanding: None,
         }
     }
 

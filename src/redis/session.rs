@@ -17,6 +17,7 @@ use super::cache::{self, ClientTracking};
 use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
 use super::multibulk;
+use super::order::MapOrder;
 use super::reply;
 use super::router::{InFlight, Pending, Router, SessionCtx};
 use super::routes::{RouteId, Routes, MAIN};
@@ -254,6 +255,9 @@ pub struct Session {
     max_held: usize,
     writer: Arc<ClientWriter>,
     pub(super) transaction: Option<Transaction>,
+    /// Holds back a command routed by a new cluster slot map until the
+    /// commands routed by the old one have their final replies.
+    map_order: MapOrder,
     /// Ready replies not yet queued for the writer. While the client has
     /// more requests buffered, their replies are gathered here and queued
     /// as one item, which saves a queue handoff and often a write per
@@ -310,6 +314,7 @@ pub async fn run(
             protocol: Protocol::Resp2,
             db: 0,
             client_id,
+            map_version: 0,
         },
         client_db: 0,
         route: MAIN,
@@ -326,6 +331,7 @@ pub async fn run(
         max_held: MAX_HELD_REPLIES.min(depth),
         writer: client_writer,
         transaction: None,
+        map_order: MapOrder::default(),
         batch: parking_lot::Mutex::new(BytesMut::new()),
         held_replies: parking_lot::Mutex::new(Vec::new()),
         batching: std::sync::atomic::AtomicBool::new(false),
@@ -461,7 +467,14 @@ impl Session {
             }
             Pinning::None => {
                 self.note_reads(&request, name);
-                let pending = self.router.submit(request, name, self.ctx).await;
+                let Some(ctx) = self.keep_map_order().await else {
+                    return Flow::Close;
+                };
+                let pending = self.router.submit(request, name, ctx).await;
+                let pending = match ctx.map_version {
+                    0 => pending,
+                    _ => self.map_order.track(pending),
+                };
                 match pending {
                     Pending::InFlight(in_flight) if self.may_wait_inline() => {
                         self.wait_inline(in_flight).await
@@ -473,6 +486,30 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Returns the context of a command routed now. In cluster mode it
+    /// first waits until every command routed by an earlier slot map has
+    /// its final reply. Returns `None` when the client is gone.
+    async fn keep_map_order(&mut self) -> Option<SessionCtx> {
+        let Some(cluster) = &self.router.cluster else {
+            return Some(self.ctx);
+        };
+        let version = cluster.version();
+        if !self.map_order.may_route(self.route, version) {
+            // Held replies are outstanding too, so the writer must have
+            // them.
+            if self.flush_batch().await == Flow::Close {
+                return None;
+            }
+            self.map_order.all_replied().await;
+            let routed = self.map_order.may_route(self.route, version);
+            debug_assert!(routed, "no command is outstanding");
+        }
+        Some(SessionCtx {
+            map_version: version,
+            ..self.ctx
+        })
     }
 
     /// Returns the route for `request`: the client's database route, else

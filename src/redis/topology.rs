@@ -25,6 +25,10 @@ pub struct ClusterMap {
     shards: Vec<Shard>,
     /// Index into `shards` for every slot.
     slots: Vec<u16>,
+    /// Tells the maps a cluster installs apart, so that a session can see
+    /// whether routing changed since it sent its earlier commands. Set by
+    /// the cluster on install; 0 for a map never installed.
+    pub version: u64,
 }
 
 impl ClusterMap {
@@ -32,7 +36,13 @@ impl ClusterMap {
         ClusterMap {
             shards: Vec::new(),
             slots: vec![UNASSIGNED; SLOT_COUNT as usize],
+            version: 0,
         }
+    }
+
+    /// True when both maps send every slot to the same nodes.
+    pub fn routes_like(&self, other: &ClusterMap) -> bool {
+        self.slots == other.slots && self.shards == other.shards
     }
 
     pub fn shard(&self, slot: u16) -> Option<&Shard> {

@@ -141,12 +141,22 @@ impl RedisServer {
     /// Returns how many times this server ran `command` (lower case), from
     /// `INFO commandstats`.
     pub fn command_calls(&self, command: &str) -> u64 {
+        self.command_stat(command, "calls")
+    }
+
+    /// Returns the counter `field` of `command` (lower case) from `INFO
+    /// commandstats`, such as `rejected_calls`, which counts redirects.
+    pub fn command_stat(&self, command: &str, field: &str) -> u64 {
         let info = self.cli(&["INFO", "commandstats"]);
-        let prefix = format!("cmdstat_{command}:calls=");
-        info.lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|calls| calls.parse().ok())
+        let prefix = format!("cmdstat_{command}:");
+        let stats = info.lines().find_map(|line| line.strip_prefix(&prefix));
+        stats
+            .and_then(|stats| {
+                stats
+                    .split(',')
+                    .find_map(|pair| pair.strip_prefix(field)?.strip_prefix('='))
+            })
+            .and_then(|count| count.trim().parse().ok())
             .unwrap_or(0)
     }
 
