@@ -16,10 +16,17 @@ use super::router::Pending;
 use super::routes::RouteId;
 
 /// The commands of a session still waiting for their final reply, and the
-/// slot map they were routed by.
+/// slot map they were routed by, for each cluster route. A key always goes
+/// by the same route, so commands of two routes need no order between them.
+#[derive(Default)]
 pub struct MapOrder {
-    /// The route and map version the outstanding commands went by.
-    routed_by: (RouteId, u64),
+    /// Indexed by route.
+    routes: Vec<RouteOrder>,
+}
+
+struct RouteOrder {
+    /// The map version the outstanding commands went by.
+    version: u64,
     shared: Arc<Shared>,
 }
 
@@ -40,50 +47,41 @@ impl Drop for Outstanding {
     }
 }
 
-impl Default for MapOrder {
-    fn default() -> MapOrder {
-        MapOrder {
-            routed_by: (0, 0),
-            shared: Arc::new(Shared {
-                outstanding: AtomicUsize::new(0),
-                all_replied: Notify::new(),
-            }),
-        }
-    }
-}
-
 impl MapOrder {
     /// Returns true, and records the version, when a command of `route` may
-    /// go by the map of `version` now. Returns false while commands routed
-    /// by another map are outstanding.
+    /// go by the map of `version` now. Returns false while commands of the
+    /// route that went by another map are outstanding.
     pub fn may_route(&mut self, route: RouteId, version: u64) -> bool {
-        if self.routed_by == (route, version) {
+        let order = self.route(route);
+        if order.version == version {
             return true;
         }
-        if self.shared.outstanding.load(Ordering::Acquire) > 0 {
+        if order.shared.outstanding.load(Ordering::Acquire) > 0 {
             return false;
         }
-        self.routed_by = (route, version);
+        order.version = version;
         true
     }
 
-    /// Waits until every tracked command has its final reply.
-    pub async fn all_replied(&self) {
-        while self.shared.outstanding.load(Ordering::Acquire) > 0 {
-            self.shared.all_replied.notified().await;
+    /// Waits until every tracked command of `route` has its final reply.
+    pub async fn all_replied(&mut self, route: RouteId) {
+        let shared = &self.route(route).shared;
+        while shared.outstanding.load(Ordering::Acquire) > 0 {
+            shared.all_replied.notified().await;
         }
     }
 
-    /// Counts `pending` as outstanding until its reply is final.
-    pub fn track(&self, pending: Pending) -> Pending {
+    /// Counts `pending`, a command of `route`, as outstanding until its
+    /// reply is final.
+    pub fn track(&mut self, route: RouteId, pending: Pending) -> Pending {
         match pending {
             Pending::Ready(_) => pending,
             Pending::InFlight(mut in_flight) => {
-                in_flight.outstanding = Some(self.outstanding());
+                in_flight.outstanding = Some(self.outstanding(route));
                 Pending::InFlight(in_flight)
             }
             Pending::Future(future) => {
-                let outstanding = self.outstanding();
+                let outstanding = self.outstanding(route);
                 Pending::Future(Box::pin(async move {
                     let reply = future.await;
                     drop(outstanding);
@@ -93,9 +91,23 @@ impl MapOrder {
         }
     }
 
-    fn outstanding(&self) -> Outstanding {
-        self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
-        Outstanding(self.shared.clone())
+    fn outstanding(&mut self, route: RouteId) -> Outstanding {
+        let shared = &self.route(route).shared;
+        shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        Outstanding(shared.clone())
+    }
+
+    fn route(&mut self, route: RouteId) -> &mut RouteOrder {
+        if self.routes.len() <= route {
+            self.routes.resize_with(route + 1, || RouteOrder {
+                version: 0,
+                shared: Arc::new(Shared {
+                    outstanding: AtomicUsize::new(0),
+                    all_replied: Notify::new(),
+                }),
+            });
+        }
+        &mut self.routes[route]
     }
 }
 
@@ -103,21 +115,30 @@ impl MapOrder {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use std::time::Duration;
+
+    fn ready_future() -> Pending {
+        Pending::Future(Box::pin(async { Bytes::from("+OK\r\n") }))
+    }
+
+    async fn reply_of(pending: Pending) -> Bytes {
+        match pending {
+            Pending::Future(future) => future.await,
+            _ => unreachable!("tracked as a future"),
+        }
+    }
 
     #[tokio::test]
     async fn map_order_waits_for_old_map() {
         let mut order = MapOrder::default();
         assert!(order.may_route(0, 1));
-        let pending = order.track(Pending::Future(Box::pin(async { Bytes::from("+OK\r\n") })));
+        let pending = order.track(0, ready_future());
         assert!(order.may_route(0, 1), "the same map goes on");
         assert!(!order.may_route(0, 2), "a new map waits");
-        assert!(!order.may_route(1, 1), "another route waits");
-        let reply = match pending {
-            Pending::Future(future) => future.await,
-            _ => unreachable!("tracked as a future"),
-        };
-        assert_eq!(reply, "+OK\r\n");
-        tokio::time::timeout(std::time::Duration::from_secs(1), order.all_replied())
+        assert!(order.may_route(1, 5), "another route does not wait");
+
+        assert_eq!(reply_of(pending).await, "+OK\r\n");
+        tokio::time::timeout(Duration::from_secs(1), order.all_replied(0))
             .await
             .expect("every command has its final reply");
         assert!(order.may_route(0, 2));
@@ -125,10 +146,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn map_order_wakes_waiting_session() {
+        let mut order = MapOrder::default();
+        assert!(order.may_route(0, 1));
+        let first = order.track(0, ready_future());
+        let second = order.track(0, ready_future());
+        assert!(!order.may_route(0, 2));
+        let replies = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            reply_of(first).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            reply_of(second).await;
+        });
+        tokio::time::timeout(Duration::from_secs(5), order.all_replied(0))
+            .await
+            .expect("woken when the last command has its reply");
+        assert!(order.may_route(0, 2));
+        replies.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn map_order_skips_ready_replies() {
         let mut order = MapOrder::default();
         assert!(order.may_route(0, 1));
-        let _ready = order.track(Pending::Ready(Bytes::from("+OK\r\n")));
+        let _ready = order.track(0, Pending::Ready(Bytes::from("+OK\r\n")));
         assert!(order.may_route(0, 2));
     }
 }

@@ -473,7 +473,7 @@ impl Session {
                 let pending = self.router.submit(request, name, ctx).await;
                 let pending = match ctx.map_version {
                     0 => pending,
-                    _ => self.map_order.track(pending),
+                    _ => self.map_order.track(self.route, pending),
                 };
                 match pending {
                     Pending::InFlight(in_flight) if self.may_wait_inline() => {
@@ -502,7 +502,7 @@ impl Session {
             if self.flush_batch().await == Flow::Close {
                 return None;
             }
-            self.map_order.all_replied().await;
+            self.map_order.all_replied(self.route).await;
             let routed = self.map_order.may_route(self.route, version);
             debug_assert!(routed, "no command is outstanding");
         }
