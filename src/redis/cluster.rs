@@ -45,9 +45,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(seeds: Vec<String>, cache: Arc<Cache>) -> Cluster {
+        // Versions start at 1, because a session's 0 means no map.
+        let mut empty = ClusterMap::empty();
+        empty.version = 1;
         Cluster {
-            map: RwLock::new(Arc::new(ClusterMap::empty())),
-            version: AtomicU64::new(0),
+            map: RwLock::new(Arc::new(empty)),
+            version: AtomicU64::new(1),
             seeds,
             refresh: Notify::new(),
             last_refresh: Mutex::new(None),

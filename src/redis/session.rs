@@ -470,11 +470,10 @@ impl Session {
                 let Some(ctx) = self.keep_map_order().await else {
                     return Flow::Close;
                 };
-                let pending = self.router.submit(request, name, ctx).await;
-                let pending = match ctx.map_version {
-                    0 => pending,
-                    _ => self.map_order.track(self.route, pending),
-                };
+                let mut pending = self.router.submit(request, name, ctx).await;
+                if ctx.map_version != 0 {
+                    self.map_order.track(self.route, &mut pending);
+                }
                 match pending {
                     Pending::InFlight(in_flight) if self.may_wait_inline() => {
                         self.wait_inline(in_flight).await

@@ -26,8 +26,8 @@ pub struct ClusterMap {
     /// Index into `shards` for every slot.
     slots: Vec<u16>,
     /// Tells the maps a cluster installs apart, so that a session can see
-    /// whether routing changed since it sent its earlier commands. Set by
-    /// the cluster on install; 0 for a map never installed.
+    /// whether routing changed since it sent its earlier commands. The
+    /// cluster numbers its maps from 1. A map it never installed has 0.
     pub version: u64,
 }
 
@@ -111,18 +111,23 @@ impl ClusterMap {
                 .chunks(2)
                 .filter_map(|pair| Some((pair.first()?.as_int()?, pair.get(1)?.as_int()?)))
                 .collect();
+            // After a failover Redis 7.0 still lists the failed old primary
+            // as a master, so an online master wins over one that is not.
             let mut primary = None;
+            let mut failed_primary = None;
             let mut replicas = Vec::new();
             for node in field(&fields, "nodes")?.clone().into_items()? {
                 let node = pairs(node)?;
                 let addr = shard_node_addr(&node, origin_host, tls)?;
                 let online = text(field(&node, "health")?) == "online";
                 match text(field(&node, "role")?).as_str() {
-                    "master" => primary = Some(addr),
+                    "master" if online => primary = Some(addr),
+                    "master" => failed_primary = Some(addr),
                     _ if online => replicas.push(Arc::from(addr)),
                     _ => {}
                 }
             }
+            let primary = primary.or(failed_primary);
             if ranges.is_empty() {
                 continue;
             }
@@ -342,6 +347,50 @@ mod tests {
         assert_eq!(&*shard.primary, "127.0.0.1:7000");
         assert_eq!(shard.replicas, vec![Arc::<str>::from("127.0.0.1:7003")]);
         assert!(map.shard(150).is_none());
+    }
+
+    /// After a failover, the shard lists the promoted replica and the
+    /// failed old primary, both as masters, in either order.
+    #[test]
+    fn shards_reply_skips_failed_primary() {
+        let node = |port, health: &str| {
+            Value::Array(vec![
+                s("endpoint"),
+                s("127.0.0.1"),
+                s("port"),
+                Value::Int(port),
+                s("role"),
+                s("master"),
+                s("health"),
+                s(health),
+            ])
+        };
+        let orders = [
+            vec![node(7003, "online"), node(7000, "failed")],
+            vec![node(7000, "failed"), node(7003, "online")],
+        ];
+        for nodes in orders {
+            let shard = Value::Array(vec![
+                s("slots"),
+                Value::Array(vec![Value::Int(0), Value::Int(100)]),
+                s("nodes"),
+                Value::Array(nodes),
+            ]);
+            let map = ClusterMap::from_shards_reply(Value::Array(vec![shard]), "x", false).unwrap();
+            assert_eq!(&*map.shard(50).unwrap().primary, "127.0.0.1:7003");
+        }
+        let lone = Value::Array(vec![
+            s("slots"),
+            Value::Array(vec![Value::Int(0), Value::Int(100)]),
+            s("nodes"),
+            Value::Array(vec![node(7000, "failed")]),
+        ]);
+        let map = ClusterMap::from_shards_reply(Value::Array(vec![lone]), "x", false).unwrap();
+        assert_eq!(
+            &*map.shard(50).unwrap().primary,
+            "127.0.0.1:7000",
+            "a failed primary is kept when the shard has no other"
+        );
     }
 
     #[test]
