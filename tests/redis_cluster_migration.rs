@@ -388,3 +388,84 @@ impl Drop for Resume<'_> {
         self.0.signal("CONT");
     }
 }
+
+/// A pipelined command that gets TRYAGAIN has later commands of its
+/// pipeline already sent, which a retry would follow instead of precede.
+/// It gets the error, as from Redis directly, and the rest run in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tryagain_in_pipeline_is_returned() {
+    let _serial = serial().lock().await;
+    let skiff = skiff().await;
+    let cluster = cluster();
+    let (first, second) = ("{pipetry}a", "{pipetry}b");
+    let slot = key_slot(first.as_bytes()).to_string();
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["SET", first, "10"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["SET", second, "0"]).await, "+OK\r\n");
+
+    // The second key moves first, so the source replies TRYAGAIN to a
+    // command that needs both.
+    let (source, target) = owner_and_other(cluster, first);
+    start_migration(source, target, &slot);
+    let target_port = target.port.to_string();
+    let migrate = |key: &str| {
+        let args = [
+            "MIGRATE",
+            "127.0.0.1",
+            &target_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            key,
+        ];
+        assert_eq!(source.cli(&args).trim(), "OK");
+    };
+    migrate(second);
+
+    // The migration finishes soon, so a retry of MSET would succeed after
+    // INCR ran.
+    let (source_port, target_port) = (source.port, target.port);
+    let finish = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        let port = target_port.to_string();
+        let args = [
+            "MIGRATE",
+            "127.0.0.1",
+            &port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            "{pipetry}a",
+        ];
+        assert_eq!(redis_support::redis_cli(source_port, &args).trim(), "OK");
+        let cluster = self::cluster();
+        let target = cluster
+            .nodes
+            .iter()
+            .find(|node| node.port == target_port)
+            .unwrap();
+        finish_migration(cluster, target, &key_slot(b"{pipetry}a").to_string());
+    });
+
+    let mut pipeline = Vec::new();
+    for args in [
+        &["MSET", first, "1", second, "1"][..],
+        &["INCR", first][..],
+        &["GET", first][..],
+    ] {
+        pipeline.extend_from_slice(&skiff::redis::frame::encode_command(args));
+    }
+    client.send_bytes(&pipeline).await;
+    let mset = String::from_utf8_lossy(&client.read().await).into_owned();
+    assert!(mset.starts_with("-TRYAGAIN"), "MSET got {mset:?}");
+    assert_eq!(String::from_utf8_lossy(&client.read().await), ":11\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&client.read().await),
+        "$2\r\n11\r\n"
+    );
+
+    finish.await.unwrap();
+    assert_eq!(target.cli(&["GET", first]).trim(), "11", "MSET never ran");
+}

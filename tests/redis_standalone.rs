@@ -234,6 +234,34 @@ async fn stalled_upstream_holds_requests_in_order() {
 }
 
 #[tokio::test]
+async fn stalled_upstream_times_out() {
+    let server = redis_support::RedisServer::start(&[]);
+    let body = format!(
+        "mode = \"standalone\"\nnodes = [\"{}\"]\nreply_timeout = \"400ms\"",
+        server.addr()
+    );
+    let skiff = Skiff::start(&body).await;
+    let mut client = skiff.raw().await;
+    assert_eq!(client.call(&["SET", "timeout:key", "1"]).await, "+OK\r\n");
+
+    server.signal("STOP");
+    let started = std::time::Instant::now();
+    let reply = client.call(&["GET", "timeout:key"]).await;
+    let waited = started.elapsed();
+    server.signal("CONT");
+    let expected = format!("-ERR upstream {}: no reply within 400ms\r\n", server.addr());
+    assert_eq!(reply, expected);
+    assert!(
+        waited >= Duration::from_millis(400),
+        "failed after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(3), "failed after {waited:?}");
+
+    // skiff closed the stalled connection, so a new one serves the client.
+    assert_eq!(client.call(&["GET", "timeout:key"]).await, "$1\r\n1\r\n");
+}
+
+#[tokio::test]
 async fn small_queue_depth_serves_mixed_pipelines() {
     // Replies skiff writes itself (PING) between replies from the server
     // (GET), in one write, with reply queues of one, two and three replies.

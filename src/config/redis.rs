@@ -101,6 +101,15 @@ pub struct RedisConfig {
     /// Time allowed to connect and authenticate to an upstream. Default 5s.
     #[serde(default = "default_connect_timeout", with = "super::duration")]
     pub connect_timeout: Duration,
+    /// Maximum wait for the next reply on a shared upstream connection
+    /// with requests outstanding. Past it the connection is closed and
+    /// its requests fail, so a stalled node (stopped, partitioned) cannot
+    /// hold clients forever. skiff's own queries (slot map, sentinels,
+    /// command table) are bounded by it too. Default 10s; "0s" turns the
+    /// limit off for shared connections, and skiff's queries then use
+    /// `connect_timeout`.
+    #[serde(default = "default_reply_timeout", with = "super::duration")]
+    pub reply_timeout: Duration,
     /// How often the cluster slot map is reloaded. Default 30s.
     #[serde(default = "default_refresh_interval", with = "super::duration")]
     pub topology_refresh_interval: Duration,
@@ -230,6 +239,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("max_dedicated_connections", &self.max_dedicated_connections)
             .field("threads", &self.threads)
             .field("connect_timeout", &self.connect_timeout)
+            .field("reply_timeout", &self.reply_timeout)
             .field("topology_refresh_interval", &self.topology_refresh_interval)
             .field("max_redirects", &self.max_redirects)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -461,6 +471,10 @@ fn default_max_dedicated_connections() -> usize {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_reply_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn default_refresh_interval() -> Duration {
     Duration::from_secs(30)
 }
@@ -493,6 +507,7 @@ mod tests {
         assert_eq!(config.max_request_bytes, 512 * 1024 * 1024);
         assert_eq!(config.client_queue_depth, 1024);
         assert_eq!(config.connect_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(config.reply_timeout, std::time::Duration::from_secs(10));
         let printed = format!("{config:?}");
         assert!(!printed.contains("up-secret"), "{printed}");
         assert!(!printed.contains("client-secret"), "{printed}");

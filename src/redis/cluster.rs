@@ -15,6 +15,7 @@ use super::cache::Cache;
 use super::command::{self, CommandSpec};
 use super::fanout;
 use super::frame::{encode_command, error_text, Request};
+use super::order::RetryHold;
 use super::reply;
 use super::router::{Pending, Role, Router, SessionCtx};
 use super::slot::key_slot;
@@ -285,7 +286,13 @@ pub async fn submit_to_slot(
             readonly,
             ctx,
         };
-        let pending = follow(router.clone(), retry, String::new(), Ok(clusterdown()));
+        let pending = follow(
+            router.clone(),
+            retry,
+            String::new(),
+            Ok(clusterdown()),
+            None,
+        );
         return Pending::Future(Box::pin(pending));
     };
     match router.send(&addr, &request, ctx).await {
@@ -311,6 +318,7 @@ pub async fn submit_to_slot(
                 retry,
                 addr.to_string(),
                 Err(err),
+                None,
             )))
         }
         Err(err) => Pending::Ready(router.upstream_failure(&err, role)),
@@ -380,28 +388,32 @@ pub struct Retry {
 /// hops, and returns the final reply. A redirect is never returned raw.
 /// The writer resolves a client's replies in order, so redirects of one
 /// client are followed in its order. The session's map order (`order.rs`)
-/// keeps later commands from reaching the new node first.
+/// keeps later commands from reaching the new node first. With `hold`, a
+/// command that must wait to be retried while later commands of its
+/// client were sent gets its error instead, since they would run first.
 pub async fn follow(
     router: Arc<Router>,
     retry: Retry,
     origin: String,
     mut result: Result<Bytes, UpstreamError>,
+    hold: Option<&RetryHold>,
 ) -> Bytes {
     let cluster = router.cluster.as_ref().expect("cluster mode");
     let started = Instant::now();
     let mut origin = origin;
     let mut backoff = RETRY_BACKOFF;
     for _ in 0..=router.config().max_redirects {
+        let later_sent = || hold.is_some_and(RetryHold::later_commands_sent);
         let reply = match result {
             Ok(reply) => reply,
-            Err(err) if err.nothing_sent() => {
+            Err(err) if err.nothing_sent() && !later_sent() => {
                 cluster.request_refresh();
                 clusterdown()
             }
             Err(err) => return router.upstream_failure(&err, Role::Primary),
         };
         let next = classify(&reply, &origin);
-        if next == Next::Done {
+        if next == Next::Done || (next == Next::Wait && later_sent()) {
             router.record_command(Role::Primary, &reply, started);
             return reply;
         }

@@ -186,6 +186,7 @@ fn discovery_settings(router: &Router) -> ConnSettings {
         username: config.username.clone(),
         password: config.password.clone(),
         connect_timeout: config.connect_timeout,
+        reply_timeout: config.reply_timeout,
         max_reply_bytes: config.max_reply_bytes,
         tls: router.pool.tls(),
     }
@@ -227,7 +228,7 @@ async fn load_upstream_state(router: &Router) {
 }
 
 async fn load_from(router: &Router, conn: &mut RawConn) {
-    if let Ok(reply) = conn.call(&encode_command(&["COMMAND"])).await {
+    if let Ok(reply) = conn.call_bounded(&encode_command(&["COMMAND"])).await {
         let mut table = CommandTable::builtin();
         let loaded = Value::decode(&reply, Protocol::Resp2)
             .map(|value| table.merge_command_reply(value))
@@ -241,7 +242,10 @@ async fn load_from(router: &Router, conn: &mut RawConn) {
             router.set_commands(table);
         }
     }
-    if let Ok(reply) = conn.call(&encode_command(&["INFO", "server"])).await {
+    if let Ok(reply) = conn
+        .call_bounded(&encode_command(&["INFO", "server"]))
+        .await
+    {
         let text = String::from_utf8_lossy(&reply);
         let version = text
             .lines()
@@ -270,7 +274,7 @@ async fn ping_primaries(router: &Router) -> Result<(), String> {
             .await
             .map_err(|e| format!("route {route}: {e}"))?;
         let reply = conn
-            .call(&encode_command(&["PING"]))
+            .call_bounded(&encode_command(&["PING"]))
             .await
             .map_err(|e| format!("route {route}: {e}"))?;
         if let Some(text) = error_text(&reply) {

@@ -48,6 +48,7 @@ pub struct PoolSettings {
     pub username: Option<String>,
     pub password: Option<String>,
     pub connect_timeout: Duration,
+    pub reply_timeout: Duration,
     pub max_reply_bytes: usize,
     pub tls: Option<UpstreamTls>,
 }
@@ -89,6 +90,7 @@ impl Pool {
             username: self.settings.username.clone(),
             password: self.settings.password.clone(),
             connect_timeout: self.settings.connect_timeout,
+            reply_timeout: self.settings.reply_timeout,
             max_reply_bytes: self.settings.max_reply_bytes,
             tls: self.settings.tls.clone(),
         }

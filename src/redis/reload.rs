@@ -52,6 +52,7 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
         "connect_timeout",
         current.connect_timeout != new.connect_timeout,
     );
+    note("reply_timeout", current.reply_timeout != new.reply_timeout);
     note(
         "max_reply_bytes",
         current.max_reply_bytes != new.max_reply_bytes,
@@ -97,6 +98,7 @@ fn split_reload(current: &RedisConfig, new: &RedisConfig) -> (RedisConfig, Vec<S
     applied.sentinel_username = current.sentinel_username.clone();
     applied.sentinel_password = current.sentinel_password.clone();
     applied.connect_timeout = current.connect_timeout;
+    applied.reply_timeout = current.reply_timeout;
     applied.max_reply_bytes = current.max_reply_bytes;
     applied.upstream_connections = current.upstream_connections;
     applied.threads = current.threads;

@@ -157,6 +157,7 @@ impl Router {
             username: config.username.clone(),
             password: config.password.clone(),
             connect_timeout: config.connect_timeout,
+            reply_timeout: config.reply_timeout,
             max_reply_bytes: config.max_reply_bytes,
             tls,
         });
@@ -481,7 +482,14 @@ impl Router {
         if let Some(retry) = in_flight.retry.take() {
             if cluster::needs_retry(&result) {
                 let origin = in_flight.addr.to_string();
-                return cluster::follow(self, retry, origin, result).await;
+                let hold = in_flight
+                    .outstanding
+                    .as_ref()
+                    .map(Outstanding::hold_for_retry);
+                let reply = cluster::follow(self, retry, origin, result, hold.as_ref()).await;
+                // Released before the command stops counting as outstanding.
+                drop(hold);
+                return reply;
             }
         }
         match result {

@@ -85,7 +85,7 @@ async fn discover_from(addr: &str, name: &str, settings: &ConnSettings) -> Resul
 
 async fn query(conn: &mut RawConn, args: &[&str]) -> Result<Value, String> {
     let reply = conn
-        .call(&encode_command(args))
+        .call_bounded(&encode_command(args))
         .await
         .map_err(|e| e.to_string())?;
     if let Some(text) = error_text(&reply) {

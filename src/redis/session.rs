@@ -17,7 +17,7 @@ use super::cache::{self, ClientTracking};
 use super::command::{pinning, Pinning};
 use super::frame::{parse_request, FrameError, Protocol, Request};
 use super::multibulk;
-use super::order::MapOrder;
+use super::order::{self, MapOrder, Outstanding};
 use super::reply;
 use super::router::{InFlight, Pending, Router, SessionCtx};
 use super::routes::{RouteId, Routes, MAIN};
@@ -467,12 +467,12 @@ impl Session {
             }
             Pinning::None => {
                 self.note_reads(&request, name);
-                let Some(ctx) = self.keep_map_order().await else {
+                let Some((ctx, outstanding)) = self.keep_map_order().await else {
                     return Flow::Close;
                 };
                 let mut pending = self.router.submit(request, name, ctx).await;
-                if ctx.map_version != 0 {
-                    self.map_order.track(self.route, &mut pending);
+                if let Some(outstanding) = outstanding {
+                    order::track(&mut pending, outstanding);
                 }
                 match pending {
                     Pending::InFlight(in_flight) if self.may_wait_inline() => {
@@ -487,28 +487,31 @@ impl Session {
         }
     }
 
-    /// Returns the context of a command routed now. In cluster mode it
-    /// first waits until every command routed by an earlier slot map has
-    /// its final reply. Returns `None` when the client is gone.
-    async fn keep_map_order(&mut self) -> Option<SessionCtx> {
-        let Some(cluster) = &self.router.cluster else {
-            return Some(self.ctx);
-        };
-        let version = cluster.version();
-        if !self.map_order.may_route(self.route, version) {
+    /// Returns the context of a command routed now and, in cluster mode,
+    /// its count among the outstanding commands. In cluster mode it first
+    /// waits while the writer retries a command, or until every command
+    /// routed by an earlier slot map has its final reply. Returns `None`
+    /// when the client is gone.
+    async fn keep_map_order(&mut self) -> Option<(SessionCtx, Option<Outstanding>)> {
+        loop {
+            let Some(cluster) = &self.router.cluster else {
+                return Some((self.ctx, None));
+            };
+            let version = cluster.version();
+            if let Some(outstanding) = self.map_order.reserve(self.route, version) {
+                let ctx = SessionCtx {
+                    map_version: version,
+                    ..self.ctx
+                };
+                return Some((ctx, Some(outstanding)));
+            }
             // Held replies are outstanding too, so the writer must have
             // them.
             if self.flush_batch().await == Flow::Close {
                 return None;
             }
             self.map_order.all_replied(self.route).await;
-            let routed = self.map_order.may_route(self.route, version);
-            debug_assert!(routed, "no command is outstanding");
         }
-        Some(SessionCtx {
-            map_version: version,
-            ..self.ctx
-        })
     }
 
     /// Returns the route for `request`: the client's database route, else

@@ -279,7 +279,7 @@ async fn discover_from(addr: &str, settings: &ConnSettings) -> Result<ClusterMap
 }
 
 async fn call(conn: &mut RawConn, args: &[&str]) -> Result<Bytes, String> {
-    conn.call(&encode_command(args))
+    conn.call_bounded(&encode_command(args))
         .await
         .map_err(|err| err.to_string())
 }

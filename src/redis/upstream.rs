@@ -50,6 +50,8 @@ pub enum UpstreamError {
     NotSent { addr: String },
     #[error("upstream {addr}: {message}")]
     Io { addr: String, message: String },
+    #[error("upstream {addr}: no reply within {timeout:?}")]
+    ReplyTimeout { addr: String, timeout: Duration },
 }
 
 impl UpstreamError {
@@ -77,6 +79,9 @@ pub struct ConnSettings {
     pub username: Option<String>,
     pub password: Option<String>,
     pub connect_timeout: Duration,
+    /// Maximum wait for a reply: see `[redis] reply_timeout`. Zero turns
+    /// the watch of a shared connection off.
+    pub reply_timeout: Duration,
     pub max_reply_bytes: usize,
     /// None for plain TCP.
     pub tls: Option<UpstreamTls>,
@@ -137,6 +142,9 @@ pub struct RawConn {
     buf: BytesMut,
     protocol: Protocol,
     max_reply_bytes: usize,
+    /// From [`ConnSettings`]: zero when off.
+    reply_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl RawConn {
@@ -165,6 +173,8 @@ impl RawConn {
             buf: BytesMut::with_capacity(16 * 1024),
             protocol: settings.protocol,
             max_reply_bytes: settings.max_reply_bytes,
+            reply_timeout: settings.reply_timeout,
+            connect_timeout: settings.connect_timeout,
         };
         let handshake = tokio::time::timeout(settings.connect_timeout, conn.handshake(settings));
         handshake
@@ -240,6 +250,23 @@ impl RawConn {
             &self.addr,
         )
         .await
+    }
+
+    /// Sends one request of skiff's own and returns its reply, as
+    /// [`RawConn::call`] does, failing after `reply_timeout` (or
+    /// `connect_timeout` when that is off).
+    pub async fn call_bounded(&mut self, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+        let timeout = match self.reply_timeout {
+            Duration::ZERO => self.connect_timeout,
+            timeout => timeout,
+        };
+        match tokio::time::timeout(timeout, self.call(raw)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::ReplyTimeout {
+                addr: self.addr.clone(),
+                timeout,
+            }),
+        }
     }
 
     /// Sends one request and returns its reply, skipping pushes.
@@ -343,6 +370,8 @@ struct Queue {
     /// to directly (see [`DIRECT_WRITE_BYTES`]). None for TLS, and once
     /// the connection has closed, so the socket closes with the task.
     plain: Option<Arc<OwnedWriteHalf>>,
+    /// Replies handed out so far, which the stall watch compares.
+    replies: u64,
 }
 
 /// The socket half the writer task writes to.
@@ -368,6 +397,7 @@ impl Pipelined {
                 closed: false,
                 writing: false,
                 plain: None,
+                replies: 0,
             }),
             queued: Notify::new(),
             room: Notify::new(),
@@ -475,6 +505,8 @@ async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
         buf,
         protocol,
         max_reply_bytes,
+        reply_timeout,
+        connect_timeout: _,
     } = conn;
     let (reader, writer) = stream.into_split();
     let output = match writer {
@@ -491,9 +523,11 @@ async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
     // `client_queue_depth` bound the total.
     let reading = read_replies(reader, buf, protocol, max_reply_bytes, &addr, &shared);
     let writing = write_requests(output, &addr, &shared);
+    let stalled = watch_replies(&addr, &shared, reply_timeout);
     let error = tokio::select! {
         error = reading => error,
         error = writing => error,
+        error = stalled => error,
     };
     tracing::debug!(upstream = %addr, error = %error, "upstream connection closed");
     let pending = {
@@ -528,7 +562,12 @@ async fn read_replies(
         if kind == ReplyKind::Push {
             continue;
         }
-        let Some(sender) = shared.queue.lock().pending.pop_front() else {
+        let sender = {
+            let mut queue = shared.queue.lock();
+            queue.replies += 1;
+            queue.pending.pop_front()
+        };
+        let Some(sender) = sender else {
             return UpstreamError::Io {
                 addr: addr.to_string(),
                 message: "reply without a pending request".into(),
@@ -536,6 +575,39 @@ async fn read_replies(
         };
         // The client may have gone away; its reply is dropped.
         let _ = sender.send(Ok(frame));
+    }
+}
+
+/// Returns an error once the connection's requests have waited `timeout`
+/// with no reply, checking four times per `timeout`. Never returns when
+/// `timeout` is zero.
+async fn watch_replies(addr: &str, shared: &Shared, timeout: Duration) -> UpstreamError {
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut was_waiting = false;
+    let mut last_replies = 0;
+    let mut stalled_checks = 0;
+    loop {
+        tokio::time::sleep(timeout / 4).await;
+        let (waiting, replies) = {
+            let queue = shared.queue.lock();
+            (!queue.pending.is_empty(), queue.replies)
+        };
+        // The oldest request of a stalled check was already waiting at
+        // the check before, so four in a row mean it waited `timeout`.
+        if waiting && was_waiting && replies == last_replies {
+            stalled_checks += 1;
+        } else {
+            stalled_checks = 0;
+        }
+        if stalled_checks == 4 {
+            return UpstreamError::ReplyTimeout {
+                addr: addr.to_string(),
+                timeout,
+            };
+        }
+        (was_waiting, last_replies) = (waiting, replies);
     }
 }
 

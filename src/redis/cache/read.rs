@@ -205,7 +205,7 @@ async fn read_reply(
             readonly: true,
             ctx: sent.ctx,
         };
-        return Err(cluster::follow(router.clone(), retry, sent.addr, result).await);
+        return Err(cluster::follow(router.clone(), retry, sent.addr, result, None).await);
     }
     let reply = match result {
         Ok(reply) => reply,

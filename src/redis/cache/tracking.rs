@@ -132,6 +132,8 @@ impl TrackerSettings {
             username: self.username.clone(),
             password: self.password.clone(),
             connect_timeout: self.connect_timeout,
+            // Tracking connections wait for pushes for as long as they live.
+            reply_timeout: Duration::ZERO,
             max_reply_bytes: self.max_reply_bytes,
             tls: self.tls.clone(),
         }
