@@ -72,6 +72,29 @@ fn finish_migration(cluster: &Cluster, target: &RedisServer, slot: &str) {
     wait_for_agreement(cluster);
 }
 
+/// Moves `key`, the last key of its slot on `source`, to `target` after
+/// 150 ms and gives the slot to `target`, on a blocking thread.
+fn finish_migration_soon(
+    source: &RedisServer,
+    target: &RedisServer,
+    key: &str,
+) -> tokio::task::JoinHandle<()> {
+    let (source_port, target_port, key) = (source.port, target.port, key.to_string());
+    tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        let port = target_port.to_string();
+        let args = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", &key];
+        assert_eq!(redis_support::redis_cli(source_port, &args).trim(), "OK");
+        let cluster = self::cluster();
+        let target = cluster
+            .nodes
+            .iter()
+            .find(|node| node.port == target_port)
+            .unwrap();
+        finish_migration(cluster, target, &key_slot(key.as_bytes()).to_string());
+    })
+}
+
 fn wait_for_agreement(cluster: &Cluster) {
     let seed = cluster.nodes[0].addr();
     cluster.nodes[0].wait_for(
@@ -229,29 +252,7 @@ async fn tryagain_during_migration_is_retried() {
     assert!(source.cli(&["MGET", first, second]).starts_with("TRYAGAIN"));
 
     // The migration finishes while skiff is retrying.
-    let (source_port, target_port) = (source.port, target.port);
-    let finish = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(150));
-        let port = target_port.to_string();
-        let args = [
-            "MIGRATE",
-            "127.0.0.1",
-            &port,
-            "",
-            "0",
-            "5000",
-            "KEYS",
-            "{retry}a",
-        ];
-        assert_eq!(redis_support::redis_cli(source_port, &args).trim(), "OK");
-        let cluster = self::cluster();
-        let target = cluster
-            .nodes
-            .iter()
-            .find(|n| n.port == target_port)
-            .unwrap();
-        finish_migration(cluster, target, &key_slot(b"{retry}a").to_string());
-    });
+    let finish = finish_migration_soon(source, target, first);
     let reply = client.call(&["MGET", first, second]).await;
     assert_eq!(reply, "*2\r\n$1\r\n1\r\n$1\r\n2\r\n");
     finish.await.unwrap();
@@ -425,29 +426,7 @@ async fn tryagain_in_pipeline_is_returned() {
 
     // The migration finishes soon, so a retry of MSET would succeed after
     // INCR ran.
-    let (source_port, target_port) = (source.port, target.port);
-    let finish = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(150));
-        let port = target_port.to_string();
-        let args = [
-            "MIGRATE",
-            "127.0.0.1",
-            &port,
-            "",
-            "0",
-            "5000",
-            "KEYS",
-            "{pipetry}a",
-        ];
-        assert_eq!(redis_support::redis_cli(source_port, &args).trim(), "OK");
-        let cluster = self::cluster();
-        let target = cluster
-            .nodes
-            .iter()
-            .find(|node| node.port == target_port)
-            .unwrap();
-        finish_migration(cluster, target, &key_slot(b"{pipetry}a").to_string());
-    });
+    let finish = finish_migration_soon(source, target, first);
 
     let mut pipeline = Vec::new();
     for args in [
