@@ -396,9 +396,24 @@ impl Drop for Resume<'_> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tryagain_in_pipeline_is_returned() {
     let _serial = serial().lock().await;
+    check_tryagain_in_pipeline("{pipetry}a", "{pipetry}b", &[]).await;
+}
+
+/// As above, for an MSET that skiff splits by slot: the part that gets
+/// TRYAGAIN is not retried either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tryagain_in_split_pipeline_is_returned() {
+    let _serial = serial().lock().await;
+    let other = ["split:other", "1"];
+    check_tryagain_in_pipeline("{splittry}a", "{splittry}b", &other).await;
+}
+
+/// Sends `MSET first 1 second 1 EXTRA...`, `INCR first` and `GET first` in
+/// one pipeline while `second` has moved and `first` has not, and checks
+/// that MSET gets TRYAGAIN and never runs.
+async fn check_tryagain_in_pipeline(first: &str, second: &str, extra: &[&str]) {
     let skiff = skiff().await;
     let cluster = cluster();
-    let (first, second) = ("{pipetry}a", "{pipetry}b");
     let slot = key_slot(first.as_bytes()).to_string();
     let mut client = skiff.raw().await;
     assert_eq!(client.call(&["SET", first, "10"]).await, "+OK\r\n");
@@ -408,32 +423,27 @@ async fn tryagain_in_pipeline_is_returned() {
     // command that needs both.
     let (source, target) = owner_and_other(cluster, first);
     start_migration(source, target, &slot);
-    let target_port = target.port.to_string();
-    let migrate = |key: &str| {
-        let args = [
-            "MIGRATE",
-            "127.0.0.1",
-            &target_port,
-            "",
-            "0",
-            "5000",
-            "KEYS",
-            key,
-        ];
-        assert_eq!(source.cli(&args).trim(), "OK");
-    };
-    migrate(second);
+    let port = target.port.to_string();
+    let args = [
+        "MIGRATE",
+        "127.0.0.1",
+        &port,
+        "",
+        "0",
+        "5000",
+        "KEYS",
+        second,
+    ];
+    assert_eq!(source.cli(&args).trim(), "OK");
 
     // The migration finishes soon, so a retry of MSET would succeed after
     // INCR ran.
     let finish = finish_migration_soon(source, target, first);
 
+    let mut mset = vec!["MSET", first, "1", second, "1"];
+    mset.extend_from_slice(extra);
     let mut pipeline = Vec::new();
-    for args in [
-        &["MSET", first, "1", second, "1"][..],
-        &["INCR", first][..],
-        &["GET", first][..],
-    ] {
+    for args in [&mset[..], &["INCR", first][..], &["GET", first][..]] {
         pipeline.extend_from_slice(&skiff::redis::frame::encode_command(args));
     }
     client.send_bytes(&pipeline).await;

@@ -249,7 +249,10 @@ async fn stalled_upstream_times_out() {
     let reply = client.call(&["GET", "timeout:key"]).await;
     let waited = started.elapsed();
     server.signal("CONT");
-    let expected = format!("-ERR upstream {}: no reply within 400ms\r\n", server.addr());
+    let expected = format!(
+        "-ERR upstream {}: no reply within 400ms; the command may have run\r\n",
+        server.addr()
+    );
     assert_eq!(reply, expected);
     assert!(
         waited >= Duration::from_millis(400),
@@ -361,6 +364,39 @@ async fn prefer_replica_falls_back_to_primary() {
         let value: String = conn.get("fallback:k").await.unwrap();
         assert_eq!(value, "v");
     }
+}
+
+#[tokio::test]
+async fn prefer_replica_avoids_stalled_replica() {
+    let own = Standalone::start();
+    let body = format!(
+        "mode = \"standalone\"\nnodes = {}\nread_from = \"prefer-replica\"\nreply_timeout = \"300ms\"",
+        own.nodes_toml()
+    );
+    let skiff = Skiff::start(&body).await;
+    let mut writer = skiff.raw().await;
+    assert_eq!(writer.call(&["SET", "stalled:k", "v"]).await, "+OK\r\n");
+    for replica in &own.replicas {
+        replica.wait_for(
+            || replica.cli(&["GET", "stalled:k"]).trim() == "v",
+            "replicated",
+        );
+    }
+
+    // A stopped replica still accepts connections. After one read times
+    // out on it, reads go to the other replica or the primary.
+    own.replicas[0].signal("STOP");
+    let mut timeouts = 0;
+    for _ in 0..6 {
+        let mut reader = skiff.raw().await;
+        match reader.call(&["GET", "stalled:k"]).await.as_str() {
+            "$1\r\nv\r\n" => {}
+            reply if reply.contains("no reply within 300ms") => timeouts += 1,
+            reply => panic!("unexpected reply {reply:?}"),
+        }
+    }
+    own.replicas[0].signal("CONT");
+    assert!(timeouts <= 1, "{timeouts} reads timed out");
 }
 
 #[tokio::test]

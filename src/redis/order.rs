@@ -127,6 +127,19 @@ impl MapOrder {
     }
 }
 
+tokio::task_local! {
+    /// The count of the tracked command whose reply future the writer is
+    /// polling, for the replies nested in it, such as the parts of a
+    /// split multi-key command.
+    static RESOLVING: Outstanding;
+}
+
+/// Returns a hold for a retry of a reply nested in a tracked command, or
+/// `None` outside one.
+pub fn hold_for_nested_retry() -> Option<RetryHold> {
+    RESOLVING.try_with(Outstanding::hold_for_retry).ok()
+}
+
 /// Keeps `outstanding` with `pending` until its reply is final. Changed in
 /// place, because a move copies its 144 bytes.
 pub fn track(pending: &mut Pending, outstanding: Outstanding) {
@@ -136,11 +149,7 @@ pub fn track(pending: &mut Pending, outstanding: Outstanding) {
         Pending::Future(future) => {
             // A boxed zero-sized future allocates nothing.
             let future = std::mem::replace(future, Box::pin(std::future::pending()));
-            *pending = Pending::Future(Box::pin(async move {
-                let reply = future.await;
-                drop(outstanding);
-                reply
-            }));
+            *pending = Pending::Future(Box::pin(RESOLVING.scope(outstanding, future)));
         }
     }
 }

@@ -14,7 +14,7 @@ use super::cache::{self, Cache};
 use super::cluster::{self, Cluster};
 use super::command::{CommandSpec, CommandTable};
 use super::frame::{error_text, Protocol, Request};
-use super::order::Outstanding;
+use super::order::{self, Outstanding};
 use super::pool::{Pool, PoolSettings};
 use super::reply;
 use super::upstream::{ReplyReceiver, UpstreamError, UpstreamTls};
@@ -482,10 +482,10 @@ impl Router {
         if let Some(retry) = in_flight.retry.take() {
             if cluster::needs_retry(&result) {
                 let origin = in_flight.addr.to_string();
-                let hold = in_flight
-                    .outstanding
-                    .as_ref()
-                    .map(Outstanding::hold_for_retry);
+                let hold = match &in_flight.outstanding {
+                    Some(outstanding) => Some(outstanding.hold_for_retry()),
+                    None => order::hold_for_nested_retry(),
+                };
                 let reply = cluster::follow(self, retry, origin, result, hold.as_ref()).await;
                 // Released before the command stops counting as outstanding.
                 drop(hold);
@@ -508,6 +508,15 @@ impl Router {
     /// Counts a failed upstream exchange and returns the client's error.
     pub(super) fn upstream_failure(&self, err: &UpstreamError, role: Role) -> Bytes {
         self.metrics.outcomes[role.index()][2].increment(1);
+        match err {
+            // A stalled replica still accepts connections, so only this
+            // keeps reads away from it for a while (prefer-replica, any).
+            // A primary has no stand-in, so its requests keep trying it.
+            UpstreamError::ReplyTimeout { addr, .. } if role == Role::Replica => {
+                self.pool.mark_down(addr)
+            }
+            _ => {}
+        }
         tracing::debug!(error = %err, "upstream request failed");
         if let Some(cluster) = &self.cluster {
             cluster.request_refresh();

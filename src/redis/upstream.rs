@@ -50,7 +50,7 @@ pub enum UpstreamError {
     NotSent { addr: String },
     #[error("upstream {addr}: {message}")]
     Io { addr: String, message: String },
-    #[error("upstream {addr}: no reply within {timeout:?}")]
+    #[error("upstream {addr}: no reply within {timeout:?}; the command may have run")]
     ReplyTimeout { addr: String, timeout: Duration },
 }
 
@@ -529,7 +529,12 @@ async fn run_pipelined(conn: RawConn, shared: Arc<Shared>) {
         error = writing => error,
         error = stalled => error,
     };
-    tracing::debug!(upstream = %addr, error = %error, "upstream connection closed");
+    match error {
+        UpstreamError::ReplyTimeout { .. } => {
+            tracing::warn!(upstream = %addr, error = %error, "closed a stalled upstream connection")
+        }
+        _ => tracing::debug!(upstream = %addr, error = %error, "upstream connection closed"),
+    }
     let pending = {
         let mut queue = shared.queue.lock();
         queue.closed = true;
