@@ -300,6 +300,58 @@ async fn publish_reaches_subscriber() {
 }
 
 #[tokio::test]
+async fn shard_channels_on_several_nodes() {
+    let skiff = skiff("").await;
+    let cluster = cluster();
+    // One channel on each primary.
+    let mut channels: Vec<String> = Vec::new();
+    let mut owners = Vec::new();
+    for i in 0.. {
+        let channel = format!("shardch:{i}");
+        let owner = cluster.primary_for_slot(key_slot(channel.as_bytes())).port;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+            channels.push(channel);
+        }
+        if owners.len() == 3 {
+            break;
+        }
+    }
+
+    let mut subscriber = skiff.raw().await;
+    for (count, channel) in channels.iter().enumerate() {
+        let expected = format!(
+            "*3\r\n$10\r\nssubscribe\r\n${}\r\n{channel}\r\n:{}\r\n",
+            channel.len(),
+            count + 1
+        );
+        assert_eq!(subscriber.call(&["SSUBSCRIBE", channel]).await, expected);
+    }
+
+    let mut publisher = skiff.raw().await;
+    for channel in &channels {
+        assert_eq!(
+            publisher.call(&["SPUBLISH", channel, "m"]).await,
+            ":1\r\n",
+            "{channel} has its subscriber"
+        );
+        let expected = format!(
+            "*3\r\n$8\r\nsmessage\r\n${}\r\n{channel}\r\n$1\r\nm\r\n",
+            channel.len()
+        );
+        assert_eq!(String::from_utf8_lossy(&subscriber.read().await), expected);
+    }
+
+    let last = &channels[2];
+    let expected = format!(
+        "*3\r\n$12\r\nsunsubscribe\r\n${}\r\n{last}\r\n:2\r\n",
+        last.len()
+    );
+    assert_eq!(subscriber.call(&["SUNSUBSCRIBE", last]).await, expected);
+    assert_eq!(publisher.call(&["SPUBLISH", last, "m"]).await, ":0\r\n");
+}
+
+#[tokio::test]
 async fn redis_cli_without_cluster_flag() {
     let skiff = skiff("").await;
     let port = skiff.addr.port();

@@ -40,6 +40,11 @@ struct Subscribed {
 }
 
 impl Subscribed {
+    /// Returns the address of the node the connection is to.
+    fn node(&self) -> &str {
+        &self.dedicated.conn.addr
+    }
+
     /// True while the connection carries any subscription.
     fn is_subscribed(&self) -> bool {
         self.count != 0 || self.shard_count != 0
@@ -399,10 +404,17 @@ impl Session {
         name: &str,
         split: bool,
     ) -> Result<(), RelayEnd> {
-        if let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) {
+        self.use_route(route);
+        let node = match self.shard_channel_node(request, name) {
+            Ok(node) => node,
+            Err(error) => return self.relay_to_client(error).await,
+        };
+        let found = subscriptions
+            .iter_mut()
+            .find(|sub| sub.route == route && node.as_ref().is_none_or(|addr| sub.node() == addr));
+        if let Some(sub) = found {
             return send_on(sub, &request.raw).await;
         }
-        self.use_route(route);
         match self.open_subscription(request, name).await {
             Ok((subscribed, first)) => {
                 subscriptions.push(subscribed);
@@ -444,7 +456,21 @@ impl Session {
         let shard = name == "SUNSUBSCRIBE";
         let total: i64 = subscriptions.iter().map(|sub| sub.count_of(shard)).sum();
         for (route, channels) in groups {
-            let Some(sub) = subscriptions.iter_mut().find(|sub| sub.route == route) else {
+            self.use_route(route);
+            let mut args = vec![request.args[0].clone()];
+            args.extend(channels.iter().cloned());
+            let part = Request::from_args(args);
+            let node = match self.shard_channel_node(&part, name) {
+                Ok(node) => node,
+                Err(error) => {
+                    self.relay_to_client(error).await?;
+                    continue;
+                }
+            };
+            let found = subscriptions.iter_mut().find(|sub| {
+                sub.route == route && node.as_ref().is_none_or(|addr| sub.node() == addr)
+            });
+            let Some(sub) = found else {
                 // Not subscribed there: confirmed with the unchanged total,
                 // as Redis confirms a channel the client never subscribed.
                 let kind = name.to_ascii_lowercase();
@@ -459,11 +485,22 @@ impl Session {
                 }
                 continue;
             };
-            let mut args = vec![request.args[0].clone()];
-            args.extend(channels);
-            send_on(sub, &encode_command(&args)).await?;
+            send_on(sub, &part.raw).await?;
         }
         Ok(())
+    }
+
+    /// Returns the node that serves the shard channels of an `SSUBSCRIBE`
+    /// or `SUNSUBSCRIBE` in cluster mode, `None` for other commands and
+    /// modes. A client's shard channels on different nodes each need a
+    /// connection to their node, where other subscriptions of a route
+    /// share one.
+    fn shard_channel_node(&self, request: &Request, name: &str) -> Result<Option<String>, Bytes> {
+        let shard = matches!(name, "SSUBSCRIBE" | "SUNSUBSCRIBE");
+        if !shard || self.router.cluster.is_none() {
+            return Ok(None);
+        }
+        self.pinned_target(request, name).map(Some)
     }
 
     /// True for a RESP3 client's ordinary command. It is handled like any
