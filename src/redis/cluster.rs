@@ -313,6 +313,9 @@ pub async fn submit_to_slot(
                 readonly,
                 ctx,
             };
+            // NOTE: this command is sent once the writer reaches its reply,
+            // without the session's retry hold, so later commands of a
+            // pipeline that reach the node first run before it.
             Pending::Future(Box::pin(follow(
                 router.clone(),
                 retry,
