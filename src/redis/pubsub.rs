@@ -409,10 +409,7 @@ impl Session {
             Ok(node) => node,
             Err(error) => return self.relay_to_client(error).await,
         };
-        let found = subscriptions
-            .iter_mut()
-            .find(|sub| sub.route == route && node.as_ref().is_none_or(|addr| sub.node() == addr));
-        if let Some(sub) = found {
+        if let Some(sub) = find_subscription(subscriptions, route, node.as_deref()) {
             return send_on(sub, &request.raw).await;
         }
         match self.open_subscription(request, name).await {
@@ -467,10 +464,7 @@ impl Session {
                     continue;
                 }
             };
-            let found = subscriptions.iter_mut().find(|sub| {
-                sub.route == route && node.as_ref().is_none_or(|addr| sub.node() == addr)
-            });
-            let Some(sub) = found else {
+            let Some(sub) = find_subscription(subscriptions, route, node.as_deref()) else {
                 // Not subscribed there: confirmed with the unchanged total,
                 // as Redis confirms a channel the client never subscribed.
                 let kind = name.to_ascii_lowercase();
@@ -523,6 +517,18 @@ impl Session {
             && !subscription_command
             && pinning(name, request) == Pinning::None
     }
+}
+
+/// Returns the client's subscribed connection on `route`, to `node` when
+/// given (shard channels in cluster mode).
+fn find_subscription<'a>(
+    subscriptions: &'a mut [Subscribed],
+    route: RouteId,
+    node: Option<&str>,
+) -> Option<&'a mut Subscribed> {
+    subscriptions
+        .iter_mut()
+        .find(|sub| sub.route == route && node.is_none_or(|addr| sub.node() == addr))
 }
 
 async fn send_on(sub: &mut Subscribed, raw: &[u8]) -> Result<(), RelayEnd> {

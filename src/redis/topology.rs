@@ -313,20 +313,23 @@ mod tests {
         assert_eq!(&*map.shard(16383).unwrap().primary, "h:7001");
     }
 
+    /// Builds a node entry of a `CLUSTER SHARDS` reply.
+    fn shard_node(port: i64, role: &str, health: &str) -> Value {
+        Value::Array(vec![
+            s("endpoint"),
+            s("127.0.0.1"),
+            s("port"),
+            Value::Int(port),
+            s("role"),
+            s(role),
+            s("health"),
+            s(health),
+        ])
+    }
+
     #[test]
     fn shards_reply_skips_failed_replicas() {
-        let node = |port, role: &str, health: &str| {
-            Value::Array(vec![
-                s("endpoint"),
-                s("127.0.0.1"),
-                s("port"),
-                Value::Int(port),
-                s("role"),
-                s(role),
-                s("health"),
-                s(health),
-            ])
-        };
+        let node = shard_node;
         let shard = Value::Array(vec![
             s("slots"),
             Value::Array(vec![
@@ -353,18 +356,7 @@ mod tests {
     /// failed old primary, both as masters, in either order.
     #[test]
     fn shards_reply_skips_failed_primary() {
-        let node = |port, health: &str| {
-            Value::Array(vec![
-                s("endpoint"),
-                s("127.0.0.1"),
-                s("port"),
-                Value::Int(port),
-                s("role"),
-                s("master"),
-                s("health"),
-                s(health),
-            ])
-        };
+        let node = |port, health| shard_node(port, "master", health);
         let orders = [
             vec![node(7003, "online"), node(7000, "failed")],
             vec![node(7000, "failed"), node(7003, "online")],
